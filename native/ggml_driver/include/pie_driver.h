@@ -1,0 +1,231 @@
+/*
+ * pie_driver.h — the one public C contract of pie-local's native driver.
+ *
+ * The driver loads a GGUF model onto a ggml backend and runs batched forward passes over a
+ * paged KV cache whose page ids are owned by the caller (the Python runtime). It never prints:
+ * logs go to a callback. Every fallible call returns a pie_status and sets a thread-local
+ * message readable with pie_last_error().
+ *
+ * Reading order: status codes, params, model lifecycle, the batch, page operations.
+ */
+#ifndef PIE_DRIVER_H
+#define PIE_DRIVER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define PIE_API __declspec(dllexport)
+#else
+#define PIE_API __attribute__((visibility("default")))
+#endif
+
+/* Bumped whenever a public struct or signature changes; the binding refuses a mismatch. */
+#define PIE_ABI_VERSION 1
+
+/* ------------------------------------------------------------------------------------------ */
+/* Status codes                                                                               */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef enum {
+    PIE_OK                  =  0,
+    PIE_ERR_IO              = -1, /* file missing, unreadable, short read                     */
+    PIE_ERR_FORMAT          = -2, /* not a GGUF, corrupt metadata, tensor shape mismatch      */
+    PIE_ERR_UNSUPPORTED     = -3, /* unknown architecture, unsupported tensor type or device  */
+    PIE_ERR_OUT_OF_MEMORY   = -4, /* allocation of weights, KV pools or compute buffers failed */
+    PIE_ERR_INVALID_ARGUMENT = -5,/* a bad batch, page id, length or parameter                */
+    PIE_ERR_BACKEND         = -6, /* the ggml backend failed to compute                       */
+} pie_status;
+
+/* The message of the last failed call on this thread ("" when none). Valid until the next
+ * failing call on the same thread. */
+PIE_API const char *pie_last_error(void);
+
+/* Short name of a status code, e.g. "invalid_argument". */
+PIE_API const char *pie_status_name(int32_t status);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Version and ABI                                                                            */
+/* ------------------------------------------------------------------------------------------ */
+
+PIE_API int32_t pie_abi_version(void);
+
+/* sizeof() of each public struct, so the binding can verify its own layouts. */
+typedef enum {
+    PIE_STRUCT_MODEL_PARAMS = 0,
+    PIE_STRUCT_MODEL_INFO   = 1,
+    PIE_STRUCT_SAMPLER      = 2,
+    PIE_STRUCT_BATCH        = 3,
+} pie_struct_id;
+PIE_API size_t pie_struct_size(int32_t which); /* 0 for an unknown id */
+
+/* ------------------------------------------------------------------------------------------ */
+/* Logging                                                                                    */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef enum { PIE_LOG_DEBUG = 0, PIE_LOG_INFO = 1, PIE_LOG_WARN = 2, PIE_LOG_ERROR = 3 } pie_log_level;
+typedef void (*pie_log_callback)(int32_t level, const char *message, void *user_data);
+
+/* Routes the driver's and ggml's logs to `callback` (NULL drops them). ggml's logger is
+ * process-wide, so this is the one process-wide setting of the library. */
+PIE_API void pie_log_set(pie_log_callback callback, void *user_data);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Model parameters and lifecycle                                                             */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef enum { PIE_KV_F16 = 0, PIE_KV_Q8_0 = 1 } pie_kv_type;
+
+typedef struct {
+    int32_t n_threads;        /* CPU threads; <= 0 means all physical cores                    */
+    char    device[32];       /* "auto", "cpu", "cuda:N", "metal" (any ggml device name)       */
+    int32_t page_size;        /* tokens per KV page (default 32)                               */
+    int32_t n_pages;          /* pages in the pool (default 256)                               */
+    int32_t kv_type;          /* pie_kv_type (default PIE_KV_F16)                              */
+    int32_t max_batch_tokens; /* most tokens one pie_forward may carry (default 512)           */
+    int32_t max_batch_kv;     /* most KV rows one pie_forward may attend over, summed over its
+                                 requests (default 0 = page_size * n_pages)                     */
+    int32_t use_mmap;         /* map the file where the backend allows (default 1)             */
+} pie_model_params;
+
+PIE_API pie_model_params pie_model_default_params(void);
+
+typedef struct pie_model pie_model; /* opaque */
+
+PIE_API int32_t pie_model_load(const char *path, const pie_model_params *params, pie_model **out_model);
+PIE_API void    pie_model_free(pie_model *model);
+
+typedef struct {
+    char    arch[32];          /* general.architecture, e.g. "gemma3"                          */
+    char    name[128];         /* general.name, or ""                                          */
+    char    backend[64];       /* ggml device the graph runs on, e.g. "CPU", "CUDA0"           */
+    int32_t n_vocab;
+    int32_t n_ctx_train;
+    int32_t n_embd;
+    int32_t n_layer;
+    int32_t n_head;
+    int32_t n_head_kv;
+    int32_t head_dim;
+    int32_t sliding_window;    /* 0 when the model has no sliding-window layers                */
+    int32_t page_size;
+    int32_t n_pages;
+    int32_t kv_type;
+    int32_t max_batch_tokens;
+    int64_t n_params;
+    int64_t weight_bytes;
+    int64_t kv_bytes;          /* all pages, all layers, K and V                                */
+    int64_t page_bytes;        /* bytes of one page as read by pie_read_pages                  */
+} pie_model_info;
+
+PIE_API int32_t pie_model_get_info(const pie_model *model, pie_model_info *out_info);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Sampling                                                                                   */
+/* ------------------------------------------------------------------------------------------ */
+
+/* temperature <= 0 is greedy (argmax; ties go to the lowest id). Otherwise logits are divided
+ * by temperature and filtered in this order: top_k (0 = off), top_p (1 = off), min_p (0 = off),
+ * then one token is drawn with a generator seeded by `seed`: the same seed and logits give
+ * the same token. */
+typedef struct {
+    float    temperature;
+    int32_t  top_k;
+    float    top_p;
+    float    min_p;
+    uint64_t seed;
+} pie_sampler;
+
+/* ------------------------------------------------------------------------------------------ */
+/* The batched forward call                                                                   */
+/* ------------------------------------------------------------------------------------------ */
+
+/* What pie_forward returns besides the sampled token (always written). */
+enum {
+    PIE_RETURN_LOGPROB = 1 << 0, /* out_logprobs[i]: log p(sampled token), softmax of raw logits */
+    PIE_RETURN_TOP_K   = 1 << 1, /* out_top_ids/out_top_probs[i*top_k ...], softmax of raw logits,
+                                    sorted by descending probability                            */
+    PIE_RETURN_LOGITS  = 1 << 2, /* out_logits[i*n_vocab ...], raw (before bitmask)             */
+    PIE_RETURN_HIDDEN  = 1 << 3, /* out_hidden[i*n_embd ...], final hidden state after the
+                                    output norm                                                 */
+};
+
+/*
+ * One forward pass over n_requests requests, in CSR form (FlashInfer conventions):
+ *
+ *   request r owns tokens[qo_indptr[r] .. qo_indptr[r+1]) with their positions (RoPE uses
+ *   the given positions verbatim);
+ *   its KV after this pass is its pages kv_page_indices[kv_page_indptr[r] .. kv_page_indptr[r+1])
+ *   in order, the last one filled to kv_last_page_len[r] (1 .. page_size), so
+ *       kv_len[r] = (n_pages_r - 1) * page_size + kv_last_page_len[r];
+ *   the request's new tokens are the last n_r of that KV and are written there.
+ *
+ * Attention: new token i of request r sits at KV index kv_len[r] - n_r + i and never attends
+ * to a larger index (causality always holds). Sliding-window layers also hide indices
+ * <= own index - window. An optional custom mask narrows this further, per token, as BRLE:
+ * mask_runs[mask_indptr[t] .. mask_indptr[t+1]) are run lengths over the request's KV indices
+ * 0 .. kv_len[r]-1, alternating masked / visible and starting with a masked run (write a
+ * leading 0 to start visible); the runs must sum to kv_len[r]. An empty range means "no custom
+ * mask" for that token. mask_indptr == NULL means no custom masks at all.
+ *
+ * Outputs: for each i < n_outputs, row output_rows[i] (an index into tokens) is sampled with
+ * samplers[i]. logit_masks, when not NULL, holds n_outputs rows of ceil(n_vocab/32) words;
+ * bit (id % 32) of word (id / 32) set = token allowed. The caller owns all output buffers.
+ */
+typedef struct {
+    /* inputs */
+    int32_t         n_tokens;
+    const int32_t  *tokens;            /* [n_tokens]                                          */
+    const int32_t  *positions;         /* [n_tokens]                                          */
+    int32_t         n_requests;
+    const int32_t  *qo_indptr;         /* [n_requests + 1], qo_indptr[0] = 0, last = n_tokens  */
+    const int32_t  *kv_page_indices;   /* [kv_page_indptr[n_requests]]                         */
+    const int32_t  *kv_page_indptr;    /* [n_requests + 1]                                     */
+    const int32_t  *kv_last_page_len;  /* [n_requests]                                         */
+    const int32_t  *mask_indptr;       /* [n_tokens + 1] or NULL                               */
+    const int32_t  *mask_runs;         /* [mask_indptr[n_tokens]]                              */
+
+    /* what to sample */
+    int32_t            n_outputs;
+    const int32_t     *output_rows;    /* [n_outputs], each in [0, n_tokens)                   */
+    const pie_sampler *samplers;       /* [n_outputs]                                          */
+    const uint32_t    *logit_masks;    /* [n_outputs * ceil(n_vocab/32)] or NULL               */
+
+    /* what to return */
+    uint32_t  return_flags;            /* PIE_RETURN_* bits                                    */
+    int32_t   top_k;                   /* entries per row for PIE_RETURN_TOP_K                 */
+    int32_t  *out_tokens;              /* [n_outputs], always written                          */
+    float    *out_logprobs;            /* [n_outputs]                                          */
+    int32_t  *out_top_ids;             /* [n_outputs * top_k]                                  */
+    float    *out_top_probs;           /* [n_outputs * top_k]                                  */
+    float    *out_logits;              /* [n_outputs * n_vocab]                                */
+    float    *out_hidden;              /* [n_outputs * n_embd]                                 */
+} pie_batch;
+
+/* Runs one batch. Every index, length and mask is validated before anything is computed;
+ * on error nothing in the KV pool has changed. Not thread-safe per model: one call at a time. */
+PIE_API int32_t pie_forward(pie_model *model, const pie_batch *batch);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Page operations                                                                            */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Copies the full content of page src[i] to page dst[i], all layers, K and V. */
+PIE_API int32_t pie_copy_pages(pie_model *model, int32_t n, const int32_t *src, const int32_t *dst);
+
+/* Reads n pages into host memory: `dst` holds n * page_bytes bytes (pie_model_info.page_bytes),
+ * page after page, in the driver's own layout (only meaningful to pie_write_pages of a model
+ * with the same info). */
+PIE_API int32_t pie_read_pages(pie_model *model, int32_t n, const int32_t *pages, void *dst, size_t dst_bytes);
+
+/* Writes pages back from the layout pie_read_pages produced. */
+PIE_API int32_t pie_write_pages(pie_model *model, int32_t n, const int32_t *pages, const void *src, size_t src_bytes);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* PIE_DRIVER_H */

@@ -1,0 +1,116 @@
+"""Plain data shared by the real driver and FakeDriver: what goes into and comes out of a forward call.
+
+Arrays are numpy; the shapes mirror ``pie_batch`` in ``native/ggml_driver/include/pie_driver.h``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class DriverError(RuntimeError):
+    """A driver call failed. ``status`` is the driver's status name, e.g. ``"invalid_argument"``."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(f"{status}: {message}" if message else status)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class DriverParams:
+    n_threads: int = 0  # <= 0: all physical cores
+    device: str = "auto"  # "auto", "cpu", "cuda:0", "metal"
+    page_size: int = 32
+    n_pages: int = 256
+    kv_type: str = "f16"  # "f16" or "q8_0"
+    max_batch_tokens: int = 512
+    max_batch_kv: int = 0  # 0: page_size * n_pages
+    use_mmap: bool = True
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    arch: str
+    name: str
+    backend: str
+    n_vocab: int
+    n_ctx_train: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    sliding_window: int
+    page_size: int
+    n_pages: int
+    kv_type: str
+    max_batch_tokens: int
+    n_params: int
+    weight_bytes: int
+    kv_bytes: int
+    page_bytes: int
+
+
+@dataclass(frozen=True)
+class SamplerParams:
+    """temperature <= 0 is greedy. Filters apply in order top_k, top_p, min_p."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass
+class ForwardBatch:
+    """One batched forward pass in CSR form (see pie_driver.h for the exact semantics).
+
+    ``mask_indptr``/``mask_runs`` are optional BRLE masks per token; ``logit_masks`` is an optional
+    ``uint32[n_outputs, ceil(n_vocab / 32)]`` bitmask (bit set = token allowed).
+    """
+
+    tokens: np.ndarray  # int32 [n_tokens]
+    positions: np.ndarray  # int32 [n_tokens]
+    qo_indptr: np.ndarray  # int32 [n_requests + 1]
+    kv_page_indices: np.ndarray  # int32 [kv_page_indptr[-1]]
+    kv_page_indptr: np.ndarray  # int32 [n_requests + 1]
+    kv_last_page_len: np.ndarray  # int32 [n_requests]
+    output_rows: np.ndarray  # int32 [n_outputs]
+    samplers: list[SamplerParams] = field(default_factory=list)  # [n_outputs]
+    mask_indptr: np.ndarray | None = None  # int32 [n_tokens + 1]
+    mask_runs: np.ndarray | None = None  # int32 [mask_indptr[-1]]
+    logit_masks: np.ndarray | None = None  # uint32 [n_outputs, words]
+    top_k: int = 0  # > 0: return the top-k distribution of each output row
+    return_logprobs: bool = True
+    return_logits: bool = False
+    return_hidden: bool = False
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def n_requests(self) -> int:
+        return int(self.qo_indptr.shape[0]) - 1
+
+    @property
+    def n_outputs(self) -> int:
+        return int(self.output_rows.shape[0])
+
+
+@dataclass
+class ForwardResult:
+    tokens: np.ndarray  # int32 [n_outputs]
+    logprobs: np.ndarray | None = None  # float32 [n_outputs]
+    top_ids: np.ndarray | None = None  # int32 [n_outputs, top_k]
+    top_probs: np.ndarray | None = None  # float32 [n_outputs, top_k]
+    logits: np.ndarray | None = None  # float32 [n_outputs, n_vocab]
+    hidden: np.ndarray | None = None  # float32 [n_outputs, n_embd]
