@@ -1,0 +1,272 @@
+"""Tokenizer read from a GGUF file's vocabulary, through llama.cpp's `vocab_only` model.
+
+llama.cpp implements every GGUF vocab type (SentencePiece, BPE, WordPiece, UGM, RWKV), so the
+tokenizer is the one the model was trained with, byte for byte. Only the vocabulary is loaded
+(no weights), which takes about a second for a 262k-entry vocab.
+
+    tok = Tokenizer.from_gguf("model.gguf")
+    ids = tok.encode("Hello")          # -> [9259]
+    tok.decode(ids)                    # -> "Hello"
+    dec = tok.stream_decoder()         # streaming: complete UTF-8 text as tokens arrive
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import logging
+import os
+import threading
+from collections.abc import Iterable
+
+log = logging.getLogger("pie_local.llama_cpp")
+log.addHandler(logging.NullHandler())  # unconfigured logging must not fall back to stderr
+
+# enum ggml_log_level -> logging level; 5 (CONT) continues the previous message at its level.
+_GGML_LEVELS = {0: logging.INFO, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_log_state = {"callback": None, "last_level": logging.DEBUG}
+_log_lock = threading.Lock()
+
+
+def route_llama_logs() -> None:
+    """Send llama.cpp's and ggml's log lines to Python logging ("pie_local.llama_cpp").
+
+    llama.cpp writes to stderr even when asked to be quiet, which would scribble over the TUI.
+    The callback is process-wide; installing it again is a no-op. The ctypes callback object is
+    kept in a module dict so it is never garbage-collected while C still holds the pointer.
+    """
+    import llama_cpp
+
+    with _log_lock:
+        if _log_state["callback"] is not None:
+            return
+
+        @llama_cpp.llama_log_callback
+        def _callback(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+            py_level = _log_state["last_level"] if level == 5 else _GGML_LEVELS.get(level, logging.DEBUG)
+            _log_state["last_level"] = py_level
+            message = text.decode("utf-8", errors="replace").rstrip("\n")
+            if message and log.isEnabledFor(py_level):
+                log.log(py_level, "%s", message)
+
+        _log_state["callback"] = _callback
+        llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
+
+
+class TokenizerError(ValueError):
+    """The GGUF vocabulary could not be loaded, or a token id is out of range."""
+
+
+class StreamDecoder:
+    """Turns generated tokens into text as they arrive, never splitting a UTF-8 character.
+
+    A multi-byte character can be split across tokens (byte-fallback tokens such as <0xE2>);
+    the bytes are held back until the character is complete. Invalid sequences become U+FFFD.
+    The pieces are concatenated as generated: a continuation keeps its leading space.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, special: bool = False) -> None:
+        self._tokenizer = tokenizer
+        self._special = special
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text that became complete (often "", never a partial char)."""
+        return self._utf8.decode(self._tokenizer.piece(token_id, special=self._special))
+
+    def push_many(self, token_ids: Iterable[int]) -> str:
+        return "".join(self.push(t) for t in token_ids)
+
+    def flush(self) -> str:
+        """End of stream: whatever bytes are still pending (an incomplete character -> U+FFFD)."""
+        return self._utf8.decode(b"", final=True)
+
+
+class Tokenizer:
+    """Encode/decode with a GGUF model's own vocabulary (llama.cpp `vocab_only` model)."""
+
+    def __init__(self, model_ptr, path: str) -> None:  # use Tokenizer.from_gguf
+        import llama_cpp
+
+        self._llama = llama_cpp
+        self._model = model_ptr
+        self._vocab = llama_cpp.llama_model_get_vocab(model_ptr)
+        self.path = path
+        self.n_vocab: int = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        bos = llama_cpp.llama_vocab_bos(self._vocab)
+        self.bos_id: int | None = bos if bos >= 0 else None
+        eos = llama_cpp.llama_vocab_eos(self._vocab)
+        eot = llama_cpp.llama_vocab_eot(self._vocab)
+        # Every end-of-generation token (eos, eot, <|im_end|>, <end_of_turn>, ...), as llama.cpp marks them.
+        self.eos_ids: frozenset[int] = frozenset(
+            t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t)
+        )
+        self.eos_id: int | None = eos if eos >= 0 else (eot if eot >= 0 else min(self.eos_ids, default=None))
+        self.add_bos: bool = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        self.add_eos: bool = bool(llama_cpp.llama_vocab_get_add_eos(self._vocab))
+        self._llg = None
+        self._llg_lock = threading.Lock()
+
+    # ---- construction / lifetime --------------------------------------------------------------
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:
+        """Load only the vocabulary of a GGUF file. Raises TokenizerError with the path on failure."""
+        import llama_cpp
+
+        route_llama_logs()
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise TokenizerError(f"GGUF file not found: {path}")
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        params.use_extra_bufts = False  # no weights are loaded, but never touch the AMX buffer type
+        model = llama_cpp.llama_model_load_from_file(path.encode(), params)
+        if not model:
+            raise TokenizerError(f"cannot read the vocabulary of {path} (not a GGUF model file, or an "
+                                 "unsupported tokenizer); see the 'pie_local.llama_cpp' log for details")
+        return cls(model, path)
+
+    def close(self) -> None:
+        """Free the llama.cpp vocab model. The llguidance tokenizer calls into it: close last."""
+        if self._model:
+            self._llama.llama_model_free(self._model)
+            self._model = None
+            self._vocab = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: llama_cpp may already be gone
+            pass
+
+    def _check(self) -> None:
+        if self._vocab is None:
+            raise TokenizerError("tokenizer is closed")
+
+    # ---- text <-> ids -------------------------------------------------------------------------
+
+    def encode(self, text: str, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        """Text -> token ids.
+
+        add_special: prepend BOS (and append EOS) if the model asks for it (see `add_bos`).
+        parse_special: "<start_of_turn>" in the text becomes the control token, not literal text
+        (what chat-template output needs; pass False for untrusted user text).
+        """
+        self._check()
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        while True:
+            out = (self._llama.llama_token * capacity)()
+            n = self._llama.llama_tokenize(self._vocab, data, len(data), out, capacity, add_special, parse_special)
+            if n >= 0:
+                return list(out[:n])
+            if -n <= capacity:  # should not happen: a negative count always asks for more room
+                raise TokenizerError(f"llama_tokenize failed ({n})")
+            capacity = -n
+
+    def decode(self, ids: Iterable[int], special: bool = True) -> str:
+        """Token ids -> text, the inverse of encode (control tokens shown when `special`)."""
+        self._check()
+        ids = [self._valid(t) for t in ids]
+        if not ids:
+            return ""
+        arr = (self._llama.llama_token * len(ids))(*ids)
+        capacity = 8 * len(ids) + 32
+        while True:
+            buf = ctypes.create_string_buffer(capacity)
+            n = self._llama.llama_detokenize(self._vocab, arr, len(ids), buf, capacity, False, special)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            capacity = -n
+
+    def piece(self, token_id: int, special: bool = True) -> bytes:
+        """The bytes one token stands for (byte-fallback tokens give raw, maybe partial, UTF-8)."""
+        self._check()
+        token_id = self._valid(token_id)
+        capacity = 64
+        while True:
+            buf = ctypes.create_string_buffer(capacity)
+            n = self._llama.llama_token_to_piece(self._vocab, token_id, buf, capacity, 0, special)
+            if n >= 0:
+                return buf.raw[:n]
+            capacity = -n
+
+    def is_special(self, token_id: int) -> bool:
+        """Control tokens (<bos>, <end_of_turn>, <|im_start|>...) that text never contains."""
+        self._check()
+        return bool(self._llama.llama_vocab_is_control(self._vocab, self._valid(token_id)))
+
+    def stream_decoder(self, special: bool = False) -> StreamDecoder:
+        return StreamDecoder(self, special=special)
+
+    def _valid(self, token_id: int) -> int:
+        token_id = int(token_id)
+        if not 0 <= token_id < self.n_vocab:
+            raise TokenizerError(f"token id {token_id} out of range [0, {self.n_vocab})")
+        return token_id
+
+    # ---- GGUF metadata --------------------------------------------------------------------------
+
+    def metadata(self, key: str) -> str | None:
+        """A GGUF metadata value as a string (arrays are not available), or None when absent."""
+        self._check()
+        capacity = 256
+        while True:
+            buf = ctypes.create_string_buffer(capacity)
+            n = self._llama.llama_model_meta_val_str(self._model, key.encode(), buf, capacity)
+            if n < 0:
+                return None
+            if n < capacity:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            capacity = n + 1
+
+    @property
+    def chat_template(self) -> str | None:
+        """The GGUF's default `tokenizer.chat_template`, if the file has one."""
+        self._check()
+        raw = self._llama.llama_model_chat_template(self._model, None)
+        return raw.decode("utf-8", errors="replace") if raw else None
+
+    @property
+    def architecture(self) -> str | None:
+        return self.metadata("general.architecture")
+
+    def token_text(self, token_id: int | None) -> str:
+        """A token as text for chat templates' bos_token/eos_token ("" for None)."""
+        return "" if token_id is None else self.piece(token_id, special=True).decode("utf-8", errors="replace")
+
+    # ---- llguidance -----------------------------------------------------------------------------
+
+    def llguidance_tokenizer(self):
+        """llguidance's view of this vocab, built once (about 3 s for 262k tokens) and cached.
+
+        It calls llama.cpp's tokenizer through this object's vocab, so keep this Tokenizer alive
+        (constraint states hold a reference to it).
+        """
+        self._check()
+        with self._llg_lock:
+            if self._llg is None:
+                self._llg = self._build_llguidance_tokenizer()
+            return self._llg
+
+    def _build_llguidance_tokenizer(self):
+        import llguidance
+
+        llama = self._llama
+        control = llama.LLAMA_TOKEN_ATTR_CONTROL
+        user_defined = llama.LLAMA_TOKEN_ATTR_USER_DEFINED
+        tokens: list[bytes] = []
+        for t in range(self.n_vocab):
+            piece = self.piece(t, special=True)
+            attr = llama.llama_vocab_get_attr(self._vocab, t)
+            # llguidance marks special tokens with a 0xFF prefix so grammar text never matches them.
+            if attr & control or (attr & user_defined and piece.startswith(b"<") and piece.endswith(b">")):
+                piece = b"\xff" + piece
+            tokens.append(piece)
+        tokenize = ctypes.cast(llama.llama_cpp._lib.llama_tokenize, ctypes.c_void_p).value
+        return llguidance.LLTokenizer.from_llamacpp(tokens=tokens, vocab_ptr=self._vocab, tokenize_fptr=tokenize,
+                                                    eos_token=sorted(self.eos_ids), slices=None)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({os.path.basename(self.path)!r}, n_vocab={self.n_vocab})"
