@@ -1,0 +1,46 @@
+"""Models: the catalogue (models.toml), the local store, pulling from the hub, GGUF metadata.
+
+    from pie_local.models import resolve_model
+    model = resolve_model("qwen2.5-0.5b")     # or None for the default, or a path to a .gguf
+
+Submodules: registry (catalogue), store (installed models), pull (downloads), gguf_info
+(metadata + memory estimate), starter (the model shipped on PyPI), spec (what users type).
+"""
+
+from pie_local.models.errors import (
+    ChecksumError,
+    DiskFullError,
+    GGUFError,
+    HubAuthError,
+    HubNotFoundError,
+    ModelError,
+    ModelNotInstalledError,
+    OfflineError,
+    PullCancelled,
+    PullError,
+    QuantNotFoundError,
+    RegistryError,
+    UnknownModelError,
+)
+from pie_local.models.resolve import ResolvedModel, resolve_model
+from pie_local.models.store import STARTER_NAME, InstalledModel
+
+__all__ = [
+    "STARTER_NAME",
+    "ChecksumError",
+    "DiskFullError",
+    "GGUFError",
+    "HubAuthError",
+    "HubNotFoundError",
+    "InstalledModel",
+    "ModelError",
+    "ModelNotInstalledError",
+    "OfflineError",
+    "PullCancelled",
+    "PullError",
+    "QuantNotFoundError",
+    "RegistryError",
+    "ResolvedModel",
+    "UnknownModelError",
+    "resolve_model",
+]
