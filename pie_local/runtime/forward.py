@@ -1,0 +1,235 @@
+"""Forward requests: what one context asks of one forward pass, and the low-level `Forward` builder.
+
+A `ForwardRequest` is the scheduler's unit: a context's new tokens (with positions and optional
+BRLE masks), the page table its KV will have after the pass, the rows to sample, and callbacks
+that commit the result to the context (or undo the page allocations on failure). The scheduler
+may split a long request into chunks across several batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+
+from pie_local.driver.types import SamplerParams
+from pie_local.runtime.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from pie_local.runtime.context import Context
+
+_arrival = itertools.count()
+
+
+# --------------------------------------------------------------------------------------------
+# BRLE masks
+# --------------------------------------------------------------------------------------------
+
+def brle(visible: Sequence[bool] | np.ndarray) -> list[int]:
+    """Encode a visibility vector over KV indices as BRLE runs (masked run first)."""
+    visible = np.asarray(visible, dtype=bool)
+    runs: list[int] = []
+    current, count = False, 0  # runs start with a masked run
+    for v in visible:
+        if v == current:
+            count += 1
+        else:
+            runs.append(count)
+            current, count = bool(v), 1
+    runs.append(count)
+    return runs
+
+
+def brle_decode(runs: Sequence[int], length: int) -> np.ndarray:
+    visible = np.zeros(length, dtype=bool)
+    pos, masked = 0, True
+    for run in runs:
+        if not masked:
+            visible[pos : pos + run] = True
+        pos += int(run)
+        masked = not masked
+    return visible
+
+
+def brle_truncate(runs: Sequence[int], length: int) -> list[int]:
+    """The same mask over only the first ``length`` KV indices (runs then sum to ``length``)."""
+    out, total = [], 0
+    for run in runs:
+        run = min(int(run), length - total)
+        out.append(run)
+        total += run
+        if total == length:
+            break
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# What the scheduler runs
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class ForwardOutput:
+    """Per output row (in ``rows`` order): the sampled token and the probes asked for."""
+
+    rows: list[int]
+    tokens: np.ndarray  # int32 [n_rows]
+    logprobs: np.ndarray | None = None  # float32 [n_rows]
+    top_ids: np.ndarray | None = None  # int32 [n_rows, top_k]
+    top_probs: np.ndarray | None = None  # float32 [n_rows, top_k]
+    entropy: np.ndarray | None = None  # float32 [n_rows], nats
+    logits: np.ndarray | None = None  # float32 [n_rows, n_vocab]
+
+    def token_at(self, row: int) -> int:
+        return int(self.tokens[self.rows.index(row)])
+
+
+@dataclass(eq=False)
+class ForwardRequest:
+    tokens: np.ndarray  # int32 [n]
+    positions: np.ndarray  # int32 [n]
+    masks: list[list[int] | None] | None  # per token BRLE over the KV after the pass, or None
+    kv_before: int  # the context's KV length before the pass
+    pages: list[int]  # page ids of the KV after the pass, in order
+    output_rows: list[int]  # indices into tokens, ascending
+    samplers: list[SamplerParams]
+    logit_masks: np.ndarray | None = None  # uint32 [n_outputs, words]
+    top_k: int = 0
+    want_logits: bool = False
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) before the first chunk
+    owner: Any = None  # the inferlet (None for a context the caller owns)
+    context: Any = None  # the context it belongs to (the scheduler waits for it to queue its next step)
+    on_chunk: Callable[[int], None] | None = None  # KV length computed so far, after each chunk
+    on_complete: Callable[[ForwardRequest], ForwardOutput] | None = None  # commits; returns the output
+    on_abort: Callable[[], None] | None = None
+    done: int = 0  # tokens computed by earlier chunks
+    cancelled: bool = False
+    in_flight: bool = False
+    seq: int = field(default_factory=lambda: next(_arrival))
+    future: asyncio.Future | None = None
+    # accumulated outputs, one slot per output row
+    out_tokens: np.ndarray | None = None
+    out_logprobs: np.ndarray | None = None
+    out_top_ids: np.ndarray | None = None
+    out_top_probs: np.ndarray | None = None
+    out_logits: np.ndarray | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def remaining(self) -> int:
+        return self.n_tokens - self.done
+
+    def output(self, entropy: bool) -> ForwardOutput:
+        out = ForwardOutput(rows=list(self.output_rows), tokens=self.out_tokens, logprobs=self.out_logprobs,
+                            top_ids=self.out_top_ids, top_probs=self.out_top_probs, logits=self.out_logits)
+        if entropy and self.out_logits is not None:
+            out.entropy = _entropy(self.out_logits)
+        return out
+
+
+def _entropy(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=-1, keepdims=True)
+    return (-(p * np.log(np.clip(p, 1e-300, None))).sum(axis=-1)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# The low-level builder inferlets use
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class _Sample:
+    rows: list[int]
+    sampling: SamplingParams
+    logit_mask: np.ndarray | None
+
+
+class Forward:
+    """One forward pass of one context, shaped by the inferlet.
+
+    ``input()`` appends tokens (positions default to the context's next positions; ``masks`` is a
+    BRLE run list per token over the context's KV indices after this pass, or None for plain
+    causal attention). ``sample()`` and ``probe()`` choose output rows (indices into the tokens
+    given to this Forward). ``execute()`` runs it; the input tokens become part of the context.
+    """
+
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+        self._tokens: list[int] = []
+        self._positions: list[int] | None = None
+        self._masks: list[list[int] | None] = []
+        self._has_masks = False
+        self._samples: list[_Sample] = []
+        self._probe_rows: set[int] = set()
+        self._top_k = 0
+        self._entropy = False
+        self._logits = False
+
+    def input(self, tokens: Sequence[int], positions: Sequence[int] | None = None,
+              masks: Sequence[Sequence[int] | None] | None = None) -> Forward:
+        tokens = [int(t) for t in tokens]
+        if positions is not None and len(positions) != len(tokens):
+            raise ValueError(f"{len(positions)} positions for {len(tokens)} tokens")
+        if masks is not None and len(masks) != len(tokens):
+            raise ValueError(f"{len(masks)} masks for {len(tokens)} tokens")
+        if positions is not None:
+            if self._positions is None:
+                self._positions = self._ctx._default_positions(len(self._tokens))
+            self._positions += [int(p) for p in positions]
+        elif self._positions is not None:
+            start = self._positions[-1] + 1 if self._positions else self._ctx.next_position
+            self._positions += list(range(start, start + len(tokens)))
+        self._masks += [None if m is None else [int(r) for r in m] for m in (masks or [None] * len(tokens))]
+        self._has_masks |= masks is not None and any(m is not None for m in masks)
+        self._tokens += tokens
+        return self
+
+    def sample(self, rows: Sequence[int] | int, sampling: SamplingParams | None = None,
+               logit_mask: np.ndarray | None = None) -> Forward:
+        rows = [rows] if isinstance(rows, int) else [int(r) for r in rows]
+        self._samples.append(_Sample(rows, sampling or SamplingParams(), logit_mask))
+        return self
+
+    def probe(self, rows: Sequence[int] | int, logprobs: bool = True, top_k: int = 0,
+              entropy: bool = False, logits: bool = False) -> Forward:
+        """Return probes for ``rows``: the log-probability of the row's token (always computed),
+        the ``top_k`` most probable ids, the entropy (nats) and/or the raw logits."""
+        rows = [rows] if isinstance(rows, int) else [int(r) for r in rows]
+        self._probe_rows.update(rows)
+        self._top_k = max(self._top_k, int(top_k))
+        self._entropy |= entropy
+        self._logits |= logits
+        return self
+
+    async def execute(self) -> ForwardOutput:
+        if not self._tokens:
+            raise ValueError("Forward.execute() with no input tokens")
+        n = len(self._tokens)
+        sampler_of: dict[int, tuple[SamplingParams, np.ndarray | None]] = {}
+        for s in self._samples:
+            for r in s.rows:
+                sampler_of[r] = (s.sampling, s.logit_mask)
+        rows = sorted(set(sampler_of) | self._probe_rows)
+        for r in rows:
+            if not 0 <= r < n:
+                raise ValueError(f"output row {r} outside this forward's {n} tokens")
+        samplers = [sampler_of.get(r, (SamplingParams(), None))[0].to_driver() for r in rows]
+        logit_masks = None
+        if any(sampler_of.get(r, (None, None))[1] is not None for r in rows):
+            words = (self._ctx.engine_info.n_vocab + 31) // 32
+            logit_masks = np.full((len(rows), words), 0xFFFFFFFF, dtype=np.uint32)
+            for i, r in enumerate(rows):
+                mask = sampler_of.get(r, (None, None))[1]
+                if mask is not None:
+                    logit_masks[i] = mask
+        return await self._ctx._run_forward(
+            self._tokens, self._positions, self._masks if self._has_masks else None, rows, samplers,
+            logit_masks=logit_masks, top_k=self._top_k, want_logits=self._logits or self._entropy,
+            entropy=self._entropy, keep_logits=self._logits,
+        )

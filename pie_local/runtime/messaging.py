@@ -1,0 +1,79 @@
+"""Messages between inferlets and their client, and between inferlets.
+
+- client <-> inferlet: each inferlet has an inbox (client -> inferlet, `rt.receive()`) and an
+  outbox (inferlet -> client, `handle.messages()`); `rt.emit(text)` streams text through the outbox.
+- broadcast/subscribe: a message on a topic reaches every subscription open at that moment.
+- push/pull: named FIFO queues; each message is pulled by exactly one puller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Message:
+    """What an inferlet sends its client: ``kind`` "text" (streamed output) or "data" (rt.send)."""
+
+    kind: str
+    data: Any
+
+
+class Subscription:
+    """Messages broadcast on one topic since the subscription opened: ``await sub.get()`` or
+    ``async for msg in sub``. Close it (or leave the ``with`` block) to stop receiving."""
+
+    def __init__(self, bus: MessageBus, topic: str) -> None:
+        self.topic = topic
+        self._bus = bus
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    async def get(self) -> Any:
+        return await self._queue.get()
+
+    def get_nowait(self) -> Any:
+        return self._queue.get_nowait()
+
+    def close(self) -> None:
+        self._bus._subscribers[self.topic].discard(self)
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Any:
+        return await self.get()
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class MessageBus:
+    """The engine-wide topics and queues."""
+
+    def __init__(self) -> None:
+        self._subscribers: dict[str, set[Subscription]] = defaultdict(set)
+        self._queues: dict[str, asyncio.Queue] = defaultdict(asyncio.Queue)
+
+    def subscribe(self, topic: str) -> Subscription:
+        sub = Subscription(self, topic)
+        self._subscribers[topic].add(sub)
+        return sub
+
+    def broadcast(self, topic: str, message: Any) -> int:
+        """Deliver to every current subscriber of ``topic``; returns how many got it."""
+        subs = list(self._subscribers.get(topic, ()))
+        for sub in subs:
+            sub._queue.put_nowait(message)
+        return len(subs)
+
+    def push(self, queue: str, message: Any) -> None:
+        self._queues[queue].put_nowait(message)
+
+    async def pull(self, queue: str) -> Any:
+        return await self._queues[queue].get()

@@ -1,0 +1,134 @@
+"""How `pie-local ps` sees the inferlets of other processes.
+
+Each process that runs an Engine publishes what it is running to one small JSON file,
+``<data dir>/run/<pid>.json``: written atomically (temp file + rename) and refreshed every
+``interval`` seconds by a `PsPublisher`, removed when the engine stops. Readers prune files whose
+process is gone or which stopped being refreshed (a crashed process, or a reused pid).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pie_local import paths
+
+REFRESH_S = 1.0
+STALE_AFTER_S = 30.0  # a live pid whose file is this old is not an engine any more
+LIVE_STATES = ("queued", "running")  # engines keep finished inferlets in their stats for a while
+
+
+def run_dir() -> Path:
+    path = paths.home() / "run"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    return str(value)
+
+
+def engine_snapshot(engine: Any) -> dict:
+    """What one engine process publishes: its model, its stats and its running inferlets."""
+    stats = _jsonable(engine.stats())
+    inferlets = [row for row in stats.pop("inferlets", []) if row.get("state") in LIVE_STATES]
+    return {
+        "pid": os.getpid(),
+        "model": str(getattr(engine, "model_name", "")),
+        "updated_at": time.time(),
+        "inferlets": inferlets,
+        "stats": stats,
+    }
+
+
+def publish(snapshot: dict, pid: int | None = None) -> Path:
+    """Write ``snapshot`` as this process's entry, atomically."""
+    pid = os.getpid() if pid is None else pid
+    path = run_dir() / f"{pid}.json"
+    tmp = path.with_suffix(f".json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(snapshot))
+    os.replace(tmp, path)
+    return path
+
+
+def unpublish(pid: int | None = None) -> None:
+    pid = os.getpid() if pid is None else pid
+    (run_dir() / f"{pid}.json").unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def read_all(now: float | None = None) -> list[dict]:
+    """Every live engine process's snapshot, oldest pid first; stale files are deleted."""
+    now = time.time() if now is None else now
+    entries = []
+    for path in sorted(run_dir().glob("*.json")):
+        try:
+            pid = int(path.stem)
+            snapshot = json.loads(path.read_text())
+        except (ValueError, OSError):
+            path.unlink(missing_ok=True)  # half-written by a foreign tool or unreadable: drop it
+            continue
+        fresh = now - float(snapshot.get("updated_at", 0)) <= STALE_AFTER_S
+        if not _pid_alive(pid) or not fresh:
+            path.unlink(missing_ok=True)
+            continue
+        entries.append(snapshot)
+    return sorted(entries, key=lambda s: s["pid"])
+
+
+class PsPublisher:
+    """Keeps this process's run file current while an engine runs (an asyncio task on its loop)."""
+
+    def __init__(self, engine: Any, interval: float = REFRESH_S) -> None:
+        self.engine = engine
+        self.interval = interval
+        self._task: asyncio.Task | None = None
+
+    def refresh(self) -> None:
+        try:
+            publish(engine_snapshot(self.engine))
+        except OSError:
+            pass  # a read-only or full data dir must not take the engine down; ps just won't see it
+
+    async def _loop(self) -> None:
+        while True:
+            self.refresh()
+            await asyncio.sleep(self.interval)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="pie-ps-publisher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        unpublish()

@@ -1,0 +1,178 @@
+"""Named snapshots of a context: token ids + KV pages on disk, reopened after a restart.
+
+File layout (``<snapshots dir>/<name>.piesnap``), written to a temporary file, fsynced and renamed
+into place so a crash never leaves a half-written snapshot under the name:
+
+    8 bytes   magic b"PIESNAP1"
+    8 bytes   header length, little-endian
+    header    UTF-8 JSON: format version, model identity, tokens, positions, pending tokens,
+              chat messages, page count
+    pages     n_pages * page_bytes bytes, as the driver's read_pages wrote them
+
+Opening checks the model identity (file sha256 and size, architecture, page size, KV type, page
+bytes): KV is only meaningful to the model and layout that computed it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+from pie_local import paths
+
+MAGIC = b"PIESNAP1"
+VERSION = 1
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class SnapshotError(RuntimeError):
+    """A snapshot is missing, corrupt, or was made with another model or KV layout."""
+
+
+def snapshot_path(name: str) -> Path:
+    if not _NAME_RE.match(name) or ".." in name:
+        raise SnapshotError(f"bad snapshot name {name!r}: use letters, digits, '.', '_' or '-' (max 128)")
+    return paths.snapshots_dir() / f"{name}.piesnap"
+
+
+def list_snapshots() -> list[dict]:
+    out = []
+    for path in sorted(paths.snapshots_dir().glob("*.piesnap")):
+        try:
+            header = read_header(path)
+        except SnapshotError:
+            continue
+        out.append({"name": path.stem, "model": header["model"]["name"], "tokens": len(header["tokens"]) +
+                    len(header["pending"]), "bytes": path.stat().st_size, "path": str(path)})
+    return out
+
+
+def delete_snapshot(name: str) -> None:
+    path = snapshot_path(name)
+    if not path.exists():
+        raise SnapshotError(f"no snapshot named {name!r}")
+    path.unlink()
+
+
+def read_header(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != MAGIC:
+                raise SnapshotError(f"{path} is not a pie-local snapshot")
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size).decode())
+    except FileNotFoundError:
+        raise SnapshotError(f"no snapshot named {path.stem!r}") from None
+    except (struct.error, ValueError) as exc:
+        raise SnapshotError(f"snapshot {path} is corrupt: {exc}") from None
+    if header.get("version") != VERSION:
+        raise SnapshotError(f"snapshot {path} has format version {header.get('version')}; "
+                            f"this pie-local reads {VERSION}")
+    return header
+
+
+async def save(ctx: Any, name: str) -> Path:
+    """Write ``ctx`` (committed KV + pending tokens + chat messages) as snapshot ``name``."""
+    path = snapshot_path(name)
+    if ctx._inflight is not None:
+        raise SnapshotError("cannot save a context while its forward pass runs")
+    engine = ctx._engine
+    identity = await _identity(engine)
+    page_ids = [p.id for p in ctx._pages]
+    data = await engine._scheduler.run_driver(engine.driver.read_pages, page_ids) if page_ids else b""
+    header = {
+        "version": VERSION,
+        "model": dataclasses.asdict(identity),
+        "tokens": ctx._committed,
+        "positions": ctx._positions,
+        "pending": ctx._pending,
+        "pending_positions": ctx._pending_pos,
+        "canonical": ctx._canonical,
+        "messages": ctx._messages,
+        "message_ends": ctx._message_ends,
+        "chat_start": ctx._chat_start,
+        "tools": ctx._tools,
+        "n_pages": len(page_ids),
+    }
+    blob = json.dumps(header).encode()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(MAGIC + struct.pack("<Q", len(blob)) + blob)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+async def load(rt: Any, name: str) -> Any:
+    """A new context (of Runtime or Engine ``rt``) restored from snapshot ``name``."""
+    path = snapshot_path(name)
+    header = read_header(path)
+    engine = getattr(rt, "engine", rt)
+    identity = dataclasses.asdict(await _identity(engine))
+    saved = header["model"]
+    for key in ("sha256", "size", "arch", "page_size", "kv_type", "page_bytes", "n_layer"):
+        if saved.get(key) != identity[key]:
+            raise SnapshotError(f"snapshot {name!r} was saved with another model or KV layout "
+                                f"({key}: {saved.get(key)!r} there, {identity[key]!r} here; "
+                                f"model {saved.get('name')!r})")
+    n_pages, page_bytes = header["n_pages"], identity["page_bytes"]
+    with open(path, "rb") as f:
+        f.seek(16 + _header_size(path))
+        data = f.read()
+    if len(data) != n_pages * page_bytes:
+        raise SnapshotError(f"snapshot {name!r} is truncated: {len(data)} bytes of KV, expected {n_pages * page_bytes}")
+    tokens = header["tokens"]
+    if n_pages != -(-len(tokens) // identity["page_size"]):
+        raise SnapshotError(f"snapshot {name!r} is corrupt: {n_pages} pages for {len(tokens)} tokens")
+    ctx = rt.context()
+    pool = engine._pool
+    if ctx._owner is not None:
+        ctx._owner.charge(tokens=0, new_pages=n_pages)
+    pages = pool.allocate(n_pages)
+    try:
+        if pages:
+            await engine._scheduler.run_driver(engine.driver.write_pages, [p.id for p in pages], data)
+    except BaseException:
+        pool.release(pages)
+        ctx.release()
+        raise
+    ctx._pages = pages
+    ctx._committed, ctx._positions = list(tokens), list(header["positions"])
+    ctx._pending, ctx._pending_pos = list(header["pending"]), list(header["pending_positions"])
+    ctx._messages, ctx._message_ends = list(header["messages"]), list(header["message_ends"])
+    ctx._chat_start, ctx._tools = header["chat_start"], header["tools"]
+    if ctx._messages:
+        ctx._rendered = ctx._render(ctx._messages)
+    ctx._canonical = bool(header["canonical"])
+    if ctx._canonical:  # index the restored full pages so other contexts can share them
+        ps = identity["page_size"]
+        prev = None
+        for i in range(len(tokens) // ps):
+            prev = pool.chain_hash(prev, tokens[i * ps : (i + 1) * ps])
+            ctx._hashes.append(prev)
+            pool.register(pages[i], prev, ready=True)
+    return ctx
+
+
+def _header_size(path: Path) -> int:
+    with open(path, "rb") as f:
+        f.seek(8)
+        return struct.unpack("<Q", f.read(8))[0]
+
+
+async def _identity(engine: Any):
+    import asyncio
+
+    if engine._identity is None:
+        await asyncio.to_thread(engine.identity)
+    return engine.identity()

@@ -1,0 +1,100 @@
+"""The page pool, and a randomized check that shared/forked/truncated KV is always the right KV."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from pie_local.driver.fake import FakeDriver
+from pie_local.driver.types import DriverParams
+from pie_local.runtime import Engine, EngineConfig, OutOfPagesError
+from pie_local.runtime.pages import PagePool
+
+
+def test_pool_allocates_refcounts_and_caches_indexed_pages():
+    pool = PagePool(4, 2, "m")
+    a, b = pool.allocate(2)
+    assert pool.n_free == 2 and a.writable
+    key = pool.chain_hash(None, [1, 2])
+    assert pool.register(a, key, ready=False) and not pool.register(b, key, ready=True)
+    assert pool.lookup(key) is a and not a.ready and not a.writable
+    pool.mark_ready(a)
+    pool.incref(a)
+    pool.decref(a)
+    pool.decref(a)  # unreferenced but indexed: cached, still found
+    assert pool.n_cached == 1 and pool.n_free == 3 and pool.lookup(key) is a
+    pool.incref(a)  # a prefix hit takes it back out of the LRU
+    assert pool.n_cached == 0 and pool.n_used == 2
+    pool.decref(a)
+    pool.decref(b)
+    with pytest.raises(OutOfPagesError, match="need 5, 4 free of 4"):
+        pool.allocate(5)
+    pages = pool.allocate(4)  # reclaims the cached page
+    assert pool.evictions == 1 and pool.lookup(key) is None and len({p.id for p in pages}) == 4
+
+
+def test_pool_forgets_a_page_whose_computation_was_abandoned():
+    pool = PagePool(2, 2, "m")
+    (a,) = pool.allocate(1)
+    key = pool.chain_hash(None, [3, 4])
+    pool.register(a, key, ready=False)
+    pool.decref(a)
+    assert pool.lookup(key) is None and pool.n_free == 2 and pool.n_cached == 0
+
+
+def test_chain_hash_depends_on_the_whole_chain_and_the_model():
+    p, q = PagePool(1, 2, "m1"), PagePool(1, 2, "m2")
+    first = p.chain_hash(None, [1, 2])
+    assert p.chain_hash(first, [3, 4]) != p.chain_hash(p.chain_hash(None, [9, 9]), [3, 4])
+    assert first != q.chain_hash(None, [1, 2])
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_random_fork_truncate_share_release_keeps_kv_exact(seed):
+    """Random operations over several contexts; after each, every live context's next-token
+    logits must equal the toy model's logits over exactly its own tokens (the FakeDriver reads
+    the real page slots, so a wrong page, a missed copy or a reused page would show)."""
+    rng = random.Random(seed)
+    ps = 4
+    driver = FakeDriver(DriverParams(page_size=ps, n_pages=96, max_batch_tokens=24))
+    engine = Engine(driver=driver, config=EngineConfig(page_size=ps, n_pages=96, max_batch_tokens=24))
+    async with engine:
+        pool = engine._pool
+        vocab = [10, 11, 12]  # a tiny alphabet makes shared prefixes common
+        live = [engine.context()]
+        live[0].fill_tokens([rng.choice(vocab) for _ in range(9)])
+        for _ in range(40):
+            op = rng.choice(["fill", "fill", "flush", "gen", "fork", "truncate", "release", "new"])
+            ctx = rng.choice(live)
+            if op == "fill":
+                ctx.fill_tokens([rng.choice(vocab) for _ in range(rng.randint(1, 9))])
+            elif op == "flush":
+                await ctx.flush()
+            elif op == "gen" and len(ctx):
+                await ctx.generate(max_tokens=rng.randint(1, 5))
+            elif op == "fork" and len(live) < 8:
+                live.append(ctx.fork())
+            elif op == "truncate" and len(ctx):
+                ctx.truncate(rng.randint(0, len(ctx)))
+            elif op == "release" and len(live) > 1:
+                live.remove(ctx)
+                ctx.release()
+            elif op == "new":
+                fresh = engine.context()
+                fresh.fill_tokens(list(rng.choice(live).token_ids[: rng.randint(0, 20)]) + [rng.choice(vocab)])
+                live.append(fresh)
+            # refcounts are exactly the contexts' references
+            refs: dict[int, int] = {}
+            for c in live:
+                for pid in c.page_ids:
+                    refs[pid] = refs.get(pid, 0) + 1
+            assert {p.id: p.refs for p in pool.pages if p.refs} == refs
+            assert pool.n_used == len(refs)
+        for c in live:
+            if not len(c):
+                continue
+            expect = [(t, i) for i, t in enumerate(c.token_ids)] + [(13, len(c))]
+            out = await c.forward().input([13]).probe(0, logits=True).execute()
+            np.testing.assert_array_equal(out.logits[0], driver.logits_for(expect))
