@@ -1,0 +1,63 @@
+"""Open the terminal UI: chat sessions, models, and a live monitor of the engine.
+
+examples:
+  pie-local                      # same as `pie-local tui`
+  pie-local tui
+  pie-local tui --model gemma3-270m --screen sessions
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+
+SCREENS = ("sessions", "models", "monitor", "logs")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="default model for new sessions (installed name or .gguf path)")
+    parser.add_argument("--screen", choices=SCREENS, help="screen to open first (default: sessions, or models "
+                        "when no model is installed)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not sys.stdin.isatty() or not sys.stdout.isatty():
+        print("pie-local tui needs an interactive terminal; for scripts use `pie-local run` or `pie-local chat`.",
+              file=sys.stderr)
+        return 2
+    from pie_local import paths
+    from pie_local.tui.app import PieApp
+
+    log_path = paths.home() / "logs" / "tui-stderr.log"
+    with native_stderr_to(log_path):
+        PieApp(default_model=args.model, start_mode=args.screen).run()
+    return 0
+
+
+@contextlib.contextmanager
+def native_stderr_to(path: os.PathLike) -> Iterator[None]:
+    """Send file descriptor 2 to a log file while the UI runs.
+
+    Native code (ggml, llama.cpp) may write to stderr before its log callback is installed; those
+    bytes would land on top of the screen. Textual draws on ``sys.__stderr__``, so it gets a
+    duplicate of the real terminal descriptor instead.
+    """
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    sys.stderr.flush()
+    terminal_fd = os.dup(2)
+    log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    original = sys.__stderr__
+    terminal = os.fdopen(terminal_fd, "w", buffering=1, encoding=getattr(original, "encoding", None) or "utf-8")
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    sys.__stderr__ = sys.stderr = terminal
+    try:
+        yield
+    finally:
+        terminal.flush()
+        os.dup2(terminal_fd, 2)
+        sys.__stderr__ = sys.stderr = original
+        terminal.close()

