@@ -1,0 +1,207 @@
+"""Reference forward passes through llama-cpp-python's low-level API (the C functions, no Llama class).
+
+Tests compare the pie driver's logits with these; benchmarks/bench_driver.py uses the same
+setup as its baseline. Weights stay in the plain CPU buffer type (``use_extra_bufts = False``:
+ggml's AMX buffer type crashes on CPUs that advertise AMX inside VMs that do not enable it),
+and llama.cpp's logs go to Python logging instead of stderr.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import llama_cpp
+import numpy as np
+
+_GGML_TYPES = {"f16": 1, "q8_0": 8}  # ggml_type values for the KV cache
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    """llama.cpp's logs go where pie-local sends them (Python logging), then the backend starts."""
+    global _backend_ready
+    if not _backend_ready:
+        from pie_local.driver import _lib
+
+        _lib.route_llama_cpp_logs()
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+
+
+class LlamaRef:
+    """One llama.cpp model + context. Sequences are llama.cpp seq ids 0 .. n_seq_max-1.
+
+    ``decode`` is the primitive (tokens with explicit positions and seq ids, logits for chosen
+    rows); ``logits`` and ``greedy`` are conveniences on top of it.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        n_ctx: int = 2048,
+        n_batch: int = 512,
+        n_seq_max: int = 1,
+        n_threads: int = 2,
+        flash_attn: bool | None = None,
+        kv_type: str = "f16",
+        embeddings: bool = False,
+    ) -> None:
+        """flash_attn None lets llama.cpp choose (its default); kv_type "f16" or "q8_0";
+        embeddings=True makes hidden() available (final hidden state after the output norm)."""
+        _init_backend()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.use_extra_bufts = False
+        mparams.n_gpu_layers = 0
+        self.model = llama_cpp.llama_model_load_from_file(str(Path(path)).encode(), mparams)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {path}")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.n_embd = int(llama_cpp.llama_model_n_embd(self.model))
+
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_batch
+        cparams.n_seq_max = n_seq_max
+        cparams.n_threads = n_threads
+        cparams.n_threads_batch = n_threads
+        cparams.swa_full = True  # keep every SWA cell: plain sliding-window semantics, no eviction
+        cparams.kv_unified = True
+        if flash_attn is not None:
+            cparams.flash_attn_type = 1 if flash_attn else 0
+        cparams.type_k = cparams.type_v = _GGML_TYPES[kv_type]
+        cparams.embeddings = embeddings
+        cparams.pooling_type = 0  # LLAMA_POOLING_TYPE_NONE: one embedding per token
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            llama_cpp.llama_model_free(self.model)
+            raise RuntimeError(f"llama.cpp could not create a context for {path}")
+        self.n_batch = n_batch
+        self.n_seq_max = n_seq_max
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, n_seq_max)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self.ctx:
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self.ctx)
+            llama_cpp.llama_model_free(self.model)
+            self.ctx = None
+            self.model = None
+
+    def __enter__(self) -> "LlamaRef":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def reset(self, seq_id: int | None = None) -> None:
+        """Forgets the KV of one sequence (or of all with None)."""
+        mem = llama_cpp.llama_get_memory(self.ctx)
+        if seq_id is None:
+            llama_cpp.llama_memory_clear(mem, True)
+        else:
+            llama_cpp.llama_memory_seq_rm(mem, seq_id, -1, -1)
+
+    # --- forward ---------------------------------------------------------------------------
+
+    def decode(
+        self,
+        tokens: Sequence[int],
+        positions: Sequence[int],
+        seq_ids: Sequence[int],
+        output_rows: Iterable[int] = (),
+    ) -> np.ndarray:
+        """One llama_decode of up to n_batch tokens; returns float32 [len(output_rows), n_vocab]."""
+        n = len(tokens)
+        if not 0 < n <= self.n_batch:
+            raise ValueError(f"decode takes 1..{self.n_batch} tokens, got {n}")
+        rows = list(output_rows)
+        wanted = set(rows)
+        b = self._batch
+        b.n_tokens = n
+        for i in range(n):
+            b.token[i] = int(tokens[i])
+            b.pos[i] = int(positions[i])
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = int(seq_ids[i])
+            b.logits[i] = 1 if i in wanted else 0
+        status = llama_cpp.llama_decode(self.ctx, b)
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status}")
+        out = np.empty((len(rows), self.n_vocab), dtype=np.float32)
+        for j, row in enumerate(rows):
+            ptr = llama_cpp.llama_get_logits_ith(self.ctx, row)
+            out[j] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        return out
+
+    def hidden(self, rows: Iterable[int]) -> np.ndarray:
+        """Final hidden states of the given rows of the last decode (needs embeddings=True)."""
+        out = []
+        for row in rows:
+            ptr = llama_cpp.llama_get_embeddings_ith(self.ctx, row)
+            if not ptr:
+                raise RuntimeError(f"no embedding for row {row} (was the context made with embeddings=True?)")
+            out.append(np.ctypeslib.as_array(ptr, shape=(self.n_embd,)).copy())
+        return np.stack(out)
+
+    def logits(
+        self, tokens: Sequence[int], *, start_pos: int = 0, seq_id: int = 0, rows: str | Sequence[int] = "all"
+    ) -> np.ndarray:
+        """Appends `tokens` to sequence `seq_id` at positions start_pos.. and returns the logits of
+        `rows` ("all", "last", or indices into tokens) as float32 [n_rows, n_vocab]."""
+        n = len(tokens)
+        if rows == "all":
+            want = list(range(n))
+        elif rows == "last":
+            want = [n - 1]
+        else:
+            want = list(rows)  # type: ignore[arg-type]
+        pieces = []
+        for lo in range(0, n, self.n_batch):
+            hi = min(n, lo + self.n_batch)
+            chunk_rows = [r - lo for r in want if lo <= r < hi]
+            pieces.append(
+                self.decode(tokens[lo:hi], range(start_pos + lo, start_pos + hi), [seq_id] * (hi - lo), chunk_rows)
+            )
+        return np.concatenate(pieces, axis=0)
+
+    def greedy(self, prompt: Sequence[int], n_new: int, *, seq_id: int = 0) -> list[int]:
+        """Prefills `prompt` into a fresh sequence and decodes n_new tokens by argmax."""
+        self.reset(seq_id)
+        last = self.logits(prompt, seq_id=seq_id, rows="last")[0]
+        out: list[int] = []
+        pos = len(prompt)
+        for _ in range(n_new):
+            token = int(np.argmax(last))
+            out.append(token)
+            last = self.decode([token], [pos], [seq_id], [0])[0]
+            pos += 1
+        return out
+
+    # --- text ------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        data = text.encode()
+        buf = (llama_cpp.llama_token * (len(data) + 8))()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, len(buf), add_bos, False)
+        if n < 0:
+            raise ValueError(f"tokenize needs {-n} slots")
+        return list(buf[:n])
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        arr = (llama_cpp.llama_token * max(1, len(tokens)))(*tokens)
+        buf = ctypes.create_string_buffer(64 * len(tokens) + 64)
+        n = llama_cpp.llama_detokenize(self.vocab, arr, len(tokens), buf, len(buf), False, False)
+        if n < 0:
+            raise ValueError("detokenize buffer too small")
+        return buf.raw[:n].decode("utf-8", "replace")
+
+    def greedy_text(self, prompt: str, n_new: int) -> str:
+        return self.detokenize(self.greedy(self.tokenize(prompt), n_new))

@@ -1,0 +1,253 @@
+"""The C sampler on its own: sampler.c compiled with a tiny harness, called through ctypes.
+
+These run without the driver or a model, so sampling bugs show up here first and precisely;
+tests/test_driver_sampling.py checks the same rules end to end through pie_forward.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NATIVE = ROOT / "native" / "ggml_driver"
+
+PIE_ERR_INVALID_ARGUMENT = -5
+
+
+class Sampler(ctypes.Structure):
+    # Mirrors pie_sampler in pie_driver.h (the harness library exports no struct sizes).
+    _fields_ = [
+        ("temperature", ctypes.c_float),
+        ("top_k", ctypes.c_int32),
+        ("top_p", ctypes.c_float),
+        ("min_p", ctypes.c_float),
+        ("seed", ctypes.c_uint64),
+    ]
+
+
+class SamplerLib:
+    """pie_sample_row with numpy in, (token, logprob, top_ids, top_probs) out."""
+
+    def __init__(self, path: Path, n_vocab_max: int = 300_000) -> None:
+        self.lib = ctypes.CDLL(str(path))
+        self.lib.pie_sampler_scratch_new.restype = ctypes.c_void_p
+        self.lib.pie_sampler_scratch_new.argtypes = [ctypes.c_int32]
+        self.lib.pie_sampler_scratch_free.argtypes = [ctypes.c_void_p]
+        self.lib.harness_last_error.restype = ctypes.c_char_p
+        self.lib.pie_sample_row.restype = ctypes.c_int32
+        self.lib.pie_sample_row.argtypes = [
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.POINTER(Sampler),
+            ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_float),
+            ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p,
+        ]  # fmt: skip
+        self.scratch = self.lib.pie_sampler_scratch_new(n_vocab_max)
+
+    def sample(
+        self,
+        logits: np.ndarray,
+        *,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        seed: int = 0,
+        mask: np.ndarray | None = None,
+        return_top: int = 0,
+    ) -> tuple[int, float, np.ndarray, np.ndarray]:
+        logits = np.ascontiguousarray(logits, dtype=np.float32)
+        sampler = Sampler(temperature, top_k, top_p, min_p, seed)
+        token = ctypes.c_int32(-1)
+        logprob = ctypes.c_float(np.nan)
+        top_ids = np.zeros(max(return_top, 1), dtype=np.int32)
+        top_probs = np.zeros(max(return_top, 1), dtype=np.float32)
+        mask_ptr = None
+        if mask is not None:
+            mask = np.ascontiguousarray(mask, dtype=np.uint32)
+            mask_ptr = mask.ctypes.data
+        status = self.lib.pie_sample_row(
+            self.scratch, logits.ctypes.data, logits.shape[0], mask_ptr, ctypes.byref(sampler),
+            ctypes.byref(token), ctypes.byref(logprob), return_top, top_ids.ctypes.data, top_probs.ctypes.data,
+        )  # fmt: skip
+        if status != 0:
+            raise ValueError(f"{status}: {self.lib.harness_last_error().decode()}")
+        return token.value, logprob.value, top_ids[:return_top], top_probs[:return_top]
+
+
+@pytest.fixture(scope="module")
+def sampler(tmp_path_factory: pytest.TempPathFactory) -> SamplerLib:
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        pytest.skip("no C compiler to build the sampler harness")
+    out = tmp_path_factory.mktemp("sampler") / "libsampler_harness.so"
+    subprocess.run(
+        [cc, "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", f"-I{NATIVE / 'include'}",
+         str(NATIVE / "src" / "sampler.c"), str(NATIVE / "tests" / "sampler_harness.c"), "-o", str(out), "-lm"],
+        check=True,
+    )  # fmt: skip
+    lib = SamplerLib(out)
+    yield lib
+    lib.lib.pie_sampler_scratch_free(lib.scratch)
+
+
+def allow_mask(n_vocab: int, allowed: list[int] | np.ndarray) -> np.ndarray:
+    bits = np.zeros(n_vocab, dtype=bool)
+    bits[np.asarray(allowed)] = True
+    padded = np.zeros((n_vocab + 31) // 32 * 32, dtype=bool)
+    padded[:n_vocab] = bits
+    return np.packbits(padded.reshape(-1, 32)[:, ::-1], axis=1).view(">u4").astype(np.uint32).ravel()
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    return x - x.max() - np.log(np.exp(x - x.max()).sum())
+
+
+def test_allow_mask_layout() -> None:
+    # bit (id % 32) of word (id / 32), as pie_driver.h specifies
+    mask = allow_mask(70, [0, 33, 69])
+    assert mask.tolist() == [1, 2, 1 << 5]
+
+
+def test_greedy_is_argmax_and_ties_go_to_lowest_id(sampler: SamplerLib) -> None:
+    logits = np.array([0.5, 3.0, -1.0, 3.0, 2.0], dtype=np.float32)
+    assert sampler.sample(logits)[0] == 1
+    rng = np.random.default_rng(1)
+    big = rng.standard_normal(262_144).astype(np.float32)
+    assert sampler.sample(big)[0] == int(np.argmax(big))
+
+
+def test_greedy_respects_mask(sampler: SamplerLib) -> None:
+    logits = np.array([5.0, 4.0, 3.0, 2.0], dtype=np.float32)
+    assert sampler.sample(logits, mask=allow_mask(4, [2, 3]))[0] == 2
+
+
+def test_logprob_and_top_k_use_raw_logits(sampler: SamplerLib) -> None:
+    rng = np.random.default_rng(2)
+    logits = (rng.standard_normal(5000) * 3).astype(np.float32)
+    ref = log_softmax(logits)
+    # masked and tempered sampling still reports probabilities of the raw distribution
+    mask = allow_mask(5000, np.arange(0, 5000, 7))
+    token, logprob, ids, probs = sampler.sample(logits, temperature=0.7, seed=3, mask=mask, return_top=10)
+    assert token % 7 == 0
+    assert logprob == pytest.approx(ref[token], abs=1e-5)
+    order = np.lexsort((np.arange(5000), -logits))[:10]
+    assert ids.tolist() == order.tolist()
+    np.testing.assert_allclose(probs, np.exp(ref[order]), rtol=1e-5)
+    assert np.all(np.diff(probs) <= 0)
+
+
+def test_seed_reproduces_and_seeds_differ(sampler: SamplerLib) -> None:
+    rng = np.random.default_rng(4)
+    logits = rng.standard_normal(1000).astype(np.float32)
+    draws = [sampler.sample(logits, temperature=1.0, seed=s)[0] for s in range(200)]
+    again = [sampler.sample(logits, temperature=1.0, seed=s)[0] for s in range(200)]
+    assert draws == again
+    assert len(set(draws)) > 100  # a near-flat distribution over 1000 tokens
+
+
+def test_draws_follow_the_distribution(sampler: SamplerLib) -> None:
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float32))
+    counts = np.bincount([sampler.sample(logits, temperature=1.0, seed=s)[0] for s in range(20_000)], minlength=4)
+    np.testing.assert_allclose(counts / 20_000, [0.5, 0.3, 0.15, 0.05], atol=0.015)
+
+
+def test_temperature_sharpens(sampler: SamplerLib) -> None:
+    logits = np.array([1.0, 0.0, 0.0, 0.0], dtype=np.float32)
+    hot = [sampler.sample(logits, temperature=5.0, seed=s)[0] for s in range(2000)]
+    cold = [sampler.sample(logits, temperature=0.1, seed=s)[0] for s in range(2000)]
+    assert hot.count(0) < 800 < 1900 < cold.count(0)
+
+
+def test_top_k_never_leaves_the_k_best(sampler: SamplerLib) -> None:
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal(262_144).astype(np.float32)
+    best = set(np.argsort(-logits)[:5].tolist())
+    seen = {sampler.sample(logits, temperature=2.0, top_k=5, seed=s)[0] for s in range(300)}
+    assert seen <= best and len(seen) == 5
+
+
+def test_top_p_keeps_smallest_prefix_reaching_p(sampler: SamplerLib) -> None:
+    probs = np.array([0.4, 0.3, 0.2, 0.06, 0.04])
+    logits = np.log(probs).astype(np.float32)
+    # 0.4 + 0.3 = 0.7 < 0.75, so the prefix is {0, 1, 2}
+    seen = {sampler.sample(logits, temperature=1.0, top_p=0.75, seed=s)[0] for s in range(500)}
+    assert seen == {0, 1, 2}
+    # on a big flat-ish vocabulary the prefix must grow past the first 128 entries
+    rng = np.random.default_rng(6)
+    big = (rng.standard_normal(50_000) * 0.1).astype(np.float32)
+    order = np.argsort(-big.astype(np.float64), kind="stable")
+    p = np.exp(log_softmax(big))[order]
+    n_keep = int(np.searchsorted(np.cumsum(p), 0.5) + 1)
+    allowed = set(order[:n_keep].tolist())
+    seen = {sampler.sample(big, temperature=1.0, top_p=0.5, seed=s)[0] for s in range(100)}
+    assert seen <= allowed and n_keep > 128
+
+
+def test_min_p_drops_unlikely_tokens(sampler: SamplerLib) -> None:
+    probs = np.array([0.5, 0.3, 0.1, 0.06, 0.04])
+    logits = np.log(probs).astype(np.float32)
+    # min_p 0.15 keeps p >= 0.075: tokens 0, 1, 2
+    seen = {sampler.sample(logits, temperature=1.0, min_p=0.15, seed=s)[0] for s in range(500)}
+    assert seen == {0, 1, 2}
+
+
+def test_filters_compose_in_order(sampler: SamplerLib) -> None:
+    probs = np.array([0.3, 0.25, 0.2, 0.15, 0.1])
+    logits = np.log(probs).astype(np.float32)
+    # top_k 4 -> {0..3} renormalised (0.333, 0.278, 0.222, 0.167); top_p 0.6 -> {0, 1}
+    seen = {sampler.sample(logits, temperature=1.0, top_k=4, top_p=0.6, seed=s)[0] for s in range(500)}
+    assert seen == {0, 1}
+
+
+def test_mask_respected_in_every_mode(sampler: SamplerLib) -> None:
+    rng = np.random.default_rng(7)
+    logits = rng.standard_normal(3000).astype(np.float32)
+    allowed = rng.choice(3000, size=40, replace=False)
+    mask = allow_mask(3000, allowed)
+    for params in [
+        dict(),
+        dict(temperature=1.0),
+        dict(temperature=3.0, top_k=10),
+        dict(temperature=1.0, top_p=0.3),
+        dict(temperature=1.0, min_p=0.5),
+    ]:
+        for s in range(50):
+            assert sampler.sample(logits, mask=mask, seed=s, **params)[0] in allowed
+
+
+def test_vanishing_temperature_is_greedy(sampler: SamplerLib) -> None:
+    logits = np.array([30.0, 29.0, -5.0, 29.5], dtype=np.float32)
+    assert {sampler.sample(logits, temperature=1e-38, seed=s)[0] for s in range(20)} == {0}
+
+
+def test_non_finite_logits_are_never_drawn(sampler: SamplerLib) -> None:
+    logits = np.array([np.nan, -np.inf, 1.0, 0.5], dtype=np.float32)
+    assert sampler.sample(logits)[0] == 2
+    assert {sampler.sample(logits, temperature=1.0, seed=s)[0] for s in range(100)} == {2, 3}
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        (dict(temperature=1.0, top_k=-1), "top_k must be >= 0"),
+        (dict(temperature=1.0, top_p=0.0), "top_p must be in (0, 1]"),
+        (dict(temperature=1.0, top_p=1.5), "top_p must be in (0, 1]"),
+        (dict(temperature=1.0, min_p=-0.1), "min_p must be in [0, 1]"),
+        (dict(temperature=float("nan")), "temperature must be finite"),
+        (dict(return_top=11), "returned top_k must be in [0, n_vocab=10]"),
+    ],
+)
+def test_bad_parameters_are_rejected(sampler: SamplerLib, params: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{PIE_ERR_INVALID_ARGUMENT}: .*{__import__('re').escape(message)}"):
+        sampler.sample(np.zeros(10, dtype=np.float32), **params)
+
+
+def test_mask_allowing_nothing_is_an_error(sampler: SamplerLib) -> None:
+    with pytest.raises(ValueError, match="allows no token"):
+        sampler.sample(np.zeros(40, dtype=np.float32), mask=np.zeros(2, dtype=np.uint32))

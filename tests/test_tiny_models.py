@@ -1,0 +1,94 @@
+"""The tiny GGUF writer itself: files are complete, typed as asked, and llama.cpp accepts them
+(or, for the broken variants, rejects them), so driver tests built on them mean something."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from llama_ref import LlamaRef
+from tiny_models import (
+    ARCHES,
+    N_VOCAB,
+    tiny_config,
+    write_shape_mismatch,
+    write_tiny_gguf,
+    write_truncated,
+    write_unknown_arch,
+    write_wrong_magic,
+)
+
+pytestmark = pytest.mark.llama_cpp
+
+
+def tensor_types(path: Path) -> dict[str, tuple[gguf.GGMLQuantizationType, tuple[int, ...]]]:
+    reader = gguf.GGUFReader(str(path))
+    return {t.name: (t.tensor_type, tuple(int(x) for x in t.shape)) for t in reader.tensors}
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_each_arch_loads_in_llama_cpp(tmp_path: Path, arch: str) -> None:
+    path = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch)
+    cfg = tiny_config(arch)
+    reader = gguf.GGUFReader(str(path))
+    arch_field = reader.fields["general.architecture"]
+    assert bytes(arch_field.parts[arch_field.data[0]]).decode() == arch
+    types = tensor_types(path)
+    assert ("output.weight" in types) is (not cfg.tied)
+    assert types["blk.0.attn_q.weight"][1] == (cfg.n_embd, cfg.n_head * cfg.head_dim)  # ggml order
+    assert ("blk.0.attn_q.bias" in types) is (arch == "qwen2")
+    assert ("blk.0.attn_q_norm.weight" in types) is (arch in ("qwen3", "gemma3"))
+    assert ("blk.0.post_ffw_norm.weight" in types) is (arch == "gemma3")
+    with LlamaRef(path, n_ctx=64) as ref:
+        assert ref.n_vocab == N_VOCAB and ref.n_embd == cfg.n_embd
+        logits = ref.logits([1, 300, 301, 302])
+        assert logits.shape == (4, N_VOCAB) and np.all(np.isfinite(logits))
+        assert 0.3 < float(logits.std()) < 5.0  # O(1) logits, so comparisons are meaningful
+        # the vocabulary tokenizes known words into whole-word pieces
+        assert ref.detokenize(ref.tokenize("the world is good", add_bos=False)).strip() == "the world is good"
+        assert len(ref.tokenize("the world is good", add_bos=False)) == 4
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0", "q4_0", "q5_1"])
+def test_quantized_weights_are_stored_as_asked(tmp_path: Path, quant: str) -> None:
+    path = write_tiny_gguf(tmp_path / f"llama-{quant}.gguf", "llama", quant=quant)
+    types = tensor_types(path)
+    want = gguf.GGMLQuantizationType[quant.upper()]
+    assert types["blk.1.ffn_down.weight"][0] == want
+    assert types["token_embd.weight"][0] == want
+    assert types["blk.0.attn_norm.weight"][0] == gguf.GGMLQuantizationType.F32  # 1-D stays f32
+    with LlamaRef(path, n_ctx=64) as ref:
+        assert np.all(np.isfinite(ref.logits([1, 2, 3])))
+
+
+def test_same_seed_same_file_different_seed_different_weights(tmp_path: Path) -> None:
+    a = write_tiny_gguf(tmp_path / "a.gguf", "qwen3", seed=1).read_bytes()
+    b = write_tiny_gguf(tmp_path / "b.gguf", "qwen3", seed=1).read_bytes()
+    c = write_tiny_gguf(tmp_path / "c.gguf", "qwen3", seed=2).read_bytes()
+    assert a == b and a != c
+
+
+def test_overrides_and_bad_arguments(tmp_path: Path) -> None:
+    path = write_tiny_gguf(tmp_path / "g.gguf", "gemma3", n_layer=12, sliding_window=4)
+    assert "blk.11.attn_q.weight" in tensor_types(path)
+    with pytest.raises(ValueError, match="unknown tiny architecture"):
+        write_tiny_gguf(tmp_path / "x.gguf", "mamba")
+    with pytest.raises(ValueError, match="not a multiple of Q8_0's block 32"):
+        write_tiny_gguf(tmp_path / "y.gguf", "llama", quant="q8_0", n_embd=48, head_dim=12)
+
+
+def test_broken_files_are_rejected_by_llama_cpp(tmp_path: Path) -> None:
+    good = write_tiny_gguf(tmp_path / "good.gguf", "llama")
+    broken = [
+        write_truncated(good, tmp_path / "cut.gguf"),
+        write_wrong_magic(good, tmp_path / "magic.gguf"),
+        write_unknown_arch(tmp_path / "arch.gguf"),
+        write_shape_mismatch(tmp_path / "shape.gguf"),
+    ]
+    assert broken[0].stat().st_size < good.stat().st_size
+    assert broken[1].read_bytes()[:4] == b"GGML"
+    for path in broken:
+        with pytest.raises(RuntimeError, match="could not load"):
+            LlamaRef(path, n_ctx=64)

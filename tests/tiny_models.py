@@ -1,0 +1,270 @@
+"""Tiny random-weight GGUF models for tests, written with the `gguf` package.
+
+``write_tiny_gguf(path, arch)`` writes a complete, loadable model of a few hundred kilobytes for
+llama, qwen2, qwen3 or gemma3: full hyper-parameter metadata, a real SentencePiece ("llama")
+vocabulary with byte fallback that llama.cpp accepts, and random weights scaled so activations
+stay O(1) (logits then differ clearly between tokens, which makes comparisons meaningful).
+The architectures differ where their graphs differ: qwen2 has QKV biases, qwen3 and gemma3 have
+QK norms and a head_dim that is not n_embd / n_head, gemma3 has post-norms, tied embeddings,
+and sliding-window layers (5 of every 6) with a small window so SWA matters in short tests.
+
+The ``write_*`` helpers at the end produce broken files for error-path tests.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+
+ARCHES = ("llama", "qwen2", "qwen3", "gemma3")
+
+QUANTS = {
+    "f32": gguf.GGMLQuantizationType.F32,
+    "f16": gguf.GGMLQuantizationType.F16,
+    "q8_0": gguf.GGMLQuantizationType.Q8_0,
+    "q4_0": gguf.GGMLQuantizationType.Q4_0,
+    "q4_1": gguf.GGMLQuantizationType.Q4_1,
+    "q5_0": gguf.GGMLQuantizationType.Q5_0,
+    "q5_1": gguf.GGMLQuantizationType.Q5_1,
+}
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    n_embd: int = 64
+    n_layer: int = 2
+    n_head: int = 4
+    n_head_kv: int = 2
+    head_dim: int = 16
+    n_ff: int = 128
+    n_ctx: int = 512
+    rope_base: float = 10000.0
+    rms_eps: float = 1e-5
+    sliding_window: int = 0  # gemma3 only
+    tied: bool = False  # no output.weight: the embedding doubles as the LM head
+    name: str = ""
+
+
+# Each architecture's defaults; anything can be overridden through write_tiny_gguf(**overrides).
+DEFAULTS: dict[str, TinyConfig] = {
+    "llama": TinyConfig(name="tiny-llama"),
+    "qwen2": TinyConfig(name="tiny-qwen2", rope_base=1_000_000.0, rms_eps=1e-6),
+    "qwen3": TinyConfig(name="tiny-qwen3", head_dim=32, rope_base=1_000_000.0, rms_eps=1e-6),
+    # 6 layers: with llama.cpp's gemma3 pattern, layers 0-4 use the window, layer 5 is global.
+    "gemma3": TinyConfig(
+        name="tiny-gemma3", n_layer=6, head_dim=32, rope_base=1_000_000.0, rms_eps=1e-6, sliding_window=8, tied=True
+    ),
+}
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary: SentencePiece-style ("llama" tokenizer model) with byte fallback
+# ---------------------------------------------------------------------------------------------
+
+BOS_ID, EOS_ID, UNK_ID = 1, 2, 0
+_WORDS = (
+    "the of and to in is was for on that with as by at it from his he an be are this or had "
+    "not but have were which one they you her she we all their there been has when who will more "
+    "no if out so said what up its about into than them can only other new some could time these "
+    "two may then do first any my now such like our over man me even most made after also did "
+    "many before must through back years where much your way well down should because each just "
+    "those people how too little state good very make world still own see men work long get here"
+).split()
+
+
+def tiny_vocab() -> tuple[list[str], list[float], list[int]]:
+    """tokens, scores, token types: <unk> <s> </s>, 256 byte tokens, letters, word prefixes (~700)."""
+    T = gguf.TokenType
+    tokens = ["<unk>", "<s>", "</s>"]
+    types = [T.UNKNOWN, T.CONTROL, T.CONTROL]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [T.BYTE] * 256
+    pieces = ["\u2581"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    pieces += ["\u2581" + chr(c) for c in range(ord("a"), ord("z") + 1)]
+    pieces += [".", ",", "!", "?", "'"]
+    # Every prefix of every word, so SentencePiece's pairwise merges can build whole words.
+    for w in _WORDS:
+        for end in range(2, len(w) + 1):
+            piece = "\u2581" + w[:end]
+            if piece not in pieces:
+                pieces.append(piece)
+    tokens += pieces
+    types += [T.NORMAL] * len(pieces)
+    # Longer pieces score higher so the SentencePiece merge prefers whole words.
+    scores = [0.0] * (3 + 256) + [-100.0 + len(p) for p in pieces]
+    return tokens, scores, [int(t) for t in types]
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+# ---------------------------------------------------------------------------------------------
+
+
+def _tensors(arch: str, cfg: TinyConfig, n_vocab: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """float32 tensors in numpy order (ggml's ne reversed: a matrix [out, in] is ne = (in, out))."""
+
+    def mat(n_out: int, n_in: int) -> np.ndarray:
+        return (rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(np.float32)
+
+    def norm(n: int) -> np.ndarray:
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    def bias(n: int) -> np.ndarray:
+        return (0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
+    out: dict[str, np.ndarray] = {
+        # std 1/sqrt(n_embd) keeps tied-embedding logits O(1) (gemma3 rescales its input by sqrt(n_embd))
+        "token_embd.weight": mat(n_vocab, cfg.n_embd),
+        "output_norm.weight": norm(cfg.n_embd),
+    }
+    if not cfg.tied:
+        out["output.weight"] = mat(n_vocab, cfg.n_embd)
+    for i in range(cfg.n_layer):
+        p = f"blk.{i}."
+        out[p + "attn_norm.weight"] = norm(cfg.n_embd)
+        out[p + "attn_q.weight"] = mat(q_dim, cfg.n_embd)
+        out[p + "attn_k.weight"] = mat(kv_dim, cfg.n_embd)
+        out[p + "attn_v.weight"] = mat(kv_dim, cfg.n_embd)
+        out[p + "attn_output.weight"] = mat(cfg.n_embd, q_dim)
+        if arch == "qwen2":
+            out[p + "attn_q.bias"] = bias(q_dim)
+            out[p + "attn_k.bias"] = bias(kv_dim)
+            out[p + "attn_v.bias"] = bias(kv_dim)
+        if arch in ("qwen3", "gemma3"):
+            out[p + "attn_q_norm.weight"] = norm(cfg.head_dim)
+            out[p + "attn_k_norm.weight"] = norm(cfg.head_dim)
+        if arch == "gemma3":
+            out[p + "post_attention_norm.weight"] = norm(cfg.n_embd)
+            out[p + "post_ffw_norm.weight"] = norm(cfg.n_embd)
+        out[p + "ffn_norm.weight"] = norm(cfg.n_embd)
+        out[p + "ffn_gate.weight"] = mat(cfg.n_ff, cfg.n_embd)
+        out[p + "ffn_up.weight"] = mat(cfg.n_ff, cfg.n_embd)
+        out[p + "ffn_down.weight"] = mat(cfg.n_embd, cfg.n_ff)
+    return out
+
+
+def _encode(tensor: np.ndarray, qtype: gguf.GGMLQuantizationType) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    """1-D tensors (norms, biases) stay f32, as llama.cpp's converters store them."""
+    if tensor.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+        return tensor, gguf.GGMLQuantizationType.F32
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return tensor.astype(np.float16), qtype
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if tensor.shape[-1] % block:
+        raise ValueError(f"row length {tensor.shape[-1]} is not a multiple of {qtype.name}'s block {block}")
+    return gguf.quants.quantize(tensor, qtype), qtype
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+def write_tiny_gguf(
+    path: str | Path,
+    arch: str,
+    *,
+    quant: str = "f32",
+    seed: int = 0,
+    arch_name: str | None = None,
+    tensor_hook: Callable[[str, np.ndarray], np.ndarray] | None = None,
+    **overrides: object,
+) -> Path:
+    """Writes a tiny random model of `arch` to `path` and returns the path.
+
+    quant: f32, f16, q8_0, q4_0, q4_1, q5_0, q5_1 (2-D weights only; norms and biases stay f32).
+    overrides: fields of TinyConfig (n_embd, n_layer, head_dim, sliding_window, tied, ...).
+    arch_name: write this as general.architecture instead of `arch` (for unknown-arch tests).
+    tensor_hook: called as hook(name, float32 array) -> array to write (for broken-file tests).
+    """
+    if arch not in DEFAULTS:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose from {', '.join(ARCHES)}")
+    if quant not in QUANTS:
+        raise ValueError(f"unknown quant {quant!r}; choose from {', '.join(QUANTS)}")
+    cfg = replace(DEFAULTS[arch], **overrides)  # type: ignore[arg-type]
+    path = Path(path)
+    tokens, scores, types = tiny_vocab()
+    rng = np.random.default_rng(seed)
+
+    name = arch_name or arch
+    w = gguf.GGUFWriter(str(path), name)
+    w.add_name(cfg.name)
+    w.add_context_length(cfg.n_ctx)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_block_count(cfg.n_layer)
+    w.add_feed_forward_length(cfg.n_ff)
+    w.add_head_count(cfg.n_head)
+    w.add_head_count_kv(cfg.n_head_kv)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_base)
+    w.add_layer_norm_rms_eps(cfg.rms_eps)
+    w.add_vocab_size(len(tokens))
+    if cfg.sliding_window:
+        w.add_sliding_window(cfg.sliding_window)
+    w.add_file_type(int(gguf.LlamaFileType.ALL_F32) if quant == "f32" else int(gguf.LlamaFileType.MOSTLY_F16))
+
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(BOS_ID)
+    w.add_eos_token_id(EOS_ID)
+    w.add_unk_token_id(UNK_ID)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+
+    for tname, tensor in _tensors(arch, cfg, len(tokens), rng).items():
+        if tensor_hook is not None:
+            tensor = tensor_hook(tname, tensor)
+        data, qtype = _encode(tensor, QUANTS[quant])
+        w.add_tensor(tname, data, raw_dtype=qtype)
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def tiny_config(arch: str, **overrides: object) -> TinyConfig:
+    """The hyper-parameters write_tiny_gguf(arch, **overrides) uses."""
+    return replace(DEFAULTS[arch], **overrides)  # type: ignore[arg-type]
+
+
+N_VOCAB = len(tiny_vocab()[0])
+
+# ---------------------------------------------------------------------------------------------
+# Broken files
+# ---------------------------------------------------------------------------------------------
+
+
+def write_truncated(src: str | Path, dst: str | Path, fraction: float = 0.6) -> Path:
+    """A copy of `src` cut off at `fraction` of its size (header intact, tensor data short)."""
+    data = Path(src).read_bytes()
+    Path(dst).write_bytes(data[: int(len(data) * fraction)])
+    return Path(dst)
+
+
+def write_wrong_magic(src: str | Path, dst: str | Path) -> Path:
+    """A copy of `src` whose 4-byte magic reads 'GGML' instead of 'GGUF'."""
+    shutil.copyfile(src, dst)
+    with open(dst, "r+b") as f:
+        f.write(b"GGML")
+    return Path(dst)
+
+
+def write_unknown_arch(path: str | Path) -> Path:
+    """A well-formed llama-shaped model whose general.architecture no driver knows."""
+    return write_tiny_gguf(path, "llama", arch_name="pie-unknown-arch")
+
+
+def write_shape_mismatch(path: str | Path, tensor: str = "blk.0.attn_q.weight") -> Path:
+    """A llama model whose `tensor` has one output row too few for the metadata."""
+    return write_tiny_gguf(path, "llama", tensor_hook=lambda name, t: t[:-1] if name == tensor else t)
