@@ -1,0 +1,261 @@
+/*
+ * batch.c — check a pie_batch against the model and the pool, then turn it into graph inputs.
+ *
+ * Nothing here touches the KV pool: a batch that fails any check leaves every page as it was.
+ * The plan lays out, per request, how attention reads its KV (a view of the pool when its pages
+ * are consecutive, else gathered rows) and one mask row per token over the request's own KV that
+ * hides later rows (causality), rows outside its custom BRLE mask, and (in mask_swa) rows that
+ * fell out of the sliding window.
+ */
+#include "internal.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define F16_ZERO     ((ggml_fp16_t)0x0000)
+#define F16_NEG_INF  ((ggml_fp16_t)0xFC00)
+
+/* Grows *p to hold n elements of size sz; returns false when out of memory. */
+static bool grow(void **p, size_t *cap, size_t n, size_t sz) {
+    if (n <= *cap) return true;
+    size_t want = n + n / 2;
+    void *q = realloc(*p, want * sz);
+    if (!q) return false;
+    *p = q;
+    *cap = want;
+    return true;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Validation                                                                                 */
+/* ------------------------------------------------------------------------------------------ */
+
+#define BAD(...) pie_set_error(PIE_ERR_INVALID_ARGUMENT, __VA_ARGS__)
+
+static int32_t check_requests(pie_model *m, const pie_batch *b) {
+    const int32_t ps = m->kv.page_size, np = m->kv.n_pages;
+    if (b->n_requests < 1) return BAD("batch has %d requests; need at least 1", b->n_requests);
+    if (!b->qo_indptr || !b->kv_page_indptr || !b->kv_last_page_len)
+        return BAD("qo_indptr, kv_page_indptr and kv_last_page_len are required");
+    if (b->qo_indptr[0] != 0) return BAD("qo_indptr[0] is %d; must be 0", b->qo_indptr[0]);
+    if (b->kv_page_indptr[0] != 0) return BAD("kv_page_indptr[0] is %d; must be 0", b->kv_page_indptr[0]);
+    if (b->qo_indptr[b->n_requests] != b->n_tokens)
+        return BAD("qo_indptr ends at %d but the batch has %d tokens", b->qo_indptr[b->n_requests], b->n_tokens);
+    if (b->kv_page_indptr[b->n_requests] > 0 && !b->kv_page_indices) return BAD("kv_page_indices is NULL");
+
+    /* indptr arrays first: every later read is bounded by their last entries */
+    for (int32_t r = 0; r < b->n_requests; r++) {
+        if (b->qo_indptr[r + 1] <= b->qo_indptr[r])
+            return BAD("request %d: qo_indptr must increase (%d -> %d); every request needs a token", r,
+                       b->qo_indptr[r], b->qo_indptr[r + 1]);
+        if (b->kv_page_indptr[r + 1] <= b->kv_page_indptr[r])
+            return BAD("request %d: kv_page_indptr must increase (%d -> %d); every request needs a page", r,
+                       b->kv_page_indptr[r], b->kv_page_indptr[r + 1]);
+    }
+
+    memset(m->plan.slot_used, 0, (size_t)np * ps);
+    for (int32_t p = 0; p < np; p++) m->plan.page_stamp[p] = -1;
+    int64_t n_kv = 0;
+    for (int32_t r = 0; r < b->n_requests; r++) {
+        const int32_t q0 = b->qo_indptr[r], q1 = b->qo_indptr[r + 1];
+        const int32_t p0 = b->kv_page_indptr[r], p1 = b->kv_page_indptr[r + 1];
+        const int32_t last = b->kv_last_page_len[r];
+        if (last < 1 || last > ps) return BAD("request %d: last_page_len %d outside 1..%d", r, last, ps);
+        const int64_t kv_len = (int64_t)(p1 - p0 - 1) * ps + last, n_new = q1 - q0;
+        if (kv_len < n_new) return BAD("request %d: KV length %lld is shorter than its %lld new tokens", r, (long long)kv_len, (long long)n_new);
+        for (int32_t i = p0; i < p1; i++) {
+            const int32_t page = b->kv_page_indices[i];
+            if (page < 0 || page >= np) return BAD("request %d: page id %d out of range (n_pages=%d)", r, page, np);
+            if (m->plan.page_stamp[page] == r) return BAD("request %d: page %d listed twice", r, page);
+            m->plan.page_stamp[page] = r;
+        }
+        for (int64_t j = kv_len - n_new; j < kv_len; j++) {
+            const int64_t slot = (int64_t)b->kv_page_indices[p0 + j / ps] * ps + j % ps;
+            if (m->plan.slot_used[slot])
+                return BAD("request %d: KV slot %lld of page %d is written twice in this batch", r, (long long)(j % ps),
+                           b->kv_page_indices[p0 + j / ps]);
+            m->plan.slot_used[slot] = 1;
+        }
+        n_kv += kv_len;
+    }
+    if (n_kv > m->params.max_batch_kv)
+        return BAD("batch attends over %lld KV rows; max_batch_kv is %d", (long long)n_kv, m->params.max_batch_kv);
+    return PIE_OK;
+}
+
+/* Mask run sums are checked while the plan fills each row (they need the request's KV length). */
+static int32_t check_masks(const pie_batch *b) {
+    if (!b->mask_indptr) return PIE_OK;
+    if (b->mask_indptr[0] != 0) return BAD("mask_indptr[0] is %d; must be 0", b->mask_indptr[0]);
+    for (int32_t t = 0; t < b->n_tokens; t++)
+        if (b->mask_indptr[t + 1] < b->mask_indptr[t])
+            return BAD("token %d: mask_indptr decreases (%d -> %d)", t, b->mask_indptr[t], b->mask_indptr[t + 1]);
+    if (b->mask_indptr[b->n_tokens] > 0 && !b->mask_runs) return BAD("mask_runs is NULL");
+    return PIE_OK;
+}
+
+static int32_t check_outputs(const pie_model *m, const pie_batch *b) {
+    const int32_t n = b->n_outputs;
+    if (n < 0) return BAD("n_outputs is %d", n);
+    if (n > m->params.max_batch_tokens) return BAD("batch has %d outputs; max_batch_tokens is %d", n, m->params.max_batch_tokens);
+    if (n == 0) return PIE_OK;
+    if (!b->output_rows || !b->samplers || !b->out_tokens) return BAD("output_rows, samplers and out_tokens are required when n_outputs > 0");
+    for (int32_t i = 0; i < n; i++) {
+        if (b->output_rows[i] < 0 || b->output_rows[i] >= b->n_tokens)
+            return BAD("output %d: row %d out of range (batch has %d tokens)", i, b->output_rows[i], b->n_tokens);
+        const pie_sampler *s = &b->samplers[i];
+        if (!isfinite(s->temperature)) return BAD("output %d: sampler temperature must be finite (got %g)", i, s->temperature);
+        if (s->top_k < 0) return BAD("output %d: sampler top_k must be >= 0 (got %d)", i, s->top_k);
+        if (!(s->top_p > 0.0f && s->top_p <= 1.0f)) return BAD("output %d: sampler top_p must be in (0, 1] (got %g)", i, s->top_p);
+        if (!(s->min_p >= 0.0f && s->min_p <= 1.0f)) return BAD("output %d: sampler min_p must be in [0, 1] (got %g)", i, s->min_p);
+    }
+    const uint32_t f = b->return_flags;
+    if (f & ~(uint32_t)(PIE_RETURN_LOGPROB | PIE_RETURN_TOP_K | PIE_RETURN_LOGITS | PIE_RETURN_HIDDEN))
+        return BAD("unknown return_flags bits 0x%x", f);
+    if ((f & PIE_RETURN_LOGPROB) && !b->out_logprobs) return BAD("PIE_RETURN_LOGPROB needs out_logprobs");
+    if ((f & PIE_RETURN_LOGITS) && !b->out_logits) return BAD("PIE_RETURN_LOGITS needs out_logits");
+    if ((f & PIE_RETURN_HIDDEN) && !b->out_hidden) return BAD("PIE_RETURN_HIDDEN needs out_hidden");
+    if (f & PIE_RETURN_TOP_K) {
+        if (b->top_k < 1 || b->top_k > m->hp.n_vocab) return BAD("top_k %d outside 1..%d", b->top_k, m->hp.n_vocab);
+        if (!b->out_top_ids || !b->out_top_probs) return BAD("PIE_RETURN_TOP_K needs out_top_ids and out_top_probs");
+    }
+    if (b->logit_masks) {
+        const int32_t words = (m->hp.n_vocab + 31) / 32;
+        const uint32_t tail = m->hp.n_vocab % 32 ? (1u << (m->hp.n_vocab % 32)) - 1u : 0xFFFFFFFFu;
+        for (int32_t i = 0; i < n; i++) {
+            const uint32_t *row = b->logit_masks + (size_t)i * words;
+            uint32_t any = 0;
+            for (int32_t w = 0; w < words - 1 && !any; w++) any |= row[w];
+            if (!any && !(row[words - 1] & tail)) return BAD("output %d: the logit mask allows no token", i);
+        }
+    }
+    return PIE_OK;
+}
+
+static int32_t validate(pie_model *m, const pie_batch *b) {
+    if (!b) return BAD("batch is NULL");
+    if (b->n_tokens < 1) return BAD("batch has no tokens");
+    if (b->n_tokens > m->params.max_batch_tokens)
+        return BAD("batch has %d tokens; max_batch_tokens is %d", b->n_tokens, m->params.max_batch_tokens);
+    if (!b->tokens || !b->positions) return BAD("tokens and positions are required");
+    for (int32_t t = 0; t < b->n_tokens; t++) {
+        if (b->tokens[t] < 0 || b->tokens[t] >= m->hp.n_vocab)
+            return BAD("token %d: id %d out of range (n_vocab=%d)", t, b->tokens[t], m->hp.n_vocab);
+        if (b->positions[t] < 0) return BAD("token %d: negative position %d", t, b->positions[t]);
+    }
+    int32_t st;
+    if ((st = check_requests(m, b)) || (st = check_masks(b)) || (st = check_outputs(m, b))) return st;
+    return PIE_OK;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Plan                                                                                       */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Fills token t's mask row over its request's KV (kv_len entries); `own` is the token's own
+ * KV index. Checks the BRLE runs. */
+static int32_t fill_mask_row(ggml_fp16_t *row, ggml_fp16_t *row_swa, int64_t kv_len, int64_t own,
+                             const int32_t *runs, int32_t n_runs, int32_t window, int32_t t, bool *swa_hides) {
+    for (int64_t j = 0; j < kv_len; j++) row[j] = j <= own ? F16_ZERO : F16_NEG_INF; /* causal */
+    if (n_runs > 0) {
+        int64_t j = 0;
+        for (int32_t k = 0; k < n_runs; k++) {
+            if (runs[k] < 0) return BAD("token %d: mask run %d is negative (%d)", t, k, runs[k]);
+            const int64_t end = j + runs[k];
+            if (k % 2 == 0)
+                for (int64_t x = j; x < end && x < kv_len; x++) row[x] = F16_NEG_INF;
+            j = end;
+        }
+        if (j != kv_len)
+            return BAD("token %d: mask runs sum to %lld but the request's KV length is %lld", t, (long long)j, (long long)kv_len);
+    }
+    if (row_swa) {
+        memcpy(row_swa, row, sizeof(ggml_fp16_t) * (size_t)kv_len);
+        for (int64_t j = 0; j <= own - window; j++) {
+            if (row_swa[j] != F16_NEG_INF) *swa_hides = true;
+            row_swa[j] = F16_NEG_INF;
+        }
+    }
+    return PIE_OK;
+}
+
+int32_t pie_plan_build(pie_model *m, const pie_batch *b) {
+    pie_plan *p = &m->plan;
+    int32_t st = validate(m, b);
+    if (st != PIE_OK) return st;
+
+    const int32_t ps = m->kv.page_size, nt = b->n_tokens, nr = b->n_requests;
+    const int32_t n_out = b->n_outputs > 0 ? b->n_outputs : 1;
+    const bool swa = m->hp.sliding_window > 0;
+    if (!grow((void **)&p->reqs, &p->cap_reqs, (size_t)nr, sizeof(pie_plan_req)) ||
+        !grow((void **)&p->write_rows, &p->cap_tokens, (size_t)nt, sizeof(int64_t)) ||
+        !grow((void **)&p->out_rows, &p->cap_out, (size_t)n_out, sizeof(int32_t)))
+        return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot grow batch scratch");
+
+    /* layout: which requests read a view, where each one's gather rows and mask block go */
+    int64_t n_mask = 0, n_gather = 0;
+    for (int32_t r = 0; r < nr; r++) {
+        pie_plan_req *q = &p->reqs[r];
+        const int32_t *pages = b->kv_page_indices + b->kv_page_indptr[r];
+        const int32_t n_pages = b->kv_page_indptr[r + 1] - b->kv_page_indptr[r];
+        q->q0 = b->qo_indptr[r];
+        q->n_q = b->qo_indptr[r + 1] - q->q0;
+        q->n_kv = (n_pages - 1) * ps + b->kv_last_page_len[r];
+        q->kv_start = pages[0] * ps;
+        for (int32_t i = 1; i < n_pages && q->kv_start >= 0; i++)
+            if (pages[i] != pages[0] + i) q->kv_start = -1;
+        q->gather_off = (int32_t)n_gather;
+        if (q->kv_start < 0) n_gather += q->n_kv;
+        q->mask_off = n_mask;
+        n_mask += (int64_t)q->n_q * q->n_kv;
+    }
+    if (!grow((void **)&p->gather_rows, &p->cap_gather, (size_t)n_gather, sizeof(int32_t)) ||
+        !grow((void **)&p->mask, &p->cap_mask, (size_t)n_mask, sizeof(ggml_fp16_t)) ||
+        (swa && !grow((void **)&p->mask_swa, &p->cap_mask_swa, (size_t)n_mask, sizeof(ggml_fp16_t))))
+        return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate attention masks (%lld entries)", (long long)n_mask);
+    p->n_tokens = nt;
+    p->n_requests = nr;
+    p->n_outputs = n_out;
+    p->head = b->n_outputs > 0;
+    p->n_gather = (int32_t)n_gather;
+    p->n_mask = n_mask;
+    p->any_swa_mask = false;
+
+    for (int32_t r = 0; r < nr; r++) {
+        const pie_plan_req *q = &p->reqs[r];
+        const int32_t *pages = b->kv_page_indices + b->kv_page_indptr[r];
+        if (q->kv_start < 0)
+            for (int64_t j = 0; j < q->n_kv; j++) p->gather_rows[q->gather_off + j] = pages[j / ps] * ps + (int32_t)(j % ps);
+        for (int32_t i = 0; i < q->n_q; i++) {
+            const int32_t t = q->q0 + i;
+            const int64_t own = q->n_kv - q->n_q + i;
+            p->write_rows[t] = (int64_t)pages[own / ps] * ps + own % ps;
+            const int32_t *runs = NULL;
+            int32_t n_runs = 0;
+            if (b->mask_indptr) {
+                runs = b->mask_runs + b->mask_indptr[t];
+                n_runs = b->mask_indptr[t + 1] - b->mask_indptr[t];
+            }
+            const int64_t off = q->mask_off + (int64_t)i * q->n_kv;
+            st = fill_mask_row(p->mask + off, swa ? p->mask_swa + off : NULL, q->n_kv, own, runs, n_runs,
+                               m->hp.sliding_window, t, &p->any_swa_mask);
+            if (st != PIE_OK) return st;
+        }
+    }
+    if (b->n_outputs > 0) memcpy(p->out_rows, b->output_rows, sizeof(int32_t) * (size_t)b->n_outputs);
+    else p->out_rows[0] = nt - 1; /* nothing to sample: run the head on one row and discard it */
+    return PIE_OK;
+}
+
+void pie_plan_free(pie_plan *p) {
+    free(p->write_rows);
+    free(p->reqs);
+    free(p->gather_rows);
+    free(p->mask);
+    free(p->mask_swa);
+    free(p->out_rows);
+    free(p->page_stamp);
+    free(p->slot_used);
+    memset(p, 0, sizeof(*p));
+}

@@ -1,0 +1,391 @@
+/*
+ * driver.c — the public lifecycle: status codes and the thread-local last error, logging,
+ * ABI checks, device selection, model load/free/info, and pie_forward (plan -> graph ->
+ * compute -> sample).
+ *
+ * The only process-wide state is the log callback: ggml's own logger is process-wide, so the
+ * driver's follows it (see pie_log_set in pie_driver.h).
+ */
+#include "internal.h"
+
+#include <ctype.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+/* ------------------------------------------------------------------------------------------ */
+/* Status and last error                                                                      */
+/* ------------------------------------------------------------------------------------------ */
+
+static _Thread_local char last_error[1024];
+
+int32_t pie_set_error(int32_t status, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(last_error, sizeof(last_error), fmt, ap);
+    va_end(ap);
+    return status;
+}
+
+const char *pie_last_error(void) { return last_error; }
+
+const char *pie_status_name(int32_t status) {
+    switch (status) {
+        case PIE_OK:                   return "ok";
+        case PIE_ERR_IO:               return "io";
+        case PIE_ERR_FORMAT:           return "format";
+        case PIE_ERR_UNSUPPORTED:      return "unsupported";
+        case PIE_ERR_OUT_OF_MEMORY:    return "out_of_memory";
+        case PIE_ERR_INVALID_ARGUMENT: return "invalid_argument";
+        case PIE_ERR_BACKEND:          return "backend";
+        default:                       return "unknown";
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Version and ABI                                                                            */
+/* ------------------------------------------------------------------------------------------ */
+
+int32_t pie_abi_version(void) { return PIE_ABI_VERSION; }
+
+size_t pie_struct_size(int32_t which) {
+    switch (which) {
+        case PIE_STRUCT_MODEL_PARAMS: return sizeof(pie_model_params);
+        case PIE_STRUCT_MODEL_INFO:   return sizeof(pie_model_info);
+        case PIE_STRUCT_SAMPLER:      return sizeof(pie_sampler);
+        case PIE_STRUCT_BATCH:        return sizeof(pie_batch);
+        default:                      return 0;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Logging                                                                                    */
+/* ------------------------------------------------------------------------------------------ */
+
+static pie_log_callback log_callback;
+static void *log_user_data;
+
+void pie_log(int32_t level, const char *fmt, ...) {
+    if (!log_callback) return;
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof(buf), fmt, ap);
+    va_end(ap);
+    log_callback(level, buf, log_user_data);
+}
+
+/* ggml logs in fragments (GGML_LOG_LEVEL_CONT continues the previous line); trailing newlines
+ * are dropped so each callback gets one clean message. */
+static void ggml_logger(enum ggml_log_level level, const char *text, void *user_data) {
+    (void)user_data;
+    static _Thread_local int32_t last_level = PIE_LOG_INFO;
+    int32_t lv;
+    switch (level) {
+        case GGML_LOG_LEVEL_DEBUG: lv = PIE_LOG_DEBUG; break;
+        case GGML_LOG_LEVEL_WARN:  lv = PIE_LOG_WARN; break;
+        case GGML_LOG_LEVEL_ERROR: lv = PIE_LOG_ERROR; break;
+        case GGML_LOG_LEVEL_CONT:  lv = last_level; break;
+        default:                   lv = PIE_LOG_INFO; break;
+    }
+    last_level = lv;
+    size_t n = strlen(text);
+    while (n > 0 && (text[n - 1] == '\n' || text[n - 1] == '\r')) n--;
+    if (n > 0) pie_log(lv, "%.*s", (int)n, text);
+}
+
+static void ggml_abort_logger(const char *message) { pie_log(PIE_LOG_ERROR, "ggml fatal error: %s", message); }
+
+static void install_ggml_hooks(void) {
+    ggml_log_set(ggml_logger, NULL);
+    ggml_set_abort_callback(ggml_abort_logger);
+}
+
+void pie_log_set(pie_log_callback callback, void *user_data) {
+    log_callback = callback;
+    log_user_data = user_data;
+    install_ggml_hooks();
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Parameters and devices                                                                     */
+/* ------------------------------------------------------------------------------------------ */
+
+pie_model_params pie_model_default_params(void) {
+    pie_model_params p;
+    memset(&p, 0, sizeof(p));
+    p.n_threads = 0;
+    snprintf(p.device, sizeof(p.device), "auto");
+    p.page_size = 32;
+    p.n_pages = 256;
+    p.kv_type = PIE_KV_F16;
+    p.max_batch_tokens = 512;
+    p.max_batch_kv = 0;
+    p.use_mmap = 1;
+    return p;
+}
+
+/* Physical cores: distinct (package, core) pairs in /proc/cpuinfo, else online CPUs. */
+static int physical_cores(void) {
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    int pairs[1024][2], n = 0, pkg = 0;
+    if (f) {
+        char line[256];
+        while (fgets(line, sizeof(line), f)) {
+            int v;
+            if (sscanf(line, "physical id : %d", &v) == 1) pkg = v;
+            else if (sscanf(line, "core id : %d", &v) == 1) {
+                bool seen = false;
+                for (int i = 0; i < n && !seen; i++) seen = pairs[i][0] == pkg && pairs[i][1] == v;
+                if (!seen && n < 1024) { pairs[n][0] = pkg; pairs[n][1] = v; n++; }
+            }
+        }
+        fclose(f);
+    }
+    if (n > 0) return n;
+    long online = sysconf(_SC_NPROCESSORS_ONLN);
+    return online > 0 ? (int)online : 1;
+}
+
+static bool name_matches(const char *want, const char *have) {
+    for (; *want && *have; want++, have++)
+        if (tolower((unsigned char)*want) != tolower((unsigned char)*have)) return false;
+    return *want == 0 && *have == 0;
+}
+
+/* "auto" = the first GPU (then integrated GPU) if any, else the CPU; "cpu"; "cuda:N" -> CUDA<N>;
+ * "metal" -> MTL0/Metal; any other string must equal a ggml device name. */
+static int32_t pick_device(const char *want, ggml_backend_dev_t *out) {
+    if (ggml_backend_dev_count() == 0) ggml_backend_load_all(); /* dynamically loaded backends */
+    const size_t n = ggml_backend_dev_count();
+    *out = NULL;
+    if (want[0] == 0 || name_matches(want, "auto")) {
+        enum ggml_backend_dev_type order[] = { GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU, GGML_BACKEND_DEVICE_TYPE_CPU };
+        for (int k = 0; k < 3 && !*out; k++) *out = ggml_backend_dev_by_type(order[k]);
+    } else if (name_matches(want, "cpu")) {
+        *out = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    } else {
+        char name[40];
+        if (strncmp(want, "cuda:", 5) == 0) snprintf(name, sizeof(name), "CUDA%s", want + 5);
+        else snprintf(name, sizeof(name), "%s", want);
+        for (size_t i = 0; i < n && !*out; i++) {
+            ggml_backend_dev_t d = ggml_backend_dev_get(i);
+            if (name_matches(name, ggml_backend_dev_name(d)) ||
+                (name_matches(want, "metal") && strstr(ggml_backend_dev_name(d), "MTL")))
+                *out = d;
+        }
+    }
+    if (*out) return PIE_OK;
+    char list[256] = "";
+    for (size_t i = 0; i < n; i++) {
+        size_t len = strlen(list);
+        snprintf(list + len, sizeof(list) - len, "%s%s", i ? ", " : "", ggml_backend_dev_name(ggml_backend_dev_get(i)));
+    }
+    return pie_set_error(PIE_ERR_UNSUPPORTED, "device '%s' not found (this ggml build has: %s)", want, list);
+}
+
+static void set_threads(ggml_backend_t backend, ggml_backend_dev_t dev, int n_threads) {
+    ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
+    ggml_backend_set_n_threads_t fn = reg ? (ggml_backend_set_n_threads_t)ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads") : NULL;
+    if (fn) fn(backend, n_threads);
+}
+
+static int32_t check_params(const pie_model_params *p) {
+    if (p->page_size < 1 || p->page_size > 4096) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "page_size %d outside 1..4096", p->page_size);
+    if (p->n_pages < 1) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "n_pages must be >= 1 (got %d)", p->n_pages);
+    if ((int64_t)p->page_size * p->n_pages > INT32_MAX) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "page_size * n_pages overflows");
+    if (p->kv_type != PIE_KV_F16 && p->kv_type != PIE_KV_Q8_0) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "unknown kv_type %d", p->kv_type);
+    if (p->max_batch_tokens < 1) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "max_batch_tokens must be >= 1 (got %d)", p->max_batch_tokens);
+    if (p->max_batch_kv < 0) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "max_batch_kv must be >= 0 (got %d)", p->max_batch_kv);
+    if (memchr(p->device, 0, sizeof(p->device)) == NULL) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "device name is not terminated");
+    return PIE_OK;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Lifecycle                                                                                  */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Upper bound of graph nodes for a batch of n_requests: a layer needs ~50 nodes plus ~16 per
+ * request (its views, gathers and attention). */
+static size_t graph_nodes(const pie_model *m, int32_t n_requests) {
+    return (size_t)m->hp.n_layer * (64 + 16 * (size_t)n_requests) + 256;
+}
+
+/* (Re)creates the scheduler and graph metadata for graphs of up to n_nodes; the scheduler's
+ * tables have a fixed size, so a batch with more requests than ever before rebuilds them. */
+static int32_t reserve_graph(pie_model *m, size_t n_nodes) {
+    if (m->sched) ggml_backend_sched_free(m->sched);
+    free(m->graph_meta);
+    ggml_backend_t backends[2] = { m->backend, m->backend_cpu };
+    const int n = m->backend_cpu == m->backend ? 1 : 2;
+    m->sched = ggml_backend_sched_new(backends, NULL, n, n_nodes, false, false);
+    m->graph_meta_size = ggml_tensor_overhead() * n_nodes + ggml_graph_overhead_custom(n_nodes, false);
+    m->graph_meta = malloc(m->graph_meta_size);
+    m->graph_cap = m->sched && m->graph_meta ? n_nodes : 0;
+    if (!m->graph_cap) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot create a scheduler for %zu graph nodes", n_nodes);
+    return PIE_OK;
+}
+
+static int32_t init_compute(pie_model *m) {
+    m->backend = ggml_backend_dev_init(m->dev, NULL);
+    if (!m->backend) return pie_set_error(PIE_ERR_BACKEND, "cannot start the %s backend", ggml_backend_dev_name(m->dev));
+    if (ggml_backend_dev_type(m->dev) == GGML_BACKEND_DEVICE_TYPE_CPU) {
+        m->backend_cpu = m->backend;
+    } else {
+        m->backend_cpu = ggml_backend_init_by_type(GGML_BACKEND_DEVICE_TYPE_CPU, NULL);
+        if (!m->backend_cpu) return pie_set_error(PIE_ERR_BACKEND, "cannot start the CPU backend");
+    }
+    int threads = m->params.n_threads > 0 ? m->params.n_threads : physical_cores();
+    set_threads(m->backend_cpu, ggml_backend_get_device(m->backend_cpu), threads);
+    int32_t st = reserve_graph(m, graph_nodes(m, 16));
+    if (st != PIE_OK) return st;
+    m->sampler = pie_sampler_scratch_new(m->hp.n_vocab);
+    m->plan.page_stamp = malloc(sizeof(int32_t) * (size_t)m->params.n_pages);
+    m->plan.slot_used = malloc((size_t)m->params.n_pages * (size_t)m->params.page_size);
+    if (!m->sampler || !m->plan.page_stamp || !m->plan.slot_used)
+        return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate driver scratch");
+    snprintf(m->backend_name, sizeof(m->backend_name), "%s", ggml_backend_dev_name(m->dev));
+    pie_log(PIE_LOG_INFO, "compute on %s (%s), %d threads", m->backend_name, ggml_backend_dev_description(m->dev), threads);
+    return PIE_OK;
+}
+
+int32_t pie_model_load(const char *path, const pie_model_params *params, pie_model **out_model) {
+    if (!out_model) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "out_model is NULL");
+    *out_model = NULL;
+    if (!path) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "path is NULL");
+    if (!log_callback) install_ggml_hooks(); /* never let ggml print, even before pie_log_set */
+
+    pie_model *m = calloc(1, sizeof(*m));
+    if (!m) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate the model");
+    m->params = params ? *params : pie_model_default_params();
+    int32_t st;
+    if ((st = check_params(&m->params)) || (st = pick_device(m->params.device, &m->dev)) ||
+        (st = pie_load_weights(m, path)))
+        goto fail;
+    if (m->params.max_batch_kv == 0) m->params.max_batch_kv = m->params.page_size * m->params.n_pages;
+    if ((st = pie_kv_init(m)) || (st = init_compute(m))) goto fail;
+    *out_model = m;
+    return PIE_OK;
+fail:
+    pie_model_free(m);
+    return st;
+}
+
+void pie_model_free(pie_model *m) {
+    if (!m) return;
+    if (m->sched) ggml_backend_sched_free(m->sched);
+    if (m->backend_cpu && m->backend_cpu != m->backend) ggml_backend_free(m->backend_cpu);
+    if (m->backend) ggml_backend_free(m->backend);
+    pie_kv_free(&m->kv);
+    pie_free_weights(m);
+    pie_plan_free(&m->plan);
+    pie_sampler_scratch_free(m->sampler);
+    free(m->graph_meta);
+    free(m->logits);
+    free(m);
+}
+
+int32_t pie_model_get_info(const pie_model *m, pie_model_info *out) {
+    if (!m || !out) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "model and out_info are required");
+    memset(out, 0, sizeof(*out));
+    const pie_hparams *hp = &m->hp;
+    snprintf(out->arch, sizeof(out->arch), "%s", hp->arch->name);
+    snprintf(out->name, sizeof(out->name), "%s", hp->name);
+    snprintf(out->backend, sizeof(out->backend), "%s", m->backend_name);
+    out->n_vocab = hp->n_vocab;
+    out->n_ctx_train = hp->n_ctx_train;
+    out->n_embd = hp->n_embd;
+    out->n_layer = hp->n_layer;
+    out->n_head = hp->n_head;
+    out->n_head_kv = hp->n_head_kv;
+    out->head_dim = hp->head_dim;
+    out->sliding_window = hp->sliding_window;
+    out->page_size = m->kv.page_size;
+    out->n_pages = m->kv.n_pages;
+    out->kv_type = m->params.kv_type;
+    out->max_batch_tokens = m->params.max_batch_tokens;
+    out->n_params = m->n_params;
+    out->weight_bytes = m->weight_bytes;
+    out->kv_bytes = m->kv.total_bytes;
+    out->page_bytes = (int64_t)m->kv.page_bytes;
+    return PIE_OK;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Forward                                                                                    */
+/* ------------------------------------------------------------------------------------------ */
+
+static void upload_inputs(const pie_model *m, const pie_graph *g, const pie_batch *b) {
+    const pie_plan *p = &m->plan;
+    const size_t nt = (size_t)p->n_tokens, mask_bytes = sizeof(ggml_fp16_t) * (size_t)p->n_mask;
+    ggml_backend_tensor_set(g->tokens, b->tokens, 0, sizeof(int32_t) * nt);
+    ggml_backend_tensor_set(g->positions, b->positions, 0, sizeof(int32_t) * nt);
+    ggml_backend_tensor_set(g->write_rows, p->write_rows, 0, sizeof(int64_t) * nt);
+    if (g->gather_rows) ggml_backend_tensor_set(g->gather_rows, p->gather_rows, 0, sizeof(int32_t) * (size_t)p->n_gather);
+    ggml_backend_tensor_set(g->mask, p->mask, 0, mask_bytes);
+    if (g->mask_swa) ggml_backend_tensor_set(g->mask_swa, p->mask_swa, 0, mask_bytes);
+    ggml_backend_tensor_set(g->out_rows, p->out_rows, 0, sizeof(int32_t) * (size_t)p->n_outputs);
+}
+
+int32_t pie_forward(pie_model *m, const pie_batch *b) {
+    if (!m) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "model is NULL");
+    int32_t st = pie_plan_build(m, b);
+    if (st != PIE_OK) return st;
+
+    const size_t n_nodes = graph_nodes(m, m->plan.n_requests);
+    if (n_nodes > m->graph_cap && (st = reserve_graph(m, n_nodes + n_nodes / 2)) != PIE_OK) return st;
+
+    /* host room for the sampled rows' logits, unless the caller's buffer takes them */
+    const int32_t n_out = b->n_outputs, n_vocab = m->hp.n_vocab;
+    float *logits = b->out_logits;
+    if (!(b->return_flags & PIE_RETURN_LOGITS)) {
+        const size_t need = (size_t)n_out * (size_t)n_vocab;
+        if (need > m->logits_cap) {
+            float *grown = realloc(m->logits, need * sizeof(float));
+            if (!grown) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate logits for %d rows", n_out);
+            m->logits = grown;
+            m->logits_cap = need;
+        }
+        logits = m->logits;
+    }
+
+    struct ggml_init_params ip = { .mem_size = m->graph_meta_size, .mem_buffer = m->graph_meta, .no_alloc = true };
+    pie_graph g = { .ctx = ggml_init(ip), .model = m };
+    if (!g.ctx) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot create the graph context");
+    g.gf = ggml_new_graph_custom(g.ctx, m->graph_cap, false);
+    pie_graph_begin(&g);
+    m->hp.arch->build(&g);
+
+    ggml_backend_sched_reset(m->sched);
+    if (!ggml_backend_sched_alloc_graph(m->sched, g.gf)) {
+        ggml_free(g.ctx);
+        return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate compute buffers for %d tokens in %d requests",
+                             m->plan.n_tokens, m->plan.n_requests);
+    }
+    upload_inputs(m, &g, b);
+    if (ggml_backend_sched_graph_compute(m->sched, g.gf) != GGML_STATUS_SUCCESS) {
+        ggml_free(g.ctx);
+        return pie_set_error(PIE_ERR_BACKEND, "the %s backend failed to compute the batch", m->backend_name);
+    }
+
+    if (n_out > 0) {
+        ggml_backend_tensor_get(g.logits, logits, 0, sizeof(float) * (size_t)n_out * (size_t)n_vocab);
+        if (b->return_flags & PIE_RETURN_HIDDEN)
+            ggml_backend_tensor_get(g.hidden, b->out_hidden, 0, sizeof(float) * (size_t)n_out * (size_t)m->hp.n_embd);
+
+        const int32_t words = (n_vocab + 31) / 32;
+        const bool top = b->return_flags & PIE_RETURN_TOP_K;
+        for (int32_t i = 0; i < n_out && st == PIE_OK; i++) {
+            st = pie_sample_row(m->sampler, logits + (size_t)i * n_vocab, n_vocab,
+                                b->logit_masks ? b->logit_masks + (size_t)i * words : NULL, &b->samplers[i],
+                                &b->out_tokens[i], (b->return_flags & PIE_RETURN_LOGPROB) ? &b->out_logprobs[i] : NULL,
+                                top ? b->top_k : 0, top ? b->out_top_ids + (size_t)i * b->top_k : NULL,
+                                top ? b->out_top_probs + (size_t)i * b->top_k : NULL);
+        }
+    }
+    ggml_free(g.ctx);
+    return st;
+}

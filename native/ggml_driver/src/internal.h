@@ -1,0 +1,234 @@
+/*
+ * internal.h — the driver's private types, shared by its C files (never installed).
+ *
+ * A pie_model owns: hyper-parameters (pie_hparams), weight tensors (pie_weights), the paged KV
+ * pool (pie_kv_pool), the ggml backend scheduler that runs graphs, and host scratch reused by
+ * every pie_forward (pie_plan). Reading order: hparams, weights, KV pool, plan, model, helpers.
+ */
+#ifndef PIE_INTERNAL_H
+#define PIE_INTERNAL_H
+
+#include "pie_driver.h"
+#include "sampler.h"
+
+#include "ggml.h"
+#include "ggml-backend.h"
+#include "gguf.h"
+
+#include <stdbool.h>
+
+#define PIE_MAX_LAYERS 256
+
+/* ------------------------------------------------------------------------------------------ */
+/* Hyper-parameters                                                                           */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef struct pie_arch pie_arch;
+
+typedef struct {
+    const pie_arch *arch;
+    char    name[128];
+    int32_t n_vocab;
+    int32_t n_ctx_train;
+    int32_t n_embd;
+    int32_t n_layer;
+    int32_t n_ff;
+    int32_t n_head;
+    int32_t n_head_kv;
+    int32_t head_dim;        /* per-head size of Q and K                                       */
+    int32_t head_dim_v;      /* per-head size of V                                             */
+    int32_t n_rot;           /* rotary dims per head                                           */
+    int32_t rope_mode;       /* GGML_ROPE_TYPE_NEOX or 0 (normal)                               */
+    float   rope_base;       /* global layers                                                  */
+    float   rope_scale;      /* 1 / linear scaling factor, global layers                       */
+    float   rope_base_swa;   /* sliding-window layers                                          */
+    float   rms_eps;
+    float   attn_scale;      /* multiplies Q.K                                                 */
+    float   embd_scale;      /* multiplies token embeddings (gemma: sqrt(n_embd))              */
+    float   logit_softcap;   /* 0 = off                                                        */
+    int32_t sliding_window;  /* 0 = none                                                       */
+    bool    is_swa[PIE_MAX_LAYERS];
+} pie_hparams;
+
+/* ------------------------------------------------------------------------------------------ */
+/* Weights (NULL = absent in the file)                                                        */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef struct {
+    struct ggml_tensor *attn_norm, *wq, *wk, *wv, *wo, *bq, *bk, *bv, *bo;
+    struct ggml_tensor *q_norm, *k_norm, *attn_post_norm;
+    struct ggml_tensor *ffn_norm, *ffn_gate, *ffn_up, *ffn_down, *ffn_post_norm;
+} pie_layer;
+
+typedef struct {
+    struct ggml_tensor *tok_embd;    /* [n_embd, n_vocab]                                      */
+    struct ggml_tensor *output_norm; /* [n_embd]                                               */
+    struct ggml_tensor *output;      /* [n_embd, n_vocab], = tok_embd when tied                */
+    struct ggml_tensor *rope_freqs;  /* [n_rot/2] or NULL (llama 3.1 style frequency factors)  */
+    pie_layer layers[PIE_MAX_LAYERS];
+} pie_weights;
+
+/* ------------------------------------------------------------------------------------------ */
+/* Paged KV pool: per layer one flat K and one flat V tensor over n_pages * page_size rows      */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef struct {
+    int32_t page_size;
+    int32_t n_pages;
+    enum ggml_type type;
+    struct ggml_context  *ctx;
+    ggml_backend_buffer_t buffer;
+    struct ggml_tensor   *k[PIE_MAX_LAYERS]; /* [head_dim   * n_head_kv, n_pages * page_size] */
+    struct ggml_tensor   *v[PIE_MAX_LAYERS]; /* [head_dim_v * n_head_kv, n_pages * page_size] */
+    size_t   page_bytes;                     /* all layers, K and V, one page                  */
+    int64_t  total_bytes;
+    uint8_t *staging;                        /* [page_bytes] host bounce buffer for page ops   */
+} pie_kv_pool;
+
+/* ------------------------------------------------------------------------------------------ */
+/* Plan: a validated batch turned into graph inputs (host scratch, grown on demand)            */
+/* ------------------------------------------------------------------------------------------ */
+
+/* One request's slice of the batch. Attention runs per request, so a request's result never
+ * depends on what else is in the batch or where its pages lie. */
+typedef struct {
+    int32_t q0, n_q;       /* its tokens: batch rows q0 .. q0 + n_q                          */
+    int32_t n_kv;          /* its KV length after this pass                                   */
+    int32_t kv_start;      /* >= 0: its pages are consecutive, KV = pool rows kv_start + j (a view);
+                              -1: its rows are gathered from gather_rows[gather_off ..]        */
+    int32_t gather_off;
+    int64_t mask_off;      /* its [n_q, n_kv] mask block inside mask / mask_swa               */
+} pie_plan_req;
+
+typedef struct {
+    int32_t n_tokens;
+    int32_t n_requests;
+    int32_t n_outputs;       /* rows kept after the last layer (>= 1; a dummy row when none)   */
+    bool    head;            /* run the LM head (the batch samples something)                  */
+    int32_t n_gather;        /* entries of gather_rows                                         */
+    int64_t n_mask;          /* entries of mask (sum of n_q * n_kv)                            */
+    bool    any_swa_mask;    /* a sliding window hides something in this batch                 */
+    pie_plan_req *reqs;      /* [n_requests]                                                   */
+    int64_t *write_rows;     /* [n_tokens] pool row each new token's K/V goes to               */
+    int32_t *gather_rows;    /* [n_gather] pool rows of the gathered requests' KV, in order    */
+    ggml_fp16_t *mask;       /* [n_mask] per request [n_q, n_kv]: 0 = attend, -inf = hidden   */
+    ggml_fp16_t *mask_swa;   /* [n_mask] the same with the sliding window applied             */
+    int32_t *out_rows;       /* [n_outputs]                                                    */
+    /* capacities */
+    size_t cap_reqs, cap_tokens, cap_gather, cap_mask, cap_mask_swa, cap_out;
+    /* validation scratch */
+    int32_t *page_stamp;     /* [n_pages] last request that listed the page                    */
+    uint8_t *slot_used;      /* [n_pages * page_size] written by this batch                    */
+} pie_plan;
+
+/* ------------------------------------------------------------------------------------------ */
+/* The model                                                                                  */
+/* ------------------------------------------------------------------------------------------ */
+
+struct pie_model {
+    pie_model_params params;
+    pie_hparams      hp;
+    pie_weights      w;
+    pie_kv_pool      kv;
+    pie_plan         plan;
+
+    /* weights */
+    struct ggml_context  *ctx_w;
+    ggml_backend_buffer_t buf_w;
+    void   *map_addr;  /* mmap of the file when weights are used in place, else NULL          */
+    size_t  map_size;
+    int64_t n_params;
+    int64_t weight_bytes;
+
+    /* compute */
+    ggml_backend_dev_t    dev;
+    ggml_backend_t        backend;      /* runs the graph                                       */
+    ggml_backend_t        backend_cpu;  /* fallback for ops the device lacks (== backend on CPU) */
+    ggml_backend_sched_t  sched;
+    uint8_t *graph_meta;                /* tensor + graph metadata for one forward graph        */
+    size_t   graph_meta_size;
+    size_t   graph_cap;                 /* most graph nodes sched and graph_meta are sized for  */
+    char     backend_name[64];
+
+    /* outputs */
+    pie_sampler_scratch *sampler;
+    float  *logits;                     /* [logits_cap] sampled rows' logits when the caller did
+                                           not ask for them (grown to the largest batch seen)  */
+    size_t  logits_cap;
+};
+
+/* ------------------------------------------------------------------------------------------ */
+/* Architectures: one graph builder per family (models/<family>.c)                                    */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Graph inputs of one forward pass, created by pie_graph_begin. */
+typedef struct {
+    struct ggml_context *ctx;
+    struct ggml_cgraph  *gf;
+    const pie_model     *model;
+    const pie_plan      *plan;
+    int32_t n_tokens, n_outputs;
+    struct ggml_tensor *tokens;     /* I32 [n_tokens]                                          */
+    struct ggml_tensor *positions;  /* I32 [n_tokens]                                          */
+    struct ggml_tensor *write_rows; /* I64 [n_tokens]                                          */
+    struct ggml_tensor *gather_rows;/* I32 [n_gather], NULL when every request is a view       */
+    struct ggml_tensor *mask;       /* F16 [n_mask]                                            */
+    struct ggml_tensor *mask_swa;   /* F16 [n_mask], NULL when no window hides anything        */
+    struct ggml_tensor *out_rows;   /* I32 [n_outputs]                                         */
+    struct ggml_tensor *hidden;     /* F32 [n_embd, n_outputs] result: after the output norm   */
+    struct ggml_tensor *logits;     /* F32 [n_vocab, n_outputs] result, NULL without plan->head */
+} pie_graph;
+
+struct pie_arch {
+    const char *name;
+    /* reads arch-specific keys and sets defaults the common loader does not know */
+    int32_t (*load_hparams)(pie_hparams *hp, const struct gguf_context *gguf);
+    /* which optional tensors the family needs: bitwise PIE_NEED_* */
+    uint32_t needs;
+    /* builds hidden and logits into g */
+    void (*build)(pie_graph *g);
+};
+
+enum {
+    PIE_NEED_QKV_BIAS   = 1 << 0,
+    PIE_NEED_QK_NORM    = 1 << 1,
+    PIE_NEED_POST_NORMS = 1 << 2,
+};
+
+const pie_arch *pie_arch_find(const char *name);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Internal API between the driver's files                                                    */
+/* ------------------------------------------------------------------------------------------ */
+
+/* driver.c */
+void pie_log(int32_t level, const char *fmt, ...);
+
+/* loader.c: fills hp, w, ctx_w, buf_w, map_*, n_params, weight_bytes; needs model->dev set.
+ * The pie_gguf_* readers accept any integer / float storage and return false when absent. */
+bool    pie_gguf_int(const struct gguf_context *gguf, const char *key, int64_t *out);
+bool    pie_gguf_float(const struct gguf_context *gguf, const char *key, float *out);
+int32_t pie_load_weights(pie_model *model, const char *path);
+void    pie_free_weights(pie_model *model);
+
+/* kv_pool.c */
+int32_t pie_kv_init(pie_model *model);
+void    pie_kv_free(pie_kv_pool *kv);
+
+/* batch.c */
+int32_t pie_plan_build(pie_model *model, const pie_batch *batch);
+void    pie_plan_free(pie_plan *plan);
+
+/* models/common.c: building blocks every family uses */
+void pie_graph_begin(pie_graph *g);
+struct ggml_tensor *pie_embed(pie_graph *g);
+struct ggml_tensor *pie_select_outputs(pie_graph *g, struct ggml_tensor *x);
+struct ggml_tensor *pie_norm(pie_graph *g, struct ggml_tensor *x, struct ggml_tensor *w);
+struct ggml_tensor *pie_rope(pie_graph *g, struct ggml_tensor *x, int il);
+struct ggml_tensor *pie_attention(pie_graph *g, int il, struct ggml_tensor *q, struct ggml_tensor *k,
+                                  struct ggml_tensor *v);
+struct ggml_tensor *pie_linear(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *b,
+                               struct ggml_tensor *x);
+void pie_graph_finish(pie_graph *g, struct ggml_tensor *x);
+
+#endif /* PIE_INTERNAL_H */

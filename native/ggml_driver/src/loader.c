@@ -1,0 +1,332 @@
+/*
+ * loader.c — GGUF file -> hyper-parameters + weight tensors on the chosen device.
+ *
+ * Steps: check the file (exists, magic, not truncated), parse metadata with ggml's gguf API
+ * (tensor data not read yet), pick the architecture, read hyper-parameters, bind and
+ * shape-check every tensor the graph uses, then place the data: on a host device the file is
+ * mapped and the tensors point into the mapping (plain CPU buffer type, no copy); otherwise the
+ * tensors are allocated on the device and filled from the file.
+ * Weights stay in the type the file stores them in (no dequantize on load).
+ */
+#include "internal.h"
+
+#include "ggml-alloc.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+
+/* ------------------------------------------------------------------------------------------ */
+/* Metadata helpers (integer keys may be stored with any integer type)                         */
+/* ------------------------------------------------------------------------------------------ */
+
+bool pie_gguf_int(const struct gguf_context *g, const char *key, int64_t *out) {
+    int64_t id = gguf_find_key(g, key);
+    if (id < 0) return false;
+    switch (gguf_get_kv_type(g, id)) {
+        case GGUF_TYPE_UINT8:  *out = gguf_get_val_u8(g, id);  return true;
+        case GGUF_TYPE_INT8:   *out = gguf_get_val_i8(g, id);  return true;
+        case GGUF_TYPE_UINT16: *out = gguf_get_val_u16(g, id); return true;
+        case GGUF_TYPE_INT16:  *out = gguf_get_val_i16(g, id); return true;
+        case GGUF_TYPE_UINT32: *out = gguf_get_val_u32(g, id); return true;
+        case GGUF_TYPE_INT32:  *out = gguf_get_val_i32(g, id); return true;
+        case GGUF_TYPE_UINT64: *out = (int64_t)gguf_get_val_u64(g, id); return true;
+        case GGUF_TYPE_INT64:  *out = gguf_get_val_i64(g, id); return true;
+        default: return false;
+    }
+}
+
+bool pie_gguf_float(const struct gguf_context *g, const char *key, float *out) {
+    int64_t id = gguf_find_key(g, key);
+    if (id < 0) return false;
+    switch (gguf_get_kv_type(g, id)) {
+        case GGUF_TYPE_FLOAT32: *out = gguf_get_val_f32(g, id); return true;
+        case GGUF_TYPE_FLOAT64: *out = (float)gguf_get_val_f64(g, id); return true;
+        default: {
+            int64_t v;
+            if (!pie_gguf_int(g, key, &v)) return false;
+            *out = (float)v;
+            return true;
+        }
+    }
+}
+
+/* "<arch>.<suffix>" */
+static const char *akey(const pie_hparams *hp, const char *suffix) {
+    static _Thread_local char buf[160];
+    snprintf(buf, sizeof(buf), "%s.%s", hp->arch->name, suffix);
+    return buf;
+}
+
+static int32_t require_int(const struct gguf_context *g, const pie_hparams *hp, const char *suffix,
+                           int32_t *out) {
+    int64_t v;
+    const char *key = akey(hp, suffix);
+    if (!pie_gguf_int(g, key, &v)) return pie_set_error(PIE_ERR_FORMAT, "missing metadata key '%s'", key);
+    if (v <= 0 || v > INT32_MAX) return pie_set_error(PIE_ERR_FORMAT, "metadata key '%s' has bad value %lld", key, (long long)v);
+    *out = (int32_t)v;
+    return PIE_OK;
+}
+
+/* Reads the keys every supported family shares; arch hooks adjust the rest. */
+static int32_t load_hparams(pie_hparams *hp, const struct gguf_context *g) {
+    int32_t st;
+    if ((st = require_int(g, hp, "embedding_length", &hp->n_embd)) ||
+        (st = require_int(g, hp, "block_count", &hp->n_layer)) ||
+        (st = require_int(g, hp, "feed_forward_length", &hp->n_ff)) ||
+        (st = require_int(g, hp, "attention.head_count", &hp->n_head)))
+        return st;
+    if (hp->n_layer > PIE_MAX_LAYERS)
+        return pie_set_error(PIE_ERR_UNSUPPORTED, "%d layers; this driver supports at most %d", hp->n_layer, PIE_MAX_LAYERS);
+
+    int64_t v;
+    hp->n_ctx_train = pie_gguf_int(g, akey(hp, "context_length"), &v) ? (int32_t)v : 4096;
+    hp->n_head_kv   = pie_gguf_int(g, akey(hp, "attention.head_count_kv"), &v) ? (int32_t)v : hp->n_head;
+    hp->head_dim    = pie_gguf_int(g, akey(hp, "attention.key_length"), &v) ? (int32_t)v : hp->n_embd / hp->n_head;
+    hp->head_dim_v  = pie_gguf_int(g, akey(hp, "attention.value_length"), &v) ? (int32_t)v : hp->n_embd / hp->n_head;
+    hp->n_rot       = pie_gguf_int(g, akey(hp, "rope.dimension_count"), &v) ? (int32_t)v : hp->head_dim;
+    if (hp->n_head_kv <= 0 || hp->n_head % hp->n_head_kv != 0)
+        return pie_set_error(PIE_ERR_FORMAT, "head_count %d is not a multiple of head_count_kv %d", hp->n_head, hp->n_head_kv);
+    if (hp->head_dim <= 0 || hp->head_dim_v <= 0 || hp->n_rot <= 0 || hp->n_rot > hp->head_dim || hp->n_rot % 2)
+        return pie_set_error(PIE_ERR_FORMAT, "bad head sizes: key_length %d, value_length %d, rope dims %d",
+                             hp->head_dim, hp->head_dim_v, hp->n_rot);
+
+    hp->rope_base = 10000.0f;
+    pie_gguf_float(g, akey(hp, "rope.freq_base"), &hp->rope_base);
+    float factor = 0.0f;
+    if (!pie_gguf_float(g, akey(hp, "rope.scaling.factor"), &factor)) pie_gguf_float(g, akey(hp, "rope.scale_linear"), &factor);
+    hp->rope_scale = factor == 0.0f ? 1.0f : 1.0f / factor;
+    hp->rope_base_swa = 10000.0f;
+    hp->rms_eps = 1e-6f;
+    pie_gguf_float(g, akey(hp, "attention.layer_norm_rms_epsilon"), &hp->rms_eps);
+    hp->attn_scale = 1.0f / sqrtf((float)hp->head_dim);
+    hp->embd_scale = 1.0f;
+    hp->logit_softcap = 0.0f;
+    hp->sliding_window = 0;
+
+    int64_t id = gguf_find_key(g, "general.name");
+    if (id >= 0 && gguf_get_kv_type(g, id) == GGUF_TYPE_STRING)
+        snprintf(hp->name, sizeof(hp->name), "%s", gguf_get_val_str(g, id));
+
+    return hp->arch->load_hparams ? hp->arch->load_hparams(hp, g) : PIE_OK;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Tensor binding with shape checks                                                           */
+/* ------------------------------------------------------------------------------------------ */
+
+static int32_t bind(struct ggml_context *meta, const char *name, int64_t ne0, int64_t ne1, bool required,
+                    struct ggml_tensor **out) {
+    struct ggml_tensor *t = ggml_get_tensor(meta, name);
+    *out = t;
+    if (!t) return required ? pie_set_error(PIE_ERR_FORMAT, "tensor '%s' is missing", name) : PIE_OK;
+    if (ne1 <= 0 && t->type != GGML_TYPE_F32) /* norms and biases feed element-wise F32 ops */
+        return pie_set_error(PIE_ERR_UNSUPPORTED, "tensor '%s' is %s; vectors (norms, biases) must be f32", name, ggml_type_name(t->type));
+    int64_t want1 = ne1 > 0 ? ne1 : 1;
+    if (t->ne[0] != ne0 || t->ne[1] != want1 || t->ne[2] != 1 || t->ne[3] != 1) {
+        if (ne1 > 0)
+            return pie_set_error(PIE_ERR_FORMAT,
+                                 "tensor '%s' has shape [%lld, %lld, %lld] but the hyper-parameters need [%lld, %lld]",
+                                 name, (long long)t->ne[0], (long long)t->ne[1], (long long)t->ne[2],
+                                 (long long)ne0, (long long)ne1);
+        return pie_set_error(PIE_ERR_FORMAT, "tensor '%s' has shape [%lld, %lld] but the hyper-parameters need [%lld]",
+                             name, (long long)t->ne[0], (long long)t->ne[1], (long long)ne0);
+    }
+    return PIE_OK;
+}
+
+static int32_t bind_layer(struct ggml_context *meta, const pie_hparams *hp, int il, pie_layer *L) {
+    const int64_t E = hp->n_embd, Q = (int64_t)hp->n_head * hp->head_dim;
+    const int64_t K = (int64_t)hp->n_head_kv * hp->head_dim, V = (int64_t)hp->n_head_kv * hp->head_dim_v;
+    const int64_t O = (int64_t)hp->n_head * hp->head_dim_v, F = hp->n_ff;
+    const uint32_t needs = hp->arch->needs;
+    const bool post = needs & PIE_NEED_POST_NORMS, qkn = needs & PIE_NEED_QK_NORM;
+    char n[96];
+    int32_t st;
+#define BIND(field, suffix, ne0, ne1, req)                                        \
+    snprintf(n, sizeof(n), "blk.%d." suffix, il);                                 \
+    if ((st = bind(meta, n, ne0, ne1, req, &L->field)) != PIE_OK) return st;
+    BIND(attn_norm, "attn_norm.weight", E, 0, true)
+    BIND(wq, "attn_q.weight", E, Q, true)
+    BIND(wk, "attn_k.weight", E, K, true)
+    BIND(wv, "attn_v.weight", E, V, true)
+    BIND(wo, "attn_output.weight", O, E, true)
+    BIND(bq, "attn_q.bias", Q, 0, needs & PIE_NEED_QKV_BIAS)
+    BIND(bk, "attn_k.bias", K, 0, needs & PIE_NEED_QKV_BIAS)
+    BIND(bv, "attn_v.bias", V, 0, needs & PIE_NEED_QKV_BIAS)
+    BIND(bo, "attn_output.bias", E, 0, false)
+    BIND(q_norm, "attn_q_norm.weight", hp->head_dim, 0, qkn)
+    BIND(k_norm, "attn_k_norm.weight", hp->head_dim, 0, qkn)
+    BIND(attn_post_norm, "post_attention_norm.weight", E, 0, post)
+    BIND(ffn_norm, "ffn_norm.weight", E, 0, true)
+    BIND(ffn_gate, "ffn_gate.weight", E, F, true)
+    BIND(ffn_up, "ffn_up.weight", E, F, true)
+    BIND(ffn_down, "ffn_down.weight", F, E, true)
+    BIND(ffn_post_norm, "post_ffw_norm.weight", E, 0, post)
+#undef BIND
+    return PIE_OK;
+}
+
+static int32_t bind_weights(struct ggml_context *meta, pie_hparams *hp, pie_weights *w) {
+    w->tok_embd = ggml_get_tensor(meta, "token_embd.weight");
+    if (!w->tok_embd) return pie_set_error(PIE_ERR_FORMAT, "tensor 'token_embd.weight' is missing");
+    hp->n_vocab = (int32_t)w->tok_embd->ne[1];
+    int32_t st;
+    if ((st = bind(meta, "token_embd.weight", hp->n_embd, hp->n_vocab, true, &w->tok_embd)) ||
+        (st = bind(meta, "output_norm.weight", hp->n_embd, 0, true, &w->output_norm)) ||
+        (st = bind(meta, "output.weight", hp->n_embd, hp->n_vocab, false, &w->output)) ||
+        (st = bind(meta, "rope_freqs.weight", hp->n_rot / 2, 0, false, &w->rope_freqs)))
+        return st;
+    if (!w->output) w->output = w->tok_embd; /* tied embeddings */
+    for (int il = 0; il < hp->n_layer; il++)
+        if ((st = bind_layer(meta, hp, il, &w->layers[il])) != PIE_OK) return st;
+    return PIE_OK;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Placing the data                                                                           */
+/* ------------------------------------------------------------------------------------------ */
+
+static int32_t place_mapped(pie_model *m, const struct gguf_context *g, const char *path, size_t file_size) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return pie_set_error(PIE_ERR_IO, "cannot open '%s': %s", path, strerror(errno));
+    void *addr = mmap(NULL, file_size, PROT_READ, MAP_PRIVATE, fileno(f), 0);
+    fclose(f);
+    if (addr == MAP_FAILED) return pie_set_error(PIE_ERR_IO, "cannot map '%s': %s", path, strerror(errno));
+    m->map_addr = addr;
+    m->map_size = file_size;
+
+    size_t off = gguf_get_data_offset(g);
+    uint8_t *base = (uint8_t *)addr + off;
+    m->buf_w = ggml_backend_cpu_buffer_from_ptr(base, file_size - off);
+    if (!m->buf_w) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot wrap the mapped weights in a CPU buffer");
+    for (struct ggml_tensor *t = ggml_get_first_tensor(m->ctx_w); t; t = ggml_get_next_tensor(m->ctx_w, t)) {
+        int64_t id = gguf_find_tensor(g, ggml_get_name(t));
+        if (ggml_backend_tensor_alloc(m->buf_w, t, base + gguf_get_tensor_offset(g, id)) != GGML_STATUS_SUCCESS)
+            return pie_set_error(PIE_ERR_FORMAT, "tensor '%s' does not fit in the file", ggml_get_name(t));
+    }
+    return PIE_OK;
+}
+
+static int32_t place_copied(pie_model *m, const struct gguf_context *g, const char *path) {
+    ggml_backend_buffer_type_t buft = ggml_backend_dev_buffer_type(m->dev);
+    m->buf_w = ggml_backend_alloc_ctx_tensors_from_buft(m->ctx_w, buft);
+    if (!m->buf_w)
+        return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate %.1f MiB of weights on %s",
+                             ggml_backend_alloc_ctx_tensors_from_buft_size(m->ctx_w, buft) / 1048576.0,
+                             ggml_backend_dev_name(m->dev));
+    ggml_backend_buffer_set_usage(m->buf_w, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+
+    FILE *f = fopen(path, "rb");
+    if (!f) return pie_set_error(PIE_ERR_IO, "cannot open '%s': %s", path, strerror(errno));
+    size_t cap = 0;
+    void *tmp = NULL;
+    int32_t st = PIE_OK;
+    const size_t off = gguf_get_data_offset(g);
+    for (struct ggml_tensor *t = ggml_get_first_tensor(m->ctx_w); t && st == PIE_OK; t = ggml_get_next_tensor(m->ctx_w, t)) {
+        size_t nb = ggml_nbytes(t);
+        if (nb > cap) {
+            free(tmp);
+            tmp = malloc(nb);
+            cap = tmp ? nb : 0;
+            if (!tmp) { st = pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate %zu bytes to read '%s'", nb, ggml_get_name(t)); break; }
+        }
+        int64_t id = gguf_find_tensor(g, ggml_get_name(t));
+        if (fseeko(f, (off_t)(off + gguf_get_tensor_offset(g, id)), SEEK_SET) != 0 || fread(tmp, 1, nb, f) != nb)
+            st = pie_set_error(PIE_ERR_IO, "short read of tensor '%s' from '%s'", ggml_get_name(t), path);
+        else
+            ggml_backend_tensor_set(t, tmp, 0, nb);
+    }
+    free(tmp);
+    fclose(f);
+    return st;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Entry point                                                                                */
+/* ------------------------------------------------------------------------------------------ */
+
+static int32_t check_file(const char *path, size_t *out_size) {
+    struct stat sb;
+    if (stat(path, &sb) != 0) return pie_set_error(PIE_ERR_IO, "cannot open '%s': %s", path, strerror(errno));
+    if (!S_ISREG(sb.st_mode)) return pie_set_error(PIE_ERR_IO, "'%s' is not a regular file", path);
+    FILE *f = fopen(path, "rb");
+    if (!f) return pie_set_error(PIE_ERR_IO, "cannot open '%s': %s", path, strerror(errno));
+    char magic[4] = {0};
+    size_t n = fread(magic, 1, 4, f);
+    fclose(f);
+    if (n < 4 || memcmp(magic, "GGUF", 4) != 0)
+        return pie_set_error(PIE_ERR_FORMAT, "'%s' is not a GGUF file (bad magic)", path);
+    *out_size = (size_t)sb.st_size;
+    return PIE_OK;
+}
+
+int32_t pie_load_weights(pie_model *m, const char *path) {
+    size_t file_size = 0;
+    int32_t st = check_file(path, &file_size);
+    if (st != PIE_OK) return st;
+
+    struct ggml_context *meta = NULL;
+    struct gguf_init_params gp = { .no_alloc = true, .ctx = &meta };
+    struct gguf_context *g = gguf_init_from_file(path, gp);
+    if (!g) return pie_set_error(PIE_ERR_FORMAT, "'%s' is a corrupt or truncated GGUF file (metadata unreadable)", path);
+    m->ctx_w = meta;
+
+    /* every tensor's data must lie inside the file */
+    const size_t off = gguf_get_data_offset(g);
+    for (int64_t i = 0; i < gguf_get_n_tensors(g); i++) {
+        size_t end = off + gguf_get_tensor_offset(g, i) + gguf_get_tensor_size(g, i);
+        if (end > file_size) {
+            st = pie_set_error(PIE_ERR_FORMAT, "'%s' is truncated: tensor '%s' ends at byte %zu but the file has %zu",
+                               path, gguf_get_tensor_name(g, i), end, file_size);
+            goto done;
+        }
+    }
+
+    int64_t id = gguf_find_key(g, "general.architecture");
+    if (id < 0 || gguf_get_kv_type(g, id) != GGUF_TYPE_STRING) {
+        st = pie_set_error(PIE_ERR_FORMAT, "'%s' has no general.architecture key", path);
+        goto done;
+    }
+    const char *arch = gguf_get_val_str(g, id);
+    m->hp.arch = pie_arch_find(arch);
+    if (!m->hp.arch) {
+        st = pie_set_error(PIE_ERR_UNSUPPORTED, "unsupported architecture '%s' (supported: llama, qwen2, qwen3, gemma3)", arch);
+        goto done;
+    }
+    if ((st = load_hparams(&m->hp, g)) != PIE_OK) goto done;
+    if ((st = bind_weights(meta, &m->hp, &m->w)) != PIE_OK) goto done;
+
+    m->n_params = 0;
+    m->weight_bytes = 0;
+    for (struct ggml_tensor *t = ggml_get_first_tensor(meta); t; t = ggml_get_next_tensor(meta, t)) {
+        m->n_params += ggml_nelements(t);
+        m->weight_bytes += (int64_t)ggml_nbytes(t);
+    }
+
+    /* Mapping needs a host device and the data aligned the way ggml's CPU buffer expects. */
+    bool host = ggml_backend_buft_is_host(ggml_backend_dev_buffer_type(m->dev));
+    if (m->params.use_mmap && host && off % 32 == 0)
+        st = place_mapped(m, g, path, file_size);
+    else
+        st = place_copied(m, g, path);
+    if (st == PIE_OK)
+        pie_log(PIE_LOG_INFO, "loaded %s '%s': %d layers, %d vocab, %.1f MiB of weights (%s)", arch, m->hp.name,
+                m->hp.n_layer, m->hp.n_vocab, m->weight_bytes / 1048576.0, m->map_addr ? "mapped" : "copied");
+done:
+    gguf_free(g);
+    return st;
+}
+
+void pie_free_weights(pie_model *m) {
+    if (m->buf_w) ggml_backend_buffer_free(m->buf_w);
+    if (m->ctx_w) ggml_free(m->ctx_w);
+    if (m->map_addr) munmap(m->map_addr, m->map_size);
+    m->buf_w = NULL;
+    m->ctx_w = NULL;
+    m->map_addr = NULL;
+}

@@ -1,0 +1,156 @@
+/*
+ * common.c — graph building blocks every architecture family shares: inputs, RMS norm, RoPE,
+ * paged attention, linear layers and the output head. Families compose these in models/<family>.c.
+ *
+ * Shapes follow ggml (ne0 first): a batch of hidden states is [n_embd, n_tokens].
+ */
+#include "../internal.h"
+
+#include <math.h>
+#include <string.h>
+
+extern const pie_arch pie_arch_llama, pie_arch_qwen2, pie_arch_qwen3, pie_arch_gemma3;
+
+const pie_arch *pie_arch_find(const char *name) {
+    static const pie_arch *const all[] = { &pie_arch_llama, &pie_arch_qwen2, &pie_arch_qwen3, &pie_arch_gemma3 };
+    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
+        if (strcmp(all[i]->name, name) == 0) return all[i];
+    return NULL;
+}
+
+static struct ggml_tensor *input(pie_graph *g, enum ggml_type type, int64_t n, const char *name) {
+    struct ggml_tensor *t = ggml_new_tensor_1d(g->ctx, type, n);
+    ggml_set_name(t, name);
+    ggml_set_input(t);
+    return t;
+}
+
+void pie_graph_begin(pie_graph *g) {
+    const pie_plan *p = &g->model->plan;
+    g->plan      = p;
+    g->n_tokens  = p->n_tokens;
+    g->n_outputs = p->n_outputs;
+    g->tokens      = input(g, GGML_TYPE_I32, g->n_tokens, "tokens");     /* [n_tokens]  */
+    g->positions   = input(g, GGML_TYPE_I32, g->n_tokens, "positions");  /* [n_tokens]  */
+    g->write_rows  = input(g, GGML_TYPE_I64, g->n_tokens, "write_rows"); /* [n_tokens]  */
+    g->gather_rows = p->n_gather > 0 ? input(g, GGML_TYPE_I32, p->n_gather, "gather_rows") : NULL;
+    g->mask        = input(g, GGML_TYPE_F16, p->n_mask, "mask");         /* [n_mask]    */
+    g->mask_swa    = p->any_swa_mask ? input(g, GGML_TYPE_F16, p->n_mask, "mask_swa") : NULL;
+    g->out_rows    = input(g, GGML_TYPE_I32, g->n_outputs, "out_rows");  /* [n_outputs] */
+}
+
+/* Token embeddings, scaled: [n_embd, n_tokens] */
+struct ggml_tensor *pie_embed(pie_graph *g) {
+    const pie_model *m = g->model;
+    struct ggml_tensor *x = ggml_get_rows(g->ctx, m->w.tok_embd, g->tokens);
+    if (m->hp.embd_scale != 1.0f) x = ggml_scale(g->ctx, x, m->hp.embd_scale);
+    return x;
+}
+
+/* RMS norm over ne0, times the weight (broadcast over the other dims). */
+struct ggml_tensor *pie_norm(pie_graph *g, struct ggml_tensor *x, struct ggml_tensor *w) {
+    x = ggml_rms_norm(g->ctx, x, g->model->hp.rms_eps);
+    return ggml_mul(g->ctx, x, w);
+}
+
+struct ggml_tensor *pie_linear(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *b, struct ggml_tensor *x) {
+    x = ggml_mul_mat(g->ctx, w, x);
+    return b ? ggml_add(g->ctx, x, b) : x;
+}
+
+/* x: [head_dim, n_heads, n_tokens], rotated at the batch's explicit positions. Sliding-window
+ * layers use their own base and no scaling (as llama.cpp does). */
+struct ggml_tensor *pie_rope(pie_graph *g, struct ggml_tensor *x, int il) {
+    const pie_hparams *hp = &g->model->hp;
+    const bool swa = hp->is_swa[il];
+    return ggml_rope_ext(g->ctx, x, g->positions, g->model->w.rope_freqs, hp->n_rot, hp->rope_mode, hp->n_ctx_train,
+                         swa ? hp->rope_base_swa : hp->rope_base, swa ? 1.0f : hp->rope_scale,
+                         0.0f /* ext_factor */, 1.0f /* attn_factor */, 32.0f /* beta_fast */, 1.0f /* beta_slow */);
+}
+
+/* Request r's K or V as [width_head, n_kv, n_head_kv]: a view of the pool when its pages are
+ * consecutive; otherwise its rows gathered (get_rows yields F32) and cast back to the pool's
+ * type (lossless for f16 and q8_0), so attention runs the same kernels on the same values
+ * either way and page placement never changes a result. */
+static struct ggml_tensor *request_kv(pie_graph *g, struct ggml_tensor *pool, const pie_plan_req *q, int64_t head) {
+    struct ggml_context *ctx = g->ctx;
+    const int64_t hkv = g->model->hp.n_head_kv;
+    if (q->kv_start >= 0)
+        return ggml_view_3d(ctx, pool, head, q->n_kv, hkv, pool->nb[1], ggml_row_size(pool->type, head),
+                            pool->nb[1] * (size_t)q->kv_start);
+    struct ggml_tensor *rows = ggml_view_1d(ctx, g->gather_rows, q->n_kv, sizeof(int32_t) * (size_t)q->gather_off);
+    struct ggml_tensor *kv = ggml_cast(ctx, ggml_get_rows(ctx, pool, rows), pool->type); /* [head*hkv, n_kv] */
+    return ggml_permute(ctx, ggml_reshape_3d(ctx, kv, head, hkv, q->n_kv), 0, 2, 1, 3);
+}
+
+/*
+ * Paged attention of layer il.
+ *   q: [head_dim,   n_head,    n_tokens]   (roped)
+ *   k: [head_dim,   n_head_kv, n_tokens]   (roped)
+ *   v: [head_dim_v, n_head_kv, n_tokens]
+ * The new K/V rows of every request go into the pool at write_rows in one op; then each request
+ * attends over its own KV under its own mask block (causal, custom BRLE, sliding window), and
+ * the per-request results are concatenated back in batch order.
+ * Returns [head_dim_v * n_head, n_tokens].
+ */
+struct ggml_tensor *pie_attention(pie_graph *g, int il, struct ggml_tensor *q, struct ggml_tensor *k,
+                                  struct ggml_tensor *v) {
+    struct ggml_context *ctx = g->ctx;
+    const pie_model *m = g->model;
+    const pie_hparams *hp = &m->hp;
+    const pie_plan *p = g->plan;
+    const int64_t nt = g->n_tokens, hkv = hp->n_head_kv;
+
+    /* write: [width, n_tokens] rows into the flat pools; the results are views of the pools, and
+     * reading through them orders every read after the write */
+    struct ggml_tensor *kp = ggml_set_rows(ctx, m->kv.k[il], ggml_reshape_2d(ctx, k, hp->head_dim * hkv, nt), g->write_rows);
+    struct ggml_tensor *vp = ggml_set_rows(ctx, m->kv.v[il], ggml_reshape_2d(ctx, v, hp->head_dim_v * hkv, nt), g->write_rows);
+    struct ggml_tensor *mask = hp->is_swa[il] && g->mask_swa ? g->mask_swa : g->mask;
+
+    /* per-request results, merged pairwise (a balanced tree keeps the copying O(n log n)) */
+    struct ggml_tensor *parts[64];
+    int n_parts = 0;
+    for (int32_t r = 0; r < p->n_requests; r++) {
+        const pie_plan_req *rq = &p->reqs[r];
+        struct ggml_tensor *qr = ggml_view_3d(ctx, q, hp->head_dim, hp->n_head, rq->n_q, q->nb[1], q->nb[2], q->nb[2] * (size_t)rq->q0);
+        qr = ggml_permute(ctx, qr, 0, 2, 1, 3); /* [head_dim, n_q, n_head] */
+        struct ggml_tensor *mr = ggml_view_2d(ctx, mask, rq->n_kv, rq->n_q, sizeof(ggml_fp16_t) * (size_t)rq->n_kv,
+                                              sizeof(ggml_fp16_t) * (size_t)rq->mask_off); /* [n_kv, n_q] */
+        struct ggml_tensor *out = ggml_flash_attn_ext(ctx, qr, request_kv(g, kp, rq, hp->head_dim),
+                                                      request_kv(g, vp, rq, hp->head_dim_v), mr, hp->attn_scale, 0.0f, 0.0f);
+        ggml_prec_set_acc(out, GGML_PREC_F32); /* out: [head_dim_v, n_head, n_q] */
+        /* merge like a binary counter: equal-sized neighbours first */
+        parts[n_parts++] = out;
+        for (int32_t c = r + 1; (c & 1) == 0 && n_parts > 1; c >>= 1, n_parts--)
+            parts[n_parts - 2] = ggml_concat(ctx, parts[n_parts - 2], parts[n_parts - 1], 2);
+    }
+    while (n_parts > 1) {
+        parts[n_parts - 2] = ggml_concat(ctx, parts[n_parts - 2], parts[n_parts - 1], 2);
+        n_parts--;
+    }
+    return ggml_reshape_2d(ctx, parts[0], hp->head_dim_v * hp->n_head, nt);
+}
+
+/* Keeps only the rows the batch samples: [n, n_tokens] -> [n, n_outputs] */
+struct ggml_tensor *pie_select_outputs(pie_graph *g, struct ggml_tensor *x) {
+    return ggml_get_rows(g->ctx, x, g->out_rows);
+}
+
+/* x: [n_embd, n_outputs] -> hidden (after the output norm) and logits [n_vocab, n_outputs].
+ * A batch that samples nothing (a prefill chunk) stops at the hidden state: the LM head is the
+ * largest matrix of a small model. */
+void pie_graph_finish(pie_graph *g, struct ggml_tensor *x) {
+    const pie_model *m = g->model;
+    g->hidden = pie_norm(g, x, m->w.output_norm);
+    ggml_set_name(g->hidden, "hidden");
+    ggml_set_output(g->hidden);
+    ggml_build_forward_expand(g->gf, g->hidden);
+    if (!g->plan->head) return;
+    struct ggml_tensor *logits = ggml_mul_mat(g->ctx, m->w.output, g->hidden);
+    const float cap = m->hp.logit_softcap;
+    if (cap > 0.0f) logits = ggml_scale(g->ctx, ggml_tanh(g->ctx, ggml_scale(g->ctx, logits, 1.0f / cap)), cap);
+    g->logits = logits;
+    ggml_set_name(g->logits, "logits");
+    ggml_set_output(g->logits);
+    ggml_build_forward_expand(g->gf, g->logits);
+}

@@ -1,0 +1,44 @@
+/*
+ * llama.c — the Llama family (Llama 2/3, Mistral, SmolLM, TinyLlama): pre-norm blocks with
+ * RMS norm, RoPE in "normal" (interleaved-pair) mode, grouped-query attention, SwiGLU FFN.
+ * Optional biases and Llama 3.1 rope frequency factors are used when the file has them.
+ */
+#include "../internal.h"
+
+static int32_t llama_hparams(pie_hparams *hp, const struct gguf_context *gguf) {
+    (void)gguf;
+    hp->rope_mode = 0; /* normal: rotate adjacent pairs */
+    return PIE_OK;
+}
+
+static void llama_build(pie_graph *g) {
+    const pie_model *m = g->model;
+    const pie_hparams *hp = &m->hp;
+    struct ggml_context *ctx = g->ctx;
+    const int64_t nt = g->n_tokens;
+
+    struct ggml_tensor *x = pie_embed(g); /* [n_embd, n_tokens] */
+    for (int il = 0; il < hp->n_layer; il++) {
+        const pie_layer *L = &m->w.layers[il];
+        struct ggml_tensor *cur = pie_norm(g, x, L->attn_norm);
+
+        struct ggml_tensor *q = ggml_reshape_3d(ctx, pie_linear(g, L->wq, L->bq, cur), hp->head_dim, hp->n_head, nt);
+        struct ggml_tensor *k = ggml_reshape_3d(ctx, pie_linear(g, L->wk, L->bk, cur), hp->head_dim, hp->n_head_kv, nt);
+        struct ggml_tensor *v = ggml_reshape_3d(ctx, pie_linear(g, L->wv, L->bv, cur), hp->head_dim_v, hp->n_head_kv, nt);
+        cur = pie_attention(g, il, pie_rope(g, q, il), pie_rope(g, k, il), v); /* [n_head*head_dim_v, n_tokens] */
+        cur = pie_linear(g, L->wo, L->bo, cur);                               /* [n_embd, n_tokens] */
+
+        if (il == hp->n_layer - 1) { /* only the sampled rows go on */
+            cur = pie_select_outputs(g, cur);
+            x = pie_select_outputs(g, x);
+        }
+        x = ggml_add(ctx, x, cur);
+
+        cur = pie_norm(g, x, L->ffn_norm);
+        cur = ggml_swiglu_split(ctx, ggml_mul_mat(ctx, L->ffn_gate, cur), ggml_mul_mat(ctx, L->ffn_up, cur)); /* [n_ff, n] */
+        x = ggml_add(ctx, x, ggml_mul_mat(ctx, L->ffn_down, cur));
+    }
+    pie_graph_finish(g, x);
+}
+
+const pie_arch pie_arch_llama = { .name = "llama", .load_hparams = llama_hparams, .needs = 0, .build = llama_build };

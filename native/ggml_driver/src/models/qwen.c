@@ -1,0 +1,48 @@
+/*
+ * qwen.c — the Qwen family: Qwen2 (QKV biases) and Qwen3 (per-head RMS norm on Q and K, no
+ * biases). Both rotate with NEOX-style RoPE (halves, not pairs) and use SwiGLU FFNs.
+ */
+#include "../internal.h"
+
+static int32_t qwen_hparams(pie_hparams *hp, const struct gguf_context *gguf) {
+    (void)gguf;
+    hp->rope_mode = GGML_ROPE_TYPE_NEOX;
+    return PIE_OK;
+}
+
+static void qwen_build(pie_graph *g) {
+    const pie_model *m = g->model;
+    const pie_hparams *hp = &m->hp;
+    struct ggml_context *ctx = g->ctx;
+    const int64_t nt = g->n_tokens;
+
+    struct ggml_tensor *x = pie_embed(g); /* [n_embd, n_tokens] */
+    for (int il = 0; il < hp->n_layer; il++) {
+        const pie_layer *L = &m->w.layers[il];
+        struct ggml_tensor *cur = pie_norm(g, x, L->attn_norm);
+
+        struct ggml_tensor *q = ggml_reshape_3d(ctx, pie_linear(g, L->wq, L->bq, cur), hp->head_dim, hp->n_head, nt);
+        struct ggml_tensor *k = ggml_reshape_3d(ctx, pie_linear(g, L->wk, L->bk, cur), hp->head_dim, hp->n_head_kv, nt);
+        struct ggml_tensor *v = ggml_reshape_3d(ctx, pie_linear(g, L->wv, L->bv, cur), hp->head_dim_v, hp->n_head_kv, nt);
+        if (L->q_norm) { /* qwen3: normalise each head before RoPE */
+            q = pie_norm(g, q, L->q_norm);
+            k = pie_norm(g, k, L->k_norm);
+        }
+        cur = pie_attention(g, il, pie_rope(g, q, il), pie_rope(g, k, il), v); /* [n_head*head_dim_v, n_tokens] */
+        cur = pie_linear(g, L->wo, L->bo, cur);                               /* [n_embd, n_tokens] */
+
+        if (il == hp->n_layer - 1) {
+            cur = pie_select_outputs(g, cur);
+            x = pie_select_outputs(g, x);
+        }
+        x = ggml_add(ctx, x, cur);
+
+        cur = pie_norm(g, x, L->ffn_norm);
+        cur = ggml_swiglu_split(ctx, ggml_mul_mat(ctx, L->ffn_gate, cur), ggml_mul_mat(ctx, L->ffn_up, cur)); /* [n_ff, n] */
+        x = ggml_add(ctx, x, ggml_mul_mat(ctx, L->ffn_down, cur));
+    }
+    pie_graph_finish(g, x);
+}
+
+const pie_arch pie_arch_qwen2 = { .name = "qwen2", .load_hparams = qwen_hparams, .needs = PIE_NEED_QKV_BIAS, .build = qwen_build };
+const pie_arch pie_arch_qwen3 = { .name = "qwen3", .load_hparams = qwen_hparams, .needs = PIE_NEED_QK_NORM, .build = qwen_build };

@@ -1,0 +1,500 @@
+"""Benchmark core shared by `pie-local bench` and the scripts in benchmarks/.
+
+The runtime benchmark (issue 3) runs agent-shaped workloads twice on the same GGUF with the same
+thread count: once on pie-local (inferlets on one Engine, forward passes batched across them), once
+on llama-cpp-python used the way its users would (its high-level `Llama` API with its prompt cache,
+requests one after another). Workloads: best-of-8 from a shared 512-token prompt, 8 concurrent
+chats, tree-of-thought (depth 2, breadth 3) and a tool loop of 4 calls. It also measures the
+runtime's overhead per decode step against a bare loop over the driver.
+
+Both sides generate exactly the same number of tokens per branch (end-of-sequence is banned), so
+end-to-end times compare the same work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger("pie_local.bench")
+
+
+@dataclass
+class BenchConfig:
+    model: str | None = None  # name or path; None: the default model
+    n_threads: int = 0  # <= 0: physical cores (same value on both sides)
+    prompt_tokens: int = 512  # shared prompt of best-of-n
+    best_of: int = 8
+    best_of_tokens: int = 32
+    n_chats: int = 8
+    chat_tokens: int = 32
+    tot_depth: int = 2
+    tot_breadth: int = 3
+    tot_tokens: int = 16
+    tool_calls: int = 4
+    overhead_steps: int = 64
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> "BenchConfig":
+        base = dict(prompt_tokens=128, best_of_tokens=8, chat_tokens=8, tot_tokens=6, overhead_steps=16)
+        base.update(overrides)
+        return cls(**base)
+
+
+def physical_cores() -> int:
+    """Physical cores (not hyper-threads), the thread count both engines get by default."""
+    try:
+        pairs = set()
+        block: dict[str, str] = {}
+        for line in Path("/proc/cpuinfo").read_text().splitlines() + [""]:
+            if ":" in line:
+                key, _, value = line.partition(":")
+                block[key.strip()] = value.strip()
+            elif block:
+                pairs.add((block.get("physical id"), block.get("core id")))
+                block = {}
+        if pairs and (None, None) not in pairs:
+            return len(pairs)
+    except OSError:
+        pass
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+# ---------------------------------------------------------------- llama-cpp-python baseline
+
+_LLAMA_LOG_CALLBACK = None  # keeps the ctypes callback alive
+
+# Sampling of every branch on both sides: llama-cpp-python's defaults (its users' settings; with
+# a 262k vocabulary, top_k=0 would make its sampler sort the whole vocabulary every token).
+TEMPERATURE, TOP_K, TOP_P, MIN_P = 0.8, 40, 0.95, 0.05
+
+
+def _route_llama_logs() -> None:
+    global _LLAMA_LOG_CALLBACK
+    import llama_cpp
+
+    if _LLAMA_LOG_CALLBACK is not None:
+        return
+    llama_log = logging.getLogger("pie_local.bench.llama_cpp")
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        llama_log.debug("%s", text.decode("utf-8", "replace").rstrip())
+
+    _LLAMA_LOG_CALLBACK = callback
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+@contextlib.contextmanager
+def _no_extra_bufts():
+    """`Llama` has no argument for `use_extra_bufts`: patch its default model params while it loads.
+
+    ggml's AMX weight repacking (an "extra buffer type") crashes on CPUs that advertise AMX inside
+    VMs that do not enable it; the plain CPU buffer type is safe everywhere.
+    """
+    import llama_cpp.llama_cpp as lib
+
+    original = lib.llama_model_default_params
+
+    def patched():
+        params = original()
+        params.use_extra_bufts = False
+        return params
+
+    lib.llama_model_default_params = patched
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = original
+
+
+def load_llama(path: str | os.PathLike, n_threads: int, n_ctx: int = 2048):
+    """A llama-cpp-python `Llama` set up the way the benchmark uses it (prompt cache on)."""
+    import llama_cpp
+
+    _route_llama_logs()
+    with _no_extra_bufts():
+        llm = llama_cpp.Llama(
+            str(path),
+            n_ctx=n_ctx,
+            n_batch=512,
+            n_threads=n_threads,
+            n_threads_batch=n_threads,
+            swa_full=True,  # lets its prefix-match reuse the KV of sliding-window models
+            verbose=False,
+        )
+    _route_llama_logs()  # Llama(verbose=...) installs its own stderr logger; take logs back
+    llm.set_cache(llama_cpp.LlamaRAMCache(capacity_bytes=1 << 30))
+    return llm
+
+
+def _eog_bias(llm) -> dict[int, float]:
+    """Ban every end-of-generation token so each branch generates exactly max_tokens."""
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+    return {t: -1e9 for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)}
+
+
+def _llama_complete(llm, tokens: list[int], max_tokens: int, bias: dict, temperature: float = TEMPERATURE,
+                    seed: int = 0) -> tuple[list[int], int]:
+    """One completion through the high-level API: (its text as token ids, tokens generated)."""
+    out = llm.create_completion(tokens, max_tokens=max_tokens, temperature=temperature, top_k=TOP_K, top_p=TOP_P,
+                                min_p=MIN_P, seed=seed, logit_bias=bias)
+    text_ids = llm.tokenize(out["choices"][0]["text"].encode(), add_bos=False, special=True)
+    return text_ids, out["usage"]["completion_tokens"]
+
+
+def llama_workloads(llm, w: "Workloads", cfg: BenchConfig) -> dict[str, dict]:
+    """The four workloads, sequentially, the way a llama-cpp-python user writes them."""
+    import llama_cpp
+
+    bias = _eog_bias(llm)
+    results: dict[str, dict] = {}
+
+    def timed(name: str, fn: Callable[[], int]) -> None:
+        llm.reset()
+        t0 = time.perf_counter()
+        tokens = fn()
+        results[name] = {"seconds": time.perf_counter() - t0, "generated_tokens": tokens}
+
+    def best_of() -> int:
+        return sum(_llama_complete(llm, w.shared_prompt, cfg.best_of_tokens, bias, seed=i)[1]
+                   for i in range(cfg.best_of))
+
+    def chats() -> int:
+        return sum(_llama_complete(llm, p, cfg.chat_tokens, bias, seed=i)[1] for i, p in enumerate(w.chat_prompts))
+
+    def tree() -> int:
+        n, frontier = 0, [w.tot_prompt]
+        for level in range(cfg.tot_depth):
+            children = []
+            for p, parent in enumerate(frontier):
+                for c in range(cfg.tot_breadth):
+                    thought, generated = _llama_complete(llm, parent, cfg.tot_tokens, bias, seed=100 * level + 10 * p + c)
+                    n += generated
+                    children.append(parent + thought)  # the next prompt: the parent's text + this thought
+            frontier = children
+        return n
+
+    def tools() -> int:
+        grammar = llama_cpp.LlamaGrammar.from_json_schema(json.dumps(w.call_schema), verbose=False)
+        text, n = w.tool_prompt, 0
+        for _ in range(cfg.tool_calls):
+            text += "Action: "
+            ids = llm.tokenize(text.encode(), add_bos=True, special=True)
+            out = llm.create_completion(ids, max_tokens=48, temperature=0.0, grammar=grammar)
+            action = out["choices"][0]["text"]
+            n += out["usage"]["completion_tokens"]
+            text += f"{action}\nObservation: {w.observe(action)}\n"
+        return n
+
+    timed("best_of", best_of)
+    timed("chats", chats)
+    timed("tree_of_thought", tree)
+    timed("tool_loop", tools)
+    return results
+
+
+# ---------------------------------------------------------------- pie-local side
+
+@dataclass
+class Workloads:
+    """The inputs both sides get (token ids where exactness matters)."""
+
+    shared_prompt: list[int]  # BOS + cfg.prompt_tokens - 1 tokens
+    chat_prompts: list[list[int]]
+    tot_prompt: list[int]
+    tool_prompt: str
+    call_schema: dict
+
+    @staticmethod
+    def observe(action: str) -> str:
+        from pie_local.inferlets.react_agent import calculator
+
+        try:
+            return calculator(json.loads(action)["arguments"]["expression"])
+        except Exception as exc:  # noqa: BLE001 — a bad call is an observation, as in an agent
+            return f"Error: {exc}"
+
+
+def make_workloads(engine, cfg: BenchConfig) -> Workloads:
+    from pie_local.inferlets.react_agent import action_schema, calculator, header
+    from pie_local.runtime.tools import Tool
+
+    tok = engine.tokenizer
+    bos = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
+    essay = ("The history of the printing press begins in East Asia with woodblock printing, long before "
+             "movable type reached Europe. Gutenberg's press combined a screw press, oil-based ink and a "
+             "hand mould for casting type, and within fifty years presses ran in hundreds of cities. ")
+    ids = tok.encode(essay * (cfg.prompt_tokens // 20 + 2))
+    shared = bos + ids[: cfg.prompt_tokens - len(bos)]
+    template = engine.chat_template
+    topics = ["rivers", "volcanoes", "bees", "chess", "bridges", "comets", "bread", "violins"]
+    chats = []
+    for topic in topics[: cfg.n_chats]:
+        ids = tok.encode(template.render([{"role": "user", "content": f"Tell me about {topic}."}]))
+        chats.append(ids if ids[:1] == bos else bos + ids)  # templates may render the BOS themselves
+    tot = bos + tok.encode("Problem: plan a three-day trip to Rome on a small budget.\nThoughts:\n")
+    tools = [Tool.from_function(calculator)]
+    question = "What is (17 * 23) + (45 * 12) - 99, computed step by step?"
+    return Workloads(shared, chats, tot, header(tools, question), action_schema(tools, allow_final=False))
+
+
+async def pie_workloads(engine, w: Workloads, cfg: BenchConfig) -> dict[str, dict]:
+    """The same work as `llama_workloads`, as inferlets on one engine (branches batched)."""
+    from pie_local.inferlets._common import decode
+    from pie_local.runtime.constraints import JsonSchema
+    from pie_local.runtime.sampling import SamplingParams
+
+    results: dict[str, dict] = {}
+
+    def sampling(seed: int) -> SamplingParams:
+        return SamplingParams(TEMPERATURE, top_k=TOP_K, top_p=TOP_P, min_p=MIN_P, seed=seed)
+
+    async def branch(ctx, first: int, n: int, seed: int) -> list[int]:
+        return (await decode(ctx, first, sampling(seed), n)).token_ids
+
+    async def best_of(rt, args):
+        ctx = rt.context()
+        ctx.fill_tokens(w.shared_prompt[:-1])
+        await ctx.flush()
+        forks = ctx.fork(cfg.best_of)
+        outs = await asyncio.gather(*(branch(f, w.shared_prompt[-1], cfg.best_of_tokens, i)
+                                      for i, f in enumerate(forks)))
+        return sum(map(len, outs))
+
+    def chat(i: int):
+        async def one_chat(rt, args):
+            ctx = rt.context()
+            prompt = w.chat_prompts[i]
+            ctx.fill_tokens(prompt[:-1])
+            return len(await branch(ctx, prompt[-1], cfg.chat_tokens, i))
+
+        return one_chat
+
+    async def tree(rt, args):
+        root = rt.context()
+        root.fill_tokens(w.tot_prompt[:-1])
+        frontier, n = [(root, w.tot_prompt[-1])], 0
+        for level in range(cfg.tot_depth):
+            jobs = []
+            for p, (ctx, first) in enumerate(frontier):
+                for c, child in enumerate(ctx.fork(cfg.tot_breadth)):
+                    jobs.append((child, decode(child, first, sampling(100 * level + 10 * p + c), cfg.tot_tokens)))
+            outs = await asyncio.gather(*(job for _, job in jobs))
+            n += sum(len(o.token_ids) for o in outs)
+            frontier = [(child, o.next_input) for (child, _), o in zip(jobs, outs)]
+        return n
+
+    async def tools(rt, args):
+        ctx = rt.context()
+        ctx.fill(w.tool_prompt)
+        n = 0
+        for _ in range(cfg.tool_calls):
+            ctx.fill("Action: ")
+            action = await ctx.generate(max_tokens=48, constrain=JsonSchema(w.call_schema))
+            n += len(ctx.last.token_ids)
+            ctx.fill(f"\nObservation: {w.observe(action)}\n")
+        return n
+
+    async def timed(name: str, coro) -> None:
+        t0 = time.perf_counter()
+        value = await coro
+        results[name] = {"seconds": time.perf_counter() - t0, "generated_tokens": int(value)}
+
+    await timed("best_of", engine.run(best_of))
+    chats = [engine.launch(chat(i)) for i in range(len(w.chat_prompts))]
+    await timed("chats", _sum_results(chats))
+    await timed("tree_of_thought", engine.run(tree))
+    await timed("tool_loop", engine.run(tools))
+    return results
+
+
+async def _sum_results(handles) -> int:
+    return sum(await asyncio.gather(*(h.result() for h in handles)))
+
+
+# ---------------------------------------------------------------- runtime overhead per decode step
+# Both loops run in the same process, interleaved in rounds, after a warm-up; the median step time
+# of each is compared, so a noisy machine biases neither side.
+
+WARMUP_STEPS = 8
+
+
+class BareDecoder:
+    """A greedy single-sequence decode loop straight on a Driver: the floor the runtime adds to."""
+
+    def __init__(self, path: str | os.PathLike, n_threads: int, prompt: list[int], max_steps: int,
+                 page_size: int = 32) -> None:
+        from pie_local.driver import Driver
+        from pie_local.driver.types import DriverParams
+
+        self.page_size = page_size
+        n_pages = -(-(len(prompt) + max_steps + WARMUP_STEPS + 1) // page_size)
+        self.driver = Driver(path, DriverParams(n_threads=n_threads, page_size=page_size, n_pages=n_pages,
+                                                max_batch_tokens=512))
+        self.token = int(self.driver.forward(self._batch(prompt, 0)).tokens[0])
+        self.position = len(prompt)
+        self.steps(WARMUP_STEPS)
+
+    def _batch(self, tokens: list[int], start: int):
+        import numpy as np
+
+        from pie_local.driver.types import ForwardBatch, SamplerParams
+
+        ps, kv = self.page_size, start + len(tokens)
+        pages = -(-kv // ps)
+        return ForwardBatch(
+            tokens=np.asarray(tokens, np.int32), positions=np.arange(start, kv, dtype=np.int32),
+            qo_indptr=np.asarray([0, len(tokens)], np.int32), kv_page_indices=np.arange(pages, dtype=np.int32),
+            kv_page_indptr=np.asarray([0, pages], np.int32),
+            kv_last_page_len=np.asarray([kv - (pages - 1) * ps], np.int32),
+            output_rows=np.asarray([len(tokens) - 1], np.int32), samplers=[SamplerParams()])
+
+    def steps(self, n: int) -> list[float]:
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            self.token = int(self.driver.forward(self._batch([self.token], self.position)).tokens[0])
+            times.append(time.perf_counter() - t0)
+            self.position += 1
+        return times
+
+    def close(self) -> None:
+        self.driver.close()
+
+
+class RuntimeDecoder:
+    """The same loop as an inferlet: one Forward per token through the engine's scheduler."""
+
+    def __init__(self, engine, prompt: list[int]) -> None:
+        self.engine, self.prompt = engine, prompt
+        self.requests: asyncio.Queue = asyncio.Queue()
+        self.handle = None
+
+    async def start(self) -> None:
+        async def loop(rt, args):
+            from pie_local.runtime.sampling import SamplingParams
+
+            ctx = rt.context()
+            ctx.fill_tokens(self.prompt[:-1])
+            token, greedy = self.prompt[-1], SamplingParams()
+            while (n := await self.requests.get()) is not None:
+                times = []
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    out = await ctx.forward().input([token]).sample(0, greedy).execute()
+                    token = int(out.tokens[0])
+                    times.append(time.perf_counter() - t0)
+                rt.send(times)
+
+        self.handle = self.engine.launch(loop)
+        self.messages = self.handle.messages()
+        await self.steps(WARMUP_STEPS + 1)  # + the prompt's pass
+
+    async def steps(self, n: int) -> list[float]:
+        await self.requests.put(n)
+        msg = await self.messages.__anext__()
+        return msg.data
+
+    async def close(self) -> None:
+        await self.requests.put(None)
+        await self.handle.result()
+
+
+async def measure_overhead(engine, path, n_threads: int, prompt: list[int], steps: int, rounds: int = 4) -> dict:
+    import statistics
+
+    bare = await asyncio.to_thread(BareDecoder, path, n_threads, prompt, steps)
+    rt = RuntimeDecoder(engine, prompt)
+    try:
+        await rt.start()
+        bare_times, rt_times = [], []
+        per_round = max(1, steps // rounds)
+        for _ in range(rounds):
+            bare_times += await asyncio.to_thread(bare.steps, per_round)
+            rt_times += await rt.steps(per_round)
+    finally:
+        await rt.close()
+        bare.close()
+    b, r = statistics.median(bare_times), statistics.median(rt_times)
+    return {"runtime_step_ms": round(r * 1e3, 3), "bare_driver_step_ms": round(b * 1e3, 3),
+            "overhead_pct": round(100 * (r - b) / b, 2), "steps": len(rt_times)}
+
+
+# ---------------------------------------------------------------- the whole benchmark
+
+def run_runtime_bench(cfg: BenchConfig | None = None, progress: Callable[[str], None] | None = None) -> dict:
+    """Run the issue-3 benchmark; returns a JSON-able dict with times, throughputs and ratios."""
+    cfg = cfg or BenchConfig()
+    return asyncio.run(_run_runtime_bench(cfg, progress or (lambda msg: None)))
+
+
+async def _run_runtime_bench(cfg: BenchConfig, progress: Callable[[str], None]) -> dict:
+    from pie_local.models import resolve_model
+    from pie_local.runtime.engine import Engine, EngineConfig
+
+    model = resolve_model(cfg.model)
+    threads = cfg.n_threads if cfg.n_threads > 0 else physical_cores()
+    engine = Engine(model.path, EngineConfig(n_threads=threads, n_pages=512, max_batch_tokens=512))
+    progress(f"loading {model.name} ({threads} threads)")
+    await engine.start()
+    try:
+        w = make_workloads(engine, cfg)
+        progress("pie-local workloads")
+        pie = await pie_workloads(engine, w, cfg)
+        progress("runtime overhead per decode step (runtime vs bare driver, interleaved)")
+        overhead = await measure_overhead(engine, model.path, threads, w.shared_prompt[:64], cfg.overhead_steps)
+    finally:
+        await engine.stop()
+    progress("llama-cpp-python workloads")
+    llm = load_llama(model.path, threads)
+    try:
+        llama = llama_workloads(llm, w, cfg)
+    finally:
+        llm.close()
+    rows = {}
+    for name in pie:
+        p, l = pie[name], llama[name]
+        rows[name] = {
+            "pie_s": round(p["seconds"], 3), "llama_cpp_s": round(l["seconds"], 3),
+            "pie_tokens": p["generated_tokens"], "llama_cpp_tokens": l["generated_tokens"],
+            "pie_tok_s": round(p["generated_tokens"] / p["seconds"], 2),
+            "llama_cpp_tok_s": round(l["generated_tokens"] / l["seconds"], 2),
+            "speedup": round(l["seconds"] / p["seconds"], 2),
+        }
+    rows["chats"]["throughput_ratio"] = round(rows["chats"]["pie_tok_s"] / rows["chats"]["llama_cpp_tok_s"], 2)
+    return {
+        "model": model.name, "threads": threads, "load_avg_1m": round(os.getloadavg()[0], 2),
+        "config": dataclasses.asdict(cfg), "workloads": rows,
+        "overhead": overhead,
+        "targets": {"best_of_speedup>=3": rows["best_of"]["speedup"] >= 3,
+                    "chats_throughput_ratio>=4": rows["chats"]["throughput_ratio"] >= 4,
+                    "overhead_pct<=5": overhead["overhead_pct"] <= 5},
+    }
+
+
+def format_runtime_report(report: dict) -> str:
+    lines = [f"runtime benchmark: {report['model']}, {report['threads']} threads (pie-local vs llama-cpp-python; "
+             f"load average {report['load_avg_1m']} at the end)",
+             f"{'workload':<16} {'pie s':>8} {'llama s':>8} {'pie tok/s':>10} {'llama tok/s':>12} {'ratio':>7}"]
+    for name, r in report["workloads"].items():
+        lines.append(f"{name:<16} {r['pie_s']:>8.2f} {r['llama_cpp_s']:>8.2f} {r['pie_tok_s']:>10.1f} "
+                     f"{r['llama_cpp_tok_s']:>12.1f} {r['speedup']:>6.2f}x")
+    o = report["overhead"]
+    lines.append(f"decode step: runtime {o['runtime_step_ms']:.2f} ms vs bare driver {o['bare_driver_step_ms']:.2f} ms "
+                 f"-> overhead {o['overhead_pct']:+.1f}%")
+    t = report["targets"]
+    lines.append("targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in t.items()))
+    return "\n".join(lines)

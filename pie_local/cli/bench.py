@@ -1,0 +1,96 @@
+"""Benchmark pie-local against llama-cpp-python on this machine (same GGUF, same threads).
+
+Runs the driver benchmark (prefill, decode, 8 batched streams) and the runtime benchmark
+(best-of-8 from a shared 512-token prompt, 8 concurrent chats, tree-of-thought, a tool loop, and
+the runtime's overhead per decode step), then prints times and pie/llama.cpp ratios. Takes a few
+minutes on a laptop CPU; --quick runs a short version.
+
+examples:
+  pie-local bench --quick
+  pie-local bench --json > bench.json
+  pie-local bench --model qwen2.5-0.5b --threads 8 --only runtime
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", "-m", default=None, help="model name or .gguf path (default: the default model)")
+    parser.add_argument("--threads", type=int, default=0, help="threads for both engines (default: physical cores)")
+    parser.add_argument("--quick", action="store_true", help="shorter prompts and generations (about a minute)")
+    parser.add_argument("--only", choices=("driver", "runtime"), default=None, help="run only one of the benchmarks")
+    parser.add_argument("--json", action="store_true", help="print one JSON object with every number")
+
+
+def load_driver_bench():
+    """`run_driver_bench` from the driver benchmark, or None when this install does not ship it."""
+    try:
+        from pie_local.bench_driver import run_driver_bench  # type: ignore[import-not-found]
+
+        return run_driver_bench
+    except ImportError:
+        pass
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_driver.py"  # a source checkout
+    if not script.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("pie_local_bench_driver_script", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, "run_driver_bench", None)
+
+
+def format_driver_report(report: dict) -> str:
+    lines = [f"driver benchmark: {Path(str(report['model'])).name}, {report['threads']} threads",
+             f"{'workload':<14} {'pie tok/s':>10} {'llama tok/s':>12} {'ratio':>7}"]
+    for name, value in report["pie"].items():
+        lines.append(f"{name:<14} {value:>10.1f} {report['llama_cpp'][name]:>12.1f} {report['ratio'][name]:>6.2f}x")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pie_local.models import ModelError
+
+    try:
+        return _bench(args)
+    except ModelError as exc:
+        print(f"pie-local: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pie_local.bench import BenchConfig, format_runtime_report, physical_cores, run_runtime_bench
+
+    threads = args.threads if args.threads > 0 else physical_cores()
+
+    def progress(msg: str) -> None:
+        print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+    report: dict = {}
+    if args.only in (None, "driver"):
+        run_driver_bench = load_driver_bench()
+        if run_driver_bench is None:
+            print("pie-local: error: the driver benchmark is not part of this install", file=sys.stderr)
+            if args.only == "driver":
+                return 1
+        else:
+            from pie_local.models import resolve_model
+
+            progress("driver benchmark")
+            sizes = dict(prefill=128, decode=32, streams=8, stream_tokens=16) if args.quick else {}
+            report["driver"] = run_driver_bench(resolve_model(args.model).path, threads=threads, **sizes)
+            if not args.json:
+                print(format_driver_report(report["driver"]), flush=True)
+    if args.only in (None, "runtime"):
+        make = BenchConfig.quick if args.quick else BenchConfig
+        report["runtime"] = run_runtime_bench(make(model=args.model, n_threads=threads), progress)
+        if not args.json:
+            print(("\n" if "driver" in report else "") + format_runtime_report(report["runtime"]))
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    return 0

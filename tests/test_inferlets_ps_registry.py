@@ -1,0 +1,131 @@
+"""`pie-local ps` bookkeeping: run files published per engine process, stale ones pruned."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from pie_local.runtime import ps_registry
+
+
+@dataclass
+class _Stats:
+    inferlets: list = field(default_factory=list)
+    pages_used: int = 3
+
+
+class _Engine:
+    model_name = "toy"
+
+    def __init__(self) -> None:
+        self.rows = [{"id": 1, "name": "text-completion", "state": "running", "tokens": 5, "pages": 1},
+                     {"id": 2, "name": "chat", "state": "done", "tokens": 9, "pages": 0}]
+
+    def stats(self) -> _Stats:
+        return _Stats(inferlets=list(self.rows))
+
+
+def test_publish_and_read_back():
+    ps_registry.publish(ps_registry.engine_snapshot(_Engine()))
+    (entry,) = ps_registry.read_all()
+    assert entry["pid"] == os.getpid()
+    assert entry["model"] == "toy"
+    assert [row["name"] for row in entry["inferlets"]] == ["text-completion"]  # finished ones are left out
+    assert entry["stats"] == {"pages_used": 3}
+    ps_registry.unpublish()
+    assert ps_registry.read_all() == []
+
+
+def test_dead_pid_and_stale_files_are_pruned():
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    ps_registry.publish({"pid": dead.pid, "updated_at": time.time(), "inferlets": []}, pid=dead.pid)
+    # a live pid (ours) whose file stopped being refreshed long ago
+    ps_registry.publish({"pid": os.getpid(), "updated_at": time.time() - 3600, "inferlets": []})
+    (ps_registry.run_dir() / "garbage.json").write_text("{")
+    assert ps_registry.read_all() == []
+    assert list(ps_registry.run_dir().iterdir()) == []
+
+
+async def test_publisher_refreshes_and_removes_its_file():
+    engine = _Engine()
+    publisher = ps_registry.PsPublisher(engine, interval=0.01)
+    publisher.start()
+    await asyncio.sleep(0.05)
+    assert ps_registry.read_all()[0]["inferlets"][0]["tokens"] == 5
+    engine.rows[0]["tokens"] = 9
+    await asyncio.sleep(0.05)
+    assert ps_registry.read_all()[0]["inferlets"][0]["tokens"] == 9
+    await publisher.stop()
+    assert ps_registry.read_all() == []
+
+
+def test_ps_cli_lists_other_processes(capsys):
+    import argparse
+
+    from pie_local.cli import ps
+
+    def main(argv):
+        parser = argparse.ArgumentParser()
+        ps.add_arguments(parser)
+        return ps.run(parser.parse_args(argv[1:]))
+
+    assert main(["ps"]) == 0
+    assert "no pie-local engine is running" in capsys.readouterr().out
+    ps_registry.publish(ps_registry.engine_snapshot(_Engine()))
+    assert main(["ps"]) == 0
+    out = capsys.readouterr().out
+    assert "text-completion" in out and str(os.getpid()) in out and "running" in out
+    assert main(["ps", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data[0]["inferlets"][0]["tokens"] == 5
+
+
+async def test_ps_sees_an_inferlet_running_in_another_process(tmp_path, isolated_home):
+    """A child process runs an engine with a blocked inferlet; this process lists it."""
+    script = tmp_path / "engine_proc.py"
+    script.write_text(
+        "import asyncio, sys\n"
+        "from pie_local.driver.fake import FakeDriver\n"
+        "from pie_local.runtime.engine import Engine\n"
+        "from pie_local.runtime.ps_registry import PsPublisher\n"
+        "async def waiter(rt, args):\n"
+        "    ctx = rt.context(); ctx.fill('hello'); await ctx.flush()\n"
+        "    await rt.receive()\n"
+        "async def main():\n"
+        "    async with Engine(driver=FakeDriver()) as engine:\n"
+        "        pub = PsPublisher(engine, interval=0.05); pub.start()\n"
+        "        handle = engine.launch(waiter)\n"
+        "        print('ready', flush=True)\n"
+        "        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)\n"
+        "        await handle.send('stop'); await handle.result(); await pub.stop()\n"
+        "asyncio.run(main())\n"
+    )
+    repo = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": repo, "PIE_LOCAL_HOME": str(isolated_home)}
+    proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        for _ in range(100):
+            entries = ps_registry.read_all()
+            if entries and entries[0]["inferlets"] and entries[0]["inferlets"][0]["pages"] > 0:
+                break
+            await asyncio.sleep(0.05)
+        (entry,) = entries
+        assert entry["pid"] == proc.pid
+        (row,) = entry["inferlets"]
+        assert row["name"] == "waiter" and row["state"] == "running" and row["tokens"] == 6
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert ps_registry.read_all() == []  # the engine removed its file on the way out
