@@ -18,6 +18,11 @@ pytestmark = pytest.mark.real_driver
 PAGE = 4
 EXACT = 1e-6
 REORDERED = 1e-4
+# A 1-token decode against a 9-token prefill: gemma3 scales Q by 1/sqrt(head_dim) before the f16
+# attention (as llama.cpp does); with head_dim 32 that scale is not a power of two, so Q rounds
+# differently in the two batch shapes. Measured 1.2e-4 on the tiny gemma3; the hidden-span bugs this
+# test exists for move logits by > 0.1.
+DECODE_VS_PREFILL = 5e-4
 
 
 def open_driver(tmp_path_factory, arch: str, kv_type: str = "f16", **overrides: object) -> Driver:
@@ -131,7 +136,7 @@ def test_brle_mask_in_decode_step(mask_driver: Driver) -> None:
     want = driver.forward(
         build_batch([Req(toks[:8] + [nxt], list(range(20, 23)), 9, positions=positions, outputs=[8])], PAGE)
     ).logits
-    np.testing.assert_allclose(got, want, atol=REORDERED, rtol=0)
+    np.testing.assert_allclose(got, want, atol=DECODE_VS_PREFILL, rtol=0)
 
 
 def test_read_write_pages_round_trip(driver: Driver) -> None:

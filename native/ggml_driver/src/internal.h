@@ -226,7 +226,7 @@ struct ggml_tensor *pie_select_outputs(pie_graph *g, struct ggml_tensor *x);
 struct ggml_tensor *pie_norm(pie_graph *g, struct ggml_tensor *x, struct ggml_tensor *w);
 struct ggml_tensor *pie_rope(pie_graph *g, struct ggml_tensor *x, int il);
 struct ggml_tensor *pie_attention(pie_graph *g, int il, struct ggml_tensor *q, struct ggml_tensor *k,
-                                  struct ggml_tensor *v);
+                                  struct ggml_tensor *v, float kq_scale);
 struct ggml_tensor *pie_linear(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *b,
                                struct ggml_tensor *x);
 void pie_graph_finish(pie_graph *g, struct ggml_tensor *x);

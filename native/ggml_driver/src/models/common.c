@@ -90,11 +90,11 @@ static struct ggml_tensor *request_kv(pie_graph *g, struct ggml_tensor *pool, co
  *   v: [head_dim_v, n_head_kv, n_tokens]
  * The new K/V rows of every request go into the pool at write_rows in one op; then each request
  * attends over its own KV under its own mask block (causal, custom BRLE, sliding window), and
- * the per-request results are concatenated back in batch order.
+ * the per-request results are concatenated back in batch order. kq_scale multiplies Q.K.
  * Returns [head_dim_v * n_head, n_tokens].
  */
 struct ggml_tensor *pie_attention(pie_graph *g, int il, struct ggml_tensor *q, struct ggml_tensor *k,
-                                  struct ggml_tensor *v) {
+                                  struct ggml_tensor *v, float kq_scale) {
     struct ggml_context *ctx = g->ctx;
     const pie_model *m = g->model;
     const pie_hparams *hp = &m->hp;
@@ -117,7 +117,7 @@ struct ggml_tensor *pie_attention(pie_graph *g, int il, struct ggml_tensor *q, s
         struct ggml_tensor *mr = ggml_view_2d(ctx, mask, rq->n_kv, rq->n_q, sizeof(ggml_fp16_t) * (size_t)rq->n_kv,
                                               sizeof(ggml_fp16_t) * (size_t)rq->mask_off); /* [n_kv, n_q] */
         struct ggml_tensor *out = ggml_flash_attn_ext(ctx, qr, request_kv(g, kp, rq, hp->head_dim),
-                                                      request_kv(g, vp, rq, hp->head_dim_v), mr, hp->attn_scale, 0.0f, 0.0f);
+                                                      request_kv(g, vp, rq, hp->head_dim_v), mr, kq_scale, 0.0f, 0.0f);
         ggml_prec_set_acc(out, GGML_PREC_F32); /* out: [head_dim_v, n_head, n_q] */
         /* merge like a binary counter: equal-sized neighbours first */
         parts[n_parts++] = out;

@@ -54,7 +54,9 @@ static void gemma3_build(pie_graph *g) {
         struct ggml_tensor *v = ggml_reshape_3d(ctx, pie_linear(g, L->wv, NULL, cur), hp->head_dim_v, hp->n_head_kv, nt);
         q = pie_rope(g, pie_norm(g, q, L->q_norm), il);
         k = pie_rope(g, pie_norm(g, k, L->k_norm), il);
-        cur = pie_attention(g, il, q, k, v);    /* [n_head*head_dim_v, n_tokens] */
+        /* Q is scaled before attention (as Gemma's reference does), not inside it: the f16
+         * rounding of Q then matches llama.cpp's */
+        cur = pie_attention(g, il, ggml_scale(ctx, q, hp->attn_scale), k, v, 1.0f); /* [n_head*head_dim_v, n] */
         cur = pie_linear(g, L->wo, NULL, cur);  /* [n_embd, n_tokens] */
 
         if (il == hp->n_layer - 1) {

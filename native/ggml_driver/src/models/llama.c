@@ -25,7 +25,7 @@ static void llama_build(pie_graph *g) {
         struct ggml_tensor *q = ggml_reshape_3d(ctx, pie_linear(g, L->wq, L->bq, cur), hp->head_dim, hp->n_head, nt);
         struct ggml_tensor *k = ggml_reshape_3d(ctx, pie_linear(g, L->wk, L->bk, cur), hp->head_dim, hp->n_head_kv, nt);
         struct ggml_tensor *v = ggml_reshape_3d(ctx, pie_linear(g, L->wv, L->bv, cur), hp->head_dim_v, hp->n_head_kv, nt);
-        cur = pie_attention(g, il, pie_rope(g, q, il), pie_rope(g, k, il), v); /* [n_head*head_dim_v, n_tokens] */
+        cur = pie_attention(g, il, pie_rope(g, q, il), pie_rope(g, k, il), v, hp->attn_scale); /* [n_head*head_dim_v, n] */
         cur = pie_linear(g, L->wo, L->bo, cur);                               /* [n_embd, n_tokens] */
 
         if (il == hp->n_layer - 1) { /* only the sampled rows go on */

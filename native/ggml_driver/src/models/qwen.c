@@ -28,7 +28,7 @@ static void qwen_build(pie_graph *g) {
             q = pie_norm(g, q, L->q_norm);
             k = pie_norm(g, k, L->k_norm);
         }
-        cur = pie_attention(g, il, pie_rope(g, q, il), pie_rope(g, k, il), v); /* [n_head*head_dim_v, n_tokens] */
+        cur = pie_attention(g, il, pie_rope(g, q, il), pie_rope(g, k, il), v, hp->attn_scale); /* [n_head*head_dim_v, n] */
         cur = pie_linear(g, L->wo, L->bo, cur);                               /* [n_embd, n_tokens] */
 
         if (il == hp->n_layer - 1) {
