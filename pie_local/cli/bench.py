@@ -14,7 +14,6 @@ examples:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -26,23 +25,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="shorter prompts and generations (about a minute)")
     parser.add_argument("--only", choices=("driver", "runtime"), default=None, help="run only one of the benchmarks")
     parser.add_argument("--json", action="store_true", help="print one JSON object with every number")
-
-
-def load_driver_bench():
-    """`run_driver_bench` from the driver benchmark, or None when this install does not ship it."""
-    try:
-        from pie_local.bench_driver import run_driver_bench  # type: ignore[import-not-found]
-
-        return run_driver_bench
-    except ImportError:
-        pass
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_driver.py"  # a source checkout
-    if not script.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("pie_local_bench_driver_script", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return getattr(module, "run_driver_bench", None)
 
 
 def format_driver_report(report: dict) -> str:
@@ -73,19 +55,14 @@ def _bench(args: argparse.Namespace) -> int:
 
     report: dict = {}
     if args.only in (None, "driver"):
-        run_driver_bench = load_driver_bench()
-        if run_driver_bench is None:
-            print("pie-local: error: the driver benchmark is not part of this install", file=sys.stderr)
-            if args.only == "driver":
-                return 1
-        else:
-            from pie_local.models import resolve_model
+        from pie_local.bench_driver import run_driver_bench
+        from pie_local.models import resolve_model
 
-            progress("driver benchmark")
-            sizes = dict(prefill=128, decode=32, streams=8, stream_tokens=16) if args.quick else {}
-            report["driver"] = run_driver_bench(resolve_model(args.model).path, threads=threads, **sizes)
-            if not args.json:
-                print(format_driver_report(report["driver"]), flush=True)
+        progress("driver benchmark")
+        sizes = dict(prefill=128, decode=32, streams=8, stream_tokens=16) if args.quick else {}
+        report["driver"] = run_driver_bench(resolve_model(args.model).path, threads=threads, **sizes)
+        if not args.json:
+            print(format_driver_report(report["driver"]), flush=True)
     if args.only in (None, "runtime"):
         make = BenchConfig.quick if args.quick else BenchConfig
         report["runtime"] = run_runtime_bench(make(model=args.model, n_threads=threads), progress)
