@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -173,6 +174,15 @@ HOSTILE = {
     "big power": ("{{ 2 ** 100000000 }}", "exponent"),
     "recursion": ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "RecursionError"),
     "huge range": ("{{ range(10 ** 9) | list | length }}", "Range too big"),
+    "%-format width": ("{{ '%0999999999d' % 1 }}", "field 999999999 characters wide"),
+    "%-format precision": ("{{ '%.999999999f' % 1.5 }}", "field 999999999 characters wide"),
+    "%-format width from *": ("{{ '%-5s%*d' % ('a', -999999999, 1) }}", "field 999999999 characters wide"),
+    "%-format by key": ("{{ '%(a)0999999999d' % {'a': 1} }}", "field 999999999 characters wide"),
+    "format filter": ("{{ '%0999999999d' | format(1) }}", "field 999999999 characters wide"),
+    "str.format width": ("{{ '{:0999999999}'.format(1) }}", "field 999999999 characters wide"),
+    "str.format nested width": ("{{ '{:{w}}'.format(1, w=999999999) }}", "field 999999999 characters wide"),
+    "format_map width": ("{{ '{x:>999999999}'.format_map({'x': 1}) }}", "field 999999999 characters wide"),
+    "str.format escape": ("{{ '{0.__class__}'.format(1) }}", "unsafe attribute '__class__'"),
 }
 
 
@@ -182,6 +192,29 @@ def test_hostile_templates_fail_cleanly(name: str) -> None:
     tmpl = ChatTemplate(source, max_render_seconds=0.5)
     with pytest.raises(ChatTemplateError, match=message):
         tmpl.render(CHAT)
+
+
+def test_wide_format_is_rejected_before_allocating() -> None:
+    # Without the check Python builds the 1 GB string first and the size budget rejects it after.
+    tracemalloc.start()
+    try:
+        with pytest.raises(ChatTemplateError, match="wide"):
+            ChatTemplate("{{ '%0999999999d' % 1 }}").render(CHAT)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 << 20
+
+
+def test_ordinary_formatting_still_works() -> None:
+    source = ("{{ '%05d|%-4s|%.2f|%%|%*d' % (42, 'ab', 3.14159, 3, 7) }};{{ '%(n)s=%(v)03d' % {'n': 'x', 'v': 5} }};"
+              "{{ '%s-%s' | format('a', 'b') }};{{ '{:>5}|{:.3f}|{n:_^7}'.format('ab', 2.5, n='z') }};"
+              "{{ '{0[role]}'.format(messages[0]) }};{{ '{a}'.format_map({'a': 1}) }};{{ '{:{w}}'.format(1, w=4) }}")
+    assert ChatTemplate(source).render(CHAT) == "00042|ab  |3.14|%|  7;x=005;a-b;   ab|2.500|___z___;system;1;   1"
+    limit = ChatTemplate("{{ '%0100d' % 1 }}", max_output_chars=100)
+    with pytest.raises(ChatTemplateError, match="field 100 characters wide"):
+        ChatTemplate("{{ '%0100d' % 1 }}", max_output_chars=99).render(CHAT)
+    assert limit.render(CHAT) == "0" * 99 + "1"
 
 
 def test_template_syntax_error() -> None:

