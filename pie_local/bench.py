@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import json
 import logging
@@ -24,6 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from pie_local.llama_logs import route_llama_logs
 
 log = logging.getLogger("pie_local.bench")
 
@@ -71,27 +72,9 @@ def physical_cores() -> int:
 
 # ---------------------------------------------------------------- llama-cpp-python baseline
 
-_LLAMA_LOG_CALLBACK = None  # keeps the ctypes callback alive
-
 # Sampling of every branch on both sides: llama-cpp-python's defaults (its users' settings; with
 # a 262k vocabulary, top_k=0 would make its sampler sort the whole vocabulary every token).
 TEMPERATURE, TOP_K, TOP_P, MIN_P = 0.8, 40, 0.95, 0.05
-
-
-def _route_llama_logs() -> None:
-    global _LLAMA_LOG_CALLBACK
-    import llama_cpp
-
-    if _LLAMA_LOG_CALLBACK is not None:
-        return
-    llama_log = logging.getLogger("pie_local.bench.llama_cpp")
-
-    @llama_cpp.llama_log_callback
-    def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        llama_log.debug("%s", text.decode("utf-8", "replace").rstrip())
-
-    _LLAMA_LOG_CALLBACK = callback
-    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
 
 
 @contextlib.contextmanager
@@ -121,7 +104,7 @@ def load_llama(path: str | os.PathLike, n_threads: int, n_ctx: int = 2048):
     """A llama-cpp-python `Llama` set up the way the benchmark uses it (prompt cache on)."""
     import llama_cpp
 
-    _route_llama_logs()
+    route_llama_logs()
     with _no_extra_bufts():
         llm = llama_cpp.Llama(
             str(path),
@@ -132,7 +115,7 @@ def load_llama(path: str | os.PathLike, n_threads: int, n_ctx: int = 2048):
             swa_full=True,  # lets its prefix-match reuse the KV of sliding-window models
             verbose=False,
         )
-    _route_llama_logs()  # Llama(verbose=...) installs its own stderr logger; take logs back
+    route_llama_logs()  # Llama(verbose=...) installs its own stderr logger; take logs back
     llm.set_cache(llama_cpp.LlamaRAMCache(capacity_bytes=1 << 30))
     return llm
 

@@ -135,10 +135,10 @@ class LlamaSide:
     def __init__(self, path: Path, threads: int, n_ctx: int, n_seq: int, n_batch: int) -> None:
         import llama_cpp
 
-        from pie_local.driver import _lib
+        from pie_local.llama_logs import route_llama_logs
 
         self.ll = llama_cpp
-        _lib.route_llama_cpp_logs()  # llama.cpp's logs to Python logging, as pie-local does
+        route_llama_logs()  # llama.cpp's logs to Python logging, as pie-local does
         llama_cpp.llama_backend_init()
         mp = llama_cpp.llama_model_default_params()
         mp.use_extra_bufts = False

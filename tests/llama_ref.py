@@ -24,9 +24,9 @@ def _init_backend() -> None:
     """llama.cpp's logs go where pie-local sends them (Python logging), then the backend starts."""
     global _backend_ready
     if not _backend_ready:
-        from pie_local.driver import _lib
+        from pie_local.llama_logs import route_llama_logs
 
-        _lib.route_llama_cpp_logs()
+        route_llama_logs()
         llama_cpp.llama_backend_init()
         _backend_ready = True
 

@@ -105,9 +105,9 @@ def check_ggml() -> tuple[Check, Check]:
             Check("ggml", "fail", f"llama-cpp-python does not import: {exc}", fix),
             Check("cpu", "skip", "needs ggml"),
         )
-    from pie_local.driver import _lib  # routes llama.cpp's logs away from stderr
+    from pie_local.llama_logs import route_llama_logs
 
-    _lib.route_llama_cpp_logs()
+    route_llama_logs()
     llama_cpp.llama_backend_init()
     version = getattr(llama_cpp, "__version__", "?")
     data: dict[str, Any] = {"llama_cpp_python": version}

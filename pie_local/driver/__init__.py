@@ -26,4 +26,4 @@ def __getattr__(name: str) -> Any:
 
 
 if "llama_cpp" in sys.modules:  # already paid for: take its logs now, before anyone else logs
-    importlib.import_module("pie_local.driver._lib").route_llama_cpp_logs()
+    importlib.import_module("pie_local.llama_logs").route_llama_logs()

@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 from pie_local.driver import _ffi
+from pie_local.llama_logs import route_llama_logs
 
 log = logging.getLogger("pie_local.driver")
 # A library's logs reach the terminal only through handlers the application installs (the TUI
@@ -53,27 +54,6 @@ def _on_log(level: int, message: bytes, _user: object) -> None:
     log.log(_LEVELS[level] if 0 <= level < 4 else logging.INFO, "%s", message.decode("utf-8", "replace"))
 
 
-def route_llama_cpp_logs() -> None:
-    """llama.cpp prints to stderr even when quiet; send it to logging "pie_local.llama_cpp"."""
-    if hasattr(route_llama_cpp_logs, "keep_alive"):
-        return
-    try:
-        import llama_cpp
-    except ImportError:  # the driver works without the Python package
-        return
-    llama_log = logging.getLogger("pie_local.llama_cpp")
-
-    @llama_cpp.llama_log_callback
-    def on_llama_log(level: int, text: bytes, _user: object) -> None:
-        msg = text.decode("utf-8", "replace").rstrip()
-        if msg:
-            # ggml levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation
-            llama_log.log({3: logging.WARNING, 4: logging.ERROR}.get(level, logging.DEBUG), "%s", msg)
-
-    llama_cpp.llama_log_set(on_llama_log, ctypes.c_void_p(0))
-    route_llama_cpp_logs.keep_alive = on_llama_log  # type: ignore[attr-defined]
-
-
 def load() -> ctypes.CDLL:
     """The bound library (loaded, ABI-checked and log-routed on first call)."""
     global _lib
@@ -92,7 +72,7 @@ def load() -> ctypes.CDLL:
             )
         # llama.cpp first: its logger and ours both hook ggml's process-wide logger; ours wins
         # for ggml messages, llama.cpp's own messages keep going through its callback.
-        route_llama_cpp_logs()
+        route_llama_logs()
         try:
             lib = ctypes.CDLL(str(path))
         except OSError as exc:

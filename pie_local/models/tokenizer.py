@@ -14,43 +14,11 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-import logging
 import os
 import threading
 from collections.abc import Iterable
 
-log = logging.getLogger("pie_local.llama_cpp")
-log.addHandler(logging.NullHandler())  # unconfigured logging must not fall back to stderr
-
-# enum ggml_log_level -> logging level; 5 (CONT) continues the previous message at its level.
-_GGML_LEVELS = {0: logging.INFO, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
-_log_state = {"callback": None, "last_level": logging.DEBUG}
-_log_lock = threading.Lock()
-
-
-def route_llama_logs() -> None:
-    """Send llama.cpp's and ggml's log lines to Python logging ("pie_local.llama_cpp").
-
-    llama.cpp writes to stderr even when asked to be quiet, which would scribble over the TUI.
-    The callback is process-wide; installing it again is a no-op. The ctypes callback object is
-    kept in a module dict so it is never garbage-collected while C still holds the pointer.
-    """
-    import llama_cpp
-
-    with _log_lock:
-        if _log_state["callback"] is not None:
-            return
-
-        @llama_cpp.llama_log_callback
-        def _callback(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
-            py_level = _log_state["last_level"] if level == 5 else _GGML_LEVELS.get(level, logging.DEBUG)
-            _log_state["last_level"] = py_level
-            message = text.decode("utf-8", errors="replace").rstrip("\n")
-            if message and log.isEnabledFor(py_level):
-                log.log(py_level, "%s", message)
-
-        _log_state["callback"] = _callback
-        llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
+from pie_local.llama_logs import route_llama_logs
 
 
 class TokenizerError(ValueError):
