@@ -134,12 +134,12 @@ def test_chat_reads_piped_turns(fake_engine, monkeypatch, capsys):
     assert capsys.readouterr().out == "ok\nok\n"
 
 
-def test_bench_cli_reports_missing_driver_bench(monkeypatch, capsys):
+def test_bench_cli_unknown_model_is_a_clear_error(capsys):
     from pie_local.cli import bench as bench_cmd
 
-    monkeypatch.setattr(bench_cmd, "load_driver_bench", lambda: None)
-    assert cli(bench_cmd, ["--only", "driver"]) == 1
-    assert "driver benchmark is not part of this install" in capsys.readouterr().err
+    assert cli(bench_cmd, ["--only", "driver", "--model", "no-such-model"]) == 1
+    err = capsys.readouterr().err
+    assert "pie-local: error:" in err and "no-such-model" in err and "Traceback" not in err
 
 
 def test_split_remainder():

@@ -69,7 +69,6 @@ class LineReader:
 async def _chat(args: argparse.Namespace) -> int:
     from pie_local.cli.run import make_engine, start_engine
     from pie_local.inferlets.chat import TURN_END
-    from pie_local.runtime.ps_registry import PsPublisher
 
     interactive = sys.stdin.isatty()
     if interactive:
@@ -79,8 +78,6 @@ async def _chat(args: argparse.Namespace) -> int:
     if problem:
         print(f"pie-local: error: {problem}", file=sys.stderr)
         return 1
-    publisher = PsPublisher(engine)
-    publisher.start()
     reader = LineReader(interactive)
     try:
         handle = engine.launch("chat", {"system": args.system, "max_tokens": args.max_tokens,
@@ -113,5 +110,4 @@ async def _chat(args: argparse.Namespace) -> int:
             return 1
         return 0
     finally:
-        await publisher.stop()
         await engine.stop()

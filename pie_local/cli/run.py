@@ -142,15 +142,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace, spec, parsed) -> int:
-    from pie_local.runtime.ps_registry import PsPublisher
 
     engine = make_engine(args)
     problem = await start_engine(engine)
     if problem:
         print(f"pie-local: error: {problem}", file=sys.stderr)
         return 1
-    publisher = PsPublisher(engine)
-    publisher.start()
     try:
         handle = engine.launch(spec, parsed)
         text: list[str] = []
@@ -182,5 +179,4 @@ async def _run(args: argparse.Namespace, spec, parsed) -> int:
             sys.stdout.write("\n")
         return 0
     finally:
-        await publisher.stop()
         await engine.stop()

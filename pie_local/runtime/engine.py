@@ -28,6 +28,7 @@ from pie_local.runtime.inferlet import InferletSpec, load_inferlet
 from pie_local.runtime.limits import Limits, WallTimeExceeded
 from pie_local.runtime.messaging import MessageBus
 from pie_local.runtime.pages import PagePool
+from pie_local.runtime.ps_registry import PsPublisher
 from pie_local.runtime.scheduler import Scheduler
 from pie_local.runtime.stats import Counters, EngineStats, InferletStats
 
@@ -193,6 +194,8 @@ class Engine:
         self._bus = MessageBus()
         self._scheduler.start(on_batch_done=self._pool.notify)
         self._running = True
+        self._ps_publisher = PsPublisher(self)  # what `pie-local ps` in another process sees
+        self._ps_publisher.start()
         return self
 
     async def stop(self) -> None:
@@ -203,6 +206,7 @@ class Engine:
             h.cancel()
         if handles:
             await asyncio.gather(*(h.task for h in handles), return_exceptions=True)
+        await self._ps_publisher.stop()
         await self._scheduler.stop()
         self._running = False
         if self._owns_driver and self._driver is not None:
