@@ -129,3 +129,31 @@ async def test_ps_sees_an_inferlet_running_in_another_process(tmp_path, isolated
             proc.kill()
             proc.wait()
     assert ps_registry.read_all() == []  # the engine removed its file on the way out
+
+
+async def test_a_running_engine_is_visible_to_ps_until_it_stops():
+    from pie_local.driver.fake import FakeDriver
+    from pie_local.driver.types import DriverParams
+    from pie_local.runtime import Engine, EngineConfig
+
+    release = asyncio.Event()
+
+    async def waiting(rt, args):
+        await release.wait()
+        return "done"
+
+    engine = Engine(driver=FakeDriver(DriverParams(page_size=4, n_pages=16)), config=EngineConfig(page_size=4, n_pages=16))
+    await engine.start()
+    handle = engine.launch(waiting)
+    for _ in range(100):  # the engine's publisher refreshes its run file every second
+        entries = ps_registry.read_all()
+        if entries and entries[0]["inferlets"]:
+            break
+        await asyncio.sleep(0.05)
+    (entry,) = entries
+    assert entry["pid"] == os.getpid()
+    assert [row["state"] for row in entry["inferlets"]] == ["running"]
+    release.set()
+    assert await handle.result() == "done"
+    await engine.stop()
+    assert ps_registry.read_all() == []  # the engine's stop removed its run file
