@@ -147,7 +147,7 @@ async def test_a_running_engine_is_visible_to_ps_until_it_stops():
     handle = engine.launch(waiting)
     for _ in range(100):  # the engine's publisher refreshes its run file every second
         entries = ps_registry.read_all()
-        if entries and entries[0]["inferlets"]:
+        if entries and [row["state"] for row in entries[0]["inferlets"]] == ["running"]:
             break
         await asyncio.sleep(0.05)
     (entry,) = entries
