@@ -117,6 +117,10 @@ async def test_pull_by_spec_with_progress_then_cancel_and_resume(monkeypatch, tm
         hub.add_repo("acme/Tiny-GGUF", {"tiny-Q4_K_M.gguf": data, "README.md": b"hi"})
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         app = make_app(CancellingBackend(engine_factory=fake_engine_factory()))
+        # Record every notification: on a loaded machine the first can expire before the second.
+        notified: list[str] = []
+        show = app.notify
+        app.notify = lambda message, *a, **kw: (notified.append(str(message)), show(message, *a, **kw))[1]
         async with app.run_test(size=(80, 24)) as pilot:
             await loaded(pilot, app)
             for attempt in (1, 2):
@@ -124,9 +128,9 @@ async def test_pull_by_spec_with_progress_then_cancel_and_resume(monkeypatch, tm
                 await wait_until(pilot, lambda: isinstance(app.screen, PromptScreen), what="spec prompt")
                 app.screen.query_one("#answer", Input).value = "acme/Tiny-GGUF:Q4_K_M"
                 await pilot.press("enter")
-                await wait_until(pilot, lambda: app.screen.pulling is None and len(app._notifications) >= attempt,
+                await wait_until(pilot, lambda: app.screen.pulling is None and len(notified) >= attempt,
                                  timeout=60, what=f"pull {attempt}")
-            first, second = [n.message for n in app._notifications]
+            first, second = notified
             assert "cancelled; pull again to resume" in first
             assert second.startswith("Installed ")
             assert any(r[0].startswith("tiny") or "Tiny" in r[0] for r in table_rows(app, "installed"))
