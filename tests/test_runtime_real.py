@@ -67,10 +67,12 @@ async def test_snapshot_restart_continues_identically_without_reprefill(starter_
         assert restored.last.token_ids == expected_ids and got == expected
         # one forward token per generated token: the prompt was never computed again
         assert engine.stats().tokens_total == len(expected_ids)
+    import json
+
     from pie_local import paths
 
-    # the identity used the starter package's known sha256: the 253 MB file was never hashed
-    assert not (paths.home() / "model-sha256.json").exists()
+    # the model file was hashed once for both engines: the second remembered it by (path, size, mtime)
+    assert len(json.loads((paths.home() / "model-sha256.json").read_text())) == 1
 
 
 async def test_forks_share_the_prompt_and_match_unforked_greedy(starter_gguf):

