@@ -71,6 +71,28 @@ def test_scattered_pages_equal_contiguous_pages(driver: Driver) -> None:
     np.testing.assert_allclose(np.concatenate(b), np.concatenate(a), atol=EXACT, rtol=0)
 
 
+def test_every_way_of_reading_kv_gives_the_same_result(driver: Driver) -> None:
+    # One batch, the same 38 tokens three times over 10 pages each: consecutive pages (a view of
+    # the pool), two runs of consecutive pages (views joined by concat; on a q8_0 pool, gathered)
+    # and ten single pages (more runs than the driver joins: rows gathered). Then a decode step.
+    toks = tokens_for(driver, 38, seed=5)
+    seqs = [
+        SeqState(range(0, 10), PAGE),
+        SeqState([*range(15, 20), *range(10, 15)], PAGE),
+        SeqState([63, 50, 61, 48, 59, 46, 57, 44, 55, 42], PAGE),
+    ]
+    for step in [toks, None]:
+        if step is None:  # decode: every sequence feeds the token the first one predicted
+            step = [int(np.argmax(first[-1]))]
+        res = driver.forward(build_batch([s.req(step, outputs="all") for s in seqs], PAGE))
+        for s in seqs:
+            s.advance(step)
+        per_req = np.split(res.logits, len(seqs))
+        first = per_req[0]
+        for other in per_req[1:]:
+            np.testing.assert_allclose(other, first, atol=EXACT, rtol=0)
+
+
 def test_forked_sequence_continues_like_the_original(driver: Driver) -> None:
     prompt = tokens_for(driver, 10, seed=1)  # 10 tokens: 2 full pages + a tail of 2
     orig = SeqState([0, 1, 2, 3, 4, 5], PAGE)

@@ -35,6 +35,49 @@ def test_pool_allocates_refcounts_and_caches_indexed_pages():
     assert pool.evictions == 1 and pool.lookup(key) is None and len({p.id for p in pages}) == 4
 
 
+def ids(pages):
+    return [p.id for p in pages]
+
+
+def test_pool_places_a_sequence_on_consecutive_page_ids():
+    pool = PagePool(32, 2, "m")
+    a = pool.allocate(3)  # a new sequence in an empty pool: from id 0
+    assert ids(a) == [0, 1, 2]
+    # the next new sequence goes to the middle of the free run [3, 32), leaving a room to grow
+    b = pool.allocate(2)
+    assert ids(b) == [16, 17]
+    # growth continues right after the sequence's last page while those ids are free
+    assert ids(pool.allocate(2, after=a[-1])) == [3, 4]
+    assert ids(pool.allocate(3, after=b[-1])) == [18, 19, 20]
+    # blocked growth (id 1 is taken) moves to the middle of the largest free run: [5, 16) and
+    # [21, 32) tie, the lower one wins
+    assert ids(pool.allocate(1, after=a[0])) == [10]
+    pool.release(a)  # free runs now [0, 3), [5, 10), [11, 16), [21, 32)
+    assert ids(pool.allocate(2)) == [25, 26]
+    # fragmented: no free run holds the request, so the lowest free ids
+    rest = pool.allocate(pool.n_free - 1)
+    free_ids = [i for i in range(32) if pool.pages[i].refs == 0]
+    assert len(free_ids) == 1 and ids(rest) == sorted(ids(rest)) and ids(rest)[-1] < free_ids[0]
+    pool.release([rest[0], rest[-1]])
+    assert ids(pool.allocate(3)) == [ids(rest)[0], ids(rest)[-1], free_ids[0]]
+    assert pool.n_free == 0
+
+
+def test_pool_placement_at_the_end_of_the_pool_and_after_eviction():
+    pool = PagePool(6, 2, "m")
+    pages = pool.allocate(6)
+    assert ids(pages) == list(range(6))
+    key = pool.chain_hash(None, [1, 2])
+    pool.register(pages[4], key, ready=True)
+    pool.release([pages[1], pages[3], pages[4]])  # 1 and 3 free, 4 cached in the LRU
+    assert pool.n_free == 3 and pool.n_cached == 1
+    # the last page of the pool has no next id: the largest free run instead (never the cache)
+    (grown,) = pool.allocate(1, after=pages[5])
+    assert grown.id == 1 and pool.n_cached == 1
+    got = pool.allocate(2)  # needs the cached page: evicted, then 3 and 4 form a run
+    assert ids(got) == [3, 4] and pool.evictions == 1 and pool.lookup(key) is None
+
+
 def test_pool_forgets_a_page_whose_computation_was_abandoned():
     pool = PagePool(2, 2, "m")
     (a,) = pool.allocate(1)

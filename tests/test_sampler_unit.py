@@ -86,7 +86,7 @@ def sampler(tmp_path_factory: pytest.TempPathFactory) -> SamplerLib:
         pytest.skip("no C compiler to build the sampler harness")
     out = tmp_path_factory.mktemp("sampler") / "libsampler_harness.so"
     subprocess.run(
-        [cc, "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", f"-I{NATIVE / 'include'}",
+        [cc, "-std=c11", "-O2", "-fno-trapping-math", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", f"-I{NATIVE / 'include'}",
          str(NATIVE / "src" / "sampler.c"), str(NATIVE / "tests" / "sampler_harness.c"), "-o", str(out), "-lm"],
         check=True,
     )  # fmt: skip
@@ -140,6 +140,60 @@ def test_logprob_and_top_k_use_raw_logits(sampler: SamplerLib) -> None:
     assert ids.tolist() == order.tolist()
     np.testing.assert_allclose(probs, np.exp(ref[order]), rtol=1e-5)
     assert np.all(np.diff(probs) <= 0)
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0, 40.0])
+def test_logprob_matches_float64_on_a_full_vocabulary(sampler: SamplerLib, scale: float) -> None:
+    # the log-sum-exp runs in float with a polynomial exp: it must stay within 1e-4 of float64,
+    # from flat rows (every term counts) to peaked ones (most terms underflow)
+    rng = np.random.default_rng(int(scale * 10))
+    logits = (rng.standard_normal(262_145) * scale).astype(np.float32)  # odd length: a scalar tail
+    ref = log_softmax(logits)
+    for token in [int(np.argmax(logits)), int(np.argmin(logits)), 12_345, 262_144]:
+        mask = allow_mask(logits.size, [token])
+        _, logprob, ids, probs = sampler.sample(logits, mask=mask, return_top=5)
+        assert logprob == pytest.approx(ref[token], abs=1e-4)
+        np.testing.assert_allclose(probs, np.exp(ref[ids]), rtol=1e-4, atol=1e-9)
+
+
+def test_logprob_ignores_nan_and_minus_inf_entries(sampler: SamplerLib) -> None:
+    rng = np.random.default_rng(11)
+    logits = rng.standard_normal(70_000).astype(np.float32)
+    logits[::5] = -np.inf
+    logits[1::7] = np.nan
+    token, logprob, _, _ = sampler.sample(logits)
+    finite = np.where(np.isfinite(logits), logits, -np.inf)
+    assert token == int(np.argmax(finite))
+    assert logprob == pytest.approx(log_softmax(finite[np.isfinite(finite)]).max(), abs=1e-5)
+
+
+def test_greedy_on_a_full_vocabulary_skips_non_finite_and_keeps_lowest_tie(sampler: SamplerLib) -> None:
+    rng = np.random.default_rng(12)
+    logits = rng.standard_normal(262_144).astype(np.float32)
+    logits[1000] = np.inf  # +inf and NaN are never candidates
+    logits[2000] = np.nan
+    logits[[70_001, 5_003, 262_143]] = 9.0  # ties in different SIMD lanes and in the tail
+    assert sampler.sample(logits)[0] == 5_003
+    odd = logits[:262_143 - 8]  # the tail past the last whole block holds the only maximum
+    odd[-1] = 10.0
+    assert sampler.sample(odd)[0] == odd.size - 1
+
+
+def test_greedy_under_a_mask_on_a_full_vocabulary(sampler: SamplerLib) -> None:
+    rng = np.random.default_rng(13)
+    logits = rng.standard_normal(262_143).astype(np.float32)  # last mask word is partial
+    allowed = rng.choice(262_143, size=5000, replace=False)
+    allowed = np.append(allowed, 262_142)
+    mask = allow_mask(logits.size, allowed)
+    assert sampler.sample(logits, mask=mask)[0] == int(allowed[np.argmax(logits[allowed])])
+    logits[262_142] = 50.0
+    assert sampler.sample(logits, mask=mask)[0] == 262_142
+    # bits past n_vocab in the last word are ignored, even when set
+    tail = mask.copy()
+    tail[-1] = 0xFFFFFFFF
+    logits[262_142] = -np.inf
+    now_allowed = np.union1d(allowed, np.arange(262_112, 262_143))
+    assert sampler.sample(logits, mask=tail)[0] == int(now_allowed[np.argmax(logits[now_allowed])])
 
 
 def test_seed_reproduces_and_seeds_differ(sampler: SamplerLib) -> None:

@@ -8,13 +8,19 @@ the page instead. A page is matched only once its KV is computed (``ready``); a 
 computed can be waited for (`PagePool.wait_change`). Pages are refcounted; an unreferenced indexed
 page stays in an LRU and is reclaimed only when an allocation needs it. A page is written in place
 only by its single owner and only while it is not indexed (copy-on-write otherwise).
+
+Placement: the driver reads a request's KV as one slice of its pool when the request's page ids
+are consecutive, joins a few runs of consecutive ids with one copy per layer (a shared prefix,
+then a fork's own pages), and gathers row by row (slowest) otherwise. So a sequence's growth takes
+the ids right after its last page when they are free, and anything else is placed where it has
+room to grow (see `PagePool.allocate`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -44,7 +50,8 @@ class PagePool:
         self.page_size = page_size
         self._seed = hashlib.blake2b(model_id.encode(), digest_size=16).digest()
         self.pages = [Page(i) for i in range(n_pages)]
-        self._free: deque[int] = deque(range(n_pages))
+        self._free = np.ones(n_pages, dtype=bool)  # never used or released, not cached
+        self._n_free = n_pages
         self._index: dict[bytes, Page] = {}
         self._lru: OrderedDict[int, Page] = OrderedDict()  # unreferenced, indexed, ready
         self._changed: asyncio.Event | None = None
@@ -52,27 +59,53 @@ class PagePool:
 
     # ---- allocation and refcounts -----------------------------------------------------------------
 
-    def allocate(self, n: int) -> list[Page]:
-        """``n`` fresh private pages (refs=1), reclaiming least-recently-used cached pages if needed."""
+    def allocate(self, n: int, after: Page | None = None) -> list[Page]:
+        """``n`` fresh private pages (refs=1), reclaiming least-recently-used cached pages if needed.
+
+        Placement (see the module docstring): ``after`` is the last page of the sequence these
+        pages extend (None for a new sequence). They take the ids right after it when those are
+        free; otherwise one run in the largest free run, at its start when it starts the pool,
+        else in its middle, so that both the new run and the sequence that may end just before
+        it have room to grow. When no free run holds them all, the lowest free ids.
+        """
         if n <= 0:
             return []
-        if n > len(self._free) + len(self._lru):
+        if n > self._n_free + len(self._lru):
             raise OutOfPagesError(
-                f"out of KV pages: need {n}, {len(self._free) + len(self._lru)} free of {self.n_pages} "
+                f"out of KV pages: need {n}, {self._n_free + len(self._lru)} free of {self.n_pages} "
                 f"(release contexts or start the engine with more pages)"
             )
-        while len(self._free) < n:
+        while self._n_free < n:
             _, page = self._lru.popitem(last=False)
             del self._index[page.hash]
             page.hash = None
-            self._free.append(page.id)
+            self._free[page.id] = True
+            self._n_free += 1
             self.evictions += 1
         out = []
-        for _ in range(n):
-            page = self.pages[self._free.popleft()]
+        for i in self._place(n, after):
+            page = self.pages[i]
             page.refs, page.hash, page.ready = 1, None, True
+            self._free[i] = False
             out.append(page)
+        self._n_free -= n
         return out
+
+    def _place(self, n: int, after: Page | None) -> list[int]:
+        """Ids of ``n`` free pages (at least ``n`` are free)."""
+        if after is not None and after.id + n < self.n_pages and self._free[after.id + 1 : after.id + 1 + n].all():
+            return list(range(after.id + 1, after.id + 1 + n))
+        # free runs [start, start + length): edges of the free mask padded with used pages
+        edges = np.diff(np.concatenate(([0], self._free.view(np.int8), [0])))
+        starts = np.flatnonzero(edges == 1)
+        lengths = np.flatnonzero(edges == -1) - starts
+        big = int(np.argmax(lengths))
+        if lengths[big] < n:  # fragmented: no run holds them all, take the lowest ids
+            return np.flatnonzero(self._free)[:n].tolist()
+        first = int(starts[big])
+        if first > 0:  # a sequence may end just before the run: leave it half the room
+            first += (int(lengths[big]) - n) // 2
+        return list(range(first, first + n))
 
     def incref(self, page: Page) -> None:
         if page.refs == 0:
@@ -89,7 +122,8 @@ class PagePool:
             return
         if page.hash is not None:  # never finished computing: forget it
             self.fail(page)
-        self._free.append(page.id)
+        self._free[page.id] = True
+        self._n_free += 1
 
     def release(self, pages: Sequence[Page]) -> None:
         for page in pages:
@@ -140,7 +174,7 @@ class PagePool:
     @property
     def n_free(self) -> int:
         """Pages an allocation can get: never used plus cached (reclaimable)."""
-        return len(self._free) + len(self._lru)
+        return self._n_free + len(self._lru)
 
     @property
     def n_cached(self) -> int:

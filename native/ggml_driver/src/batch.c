@@ -3,7 +3,8 @@
  *
  * Nothing here touches the KV pool: a batch that fails any check leaves every page as it was.
  * The plan lays out, per request, how attention reads its KV (a view of the pool when its pages
- * are consecutive, else gathered rows) and one mask row per token over the request's own KV that
+ * are consecutive; views of a few runs of consecutive pages joined by concat, e.g. a shared
+ * prefix then a fork's own pages; else gathered rows) and one mask row per token over the request's own KV that
  * hides later rows (causality), rows outside its custom BRLE mask, and (in mask_swa) rows that
  * fell out of the sliding window.
  */
@@ -193,8 +194,11 @@ int32_t pie_plan_build(pie_model *m, const pie_batch *b) {
         !grow((void **)&p->out_rows, &p->cap_out, (size_t)n_out, sizeof(int32_t)))
         return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot grow batch scratch");
 
-    /* layout: which requests read a view, where each one's gather rows and mask block go */
-    int64_t n_mask = 0, n_gather = 0;
+    /* layout: how each request reads its KV (runs or gathered rows), where its mask block goes.
+     * Runs are views of the pool and cost at most one f16 copy; a gather converts every row to
+     * f32 and back in every layer. Quantized pools always gather: concat copies whole elements. */
+    const int32_t max_runs = ggml_is_quantized(m->kv.type) ? 1 : PIE_MAX_KV_RUNS;
+    int64_t n_mask = 0, n_gather = 0, n_runs = 0;
     for (int32_t r = 0; r < nr; r++) {
         pie_plan_req *q = &p->reqs[r];
         const int32_t *pages = b->kv_page_indices + b->kv_page_indptr[r];
@@ -202,15 +206,18 @@ int32_t pie_plan_build(pie_model *m, const pie_batch *b) {
         q->q0 = b->qo_indptr[r];
         q->n_q = b->qo_indptr[r + 1] - q->q0;
         q->n_kv = (n_pages - 1) * ps + b->kv_last_page_len[r];
-        q->kv_start = pages[0] * ps;
-        for (int32_t i = 1; i < n_pages && q->kv_start >= 0; i++)
-            if (pages[i] != pages[0] + i) q->kv_start = -1;
+        q->n_runs = 1;
+        for (int32_t i = 1; i < n_pages; i++) q->n_runs += pages[i] != pages[i - 1] + 1;
+        if (q->n_runs > max_runs) q->n_runs = 0;
+        q->run_off = (int32_t)n_runs;
         q->gather_off = (int32_t)n_gather;
-        if (q->kv_start < 0) n_gather += q->n_kv;
+        n_runs += q->n_runs;
+        if (q->n_runs == 0) n_gather += q->n_kv;
         q->mask_off = n_mask;
         n_mask += (int64_t)q->n_q * q->n_kv;
     }
-    if (!grow((void **)&p->gather_rows, &p->cap_gather, (size_t)n_gather, sizeof(int32_t)) ||
+    if (!grow((void **)&p->runs, &p->cap_runs, (size_t)n_runs, sizeof(pie_kv_run)) ||
+        !grow((void **)&p->gather_rows, &p->cap_gather, (size_t)n_gather, sizeof(int32_t)) ||
         !grow((void **)&p->mask, &p->cap_mask, (size_t)n_mask, sizeof(ggml_fp16_t)) ||
         (swa && !grow((void **)&p->mask_swa, &p->cap_mask_swa, (size_t)n_mask, sizeof(ggml_fp16_t))))
         return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate attention masks (%lld entries)", (long long)n_mask);
@@ -218,6 +225,7 @@ int32_t pie_plan_build(pie_model *m, const pie_batch *b) {
     p->n_requests = nr;
     p->n_outputs = n_out;
     p->head = b->n_outputs > 0;
+    p->n_runs = (int32_t)n_runs;
     p->n_gather = (int32_t)n_gather;
     p->n_mask = n_mask;
     p->any_swa_mask = false;
@@ -225,8 +233,18 @@ int32_t pie_plan_build(pie_model *m, const pie_batch *b) {
     for (int32_t r = 0; r < nr; r++) {
         const pie_plan_req *q = &p->reqs[r];
         const int32_t *pages = b->kv_page_indices + b->kv_page_indptr[r];
-        if (q->kv_start < 0)
+        if (q->n_runs == 0)
             for (int64_t j = 0; j < q->n_kv; j++) p->gather_rows[q->gather_off + j] = pages[j / ps] * ps + (int32_t)(j % ps);
+        pie_kv_run *run = p->runs + q->run_off;
+        for (int32_t i = 0, k = -1; q->n_runs > 0 && i * ps < q->n_kv; i++) {
+            const int32_t len = q->n_kv - i * ps < ps ? q->n_kv - i * ps : ps; /* the last page is partial */
+            if (k >= 0 && pages[i] == pages[i - 1] + 1) {
+                run[k].len += len;
+            } else {
+                run[++k].start = pages[i] * ps;
+                run[k].len = len;
+            }
+        }
         for (int32_t i = 0; i < q->n_q; i++) {
             const int32_t t = q->q0 + i;
             const int64_t own = q->n_kv - q->n_q + i;
@@ -251,6 +269,7 @@ int32_t pie_plan_build(pie_model *m, const pie_batch *b) {
 void pie_plan_free(pie_plan *p) {
     free(p->write_rows);
     free(p->reqs);
+    free(p->runs);
     free(p->gather_rows);
     free(p->mask);
     free(p->mask_swa);

@@ -208,10 +208,11 @@ static int32_t check_params(const pie_model_params *p) {
 /* Lifecycle                                                                                  */
 /* ------------------------------------------------------------------------------------------ */
 
-/* Upper bound of graph nodes for a batch of n_requests: a layer needs ~50 nodes plus ~16 per
- * request (its views, gathers and attention). */
-static size_t graph_nodes(const pie_model *m, int32_t n_requests) {
-    return (size_t)m->hp.n_layer * (64 + 16 * (size_t)n_requests) + 256;
+/* Upper bound of graph nodes for a batch of n_requests whose KV lies in n_runs runs: a layer
+ * needs ~50 nodes plus ~16 per request (its views, gathers and attention) and 4 per run (a K
+ * and a V view and concat). */
+static size_t graph_nodes(const pie_model *m, int32_t n_requests, int32_t n_runs) {
+    return (size_t)m->hp.n_layer * (64 + 16 * (size_t)n_requests + 4 * (size_t)n_runs) + 256;
 }
 
 /* (Re)creates the scheduler and graph metadata for graphs of up to n_nodes; the scheduler's
@@ -240,7 +241,7 @@ static int32_t init_compute(pie_model *m) {
     }
     int threads = m->params.n_threads > 0 ? m->params.n_threads : physical_cores();
     set_threads(m->backend_cpu, ggml_backend_get_device(m->backend_cpu), threads);
-    int32_t st = reserve_graph(m, graph_nodes(m, 16));
+    int32_t st = reserve_graph(m, graph_nodes(m, 16, 16));
     if (st != PIE_OK) return st;
     m->sampler = pie_sampler_scratch_new(m->hp.n_vocab);
     m->plan.page_stamp = malloc(sizeof(int32_t) * (size_t)m->params.n_pages);
@@ -335,7 +336,7 @@ int32_t pie_forward(pie_model *m, const pie_batch *b) {
     int32_t st = pie_plan_build(m, b);
     if (st != PIE_OK) return st;
 
-    const size_t n_nodes = graph_nodes(m, m->plan.n_requests);
+    const size_t n_nodes = graph_nodes(m, m->plan.n_requests, m->plan.n_runs);
     if (n_nodes > m->graph_cap && (st = reserve_graph(m, n_nodes + n_nodes / 2)) != PIE_OK) return st;
 
     /* host room for the sampled rows' logits, unless the caller's buffer takes them */

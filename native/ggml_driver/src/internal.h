@@ -89,13 +89,24 @@ typedef struct {
 /* Plan: a validated batch turned into graph inputs (host scratch, grown on demand)            */
 /* ------------------------------------------------------------------------------------------ */
 
+/* Most runs of consecutive pages a request's KV is joined from (views + concat) before the
+ * plan gathers its rows instead. */
+#define PIE_MAX_KV_RUNS 8
+
+/* Pool rows start .. start + len: part of a request's KV that lies consecutively in the pool. */
+typedef struct {
+    int32_t start, len;
+} pie_kv_run;
+
 /* One request's slice of the batch. Attention runs per request, so a request's result never
  * depends on what else is in the batch or where its pages lie. */
 typedef struct {
     int32_t q0, n_q;       /* its tokens: batch rows q0 .. q0 + n_q                          */
     int32_t n_kv;          /* its KV length after this pass                                   */
-    int32_t kv_start;      /* >= 0: its pages are consecutive, KV = pool rows kv_start + j (a view);
-                              -1: its rows are gathered from gather_rows[gather_off ..]        */
+    int32_t n_runs;        /* > 0: its KV is runs[run_off ..] in order (one run: a view of the
+                              pool; more: views joined by concat, an f16 copy);
+                              0: its rows are gathered from gather_rows[gather_off ..]         */
+    int32_t run_off;
     int32_t gather_off;
     int64_t mask_off;      /* its [n_q, n_kv] mask block inside mask / mask_swa               */
 } pie_plan_req;
@@ -105,17 +116,19 @@ typedef struct {
     int32_t n_requests;
     int32_t n_outputs;       /* rows kept after the last layer (>= 1; a dummy row when none)   */
     bool    head;            /* run the LM head (the batch samples something)                  */
+    int32_t n_runs;          /* entries of runs                                                */
     int32_t n_gather;        /* entries of gather_rows                                         */
     int64_t n_mask;          /* entries of mask (sum of n_q * n_kv)                            */
     bool    any_swa_mask;    /* a sliding window hides something in this batch                 */
     pie_plan_req *reqs;      /* [n_requests]                                                   */
     int64_t *write_rows;     /* [n_tokens] pool row each new token's K/V goes to               */
+    pie_kv_run *runs;        /* [n_runs] the run requests' KV, request after request           */
     int32_t *gather_rows;    /* [n_gather] pool rows of the gathered requests' KV, in order    */
     ggml_fp16_t *mask;       /* [n_mask] per request [n_q, n_kv]: 0 = attend, -inf = hidden   */
     ggml_fp16_t *mask_swa;   /* [n_mask] the same with the sliding window applied             */
     int32_t *out_rows;       /* [n_outputs]                                                    */
     /* capacities */
-    size_t cap_reqs, cap_tokens, cap_gather, cap_mask, cap_mask_swa, cap_out;
+    size_t cap_reqs, cap_tokens, cap_runs, cap_gather, cap_mask, cap_mask_swa, cap_out;
     /* validation scratch */
     int32_t *page_stamp;     /* [n_pages] last request that listed the page                    */
     uint8_t *slot_used;      /* [n_pages * page_size] written by this batch                    */

@@ -147,21 +147,114 @@ static void select_top(cand *c, int32_t n, int32_t k) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* Row kernels: fixed-width blocks (a constant inner trip count) so the compiler vectorizes   */
+/* them at -O2; the build adds -fno-trapping-math for this file so the selects vectorize too  */
+/* ------------------------------------------------------------------------------------------ */
+
+#define LANES 16 /* independent accumulators: a multiple of every SIMD width up to 512 bits */
+
+/* Largest x[i] that is not NaN (+inf counts) over x[0..n); -inf when there is none. */
+static float row_max(const float *x, int32_t n) {
+    float acc[LANES];
+    for (int j = 0; j < LANES; j++) acc[j] = -INFINITY;
+    int32_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++) acc[j] = x[i + j] > acc[j] ? x[i + j] : acc[j]; /* NaN: false */
+    float mx = -INFINITY;
+    for (int j = 0; j < LANES; j++) mx = acc[j] > mx ? acc[j] : mx;
+    for (; i < n; i++) mx = x[i] > mx ? x[i] : mx;
+    return mx;
+}
+
+/* Greedy without a mask: the lowest id holding the largest finite logit, -1 when none is finite.
+ * One vectorized max over the finite values, then a scan that stops at the first match. */
+static int32_t argmax_finite(const float *x, int32_t n) {
+    float acc[LANES];
+    for (int j = 0; j < LANES; j++) acc[j] = -INFINITY;
+    int32_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++) {
+            const float v = x[i + j];
+            acc[j] = v > acc[j] && v < INFINITY ? v : acc[j];
+        }
+    float mx = -INFINITY;
+    for (int j = 0; j < LANES; j++) mx = acc[j] > mx ? acc[j] : mx;
+    for (; i < n; i++) mx = x[i] > mx && x[i] < INFINITY ? x[i] : mx;
+    if (mx == -INFINITY) return -1;
+    for (i = 0; x[i] != mx; i++) {}
+    return i;
+}
+
+/* Greedy under a bitmask: whole words of 32 ids, empty words skipped; strict > keeps the lowest
+ * id on ties. */
+static int32_t argmax_masked(const float *x, int32_t n, const uint32_t *mask) {
+    int32_t best = -1;
+    float   mx   = -INFINITY;
+    for (int32_t w = 0; w * 32 < n; w++) {
+        const uint32_t bits = mask[w];
+        if (!bits) continue;
+        const int32_t end = n - w * 32 < 32 ? n - w * 32 : 32;
+        for (int32_t b = 0; b < end; b++) {
+            const float v = x[w * 32 + b];
+            if (((bits >> b) & 1u) && v > mx && v < INFINITY) {
+                mx   = v;
+                best = w * 32 + b;
+            }
+        }
+    }
+    return best;
+}
+
+/*
+ * e^x for x <= 0 in plain float arithmetic the compiler can vectorize (libm's expf is a call per
+ * element). x = k ln2 + r with |r| <= ln2/2 (Cody-Waite split of ln2), e^r by its degree-6
+ * Taylor polynomial (truncation < 1.3e-7 relative), 2^k built in the exponent bits. Inputs
+ * below -87 (and NaN) give e^-87 ~ 1.6e-38 instead of less: negligible next to the row's
+ * maximum term, which is 1.
+ */
+static inline float exp_nonpos(float x) {
+    x = x > -87.0f ? x : -87.0f;
+    const int32_t k = (int32_t)(x * 1.44269504f - 0.5f); /* round(x / ln2): x <= 0, truncation is toward 0 */
+    const float kf = (float)k;
+    const float r = (x - kf * 0.693145752f) - kf * 1.42860677e-6f; /* ln2 = hi + lo, hi exact in float */
+    float p = 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    union { uint32_t u; float f; } scale = { .u = (uint32_t)(k + 127) << 23 }; /* 2^k, k >= -126 */
+    return p * scale.f;
+}
+
+/* sum of e^(x[i] - mx) over x[0..n), mx >= every x[i]. Float lanes within blocks of 1024 entries
+ * (a lane adds 64 terms, each <= 1), blocks summed in double: relative error ~1e-6 even for a
+ * 262k vocabulary. */
+static double row_sum_exp(const float *x, int32_t n, float mx) {
+    double  z = 0.0;
+    int32_t i = 0;
+    for (; i + 1024 <= n; i += 1024) {
+        float acc[LANES] = { 0 };
+        for (int32_t b = 0; b < 1024; b += LANES)
+            for (int j = 0; j < LANES; j++) acc[j] += exp_nonpos(x[i + b + j] - mx);
+        float s = 0.0f;
+        for (int j = 0; j < LANES; j++) s += acc[j];
+        z += s;
+    }
+    for (; i < n; i++) z += exp_nonpos(x[i] - mx);
+    return z;
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* Probes over the raw logits                                                                  */
 /* ------------------------------------------------------------------------------------------ */
 
-/* max and log(sum exp(l - max)) over the finite raw logits; *max = -inf when none is finite. */
+/* max and log(sum exp(l - max)) over the raw logits; *max = -inf when none is finite. NaN and
+ * -inf entries add nothing (up to e^-87 each); a +inf entry makes every finite logprob -inf. */
 static void raw_log_norm(const float *logits, int32_t n_vocab, float *out_max, double *out_log_z) {
-    float mx = -INFINITY;
-    for (int32_t i = 0; i < n_vocab; i++) {
-        if (logits[i] > mx) mx = logits[i]; /* NaN compares false and is skipped */
-    }
-    double z = 0.0;
-    if (isfinite(mx)) {
-        for (int32_t i = 0; i < n_vocab; i++) {
-            if (isfinite(logits[i])) z += expf(logits[i] - mx); /* each term <= 1: float is exact enough */
-        }
-    }
+    const float  mx = row_max(logits, n_vocab);
+    const double z  = isfinite(mx) ? row_sum_exp(logits, n_vocab, mx) : 0.0;
     *out_max   = mx;
     *out_log_z = z > 0.0 ? log(z) : 0.0;
 }
@@ -186,7 +279,7 @@ static int32_t top_p_prefix(cand *c, int32_t n, float top_p) {
     float mx = -INFINITY;
     for (int32_t i = 0; i < n; i++) if (c[i].val > mx) mx = c[i].val;
     double z = 0.0;
-    for (int32_t i = 0; i < n; i++) z += expf(c[i].val - mx);
+    for (int32_t i = 0; i < n; i++) z += exp_nonpos(c[i].val - mx);
     const double target = (double)top_p * z;
 
     double  cum  = 0.0;
@@ -196,7 +289,7 @@ static int32_t top_p_prefix(cand *c, int32_t n, float top_p) {
         partition_best(c + done, n - done, m - done);
         qsort(c + done, (size_t)(m - done), sizeof(cand), cmp_best_first);
         for (int32_t i = done; i < m; i++) {
-            cum += expf(c[i].val - mx);
+            cum += exp_nonpos(c[i].val - mx);
             if (cum >= target) return i + 1;
         }
         if (m == n) return n; /* rounding left the sum a hair short: keep all */
@@ -224,7 +317,7 @@ static int32_t draw(cand *c, int32_t n, uint64_t seed) {
     for (int32_t i = 0; i < n; i++) if (c[i].val > mx) mx = c[i].val;
     double z = 0.0;
     for (int32_t i = 0; i < n; i++) {
-        c[i].val = expf(c[i].val - mx);
+        c[i].val = exp_nonpos(c[i].val - mx);
         z += c[i].val;
     }
     uint64_t state = seed;
@@ -282,11 +375,7 @@ int32_t pie_sample_row(pie_sampler_scratch *s, const float *logits, int32_t n_vo
     const float inv_t = greedy ? 0.0f : 1.0f / sampler->temperature;
     int32_t token = -1;
     if (greedy) {
-        /* one pass, no copy: ids ascend, so strict > keeps the lowest id on ties */
-        for (int32_t i = 0; i < n_vocab; i++) {
-            if (!allowed(mask, i, logits[i])) continue;
-            if (token < 0 || logits[i] > logits[token]) token = i;
-        }
+        token = mask ? argmax_masked(logits, n_vocab, mask) : argmax_finite(logits, n_vocab);
     } else {
         cand   *c      = s->c;
         int32_t n_cand = 0;

@@ -68,18 +68,43 @@ struct ggml_tensor *pie_rope(pie_graph *g, struct ggml_tensor *x, int il) {
                          0.0f /* ext_factor */, 1.0f /* attn_factor */, 32.0f /* beta_fast */, 1.0f /* beta_slow */);
 }
 
-/* Request r's K or V as [width_head, n_kv, n_head_kv]: a view of the pool when its pages are
- * consecutive; otherwise its rows gathered (get_rows yields F32) and cast back to the pool's
- * type (lossless for f16 and q8_0), so attention runs the same kernels on the same values
- * either way and page placement never changes a result. */
+/* Joins parts[0..n) along dim in order, pairwise by rounds so each row is copied log2(n)
+ * times at most; overwrites parts. */
+static struct ggml_tensor *concat_all(struct ggml_context *ctx, struct ggml_tensor **parts, int n, int dim) {
+    while (n > 1) {
+        int k = 0;
+        for (int i = 0; i + 1 < n; i += 2) parts[k++] = ggml_concat(ctx, parts[i], parts[i + 1], dim);
+        if (n % 2) parts[k++] = parts[n - 1];
+        n = k;
+    }
+    return parts[0];
+}
+
+/* Request r's K or V as [width_head, n_kv, n_head_kv], on the pool's own f16/q8_0 values
+ * whichever way it is read, so attention runs the same kernels on the same values and page
+ * placement never changes a result:
+ *   one run of consecutive pages: a view of the pool (no copy);
+ *   a few runs: views joined by concat into [width_head * n_head_kv, 1, n_kv] (one f16 copy);
+ *   otherwise: rows gathered (get_rows yields F32) and cast back to the pool's type (lossless). */
 static struct ggml_tensor *request_kv(pie_graph *g, struct ggml_tensor *pool, const pie_plan_req *q, int64_t head) {
     struct ggml_context *ctx = g->ctx;
     const int64_t hkv = g->model->hp.n_head_kv;
-    if (q->kv_start >= 0)
+    const pie_kv_run *run = g->plan->runs + q->run_off;
+    if (q->n_runs == 1)
         return ggml_view_3d(ctx, pool, head, q->n_kv, hkv, pool->nb[1], ggml_row_size(pool->type, head),
-                            pool->nb[1] * (size_t)q->kv_start);
-    struct ggml_tensor *rows = ggml_view_1d(ctx, g->gather_rows, q->n_kv, sizeof(int32_t) * (size_t)q->gather_off);
-    struct ggml_tensor *kv = ggml_cast(ctx, ggml_get_rows(ctx, pool, rows), pool->type); /* [head*hkv, n_kv] */
+                            pool->nb[1] * (size_t)run->start);
+    struct ggml_tensor *kv; /* [head * hkv, n_kv] (or [head * hkv, 1, n_kv]) */
+    if (q->n_runs > 1) {
+        /* rows along dim 2: ggml's concat splits dim 2 between threads */
+        struct ggml_tensor *parts[PIE_MAX_KV_RUNS];
+        for (int32_t i = 0; i < q->n_runs; i++)
+            parts[i] = ggml_view_3d(ctx, pool, pool->ne[0], 1, run[i].len, pool->nb[1], pool->nb[1],
+                                    pool->nb[1] * (size_t)run[i].start); /* [head * hkv, 1, len] */
+        kv = concat_all(ctx, parts, q->n_runs, 2);
+    } else {
+        struct ggml_tensor *rows = ggml_view_1d(ctx, g->gather_rows, q->n_kv, sizeof(int32_t) * (size_t)q->gather_off);
+        kv = ggml_cast(ctx, ggml_get_rows(ctx, pool, rows), pool->type);
+    }
     return ggml_permute(ctx, ggml_reshape_3d(ctx, kv, head, hkv, q->n_kv), 0, 2, 1, 3);
 }
 
