@@ -309,22 +309,26 @@ async def _sum_results(handles) -> int:
 
 
 # ---------------------------------------------------------------- runtime overhead per decode step
-# Both loops run in the same process, interleaved in rounds, after a warm-up; the median step time
-# of each is compared, so a noisy machine biases neither side.
+# Both loops run in the same process, interleaved in short rounds after a warm-up, and the median
+# step time of each is compared, so a noisy machine biases neither side. Both forward exactly the
+# same batch: one token at the same position, greedy, log-probabilities returned, over the same
+# page ids (the bare loop's pool mirrors the runtime context's page table, which decides whether
+# the driver reads the KV as one slice or gathers it).
 
 WARMUP_STEPS = 8
+STEPS_PER_ROUND = 4
 
 
 class BareDecoder:
     """A greedy single-sequence decode loop straight on a Driver: the floor the runtime adds to."""
 
-    def __init__(self, path: str | os.PathLike, n_threads: int, prompt: list[int], max_steps: int,
-                 page_size: int = 32) -> None:
+    def __init__(self, path: str | os.PathLike, n_threads: int, prompt: list[int], page_ids: list[int],
+                 page_size: int, n_pages: int) -> None:
         from pie_local.driver import Driver
         from pie_local.driver.types import DriverParams
 
         self.page_size = page_size
-        n_pages = -(-(len(prompt) + max_steps + WARMUP_STEPS + 1) // page_size)
+        self.page_ids = page_ids
         self.driver = Driver(path, DriverParams(n_threads=n_threads, page_size=page_size, n_pages=n_pages,
                                                 max_batch_tokens=512))
         self.token = int(self.driver.forward(self._batch(prompt, 0)).tokens[0])
@@ -340,12 +344,16 @@ class BareDecoder:
         pages = -(-kv // ps)
         return ForwardBatch(
             tokens=np.asarray(tokens, np.int32), positions=np.arange(start, kv, dtype=np.int32),
-            qo_indptr=np.asarray([0, len(tokens)], np.int32), kv_page_indices=np.arange(pages, dtype=np.int32),
+            qo_indptr=np.asarray([0, len(tokens)], np.int32),
+            kv_page_indices=np.asarray(self.page_ids[:pages], np.int32),
             kv_page_indptr=np.asarray([0, pages], np.int32),
             kv_last_page_len=np.asarray([kv - (pages - 1) * ps], np.int32),
-            output_rows=np.asarray([len(tokens) - 1], np.int32), samplers=[SamplerParams()])
+            output_rows=np.asarray([len(tokens) - 1], np.int32), samplers=[SamplerParams()],
+            return_logprobs=True)
 
-    def steps(self, n: int) -> list[float]:
+    def steps(self, n: int, page_ids: list[int] | None = None) -> list[float]:
+        """``n`` steps; ``page_ids``: the runtime context's page table, already past these steps."""
+        self.page_ids = page_ids or self.page_ids
         times = []
         for _ in range(n):
             t0 = time.perf_counter()
@@ -359,14 +367,16 @@ class BareDecoder:
 
 
 class RuntimeDecoder:
-    """The same loop as an inferlet: one Forward per token through the engine's scheduler."""
+    """The same loop as an inferlet: one Forward per token through the engine's scheduler. Each
+    round sends back its step times and the context's page ids."""
 
     def __init__(self, engine, prompt: list[int]) -> None:
         self.engine, self.prompt = engine, prompt
         self.requests: asyncio.Queue = asyncio.Queue()
         self.handle = None
 
-    async def start(self) -> None:
+    async def start(self) -> list[int]:
+        """Prefill the prompt and warm up; returns the context's page ids."""
         async def loop(rt, args):
             from pie_local.runtime.sampling import SamplingParams
 
@@ -380,13 +390,14 @@ class RuntimeDecoder:
                     out = await ctx.forward().input([token]).sample(0, greedy).execute()
                     token = int(out.tokens[0])
                     times.append(time.perf_counter() - t0)
-                rt.send(times)
+                rt.send((times, ctx.page_ids))
 
         self.handle = self.engine.launch(loop)
         self.messages = self.handle.messages()
-        await self.steps(WARMUP_STEPS + 1)  # + the prompt's pass
+        _, page_ids = await self.steps(WARMUP_STEPS + 1)  # + the prompt's pass
+        return page_ids
 
-    async def steps(self, n: int) -> list[float]:
+    async def steps(self, n: int) -> tuple[list[float], list[int]]:
         await self.requests.put(n)
         msg = await self.messages.__anext__()
         return msg.data
@@ -396,24 +407,33 @@ class RuntimeDecoder:
         await self.handle.result()
 
 
-async def measure_overhead(engine, path, n_threads: int, prompt: list[int], steps: int, rounds: int = 4) -> dict:
+async def measure_overhead(engine, path, n_threads: int, prompt: list[int], steps: int) -> dict:
     import statistics
 
-    bare = await asyncio.to_thread(BareDecoder, path, n_threads, prompt, steps)
     rt = RuntimeDecoder(engine, prompt)
+    bare = None
     try:
-        await rt.start()
+        page_ids = await rt.start()
+        info = engine.info
+        bare = await asyncio.to_thread(BareDecoder, path, n_threads, prompt, page_ids, info.page_size, info.n_pages)
         bare_times, rt_times = [], []
-        per_round = max(1, steps // rounds)
-        for _ in range(rounds):
-            bare_times += await asyncio.to_thread(bare.steps, per_round)
-            rt_times += await rt.steps(per_round)
+        for _ in range(max(1, steps // STEPS_PER_ROUND)):
+            times, page_ids = await rt.steps(STEPS_PER_ROUND)
+            rt_times += times
+            bare_times += await asyncio.to_thread(bare.steps, STEPS_PER_ROUND, page_ids)
     finally:
         await rt.close()
-        bare.close()
+        if bare is not None:
+            bare.close()
     b, r = statistics.median(bare_times), statistics.median(rt_times)
     return {"runtime_step_ms": round(r * 1e3, 3), "bare_driver_step_ms": round(b * 1e3, 3),
-            "overhead_pct": round(100 * (r - b) / b, 2), "steps": len(rt_times)}
+            "overhead_pct": round(100 * (r - b) / b, 2), "steps": len(rt_times),
+            "kv_page_runs": _runs(page_ids)}
+
+
+def _runs(ids: list[int]) -> int:
+    """Runs of consecutive ids (1: the driver reads the KV as one slice)."""
+    return sum(1 for i, x in enumerate(ids) if i == 0 or x != ids[i - 1] + 1)
 
 
 # ---------------------------------------------------------------- the whole benchmark
@@ -477,7 +497,7 @@ def format_runtime_report(report: dict) -> str:
                      f"{r['llama_cpp_tok_s']:>12.1f} {r['speedup']:>6.2f}x")
     o = report["overhead"]
     lines.append(f"decode step: runtime {o['runtime_step_ms']:.2f} ms vs bare driver {o['bare_driver_step_ms']:.2f} ms "
-                 f"-> overhead {o['overhead_pct']:+.1f}%")
+                 f"-> overhead {o['overhead_pct']:+.1f}% (KV in {o.get('kv_page_runs', 1)} page run(s), same for both)")
     t = report["targets"]
     lines.append("targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in t.items()))
     return "\n".join(lines)

@@ -242,8 +242,10 @@ class Context:
         try:
             skipped = 0
             if self._canonical and natural:
-                skipped = await self._adopt_prefix(todo, limit=min(rows) if rows else len(todo))
-                self._check_alive()
+                limit = min(rows) if rows else len(todo)  # todo's first row whose logits are wanted
+                if (len(self._hashes) + 1) * self._ps <= kv0 + limit:  # a full page to look up
+                    skipped = await self._adopt_prefix(todo, limit)
+                    self._check_alive()
                 if len(todo) > 1:  # prompt-like passes; single decode tokens cannot hit
                     engine._counters.record_prefix(len(todo), skipped)
             if skipped:
@@ -270,11 +272,10 @@ class Context:
 
     async def _adopt_prefix(self, todo: list[int], limit: int) -> int:
         """Adopt computed pages of the prefix index for the leading full pages of ``todo``
-        (never past index ``limit`` of todo, whose logits are wanted). Returns tokens adopted."""
+        (never past index ``limit`` of todo, whose logits are wanted). Returns tokens adopted.
+        The caller checked that at least one full page lies before ``limit`` (never on a decode step)."""
         ps, pool = self._ps, self._pool
         kv0 = len(self._committed)
-        if (len(self._hashes) + 1) * ps > kv0 + limit:
-            return 0  # no full page to look up (every decode step)
         tokens = self._committed + todo
         while True:
             matches: list[tuple[int, Page, bytes]] = []
@@ -318,7 +319,9 @@ class Context:
         pages = list(self._pages)
         cow = bool(kv0 % ps) and not pages[-1].writable
         n_alloc = int(cow) + -(-kv1 // ps) - len(pages)
-        fresh = pool.allocate(n_alloc)
+        # new pages go right after the ones they extend: the driver reads consecutive pages as one slice
+        extends = pages[:-1] if cow else pages
+        fresh = pool.allocate(n_alloc, after=extends[-1] if extends else None)
         if owner is not None:
             try:
                 owner.charge(tokens=len(todo), new_pages=n_alloc)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from pie_local.runtime.context import Context
 
 _arrival = itertools.count()
+_PROBE_ONLY = SamplingParams().to_driver()  # the sampler of a row that is only probed (greedy)
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,7 +220,7 @@ class Forward:
         for r in rows:
             if not 0 <= r < n:
                 raise ValueError(f"output row {r} outside this forward's {n} tokens")
-        samplers = [sampler_of.get(r, (SamplingParams(), None))[0].to_driver() for r in rows]
+        samplers = [sampler_of[r][0].to_driver() if r in sampler_of else _PROBE_ONLY for r in rows]
         logit_masks = None
         if any(sampler_of.get(r, (None, None))[1] is not None for r in rows):
             words = (self._ctx.engine_info.n_vocab + 31) // 32

@@ -1,19 +1,25 @@
 """The batch scheduler: every inferlet's forward requests, one driver call at a time.
 
 Work-conserving: a batch fires as soon as the previous one is done and something is queued;
-one batch is in flight; the driver call runs on a single worker thread (the ctypes call releases
-the GIL), so inferlet code keeps running while the model computes. Decode-sized requests go first;
-long prefills are split into chunks that fill the rest of the token budget, so decoders are
-never starved by a long prompt. Page operations (copy, read, write) go through the same worker
-so they are ordered with the forward passes.
+one batch is in flight; the driver call runs on a dedicated driver thread (the ctypes call
+releases the GIL), so inferlet code keeps running while the model computes. Decode-sized
+requests go first; long prefills are split into chunks that fill the rest of the token budget,
+so decoders are never starved by a long prompt. Page operations (copy, read, write) go through
+the same thread so they are ordered with the forward passes.
+
+The scheduler is driven by callbacks, not a task: a finished batch comes back to the event loop
+in one `call_soon_threadsafe`, which resolves every request of the batch and, a few loop turns
+later (once the woken inferlets have queued their next step), fires the next batch. A decode
+step thus costs two thread wake-ups and about two event-loop turns.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -27,6 +33,9 @@ log = logging.getLogger("pie_local.runtime")
 
 DECODE_TOKENS = 16  # requests this small are scheduled first (decode steps, draft verification)
 YIELDS_AFTER_BATCH = 4  # event-loop turns given to woken inferlets to queue their next step
+YIELDS_WHEN_IDLE = 1  # extra turns after the first submit, so inferlets woken together batch together
+
+Done = Callable[[Any, "BaseException | None"], None]  # (result, exception), called on the event loop
 
 
 @dataclass
@@ -35,6 +44,45 @@ class _Chunk:
     start: int  # first token of the request in this chunk
     n: int  # tokens in this chunk
 
+
+# --------------------------------------------------------------------------------------------
+# The driver thread
+# --------------------------------------------------------------------------------------------
+
+class DriverThread:
+    """Runs driver calls one at a time, in submission order, and hands each result back to the
+    event loop with one `call_soon_threadsafe` (cheaper than an executor's future chaining)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="pie-driver", daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable, args: tuple, done: Done) -> None:
+        self._jobs.put((fn, args, done))
+
+    def stop(self) -> None:
+        """Finish the calls already queued, then end the thread."""
+        self._jobs.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, args, done = job
+            try:
+                result, exc = fn(*args), None
+            except BaseException as e:  # noqa: BLE001 — handed to the caller on the loop
+                result, exc = None, e
+            try:
+                self._loop.call_soon_threadsafe(done, result, exc)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+
+
+# --------------------------------------------------------------------------------------------
+# The scheduler
+# --------------------------------------------------------------------------------------------
 
 class Scheduler:
     def __init__(self, driver: Any, page_size: int, max_batch_tokens: int, max_batch_kv: int,
@@ -45,42 +93,37 @@ class Scheduler:
         self.max_batch_kv = max_batch_kv
         self.counters = counters
         self._queue: list[ForwardRequest] = []
-        self._wakeup: asyncio.Event | None = None
-        self._executor: ThreadPoolExecutor | None = None
-        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: DriverThread | None = None
+        self._busy = False  # a batch is in flight or about to fire
         self._on_batch_done: Callable[[], None] | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
     def start(self, on_batch_done: Callable[[], None]) -> None:
-        self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pie-driver")
+        self._loop = asyncio.get_running_loop()
+        self._thread = DriverThread(self._loop)
         self._on_batch_done = on_batch_done
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="pie-scheduler")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        thread, self._thread = self._thread, None  # a batch still in flight or a turn still scheduled is ignored
         for req in self._queue:
             self._abort(req, RuntimeError("the engine stopped"))
         self._queue.clear()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        if thread is not None:
+            await asyncio.to_thread(thread.stop)  # the batch in flight ends first
+        self._busy = False
 
     # ---- requests --------------------------------------------------------------------------------
 
     def submit(self, req: ForwardRequest) -> asyncio.Future:
-        if self._task is None:
+        if self._thread is None:
             raise RuntimeError("the engine is not running (await engine.start() first)")
-        req.future = asyncio.get_running_loop().create_future()
+        req.future = self._loop.create_future()
         self._queue.append(req)
-        self._wakeup.set()
+        if not self._busy:
+            self._busy = True
+            self._loop.call_soon(self._next_batch, YIELDS_WHEN_IDLE, None)
         return req.future
 
     def cancel(self, req: ForwardRequest) -> None:
@@ -94,41 +137,67 @@ class Scheduler:
 
     async def run_driver(self, fn: Callable, *args: Any) -> Any:
         """Run a driver call on the driver thread, after the batch in flight."""
-        if self._executor is None:
+        if self._thread is None:
             return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        fut = self._loop.create_future()
+
+        def done(result: Any, exc: BaseException | None) -> None:
+            if fut.done():
+                return
+            if exc is None:
+                fut.set_result(result)
+            else:
+                fut.set_exception(exc)
+
+        self._thread.call(fn, args, done)
+        return await fut
 
     @property
     def queued(self) -> int:
         return len(self._queue)
 
-    # ---- the loop --------------------------------------------------------------------------------
+    # ---- the batch cycle -------------------------------------------------------------------------
 
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            await asyncio.sleep(0)  # let inferlets woken together queue into one batch
-            while self._queue:
-                chunks = self._compose()
-                for c in chunks:
-                    c.req.in_flight = True
-                started = time.perf_counter()
-                try:
-                    results = await loop.run_in_executor(self._executor, self._execute, chunks)
-                except Exception as exc:  # noqa: BLE001 — a driver failure fails only this batch's requests
-                    log.exception("forward batch failed")
-                    results = [exc] * len(chunks)
-                elapsed = time.perf_counter() - started
-                woken = self._finish(chunks, results)
-                self.counters.record_batch(sum(c.n for c in chunks), len(chunks), elapsed)
-                self._on_batch_done()
-                # Give the contexts this batch woke a few loop turns to queue their next step.
-                for _ in range(YIELDS_AFTER_BATCH):
-                    if all(any(r.context is c for r in self._queue) for c in woken):
-                        break
-                    await asyncio.sleep(0)
+    def _next_batch(self, turns: int, woken: list[Any] | None) -> None:
+        """Fire the next batch once every context in ``woken`` has queued its next step (None:
+        wait all ``turns``), or after ``turns`` more event-loop turns. Checked at the end of a
+        turn, so every inferlet that turn woke (also those waiting for pages) can join."""
+        if self._thread is None:
+            return
+        if turns > 0 and (woken is None or not self._all_queued(woken)):
+            self._loop.call_soon(self._next_batch, turns - 1, woken)
+            return
+        self._fire()
+
+    def _fire(self) -> None:
+        """Send the queued requests to the driver thread as one batch (or go idle)."""
+        if not self._queue:
+            self._busy = False
+            return
+        self._busy = True
+        chunks = self._compose()
+        for c in chunks:
+            c.req.in_flight = True
+        started = time.perf_counter()
+        self._thread.call(self._execute, (chunks,),
+                          lambda results, exc: self._batch_done(chunks, started, results, exc))
+
+    def _all_queued(self, contexts: list[Any]) -> bool:
+        queued = {id(r.context) for r in self._queue}
+        return all(id(c) in queued for c in contexts)
+
+    def _batch_done(self, chunks: list[_Chunk], started: float, results: list | None,
+                    exc: BaseException | None) -> None:
+        if self._thread is None:
+            return  # stopped: stop() already failed every queued request
+        if exc is not None:  # a driver failure fails only this batch's requests
+            log.error("forward batch failed", exc_info=exc)
+            results = [exc] * len(chunks)
+        elapsed = time.perf_counter() - started
+        woken = self._finish(chunks, results)
+        self.counters.record_batch(sum(c.n for c in chunks), len(chunks), elapsed)
+        self._on_batch_done()
+        self._next_batch(YIELDS_AFTER_BATCH, woken)
 
     def _compose(self) -> list[_Chunk]:
         """Pick this step's requests: decode-sized ones first, then prefill chunks."""
@@ -168,23 +237,17 @@ class Scheduler:
         return out
 
     def _build(self, chunks: list[_Chunk]) -> ForwardBatch:
+        """The chunks as one CSR batch: their tokens back to back, each with its page table."""
         ps = self.page_size
-        tokens, positions, qo, kv_idx, kv_indptr, last_len = [], [], [0], [], [0], []
+        kv_lens = [c.req.kv_before + c.start + c.n for c in chunks]  # KV of each request after the pass
+        n_pages = [-(-kv // ps) for kv in kv_lens]
         rows, samplers, logit_rows = [], [], []
         has_masks = any(c.req.masks is not None for c in chunks)
         has_logit_masks = any(c.req.logit_masks is not None for c in chunks)
         mask_indptr, mask_runs = [0], []
-        for c in chunks:
+        base = 0  # first batch row of the chunk
+        for c, kv_len in zip(chunks, kv_lens):
             req, lo, hi = c.req, c.start, c.start + c.n
-            base = len(tokens)
-            tokens += req.tokens[lo:hi].tolist()
-            positions += req.positions[lo:hi].tolist()
-            qo.append(len(tokens))
-            kv_len = req.kv_before + hi
-            n_pages = -(-kv_len // ps)
-            kv_idx += req.pages[:n_pages]
-            kv_indptr.append(len(kv_idx))
-            last_len.append(kv_len - (n_pages - 1) * ps)
             if has_masks:
                 for i in range(lo, hi):
                     runs = req.masks[i] if req.masks is not None else None
@@ -197,11 +260,16 @@ class Scheduler:
                     samplers.append(req.samplers[j])
                     if has_logit_masks:
                         logit_rows.append(req.logit_masks[j] if req.logit_masks is not None else None)
+            base += c.n
         i32 = lambda xs: np.asarray(xs, dtype=np.int32)  # noqa: E731
         batch = ForwardBatch(
-            tokens=i32(tokens), positions=i32(positions), qo_indptr=i32(qo), kv_page_indices=i32(kv_idx),
-            kv_page_indptr=i32(kv_indptr), kv_last_page_len=i32(last_len), output_rows=i32(rows),
-            samplers=samplers, top_k=max(c.req.top_k for c in chunks),
+            tokens=np.concatenate([c.req.tokens[c.start : c.start + c.n] for c in chunks]),
+            positions=np.concatenate([c.req.positions[c.start : c.start + c.n] for c in chunks]),
+            qo_indptr=_indptr([c.n for c in chunks]),
+            kv_page_indices=i32([p for c, n in zip(chunks, n_pages) for p in c.req.pages[:n]]),
+            kv_page_indptr=_indptr(n_pages),
+            kv_last_page_len=i32([kv - (n - 1) * ps for kv, n in zip(kv_lens, n_pages)]),
+            output_rows=i32(rows), samplers=samplers, top_k=max(c.req.top_k for c in chunks),
             return_logprobs=True, return_logits=any(c.req.want_logits for c in chunks),
         )
         if has_masks:
@@ -216,6 +284,8 @@ class Scheduler:
     @staticmethod
     def _split(result: ForwardResult, chunks: list[_Chunk]) -> list[ForwardResult]:
         """Cut one batch result into one result per chunk (its output rows, in order)."""
+        if len(chunks) == 1:
+            return [result]
         out, i = [], 0
         for c in chunks:
             n = sum(1 for row in c.req.output_rows if c.start <= row < c.start + c.n)
@@ -236,7 +306,7 @@ class Scheduler:
                 self._queue.remove(req)
                 self._abort(req, None)
                 continue
-            if isinstance(res, Exception):
+            if isinstance(res, BaseException):
                 self._queue.remove(req)
                 self._abort(req, res)
                 woken.append(req.context)
@@ -255,6 +325,13 @@ class Scheduler:
 
     @staticmethod
     def _store(req: ForwardRequest, c: _Chunk, res: ForwardResult) -> None:
+        if c.start == 0 and c.n == req.n_tokens:  # the whole request in one chunk (every decode step)
+            req.out_tokens, req.out_logprobs = res.tokens, res.logprobs
+            if req.top_k > 0 and res.top_ids is not None:
+                req.out_top_ids, req.out_top_probs = res.top_ids[:, : req.top_k], res.top_probs[:, : req.top_k]
+            if req.want_logits:
+                req.out_logits = res.logits
+            return
         n_out = len(req.output_rows)
         if req.out_tokens is None:
             req.out_tokens = np.zeros(n_out, dtype=np.int32)
@@ -286,3 +363,10 @@ class Scheduler:
                 req.future.cancel()
             else:
                 req.future.set_exception(exc)
+
+
+def _indptr(counts: list[int]) -> np.ndarray:
+    """int32 [len(counts) + 1]: 0 then the running sums."""
+    out = np.zeros(len(counts) + 1, dtype=np.int32)
+    np.cumsum(counts, out=out[1:])
+    return out
