@@ -65,7 +65,6 @@ def _write(text: str) -> bool:
 
 
 def make_engine(args: argparse.Namespace):
-    from pie_local import runtime  # noqa: F401  (keeps import errors here, where they are reported)
     from pie_local.runtime.engine import Engine, EngineConfig
 
     return Engine(args.model, EngineConfig(n_threads=args.threads))
@@ -74,11 +73,8 @@ def make_engine(args: argparse.Namespace):
 async def start_engine(engine) -> str | None:
     """Start ``engine``; a user-facing error message instead of a traceback when the model won't load."""
     from pie_local.driver.types import DriverError
+    from pie_local.models import ModelError
 
-    try:
-        from pie_local.models import ModelError
-    except ImportError:  # the models layer is optional for a bare .gguf path
-        ModelError = LookupError  # noqa: N806
     try:
         await engine.start()
     except (ModelError, DriverError, FileNotFoundError, OSError, ValueError) as exc:

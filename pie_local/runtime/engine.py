@@ -110,19 +110,12 @@ class Engine:
         self._ensure_text_side()
 
     def _resolve(self) -> None:
-        try:
-            from pie_local.models import resolve_model
-        except ImportError:
-            resolve_model = None
-        if resolve_model is not None:
-            resolved = resolve_model(None if self._model_spec is None else os.fspath(self._model_spec))
-            self.model_name, self.model_path, self._arch = resolved.name, Path(resolved.path), resolved.arch
-            self._template_override = self.config.chat_template or resolved.chat_template
-            return
-        if self._model_spec is None or not Path(self._model_spec).is_file():
-            raise FileNotFoundError(f"model {self._model_spec!r}: give the path to a .gguf file")
-        self.model_path = Path(self._model_spec)
-        self.model_name = self.model_path.stem
+        """Name, path or None (the default model) -> the GGUF to load, via the models store."""
+        from pie_local.models import resolve_model
+
+        resolved = resolve_model(None if self._model_spec is None else os.fspath(self._model_spec))
+        self.model_name, self.model_path, self._arch = resolved.name, Path(resolved.path), resolved.arch
+        self._template_override = self.config.chat_template or resolved.chat_template
 
     def _ensure_text_side(self) -> None:
         if self._tokenizer is None:
