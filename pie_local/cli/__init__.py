@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "ps": "ps",
     "bench": "bench",
     "doctor": "doctor",
+    "serve": "serve",
     "tui": "tui",
 }
 

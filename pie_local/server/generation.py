@@ -1,0 +1,206 @@
+"""One OpenAI request's generation on an engine, independent of HTTP.
+
+A `Job` holds the prompt context(s) of a request. With ``n > 1`` each prompt context is forked
+before anything is computed: the first fork computes the prompt's full pages and registers them in
+the prefix index, the others adopt them (computed once), and all forks decode in the same batches.
+`Job.events()` yields `Delta`s as text is decoded and one `Finished` per choice; leaving the
+iteration early (a client that went away) cancels every fork and frees its pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Sequence
+
+from pie_local.runtime import OutOfPagesError, SamplingParams
+from pie_local.server.errors import APIError, busy, invalid
+from pie_local.server.schema import GenerationRequest, ToolSpec
+
+_SEED_STRIDE = 1 << 32  # fork i samples step s with seed + i * stride + s: streams never overlap
+
+
+def context_limit(engine: Any) -> int:
+    """Tokens one sequence may hold: the model's training context, bounded by the KV pool."""
+    info = engine.info
+    pool = info.n_pages * info.page_size
+    return min(info.n_ctx_train, pool) if info.n_ctx_train > 0 else pool
+
+
+def sampling_for(req: GenerationRequest, fork: int) -> SamplingParams:
+    seed = None if req.seed is None else (req.seed + fork * _SEED_STRIDE) & 0xFFFFFFFFFFFFFFFF
+    return SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, min_p=req.min_p, seed=seed)
+
+
+@dataclass
+class Delta:
+    """Text decoded for choice ``index``, with the tokens that produced it since the last delta."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]]
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]]
+    finish_reason: str  # "stop" or "length" (a route may turn it into "tool_calls")
+    cached_tokens: int = 0
+
+
+@dataclass
+class Finished:
+    choice: Choice
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    def to_json(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+
+@dataclass
+class _Prompt:
+    forks: list[Any]  # Contexts, one per choice
+    n_tokens: int
+    choices: list[Choice] = field(default_factory=list)
+
+
+class Job:
+    """Prompts (text or token ids) of one request, each sampled ``req.n`` times."""
+
+    def __init__(self, engine: Any, prompts: Sequence[str | list[int]], req: GenerationRequest,
+                 stop: Sequence[str] = (), constraint: Any = None, param: str = "prompt") -> None:
+        self.engine = engine
+        self.req = req
+        self.stop = list(stop)
+        self.constraint = constraint
+        self._prompts: list[_Prompt] = []
+        limit = context_limit(engine)
+        try:
+            for p in prompts:
+                ctx = engine.context()
+                self._prompts.append(_Prompt([ctx], 0))
+                try:
+                    ctx.fill_tokens(p) if isinstance(p, list) else ctx.fill(p)
+                except ValueError as exc:
+                    raise invalid(param, str(exc)) from None
+                n = len(ctx)
+                want = req.max_tokens or 1
+                if n + want > limit:
+                    raise APIError(400, f"{param}: this model's context is {limit} tokens; the prompt has {n} "
+                                        f"and {want} more were asked for (max_tokens). Shorten the prompt "
+                                        "or lower max_tokens.", param=param, code="context_length_exceeded")
+                self._prompts[-1].n_tokens = n
+            self.max_tokens = [req.max_tokens or limit - p.n_tokens for p in self._prompts]
+        except BaseException:
+            self.release()
+            raise
+
+    @property
+    def prompt_tokens(self) -> list[int]:
+        return [p.n_tokens for p in self._prompts]
+
+    def release(self) -> None:
+        for p in self._prompts:
+            for ctx in p.forks:
+                ctx.release()
+
+    def _fork(self) -> None:
+        n = self.req.n
+        if n > 1:
+            for p in self._prompts:
+                parent = p.forks[0]
+                p.forks = parent.fork(n)
+                parent.release()  # nothing computed yet: the forks hold all it had
+
+    # ---- running -----------------------------------------------------------------------------------
+
+    async def events(self) -> AsyncIterator[Delta | Finished]:
+        """Deltas as text arrives and one Finished per choice, in the order they happen."""
+        self._fork()
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks = []
+        for pi, prompt in enumerate(self._prompts):
+            for fi, ctx in enumerate(prompt.forks):
+                index = pi * self.req.n + fi
+                coro = self._choice(ctx, index, fi, self.max_tokens[pi], queue)
+                tasks.append(asyncio.get_running_loop().create_task(coro, name=f"choice-{index}"))
+        try:
+            remaining = len(tasks)
+            while remaining:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, Finished):
+                    remaining -= 1
+                    self._prompts[item.choice.index // self.req.n].choices.append(item.choice)
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.release()
+
+    async def run(self) -> list[Choice]:
+        """Every choice, ordered by index."""
+        choices = [e.choice async for e in self.events() if isinstance(e, Finished)]
+        return sorted(choices, key=lambda c: c.index)
+
+    async def _choice(self, ctx: Any, index: int, fork: int, max_tokens: int, queue: asyncio.Queue) -> None:
+        k = self.req.top_logprobs
+        extra = {"top_logprobs": k} if k else {}
+        try:
+            sent = 0
+            pieces = ctx.stream(sampling_for(self.req, fork), max_tokens=max_tokens, stop=self.stop,
+                                constrain=self.constraint, **extra)
+            async with contextlib.aclosing(pieces):
+                async for piece in pieces:
+                    last = ctx.last
+                    n = len(last.token_ids)
+                    queue.put_nowait(Delta(index, piece, last.token_ids[sent:n], last.logprobs[sent:n],
+                                           _top(last, sent, n)))
+                    sent = n
+            last = ctx.last
+            queue.put_nowait(Finished(Choice(index, last.text, list(last.token_ids), list(last.logprobs),
+                                             _top(last, 0, len(last.token_ids)), last.finish_reason,
+                                             getattr(last, "cached_tokens", 0))))  # TODO-merge
+        except asyncio.CancelledError:
+            raise
+        except OutOfPagesError as exc:
+            queue.put_nowait(busy(f"the KV cache is full ({exc}); retry shortly"))
+        except Exception as exc:  # noqa: BLE001 — reported to the client, the server carries on
+            queue.put_nowait(exc if isinstance(exc, APIError) else APIError(500, f"generation failed: {exc}",
+                                                                              code="generation_failed"))
+
+    def usage(self) -> Usage:
+        usage = Usage()
+        for p in self._prompts:
+            usage.prompt_tokens += p.n_tokens
+            usage.completion_tokens += sum(len(c.token_ids) for c in p.choices)
+            usage.cached_tokens += min((c.cached_tokens for c in p.choices), default=0)
+        return usage
+
+
+def _top(gen: Any, start: int, end: int) -> list[list[tuple[int, float]]]:
+    top = getattr(gen, "top_logprobs", None) or []
+    return [list(t) for t in top[start:end]]
+
+
+def finite(x: float) -> float | None:
+    """JSON has no NaN: a log-probability that was not sampled (re-encoded text) becomes null."""
+    return None if math.isnan(x) else x
