@@ -36,10 +36,6 @@ log = logging.getLogger("pie_local.server")
 OPEN_PATHS = ("/health",)  # answered without the API key (liveness checks; they reveal nothing)
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 class Guard:
     def __init__(self, app: Any, config: ServerConfig) -> None:
         self.app = app
@@ -68,21 +64,10 @@ class Guard:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise _BodyTooLarge()
+                    raise _too_large(limit)  # in the route that reads the body: the app answers 413
             return message
 
-        started = False
-
-        async def tracked_send(message: dict) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counted_receive, tracked_send)
-        except _BodyTooLarge:
-            if not started:
-                await _send_error(send, _too_large(limit))
+        await self.app(scope, counted_receive, send)
 
     def _authorized(self, headers: dict[str, str]) -> bool:
         auth = headers.get("authorization", "")

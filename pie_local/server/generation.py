@@ -151,10 +151,12 @@ class Job:
                     self._prompts[item.choice.index // self.req.n].choices.append(item.choice)
                 yield item
         finally:
+            # Release first: a context released mid-pass cancels its forward request in the
+            # scheduler, so the batch in flight gives its pages back when it ends.
+            self.release()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            self.release()
 
     async def run(self) -> list[Choice]:
         """Every choice, ordered by index."""
