@@ -130,7 +130,10 @@ def run(args: argparse.Namespace) -> int:
     if not config.loopback:
         print(_exposure(config.host, config.port, config.inferlet_files), file=sys.stderr)
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # the server's own lines at --log-level; the layers below (llama.cpp's loader...) only when debugging
+    logging.basicConfig(level="DEBUG" if args.log_level == "debug" else "WARNING",
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("pie_local.server").setLevel(args.log_level.upper())
 
     def on_ready() -> None:
         record.write(record.ServerRecord(pid=os.getpid(), host=config.host, port=config.port, url=url,

@@ -26,8 +26,16 @@ def forced_call_constraint(tools: Sequence[ToolSpec], choice: str, tool_format: 
     from pie_local.runtime.tools import Tool, tool_call_constraint
 
     chosen = [t for t in tools if choice == "required" or t.name == choice]
-    return tool_call_constraint([Tool(t.name, t.description, t.parameters, _never_called) for t in chosen],
+    return tool_call_constraint([Tool(t.name, t.description, _closed(t.parameters), _never_called) for t in chosen],
                                 tool_format)
+
+
+def _closed(parameters: dict) -> dict:
+    """Arguments hold the declared properties only, unless the schema says otherwise: JSON schema
+    allows any extra key by default, and a constrained small model fills that freedom with junk."""
+    if parameters.get("type") == "object" and "properties" in parameters and "additionalProperties" not in parameters:
+        return {**parameters, "additionalProperties": False}
+    return parameters
 
 
 def extract_calls(text: str, tools: Sequence[ToolSpec]) -> list[ToolCall]:

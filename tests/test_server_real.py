@@ -1,0 +1,236 @@
+"""`pie-local serve` as a subprocess on the starter model, judged by the official `openai` client
+and by raw HTTP: completions, streaming, forks, logprobs, constrained JSON, forced tool calls,
+prefix-cache reporting, errors, disconnects and inferlet runs. One server for the module."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+from server_helpers import serve_process
+
+openai = pytest.importorskip("openai")
+
+pytestmark = [pytest.mark.real_driver, pytest.mark.slow]
+
+try:
+    from pie_local.driver import Driver  # noqa: F401
+except Exception:  # noqa: BLE001
+    pytestmark.append(pytest.mark.skip(reason="the native driver is not built"))
+
+MODEL = "starter-local"
+KEY = "test-key"
+USER = [{"role": "user", "content": "Name a colour."}]
+
+
+@pytest.fixture(scope="module")
+def server(starter_gguf, tmp_path_factory):
+    """The server, with the starter GGUF registered in place (no copy) in its own data directory."""
+    home = tmp_path_factory.mktemp("serve_home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PIE_LOCAL_HOME", str(home))
+        from pie_local.models import store
+
+        store.add(starter_gguf, name=MODEL)
+    with serve_process(home, "--model", MODEL, "--threads", "2", "--api-key", KEY, "--max-body", "256KiB",
+                       "--pages", "256") as (record, proc):
+        yield record
+    assert not (home / "server.json").exists()  # removed on exit
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=300)
+
+
+@pytest.fixture()
+def http(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=300) as c:
+        yield c
+
+
+def idle_pages(http: httpx.Client, timeout: float = 30.0) -> dict:
+    """Wait until no context holds a KV page; returns the model's stats."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = http.get("/v1/pie/stats").json()["models"][0]["stats"]
+        if stats["pages_used"] == 0:
+            return stats
+        assert time.monotonic() < deadline, f"pages still held: {stats}"
+        time.sleep(0.05)
+
+
+# ---- the OpenAI API through the official client ---------------------------------------------------------
+
+
+def test_models_lists_the_loaded_model(client):
+    models = {m.id: m for m in client.models.list().data}
+    assert MODEL in models and models[MODEL].model_extra["loaded"] is True
+
+
+def test_chat_streamed_and_not_agree(client, http):
+    reply = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=12, temperature=0)
+    text = reply.choices[0].message.content
+    assert text and reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens <= 12 and reply.usage.prompt_tokens > 5
+    stream = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+    idle_pages(http)
+
+
+def test_completion_streamed_and_not_agree(client):
+    reply = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
+    stream = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0,
+                                       stream=True)
+    assert "".join(c.choices[0].text for c in stream) == reply.choices[0].text
+    assert reply.choices[0].text and reply.usage.completion_tokens == 8
+
+
+def test_n_three_choices_from_one_prompt(client):
+    reply = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=8, temperature=1.0, seed=3, n=3)
+    assert sorted(c.index for c in reply.choices) == [0, 1, 2]
+    assert len({c.message.content for c in reply.choices}) > 1  # three seeds, not one answer thrice
+    assert 3 <= reply.usage.completion_tokens <= 3 * 8  # summed over the choices
+
+
+def test_logprobs_and_top_logprobs(client):
+    reply = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=6, temperature=0, logprobs=True,
+                                           top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].token == entry.token  # greedy picks the most likely token
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-4)
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+    assert "".join(e.token for e in content) == reply.choices[0].message.content
+
+
+def test_json_schema_output_validates(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+              "required": ["name", "age"], "additionalProperties": False}
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Describe a person as JSON."}], max_tokens=48,
+        temperature=0, response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema,
+                                                                                "strict": True}})
+    assert reply.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
+
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24},
+                                                    "unit": {"enum": ["C", "F"]}}, "required": ["city", "unit"]}}}]
+
+
+def test_forced_tool_call_has_parsed_arguments(client):
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    reply = client.chat.completions.create(model=MODEL, messages=ask, tools=TOOLS, max_tokens=40, temperature=0,
+                                           tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = choice.message.tool_calls[0]
+    args = json.loads(call.function.arguments)
+    assert call.function.name == "get_weather" and set(args) == {"city", "unit"} and args["unit"] in ("C", "F")
+
+    stream = client.chat.completions.create(model=MODEL, messages=ask, tools=TOOLS, max_tokens=40, temperature=0,
+                                            tool_choice="required", stream=True)
+    deltas = [c.choices[0] for c in stream if c.choices]
+    streamed = [tc for d in deltas for tc in (d.delta.tool_calls or [])]
+    assert deltas[-1].finish_reason == "tool_calls"
+    assert streamed[0].function.name == "get_weather"
+    assert json.loads("".join(tc.function.arguments or "" for tc in streamed)) == args  # greedy: the same call
+
+
+def test_a_shared_system_prompt_is_served_from_the_prefix_cache(client, starter_gguf):
+    from pie_local.models.tokenizer import Tokenizer
+
+    system = "You are a careful assistant for the city archive. " + " ".join(
+        f"Rule {i}: cite the record number of every document you mention." for i in range(40))
+    n_system = len(Tokenizer.from_gguf(starter_gguf).encode(system))
+    assert n_system > 400
+    first = client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0, messages=[
+        {"role": "system", "content": system}, {"role": "user", "content": "When was the bridge built?"}])
+    second = client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0, messages=[
+        {"role": "system", "content": system}, {"role": "user", "content": "Who designed the town hall?"}])
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens >= n_system
+    assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+
+
+def test_errors_reach_the_openai_client(client):
+    with pytest.raises(openai.NotFoundError, match="pie-local pull"):
+        client.chat.completions.create(model="qwen2.5-0.5b", messages=USER)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model=MODEL, prompt="word " * 9000, max_tokens=4)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0).models.list()
+
+
+# ---- raw HTTP: bad input, then the server is alive with its pages back ---------------------------------
+
+
+@pytest.mark.parametrize("send, status, code", [
+    (dict(content=b'{"model": "x", "messages": ['), 400, "invalid_json"),
+    (dict(json={"model": MODEL, "messages": "hi"}), 400, "invalid_type"),
+    (dict(json={"model": MODEL, "messages": USER, "n": 99}), 400, "invalid_value"),
+    (dict(json={"model": MODEL, "messages": USER, "max_tokens": -1}), 400, "invalid_value"),
+    (dict(json={"model": "no-such-model", "messages": USER}), 404, "model_not_found"),
+    (dict(json={"model": MODEL, "messages": [{"role": "user", "content": "x" * 300_000}]}), 413, "body_too_large"),
+])
+def test_bad_input_is_a_clear_error(http, send, status, code):
+    r = http.post("/v1/chat/completions", **send)
+    assert r.status_code == status and r.json()["error"]["code"] == code, r.text
+    assert r.json()["error"]["message"]
+    assert http.post("/v1/chat/completions", json={"model": MODEL, "messages": USER, "max_tokens": 1}).status_code == 200
+    idle_pages(http)
+
+
+def test_missing_key_is_401(server):
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL, "messages": USER})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_a_client_dropping_mid_stream_frees_its_pages(http):
+    body = {"model": MODEL, "messages": USER, "max_tokens": 4000, "temperature": 1.0, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 8:
+                break
+    before = idle_pages(http)["tokens_total"]
+    time.sleep(1.0)
+    assert http.get("/v1/pie/stats").json()["models"][0]["stats"]["tokens_total"] <= before + 2  # stopped
+    assert http.post("/v1/chat/completions", json={"model": MODEL, "messages": USER, "max_tokens": 1}).status_code == 200
+
+
+# ---- inferlets over the network -----------------------------------------------------------------------
+
+
+def test_inferlet_runs_over_the_network(http):
+    run = http.post("/v1/pie/runs", json={"inferlet": "text-completion", "model": MODEL,
+                                          "args": {"prompt": "The capital of France is", "max_tokens": 6}}).json()
+    with http.stream("GET", f"/v1/pie/runs/{run['id']}/events") as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1]["type"] == "result" and events[-1]["result"]
+    assert "".join(e["text"] for e in events if e["type"] == "text") == events[-1]["result"]
+
+    chat = http.post("/v1/pie/runs", json={"inferlet": "chat", "model": MODEL, "args": {"max_tokens": 4}}).json()
+    assert http.post(f"/v1/pie/runs/{chat['id']}/messages", json={"data": "Hello!"}).status_code == 200
+    with http.stream("GET", f"/v1/pie/runs/{chat['id']}/events") as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and json.loads(line[6:])["type"] == "message":
+                break  # the reply's turn_end: the message went there and back
+    listed = {x["id"]: x for x in http.get("/v1/pie/runs").json()["data"]}
+    assert listed[chat["id"]]["state"] == "running" and listed[chat["id"]]["pages"] > 0
+    assert listed[run["id"]]["state"] == "done" and listed[run["id"]]["tokens"] > 0
+    assert http.post(f"/v1/pie/runs/{chat['id']}/cancel").json()["state"] == "cancelled"
+    idle_pages(http)
