@@ -30,7 +30,6 @@ def cli(module, argv: list[str]) -> int:
 def fake_engine(monkeypatch):
     """`run` and `chat` get an engine over FakeDriver instead of loading a model."""
     from pie_local.cli import run as run_cmd
-    from pie_local.runtime.engine import Engine
 
     drivers = []
 
@@ -126,7 +125,6 @@ def test_chat_reads_piped_turns(fake_engine, monkeypatch, capsys):
         return tok.encode("ok"[len(said)])[0] if len(said) < 2 else tok.token_id("<end_of_turn>")
 
     from pie_local.cli import run as run_cmd
-    from pie_local.runtime.engine import Engine
 
     monkeypatch.setattr(run_cmd, "make_engine", lambda args: engine_on(FakeDriver(
         DriverParams(page_size=4, n_pages=1024, max_batch_tokens=128), next_token=reply)))

@@ -4,7 +4,6 @@ validation, so comparing that sequence's logits before and after proves nothing 
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -139,3 +138,9 @@ def test_closed_driver_refuses_calls(tmp_path_factory) -> None:
     with pytest.raises(DriverError, match="closed"):
         drv.forward(build_batch([Req([1, 2], [0], 2)], PAGE))
     drv.close()  # idempotent
+
+
+def test_native_driver_is_a_model_driver(live) -> None:
+    from pie_local.driver import ModelDriver
+
+    assert isinstance(live[0], ModelDriver)

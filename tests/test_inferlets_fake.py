@@ -10,7 +10,6 @@ import pytest
 
 from pie_local.driver.fake import FakeDriver, FakeTokenizer
 from pie_local.driver.types import DriverParams
-from pie_local.runtime.engine import Engine
 from pie_local.runtime.inferlet import InferletError, load_inferlet, stdlib_names
 from runtime_helpers import fake_engine
 

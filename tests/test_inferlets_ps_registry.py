@@ -136,7 +136,6 @@ async def test_ps_sees_an_inferlet_running_in_another_process(tmp_path, isolated
 async def test_a_running_engine_is_visible_to_ps_until_it_stops():
     from pie_local.driver.fake import FakeDriver
     from pie_local.driver.types import DriverParams
-    from pie_local.runtime import Engine, EngineConfig
 
     release = asyncio.Event()
 

@@ -10,7 +10,7 @@ import pytest
 
 from pie_local.driver.fake import FakeDriver, FakeTokenizer
 from pie_local.driver.types import DriverParams
-from pie_local.runtime import ContextBusyError, Engine, EngineConfig, SamplingParams, brle
+from pie_local.runtime import ContextBusyError, Engine, SamplingParams, brle
 from pie_local.runtime.sampling import StopChecker
 from runtime_helpers import fake_engine
 

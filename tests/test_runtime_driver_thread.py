@@ -11,7 +11,7 @@ import pytest
 
 from pie_local.driver.fake import FakeDriver
 from pie_local.driver.types import DriverParams, ForwardBatch
-from pie_local.runtime import Engine, EngineConfig
+from pie_local.runtime import Engine
 from pie_local.runtime.sampling import SamplingParams
 from pie_local.runtime.scheduler import DriverThread, _indptr
 from runtime_helpers import fake_engine

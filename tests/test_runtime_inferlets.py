@@ -9,7 +9,7 @@ import pytest
 
 from pie_local.driver.fake import FakeDriver
 from pie_local.driver.types import DriverParams
-from pie_local.runtime import Engine, EngineConfig
+from pie_local.runtime import Engine
 from pie_local.runtime.inferlet import InferletError, Param, load_inferlet, parse_args
 from runtime_helpers import fake_engine
 

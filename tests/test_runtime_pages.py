@@ -9,7 +9,7 @@ import pytest
 
 from pie_local.driver.fake import FakeDriver
 from pie_local.driver.types import DriverParams
-from pie_local.runtime import Engine, EngineConfig, OutOfPagesError
+from pie_local.runtime import OutOfPagesError
 from pie_local.runtime.pages import PagePool
 from runtime_helpers import fake_engine
 

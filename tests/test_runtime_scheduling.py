@@ -10,7 +10,7 @@ import pytest
 
 from pie_local.driver.fake import FakeDriver
 from pie_local.driver.types import DriverParams
-from pie_local.runtime import Engine, EngineConfig, InferletCancelled, Limits, OutOfPagesError, WallTimeExceeded
+from pie_local.runtime import Engine, InferletCancelled, Limits, OutOfPagesError, WallTimeExceeded
 from runtime_helpers import fake_engine
 
 PS = 4  # tokens per page in these tests

@@ -11,7 +11,7 @@ import pytest
 from pie_local import paths
 from pie_local.driver.fake import FakeDriver
 from pie_local.driver.types import DriverParams
-from pie_local.runtime import Engine, EngineConfig, SamplingParams
+from pie_local.runtime import Engine, SamplingParams
 from pie_local.models import store
 from pie_local.models.store import InstalledModel, ModelFile
 from pie_local.runtime import snapshots

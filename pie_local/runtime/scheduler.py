@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pie_local.driver.types import DriverError, ForwardBatch, ForwardResult
+from pie_local.driver.types import DriverError, ForwardBatch, ForwardResult, ModelDriver
 from pie_local.driver import brle
 from pie_local.runtime.forward import ForwardOutput, ForwardRequest
 from pie_local.runtime.stats import Counters
@@ -87,7 +87,7 @@ class DriverThread:
 # --------------------------------------------------------------------------------------------
 
 class Scheduler:
-    def __init__(self, driver: Any, page_size: int, max_batch_tokens: int, max_batch_kv: int,
+    def __init__(self, driver: ModelDriver, page_size: int, max_batch_tokens: int, max_batch_kv: int,
                  counters: Counters) -> None:
         self.driver = driver
         self.page_size = page_size
