@@ -360,3 +360,86 @@ async def test_an_inferlets_own_timeout_is_not_its_wall_time_limit():
         with pytest.raises(TimeoutError) as info:
             await h.result()
         assert not isinstance(info.value, WallTimeExceeded) and h.state == "failed"
+
+
+class FaultyDriver(FakeDriver):
+    """Fails page copies into ``bad_copy_dst`` pages, and any batch holding ``bad_token``
+    with a plain exception (not a DriverError): a bug, not a rejected input."""
+
+    bad_copy_dst: set[int] = set()
+    bad_token: int | None = None
+
+    def copy_pages(self, src, dst):
+        if set(int(d) for d in dst) & self.bad_copy_dst:
+            raise OSError("simulated copy failure")
+        super().copy_pages(src, dst)
+
+    def forward(self, batch):
+        if self.bad_token is not None and self.bad_token in batch.tokens:
+            raise ZeroDivisionError("simulated bug in the forward path")
+        return super().forward(batch)
+
+
+async def step_all(contexts):
+    """One decode step of every context, in one batch; the outcome of each."""
+    return await asyncio.gather(*(c.generate(max_tokens=1) for c in contexts), return_exceptions=True)
+
+
+async def test_a_failed_page_copy_fails_only_the_request_that_needed_it():
+    driver = FaultyDriver(DriverParams(page_size=PS, n_pages=64, max_batch_tokens=64))
+    engine = fake_engine(driver)
+    async with engine:
+        base = engine.context()
+        base.fill("abcdef")  # 7 tokens with BOS: the tail page is partial, so a fork copies it
+        await base.flush()
+        forked = base.fork()
+        other = engine.context()
+        other.fill("xy")  # 3 tokens in its own partial page: written in place, no copy
+        await other.flush()
+        used = engine.pool.n_used
+        driver.bad_copy_dst = set(range(64))  # every copy fails from now on
+        results = await step_all([forked, other])
+        assert isinstance(results[0], OSError) and isinstance(results[1], str)
+        assert engine.pool.n_used == used  # the page the fork's copy was going to fill went back
+        driver.bad_copy_dst = set()
+        assert isinstance((await step_all([forked]))[0], str)  # the failed request can be retried
+
+
+async def test_a_non_driver_exception_fails_only_its_request():
+    driver = FaultyDriver(DriverParams(page_size=PS, n_pages=64, max_batch_tokens=64))
+    engine = fake_engine(driver)
+    async with engine:
+        good, bad = engine.context(), engine.context()
+        good.fill("fine")
+        bad.fill("trouble!")
+        driver.bad_token = bad.token_ids[-1]
+        results = await step_all([good, bad])
+        assert isinstance(results[0], str) and isinstance(results[1], ZeroDivisionError)
+        assert good.kv_len == len(good.token_ids) - 1  # committed, with its sampled token pending
+        assert bad.kv_len == 0 and len(bad.token_ids) == 9  # nothing committed, nothing lost
+
+
+async def test_a_completion_callback_that_raises_cannot_stall_the_scheduler():
+    engine, _ = make_engine()
+    async with engine:
+        victim = engine.context()
+        victim.fill("abc")
+        sequence = victim.sequence
+        real_plan = sequence._plan  # wrap this context's own planner (same test, no other module)
+
+        def plan_with_broken_commit(*args, **kwargs):
+            req = real_plan(*args, **kwargs)
+
+            def broken(_output):
+                raise KeyError("simulated bug in a commit callback")
+
+            req.on_complete = broken
+            return req
+
+        sequence._plan = plan_with_broken_commit
+        bystander = engine.context()
+        bystander.fill("xyz")
+        results = await step_all([victim, bystander])
+        assert isinstance(results[0], KeyError) and isinstance(results[1], str)
+        for _ in range(3):  # later batches still run
+            assert isinstance((await step_all([bystander]))[0], str)

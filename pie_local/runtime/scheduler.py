@@ -192,14 +192,17 @@ class Scheduler:
                     exc: BaseException | None) -> None:
         if self._thread is None:
             return  # stopped: stop() already failed every queued request
-        if exc is not None:  # a driver failure fails only this batch's requests
-            log.error("forward batch failed", exc_info=exc)
-            results = [exc] * len(chunks)
-        elapsed = time.perf_counter() - started
-        woken = self._finish(chunks, results)
-        self.counters.record_batch(sum(c.n for c in chunks), len(chunks), elapsed)
-        self._on_batch_done()
-        self._next_batch(YIELDS_AFTER_BATCH, woken)
+        woken: list[Any] | None = None
+        try:
+            if exc is not None:  # the driver thread itself failed: only this batch's requests fail
+                log.error("forward batch failed", exc_info=exc)
+                results = [exc] * len(chunks)
+            elapsed = time.perf_counter() - started
+            woken = self._finish(chunks, results)
+            self.counters.record_batch(sum(c.n for c in chunks), len(chunks), elapsed)
+            self._on_batch_done()
+        finally:  # whatever happened above, the scheduler never stays busy with nothing in flight
+            self._next_batch(YIELDS_AFTER_BATCH, woken)
 
     def _compose(self) -> list[_Chunk]:
         """Pick this step's requests: decode-sized ones first, then prefill chunks."""
@@ -220,21 +223,35 @@ class Scheduler:
         return chunks
 
     def _execute(self, chunks: list[_Chunk]) -> list[Outcome]:
-        """On the driver thread: copy-on-write copies, then the batch. A failing batch of several
-        requests is retried one request at a time so a bad request fails alone."""
-        copies = [cp for c in chunks if c.start == 0 for cp in c.req.copies]
-        if copies:
-            self.driver.copy_pages([s for s, _ in copies], [d for _, d in copies])
+        """On the driver thread: each starting request's copy-on-write copies, then the batch.
+        Whatever fails (a copy, a bad request, any exception) fails only the requests it concerns."""
+        outcomes: list[Outcome | None] = [None] * len(chunks)
+        for i, c in enumerate(chunks):
+            if c.start == 0 and c.req.copies:
+                try:
+                    self.driver.copy_pages([s for s, _ in c.req.copies], [d for _, d in c.req.copies])
+                except Exception as exc:  # noqa: BLE001 — this request fails, the others run
+                    outcomes[i] = exc
+        live = [i for i, o in enumerate(outcomes) if o is None]
+        for i, outcome in zip(live, self._forward([chunks[i] for i in live])):
+            outcomes[i] = outcome
+        return outcomes
+
+    def _forward(self, chunks: list[_Chunk]) -> list[Outcome]:
+        """One batch; when it fails with several requests in it, each is retried alone so a bad
+        request fails by itself."""
+        if not chunks:
+            return []
         try:
             return _outcomes(self.driver.forward(self._build(chunks)), chunks)
-        except DriverError as exc:
+        except Exception as exc:  # noqa: BLE001 — handed to the requests, never to the loop
             if len(chunks) == 1:
                 return [exc]
         out: list[Outcome] = []
         for c in chunks:
             try:
                 out += _outcomes(self.driver.forward(self._build([c])), [c])
-            except DriverError as exc:
+            except Exception as exc:  # noqa: BLE001
                 out.append(exc)
         return out
 
@@ -284,44 +301,60 @@ class Scheduler:
         return batch
 
     def _finish(self, chunks: list[_Chunk], results: list[Outcome]) -> list[Any]:
-        """Store each chunk's outputs; complete, continue or abort its request. Returns the contexts woken."""
+        """Store each chunk's outputs; complete, continue or abort its request. Returns the contexts
+        woken. A completion callback that raises fails its own request only."""
         woken = []
         for c, res in zip(chunks, results, strict=True):
             req = c.req
             req.in_flight = False
-            if req.cancelled:
-                self._queue.remove(req)
-                self._abort(req, None)
-                continue
-            if isinstance(res, BaseException):
-                self._queue.remove(req)
-                self._abort(req, res)
-                woken.append(req.context)
-                continue
-            _store(req, c, *res)
-            req.done += c.n
-            if req.on_chunk is not None:
-                req.on_chunk(req.kv_before + req.done)
-            if req.remaining == 0:
-                self._queue.remove(req)
-                if req.output is None:  # a pass that samples nothing
-                    req.output = ForwardOutput.empty([], 0, None)
-                if req.on_complete is not None:
-                    req.on_complete(req.output)
-                if not req.future.done():
-                    req.future.set_result(req.output)
+            try:
+                if self._finish_one(req, c, res):
+                    woken.append(req.context)
+            except Exception as exc:  # noqa: BLE001 — a bug in one request's bookkeeping
+                log.error("completing a forward request failed", exc_info=exc)
+                if req in self._queue:
+                    self._queue.remove(req)
+                if req.future is not None and not req.future.done():
+                    req.future.set_exception(exc)
                 woken.append(req.context)
         return woken
 
+    def _finish_one(self, req: ForwardRequest, c: _Chunk, res: Outcome) -> bool:
+        """True when the request is over (its context wakes up)."""
+        if req.cancelled:
+            self._queue.remove(req)
+            self._abort(req, None)
+            return False
+        if isinstance(res, BaseException):
+            self._queue.remove(req)
+            self._abort(req, res)
+            return True
+        _store(req, c, *res)
+        req.done += c.n
+        if req.on_chunk is not None:
+            req.on_chunk(req.kv_before + req.done)
+        if req.remaining:
+            return False
+        self._queue.remove(req)
+        if req.output is None:  # a pass that samples nothing
+            req.output = ForwardOutput.empty([], 0, None)
+        if req.on_complete is not None:
+            req.on_complete(req.output)
+        if not req.future.done():
+            req.future.set_result(req.output)
+        return True
+
     @staticmethod
     def _abort(req: ForwardRequest, exc: BaseException | None) -> None:
-        if req.on_abort is not None:
-            req.on_abort()
-        if req.future is not None and not req.future.done():
-            if exc is None:
-                req.future.cancel()
-            else:
-                req.future.set_exception(exc)
+        try:
+            if req.on_abort is not None:
+                req.on_abort()
+        finally:
+            if req.future is not None and not req.future.done():
+                if exc is None:
+                    req.future.cancel()
+                else:
+                    req.future.set_exception(exc)
 
 
 def _outcomes(result: ForwardResult, chunks: list[_Chunk]) -> list[Outcome]:
