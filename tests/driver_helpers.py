@@ -15,9 +15,9 @@ from typing import Sequence
 import numpy as np
 import pytest
 
-from pie_local.driver.types import ForwardBatch, SamplerParams
+from pie_local.driver.types import ForwardBatch, SamplingParams
 
-GREEDY = SamplerParams()
+GREEDY = SamplingParams()
 
 
 @dataclass
@@ -28,7 +28,7 @@ class Req:
     positions: Sequence[int] | None = None  # default: kv_len - n .. kv_len - 1
     masks: Sequence[Sequence[int] | None] | None = None  # BRLE runs per new token (None = no mask)
     outputs: Sequence[int] | None = None  # new-token indices to sample; default: the last one
-    samplers: Sequence[SamplerParams] | None = None  # one per output; default greedy
+    samplers: Sequence[SamplingParams] | None = None  # one per output; default greedy
 
     def __post_init__(self) -> None:
         n = len(self.tokens)
@@ -57,7 +57,7 @@ def build_batch(
     page_indptr = [0]
     last_len: list[int] = []
     output_rows: list[int] = []
-    samplers: list[SamplerParams] = []
+    samplers: list[SamplingParams] = []
     any_mask = any(r.masks is not None for r in reqs)
     mask_indptr = [0]
     mask_runs: list[int] = []
@@ -117,7 +117,7 @@ class SeqState:
         tokens: Sequence[int],
         *,
         outputs: Sequence[int] | str | None = None,
-        samplers: Sequence[SamplerParams] | None = None,
+        samplers: Sequence[SamplingParams] | None = None,
         positions: Sequence[int] | None = None,
     ) -> Req:
         """The Req appending `tokens`; call advance(tokens) once the forward pass succeeded."""

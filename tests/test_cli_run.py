@@ -15,6 +15,7 @@ import pytest
 
 from pie_local.driver.fake import FakeDriver, FakeTokenizer
 from pie_local.driver.types import DriverParams
+from runtime_helpers import fake_engine as engine_on
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,14 +30,13 @@ def cli(module, argv: list[str]) -> int:
 def fake_engine(monkeypatch):
     """`run` and `chat` get an engine over FakeDriver instead of loading a model."""
     from pie_local.cli import run as run_cmd
-    from pie_local.runtime.engine import Engine
 
     drivers = []
 
     def make_engine(args):
         driver = FakeDriver(DriverParams(page_size=4, n_pages=1024, max_batch_tokens=128))
         drivers.append(driver)
-        return Engine(driver=driver)
+        return engine_on(driver)
 
     monkeypatch.setattr(run_cmd, "make_engine", make_engine)
     return drivers
@@ -125,9 +125,8 @@ def test_chat_reads_piped_turns(fake_engine, monkeypatch, capsys):
         return tok.encode("ok"[len(said)])[0] if len(said) < 2 else tok.token_id("<end_of_turn>")
 
     from pie_local.cli import run as run_cmd
-    from pie_local.runtime.engine import Engine
 
-    monkeypatch.setattr(run_cmd, "make_engine", lambda args: Engine(driver=FakeDriver(
+    monkeypatch.setattr(run_cmd, "make_engine", lambda args: engine_on(FakeDriver(
         DriverParams(page_size=4, n_pages=1024, max_batch_tokens=128), next_token=reply)))
     monkeypatch.setattr(sys, "stdin", io.StringIO("first\n\nsecond\n/exit\nnever sent\n"))
     assert cli(chat_cmd, ["--max-tokens", "8"]) == 0
@@ -178,7 +177,7 @@ def test_cli_run_end_to_end_on_the_starter_model(starter_gguf, isolated_home):
     assert proc.returncode == 0, proc.stderr
 
     async def expected() -> str:
-        async with Engine(str(starter_gguf), EngineConfig(n_threads=2, n_pages=64)) as engine:
+        async with Engine(str(starter_gguf), EngineConfig(driver=DriverParams(n_threads=2, n_pages=64))) as engine:
             return await engine.run("text-completion", {"prompt": "The capital of France is", "max_tokens": 12})
 
     text = asyncio.run(expected())

@@ -4,22 +4,18 @@ validation, so comparing that sequence's logits before and after proves nothing 
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
 from driver_helpers import Req, allow_mask, build_batch, tiny_gguf
+from driver_rules import BAD_BATCHES, DECODE, N_PAGES, PAGE, PARAMS, PROMPT, with_batch
 from tiny_models import write_shape_mismatch, write_truncated, write_unknown_arch, write_wrong_magic
 
-from pie_local.driver import Driver, DriverError, DriverParams, SamplerParams
+from pie_local.driver import Driver, DriverError, DriverParams
 
 pytestmark = pytest.mark.real_driver
 
-PAGE = 4
-MAX_TOKENS = 32
-N_PAGES = 16
-PARAMS = DriverParams(n_threads=2, page_size=PAGE, n_pages=N_PAGES, max_batch_tokens=MAX_TOKENS)
 
 # ---------------------------------------------------------------------------------------------
 # Files that must not load
@@ -74,10 +70,6 @@ def test_empty_file(tmp_path: Path) -> None:
 # Bad batches and page operations on a live driver
 # ---------------------------------------------------------------------------------------------
 
-PROMPT = [1, 300, 301, 302, 303, 304, 305, 306, 307, 308]  # pages 0, 1, 2 (2 tokens in page 2)
-DECODE = Req([309], [0, 1, 2], len(PROMPT) + 1, outputs=[0])
-
-
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     """A driver holding PROMPT in pages 0-2, and the logits of one decode step on top of it."""
@@ -85,69 +77,6 @@ def live(tmp_path_factory):
         drv.forward(build_batch([Req(PROMPT, [0, 1, 2], len(PROMPT))], PAGE))
         baseline = drv.forward(build_batch([DECODE], PAGE)).logits
         yield drv, baseline
-
-
-def clobber() -> Req:
-    """A valid request that would overwrite pages 0 and 1 with other tokens."""
-    return Req([1, 5, 6, 7, 8, 9, 10, 11], [0, 1], 8, outputs=[7])
-
-
-def with_batch(req: Req | None = None, **changes):
-    batch = build_batch([req or clobber()], PAGE)
-    return dataclasses.replace(batch, **changes)
-
-
-def i32(*xs: int) -> np.ndarray:
-    return np.asarray(xs, dtype=np.int32)
-
-
-# name -> (make(n_vocab) -> bad ForwardBatch, fragment of the expected message)
-BAD_BATCHES = {
-    "page_id_out_of_range": (
-        lambda v: with_batch(Req([1, 5, 6, 7, 8], [0, N_PAGES + 3], 5)),
-        f"page id {N_PAGES + 3} out of range (n_pages={N_PAGES})",
-    ),
-    "negative_page_id": (lambda v: with_batch(Req([1, 5], [-1], 2)), "page id -1 out of range"),
-    "mask_runs_do_not_sum_to_kv_len": (
-        lambda v: with_batch(Req([1, 5, 6], [0], 3, masks=[None, None, [0, 2]])),
-        "mask runs sum to 2 but the request's KV length is 3",
-    ),
-    "mask_indptr_wrong_length": (
-        lambda v: with_batch(mask_indptr=i32(0, 0), mask_runs=i32()),
-        "mask_indptr has 2 entries",
-    ),
-    "too_many_tokens": (
-        lambda v: with_batch(Req(list(range(3, 3 + MAX_TOKENS + 1)), list(range(9)), MAX_TOKENS + 1)),
-        f"batch has {MAX_TOKENS + 1} tokens; max_batch_tokens is {MAX_TOKENS}",
-    ),
-    "token_id_out_of_range": (lambda v: with_batch(Req([1, 5, 100_000], [0], 3)), "id 100000 out of range (n_vocab="),
-    "last_page_len_zero": (lambda v: with_batch(kv_last_page_len=i32(0)), "last_page_len 0 outside 1..4"),
-    "last_page_len_too_big": (lambda v: with_batch(kv_last_page_len=i32(5)), "last_page_len 5 outside 1..4"),
-    "kv_shorter_than_new_tokens": (
-        lambda v: with_batch(Req([1, 5, 6, 7, 8, 9], [0], 4, positions=list(range(6)))),
-        "KV length 4 is shorter than its 6 new tokens",
-    ),
-    "page_listed_twice": (lambda v: with_batch(Req([1, 5, 6, 7, 8], [0, 0], 5)), "page 0 listed twice"),
-    "output_row_out_of_range": (lambda v: with_batch(output_rows=i32(8)), "row 8 out of range (batch has 8 tokens)"),
-    "qo_indptr_not_ending_at_n_tokens": (lambda v: with_batch(qo_indptr=i32(0, 7)), "qo_indptr ends at 7"),
-    "top_p_zero": (
-        lambda v: with_batch(samplers=[SamplerParams(temperature=1.0, top_p=0.0)]),
-        "top_p must be in (0, 1]",
-    ),
-    "min_p_above_one": (
-        lambda v: with_batch(samplers=[SamplerParams(temperature=1.0, min_p=2.0)]),
-        "min_p must be in [0, 1]",
-    ),
-    "negative_top_k": (lambda v: with_batch(samplers=[SamplerParams(temperature=1.0, top_k=-3)]), "top_k must be >= 0"),
-    "nan_temperature": (
-        lambda v: with_batch(samplers=[SamplerParams(temperature=float("nan"))]),
-        "temperature must be finite",
-    ),
-    "logit_mask_allows_nothing": (
-        lambda v: with_batch(logit_masks=np.zeros((1, (v + 31) // 32), dtype=np.uint32)),
-        "allows no token",
-    ),
-}
 
 
 @pytest.mark.parametrize("case", list(BAD_BATCHES))
@@ -209,3 +138,9 @@ def test_closed_driver_refuses_calls(tmp_path_factory) -> None:
     with pytest.raises(DriverError, match="closed"):
         drv.forward(build_batch([Req([1, 2], [0], 2)], PAGE))
     drv.close()  # idempotent
+
+
+def test_native_driver_is_a_model_driver(live) -> None:
+    from pie_local.driver import ModelDriver
+
+    assert isinstance(live[0], ModelDriver)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from driver_helpers import Req, allow_mask, build_batch, log_softmax, tiny_gguf
 
-from pie_local.driver import Driver, DriverParams, SamplerParams
+from pie_local.driver import Driver, DriverParams, SamplingParams
 
 pytestmark = pytest.mark.real_driver
 
@@ -24,7 +24,7 @@ def driver(tmp_path_factory):
 PROMPT = [1, 300, 301, 302, 400, 401, 17]
 
 
-def sample(driver: Driver, samplers: list[SamplerParams], *, allowed=None, top_k: int = 0):
+def sample(driver: Driver, samplers: list[SamplingParams], *, allowed=None, top_k: int = 0):
     """Runs PROMPT once with one output row per sampler, all on its last token."""
     n_vocab = driver.info.n_vocab
     masks = None
@@ -36,7 +36,7 @@ def sample(driver: Driver, samplers: list[SamplerParams], *, allowed=None, top_k
 
 
 def test_greedy_is_argmax_of_returned_logits(driver: Driver) -> None:
-    res = sample(driver, [SamplerParams()] * 3, top_k=5)
+    res = sample(driver, [SamplingParams()] * 3, top_k=5)
     logits = res.logits[0]
     assert res.tokens.tolist() == [int(np.argmax(logits))] * 3
     np.testing.assert_allclose(res.logprobs, log_softmax(logits).max(), atol=1e-4)
@@ -46,17 +46,17 @@ def test_greedy_is_argmax_of_returned_logits(driver: Driver) -> None:
 
 
 def test_seeded_runs_reproduce_and_seeds_differ(driver: Driver) -> None:
-    hot = [SamplerParams(temperature=2.0, seed=s) for s in range(N_DRAWS)]
+    hot = [SamplingParams(temperature=2.0, seed=s) for s in range(N_DRAWS)]
     first, second = sample(driver, hot), sample(driver, hot)
     assert first.tokens.tolist() == second.tokens.tolist()
     assert len(set(first.tokens.tolist())) > N_DRAWS // 3  # hot sampling over ~560 tokens
     # different seed sets give different draws
-    other = sample(driver, [SamplerParams(temperature=2.0, seed=1000 + s) for s in range(N_DRAWS)])
+    other = sample(driver, [SamplingParams(temperature=2.0, seed=1000 + s) for s in range(N_DRAWS)])
     assert other.tokens.tolist() != first.tokens.tolist()
 
 
 def test_logprobs_are_under_raw_softmax(driver: Driver) -> None:
-    res = sample(driver, [SamplerParams(temperature=1.5, seed=s) for s in range(N_DRAWS)], top_k=20)
+    res = sample(driver, [SamplingParams(temperature=1.5, seed=s) for s in range(N_DRAWS)], top_k=20)
     lsm = log_softmax(res.logits[0])
     np.testing.assert_allclose(res.logprobs, lsm[res.tokens], atol=1e-4)
     assert np.all(res.logprobs <= 0)
@@ -77,7 +77,7 @@ def test_logprobs_are_under_raw_softmax(driver: Driver) -> None:
 )
 def test_filters_never_return_an_excluded_token(driver: Driver, params: dict) -> None:
     temperature = 1.3
-    res = sample(driver, [SamplerParams(temperature=temperature, seed=s, **params) for s in range(N_DRAWS)])
+    res = sample(driver, [SamplingParams(temperature=temperature, seed=s, **params) for s in range(N_DRAWS)])
     logits = res.logits[0].astype(np.float64) / temperature
     order = np.argsort(-logits, kind="stable")
     keep = order
@@ -108,7 +108,7 @@ def test_filters_never_return_an_excluded_token(driver: Driver, params: dict) ->
 def test_logit_bitmask_always_respected(driver: Driver, params: dict) -> None:
     rng = np.random.default_rng(11)
     allowed = rng.choice(driver.info.n_vocab, size=25, replace=False)
-    res = sample(driver, [SamplerParams(seed=s, **params) for s in range(N_DRAWS)], allowed=allowed)
+    res = sample(driver, [SamplingParams(seed=s, **params) for s in range(N_DRAWS)], allowed=allowed)
     assert set(res.tokens.tolist()) <= set(allowed.tolist())
     if not params:  # greedy under a mask = argmax over the allowed tokens
         best = allowed[np.argmax(res.logits[0][allowed])]
@@ -122,7 +122,7 @@ def test_temperature_sampling_follows_the_distribution(driver: Driver) -> None:
     counts: dict[int, int] = {}
     n = 0
     for base in range(0, 20 * N_DRAWS, N_DRAWS):
-        res = sample(driver, [SamplerParams(temperature=1.0, top_k=2, seed=base + s) for s in range(N_DRAWS)])
+        res = sample(driver, [SamplingParams(temperature=1.0, top_k=2, seed=base + s) for s in range(N_DRAWS)])
         for t in res.tokens.tolist():
             counts[t] = counts.get(t, 0) + 1
         n += N_DRAWS

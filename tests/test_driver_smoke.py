@@ -13,7 +13,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from pie_local.driver import Driver, DriverError, DriverParams, ForwardBatch, SamplerParams, _ffi, _lib
+from pie_local.driver import Driver, DriverError, DriverParams, ForwardBatch, SamplingParams, _ffi, _lib
 
 pytestmark = pytest.mark.real_driver
 
@@ -34,7 +34,7 @@ def one_request(tokens, pages, kv_len, *, outputs=None, positions=None, masks=No
         kv_page_indptr=np.array([0, n_pages]),
         kv_last_page_len=np.array([kv_len - (n_pages - 1) * PAGE]),
         output_rows=np.array(outputs),
-        samplers=[SamplerParams()] * len(outputs),
+        samplers=[SamplingParams()] * len(outputs),
         return_logits=True,
     )
     if masks is not None:
@@ -88,7 +88,7 @@ def two_requests(first, second, pages_first, pages_second) -> ForwardBatch:
         kv_page_indptr=np.array([0, len(pages_first), len(pages_first) + len(pages_second)]),
         kv_last_page_len=np.array([n1 - (len(pages_first) - 1) * PAGE, n2 - (len(pages_second) - 1) * PAGE]),
         output_rows=np.arange(n1 + n2),
-        samplers=[SamplerParams()] * (n1 + n2),
+        samplers=[SamplingParams()] * (n1 + n2),
         return_logits=True,
     )
 
@@ -176,11 +176,11 @@ def test_nothing_reaches_stderr(starter_gguf) -> None:
     code = textwrap.dedent(
         f"""
         import numpy as np
-        from pie_local.driver import Driver, DriverParams, ForwardBatch, SamplerParams
+        from pie_local.driver import Driver, DriverParams, ForwardBatch, SamplingParams
         with Driver({str(starter_gguf)!r}, DriverParams(n_pages=4, page_size=8)) as d:
             b = ForwardBatch(tokens=np.array([2, 651]), positions=np.array([0, 1]), qo_indptr=np.array([0, 2]),
                 kv_page_indices=np.array([0]), kv_page_indptr=np.array([0, 1]), kv_last_page_len=np.array([2]),
-                output_rows=np.array([1]), samplers=[SamplerParams()])
+                output_rows=np.array([1]), samplers=[SamplingParams()])
             print(int(d.forward(b).tokens[0]))
         try:
             Driver("/nonexistent.gguf")

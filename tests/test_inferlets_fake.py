@@ -10,8 +10,8 @@ import pytest
 
 from pie_local.driver.fake import FakeDriver, FakeTokenizer
 from pie_local.driver.types import DriverParams
-from pie_local.runtime.engine import Engine
 from pie_local.runtime.inferlet import InferletError, load_inferlet, stdlib_names
+from runtime_helpers import fake_engine
 
 STDLIB = ["attention-sink", "beam-search", "best-of-n", "chat", "json-output", "prefix-cache", "prompt-lookup",
           "react-agent", "text-completion", "tree-of-thought", "windowed-attention"]
@@ -35,7 +35,7 @@ def make_driver(**kwargs) -> RecordingDriver:
 
 @pytest.fixture
 async def engine():
-    async with Engine(driver=make_driver()) as e:
+    async with fake_engine(make_driver()) as e:
         yield e
 
 
@@ -114,7 +114,7 @@ def scripted(replies: dict[str, str], tok=FakeTokenizer()):
 
 async def test_chat_one_message_and_interactive():
     driver = make_driver(next_token=scripted({"<start_of_turn>model\n": "hi there"}))
-    async with Engine(driver=driver) as engine:
+    async with fake_engine(driver) as engine:
         assert await engine.run("chat", {"message": "hello", "system": "be brief"}) == "hi there"
         handle = engine.launch("chat", {})
         events = []
@@ -142,7 +142,7 @@ async def test_chat_one_message_and_interactive():
 
 async def test_best_of_n_forks_share_the_prompt():
     driver = make_driver()
-    async with Engine(driver=driver) as engine:
+    async with fake_engine(driver) as engine:
         prompt = "Question: what is two plus two? Answer:"
         result = await engine.run("best-of-n", {"prompt": prompt, "n": 4, "max_tokens": 6})
     cands = result["candidates"]
@@ -161,7 +161,7 @@ async def test_best_of_n_forks_share_the_prompt():
 async def test_best_of_n_vote_picks_the_majority_answer():
     # the toy model always answers 7 after "A:" and then stops: every branch votes "7"
     driver = make_driver(next_token=scripted({"A:": " 7"}))
-    async with Engine(driver=driver) as engine:
+    async with fake_engine(driver) as engine:
         result = await engine.run("best-of-n", {"prompt": "Q: 3+4? A:", "n": 3, "max_tokens": 8,
                                                 "answer_regex": r"\d+"})
     assert result["answer"] == "7" and result["votes"] == {"7": 3}
@@ -199,7 +199,7 @@ async def test_beam_search_forks_and_scores_its_beams(engine):
 
 async def test_tree_of_thought_expands_depth_times_breadth():
     driver = make_driver()
-    async with Engine(driver=driver) as engine:
+    async with fake_engine(driver) as engine:
         result = await engine.run("tree-of-thought", {"prompt": "Plan:", "depth": 2, "breadth": 3,
                                                       "thought_tokens": 5})
     assert result["nodes"] == 3 + 3 * 3
@@ -253,7 +253,7 @@ def agent_rule():
 
 async def test_react_agent_calls_the_calculator_and_keeps_the_result_in_kv():
     driver = make_driver(next_token=agent_rule())
-    async with Engine(driver=driver) as engine:
+    async with fake_engine(driver) as engine:
         result, streamed, data, _ = await run_collect(engine, "react-agent",
                                                       {"prompt": "What is 17*23?", "tools": "calculator"})
     assert data == [{"event": "tool_call", "name": "calculator", "arguments": {"expression": "17*23"},
@@ -305,7 +305,7 @@ async def test_masked_attention_bounds_pages_and_masks_equal_dropping(name, extr
     outputs = {}
     for drop in (True, False):
         driver = make_driver()
-        async with Engine(driver=driver) as engine:
+        async with fake_engine(driver) as engine:
             outputs[drop] = await engine.run(name, {**args, "drop_pages": drop})
             plain = await greedy_tokens(engine, args["prompt"], 40)
         out = outputs[drop]
@@ -347,7 +347,7 @@ async def test_prompt_lookup_accepts_drafts_of_a_repeating_model():
         seen = tok.decode(visible[1:])
         return tok.encode(text[len(seen) % len(text)])[0] if seen else None
 
-    async with Engine(driver=make_driver(next_token=repeat)) as engine:
+    async with fake_engine(make_driver(next_token=repeat)) as engine:
         result = await engine.run("prompt-lookup", {"prompt": text, "max_tokens": 40})
         greedy = await greedy_tokens(engine, text, 40)
     assert result["token_ids"] == greedy
@@ -368,13 +368,13 @@ def test_find_draft():
 async def test_prefix_cache_saves_then_continues_without_prefill():
     driver = make_driver()
     prefix = "A long shared document. " * 8
-    async with Engine(driver=driver) as engine:
+    async with fake_engine(driver) as engine:
         first = await engine.run("prefix-cache", {"name": "doc", "prefix": prefix, "prompt": " Q:", "max_tokens": 8})
     assert first["reused"] is False
     before = driver.stats.tokens
     driver2 = make_driver()
     driver2._kv_tok[:], driver2._kv_pos[:] = -1, -1  # a fresh driver: nothing cached
-    async with Engine(driver=driver2) as engine:
+    async with fake_engine(driver2) as engine:
         second = await engine.run("prefix-cache", {"name": "doc", "prompt": " Q:", "max_tokens": 8})
     assert second["reused"] is True and second["prefix_tokens"] == first["prefix_tokens"]
     assert second["text"] == first["text"]

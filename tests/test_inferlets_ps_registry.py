@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from pie_local.runtime import ps_registry
+from runtime_helpers import fake_engine
 
 
 @dataclass
@@ -91,14 +92,15 @@ async def test_ps_sees_an_inferlet_running_in_another_process(tmp_path, isolated
     script = tmp_path / "engine_proc.py"
     script.write_text(
         "import asyncio, sys\n"
-        "from pie_local.driver.fake import FakeDriver\n"
+        "from pie_local.driver.fake import FakeChatTemplate, FakeDriver\n"
         "from pie_local.runtime.engine import Engine\n"
         "from pie_local.runtime.ps_registry import PsPublisher\n"
         "async def waiter(rt, args):\n"
         "    ctx = rt.context(); ctx.fill('hello'); await ctx.flush()\n"
         "    await rt.receive()\n"
         "async def main():\n"
-        "    async with Engine(driver=FakeDriver()) as engine:\n"
+        "    driver = FakeDriver()\n"
+        "    async with Engine(driver=driver, tokenizer=driver.tokenizer, chat_template=FakeChatTemplate()) as engine:\n"
         "        pub = PsPublisher(engine, interval=0.05); pub.start()\n"
         "        handle = engine.launch(waiter)\n"
         "        print('ready', flush=True)\n"
@@ -134,7 +136,6 @@ async def test_ps_sees_an_inferlet_running_in_another_process(tmp_path, isolated
 async def test_a_running_engine_is_visible_to_ps_until_it_stops():
     from pie_local.driver.fake import FakeDriver
     from pie_local.driver.types import DriverParams
-    from pie_local.runtime import Engine, EngineConfig
 
     release = asyncio.Event()
 
@@ -142,7 +143,7 @@ async def test_a_running_engine_is_visible_to_ps_until_it_stops():
         await release.wait()
         return "done"
 
-    engine = Engine(driver=FakeDriver(DriverParams(page_size=4, n_pages=16)), config=EngineConfig(page_size=4, n_pages=16))
+    engine = fake_engine(FakeDriver(DriverParams(page_size=4, n_pages=16)))
     await engine.start()
     handle = engine.launch(waiting)
     for _ in range(100):  # the engine's publisher refreshes its run file every second

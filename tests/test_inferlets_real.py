@@ -32,9 +32,10 @@ def model_path():
 
 @pytest.fixture
 async def engine(model_path):
+    from pie_local.driver.types import DriverParams
     from pie_local.runtime.engine import Engine, EngineConfig
 
-    async with Engine(str(model_path), EngineConfig(n_threads=2, n_pages=256)) as e:
+    async with Engine(str(model_path), EngineConfig(driver=DriverParams(n_threads=2, n_pages=256))) as e:
         yield e
 
 
@@ -123,12 +124,13 @@ async def test_react_agent_calls_the_calculator(engine):
 
 
 async def test_attention_sink_masks_equal_dropped_pages_on_the_real_model(model_path):
+    from pie_local.driver.types import DriverParams
     from pie_local.runtime.engine import Engine, EngineConfig
 
     args = {"prompt": "The history of the printing press", "max_tokens": 64, "sink": 4, "window": 16}
     outs = {}
     for drop in (True, False):
-        async with Engine(str(model_path), EngineConfig(n_threads=2, n_pages=64, page_size=16)) as engine:
+        async with Engine(str(model_path), EngineConfig(driver=DriverParams(n_threads=2, n_pages=64, page_size=16))) as engine:
             outs[drop] = await engine.run("attention-sink", {**args, "drop_pages": drop})
     assert outs[True]["pages_dropped"] > 0
     assert outs[True]["token_ids"] == outs[False]["token_ids"]
@@ -136,12 +138,13 @@ async def test_attention_sink_masks_equal_dropped_pages_on_the_real_model(model_
 
 
 async def test_prefix_cache_snapshot_survives_an_engine_restart(model_path):
+    from pie_local.driver.types import DriverParams
     from pie_local.runtime.engine import Engine, EngineConfig
 
     prefix = "Notes on the printing press. " * 12
     runs = []
     for _ in range(2):
-        async with Engine(str(model_path), EngineConfig(n_threads=2, n_pages=64)) as engine:
+        async with Engine(str(model_path), EngineConfig(driver=DriverParams(n_threads=2, n_pages=64))) as engine:
             handle = engine.launch("prefix-cache", {"name": "press", "prefix": prefix, "prompt": " In short,",
                                                     "max_tokens": 12})
             runs.append((await handle.result(), handle.tokens))

@@ -10,8 +10,9 @@ import pytest
 
 from pie_local.driver.fake import FakeDriver, FakeTokenizer
 from pie_local.driver.types import DriverParams
-from pie_local.runtime import ContextBusyError, Engine, EngineConfig, SamplingParams, brle
+from pie_local.runtime import ContextBusyError, Engine, SamplingParams, brle
 from pie_local.runtime.sampling import StopChecker
+from runtime_helpers import fake_engine
 
 TOK = FakeTokenizer()
 MARK = "<start_of_turn>model\n"
@@ -38,7 +39,7 @@ def scripted(reply_for: Callable[[str], str]) -> Callable[[list[int]], int | Non
 
 def make_engine(rule=None, page_size: int = 4, **kw) -> tuple[Engine, FakeDriver]:
     driver = FakeDriver(DriverParams(page_size=page_size, n_pages=256, max_batch_tokens=64), next_token=rule, **kw)
-    return Engine(driver=driver, config=EngineConfig(page_size=page_size, n_pages=256, max_batch_tokens=64)), driver
+    return fake_engine(driver), driver
 
 
 # ---- stop logic ---------------------------------------------------------------------------------
@@ -329,7 +330,7 @@ async def test_bad_forward_input_is_a_clear_error_and_hurts_no_one():
             await ctx.forward().input([13]).sample(1).execute()
         with pytest.raises(ValueError, match="positions must be >= 0"):
             await ctx.forward().input([13], positions=[-1]).execute()
-        assert ctx.kv_len == 3 and engine._pool.n_used == 1
+        assert ctx.kv_len == 3 and engine.pool.n_used == 1
         assert len(await ctx.generate(max_tokens=2)) > 0
 
 
@@ -345,7 +346,7 @@ class CountingTemplate:
 
 async def test_a_template_that_rewrites_earlier_turns_is_refilled():
     driver = FakeDriver(DriverParams(page_size=4, n_pages=64, max_batch_tokens=64))
-    engine = Engine(driver=driver, chat_template=CountingTemplate(), config=EngineConfig(page_size=4, n_pages=64))
+    engine = fake_engine(driver, chat_template=CountingTemplate())
     async with engine:
         ctx = engine.context()
         ctx.fill("preamble ")
@@ -366,9 +367,9 @@ async def test_drop_pages_keeps_positions_and_frees_memory():
         tokens = list(range(20, 34))  # 14 tokens: pages 0..2 full, tail of 2
         ctx.fill_tokens(tokens)
         await ctx.flush()
-        used = engine._pool.n_used
+        used = engine.pool.n_used
         ctx.drop_pages([1, 2])
-        assert ctx.kv_len == 6 and ctx.n_pages == 2 and engine._pool.n_used == used - 2
+        assert ctx.kv_len == 6 and ctx.n_pages == 2 and engine.pool.n_used == used - 2
         out = await ctx.forward().input([40]).probe(0, logits=True).execute()
         seen = [(t, i) for i, t in enumerate(tokens) if not 4 <= i < 12] + [(40, 14)]
         np.testing.assert_array_equal(out.logits[0], driver.logits_for(seen))
@@ -391,3 +392,42 @@ async def test_kv_computed_with_custom_positions_or_masks_is_never_shared():
         other.fill_tokens([10] * 8)
         await other.flush()
         assert driver.stats.tokens - before == 16  # nothing was adopted from the shaped contexts
+
+
+async def test_generation_reports_prompt_cached_tokens_and_top_logprobs():
+    engine, driver = make_engine(scripted(lambda p: "abc"))
+    async with engine:
+        prompt = "a shared system prompt, long enough for pages " * 2 + MARK
+        first = engine.context()
+        first.fill(prompt)
+        await first.generate(max_tokens=8, top_logprobs=3)
+        gen = first.last
+        assert gen.prompt_tokens == len(TOK.encode(prompt)) + 1  # + BOS
+        assert gen.cached_tokens == 0  # nothing was computed before
+        assert len(gen.top_logprobs) == len(gen.token_ids) == 3
+        for token, logprob, top in zip(gen.token_ids, gen.logprobs, gen.top_logprobs):
+            assert len(top) == 3 and top[0][0] == token  # the scripted token is the most probable
+            assert top[0][1] == pytest.approx(logprob, abs=1e-5)
+            assert [lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True)
+
+        second = engine.context()  # the same prompt: its full pages come from the prefix cache
+        second.fill(prompt)
+        await second.generate(max_tokens=2)
+        full_pages = (second.last.prompt_tokens - 1) // 4 * 4  # the last prompt token is always computed
+        assert second.last.cached_tokens == full_pages > 0
+        assert second.last.top_logprobs == []
+
+
+async def test_engine_public_surface():
+    engine, driver = make_engine()
+    async with engine:
+        ctx = engine.context()
+        ctx.fill("hello")
+        await ctx.flush()
+        assert engine.pool.n_used == ctx.n_pages == 2
+        assert engine.counters.batches == 1
+        sub = engine.messages.subscribe("topic")
+        assert engine.messages.broadcast("topic", 7) == 1 and await sub.get() == 7
+        assert await engine.run_driver(driver.read_pages, ctx.page_ids) == driver.read_pages(ctx.page_ids)
+        ctx.release()
+        assert engine.pool.n_used == 0

@@ -11,16 +11,17 @@ import pytest
 
 from pie_local.driver.fake import FakeDriver
 from pie_local.driver.types import DriverParams, ForwardBatch
-from pie_local.runtime import Engine, EngineConfig
+from pie_local.runtime import Engine
 from pie_local.runtime.sampling import SamplingParams
 from pie_local.runtime.scheduler import DriverThread, _indptr
+from runtime_helpers import fake_engine
 
 PS = 4
 
 
 def make_engine(n_pages: int = 64, **kw) -> tuple[Engine, FakeDriver]:
     driver = FakeDriver(DriverParams(page_size=PS, n_pages=n_pages, max_batch_tokens=64), **kw)
-    return Engine(driver=driver, config=EngineConfig(page_size=PS, n_pages=n_pages, max_batch_tokens=64)), driver
+    return fake_engine(driver), driver
 
 
 async def test_driver_thread_runs_calls_in_order_off_the_loop_and_returns_results_on_it():

@@ -9,8 +9,9 @@ import pytest
 
 from pie_local.driver.fake import FakeDriver
 from pie_local.driver.types import DriverParams
-from pie_local.runtime import Engine, EngineConfig
+from pie_local.runtime import Engine
 from pie_local.runtime.inferlet import InferletError, Param, load_inferlet, parse_args
+from runtime_helpers import fake_engine
 
 PARAMS = {
     "prompt": Param(str, required=True, help="text to continue"),
@@ -23,7 +24,7 @@ PARAMS = {
 
 def make_engine() -> Engine:
     driver = FakeDriver(DriverParams(page_size=4, n_pages=64, max_batch_tokens=64))
-    return Engine(driver=driver, config=EngineConfig(page_size=4, n_pages=64))
+    return fake_engine(driver)
 
 
 def test_parse_args_from_lists_and_dicts():
@@ -159,7 +160,7 @@ async def test_launch_child_and_children_die_with_their_parent():
             await asyncio.sleep(0.01)
         states = sorted((x.name, x.state) for x in engine.inferlets())
         assert states == [("child", "done"), ("parent", "failed"), ("sleeper", "cancelled")]
-        assert engine._pool.n_used == 0
+        assert engine.pool.n_used == 0
         stats = engine.stats()
         assert {i.name for i in stats.inferlets} == {"child", "parent", "sleeper"}
         assert stats.pages_used == 0 and stats.tokens_total > 0 and stats.batches > 0

@@ -9,8 +9,9 @@ import pytest
 
 from pie_local.driver.fake import FakeDriver
 from pie_local.driver.types import DriverParams
-from pie_local.runtime import Engine, EngineConfig, OutOfPagesError
+from pie_local.runtime import OutOfPagesError
 from pie_local.runtime.pages import PagePool
+from runtime_helpers import fake_engine
 
 
 def test_pool_allocates_refcounts_and_caches_indexed_pages():
@@ -102,9 +103,9 @@ async def test_random_fork_truncate_share_release_keeps_kv_exact(seed):
     rng = random.Random(seed)
     ps = 4
     driver = FakeDriver(DriverParams(page_size=ps, n_pages=96, max_batch_tokens=24))
-    engine = Engine(driver=driver, config=EngineConfig(page_size=ps, n_pages=96, max_batch_tokens=24))
+    engine = fake_engine(driver)
     async with engine:
-        pool = engine._pool
+        pool = engine.pool
         vocab = [10, 11, 12]  # a tiny alphabet makes shared prefixes common
         live = [engine.context()]
         live[0].fill_tokens([rng.choice(vocab) for _ in range(9)])

@@ -24,9 +24,10 @@ if not _driver_available():
 
 
 def engine_for(path, **kw):
+    from pie_local.driver.types import DriverParams
     from pie_local.runtime import Engine, EngineConfig
 
-    return Engine(str(path), EngineConfig(n_pages=64, n_threads=2, **kw))
+    return Engine(str(path), EngineConfig(driver=DriverParams(n_pages=64, n_threads=2, **kw)))
 
 
 @pytest.mark.llama_cpp

@@ -10,15 +10,15 @@ import pytest
 
 from pie_local.driver.fake import FakeDriver
 from pie_local.driver.types import DriverParams
-from pie_local.runtime import Engine, EngineConfig, InferletCancelled, Limits, OutOfPagesError, WallTimeExceeded
+from pie_local.runtime import Engine, InferletCancelled, Limits, OutOfPagesError, WallTimeExceeded
+from runtime_helpers import fake_engine
 
 PS = 4  # tokens per page in these tests
 
 
 def make_engine(n_pages: int = 64, max_batch_tokens: int = 64, **kw) -> tuple[Engine, FakeDriver]:
     driver = FakeDriver(DriverParams(page_size=PS, n_pages=n_pages, max_batch_tokens=max_batch_tokens), **kw)
-    config = EngineConfig(page_size=PS, n_pages=n_pages, max_batch_tokens=max_batch_tokens)
-    return Engine(driver=driver, config=config), driver
+    return fake_engine(driver), driver
 
 
 async def test_one_driver_call_carries_several_inferlets():
@@ -88,7 +88,7 @@ async def test_prefix_cache_keeps_released_pages_in_lru_and_reclaims_them():
         ctx.fill_tokens(list(range(10, 30)))  # 20 tokens = 5 full pages
         await ctx.flush()
         ctx.release()
-        assert engine._pool.n_cached == 5 and engine._pool.n_used == 0
+        assert engine.pool.n_cached == 5 and engine.pool.n_used == 0
         before = driver.stats.tokens
         again = engine.context()
         again.fill_tokens(list(range(10, 30)) + [7, 8])
@@ -100,7 +100,7 @@ async def test_prefix_cache_keeps_released_pages_in_lru_and_reclaims_them():
         big = engine.context()
         big.fill_tokens([40] * 64)  # 16 pages = the whole pool
         await big.flush()
-        assert engine._pool.n_free == 0 and engine._pool.evictions >= 5
+        assert engine.pool.n_free == 0 and engine.pool.evictions >= 5
         big.release()
         before = driver.stats.tokens
         third = engine.context()
@@ -115,7 +115,7 @@ async def test_fork_shares_pages_and_copies_the_tail_on_write():
         ctx = engine.context()
         ctx.fill_tokens(list(range(20, 30)))  # 10 tokens: 2 full pages + a tail of 2
         await ctx.flush()
-        pool = engine._pool
+        pool = engine.pool
         assert (ctx.n_pages, pool.n_used) == (3, 3)
         kids = ctx.fork(3)
         assert pool.n_used == 3 and pool.n_shared == 3  # fork copied nothing
@@ -172,7 +172,7 @@ async def test_out_of_pages_reaches_the_inferlet_that_asked():
             await bad.result()
         assert len(await good.result()) > 0
         assert (bad.state, good.state) == ("failed", "done")
-        assert engine._pool.n_used == 0
+        assert engine.pool.n_used == 0
 
 
 async def test_page_and_token_limits():
@@ -189,7 +189,7 @@ async def test_page_and_token_limits():
         h = engine.launch(big, limits=Limits(max_tokens=30))
         with pytest.raises(RuntimeError, match="limit is 30"):
             await h.result()
-        assert engine._pool.n_used == 0
+        assert engine.pool.n_used == 0
 
 
 async def test_cancellation_frees_pages():
@@ -205,11 +205,11 @@ async def test_cancellation_frees_pages():
         h = engine.launch(holder)
         msgs = h.messages()
         assert (await msgs.__anext__()).data == "ready"
-        assert engine._pool.n_used == 8 and h.pages == 8
+        assert engine.pool.n_used == 8 and h.pages == 8
         h.cancel()
         with pytest.raises(InferletCancelled):
             await h.result()
-        assert h.state == "cancelled" and engine._pool.n_used == 0
+        assert h.state == "cancelled" and engine.pool.n_used == 0
 
 
 async def test_cancel_during_forward_pass_frees_pages_and_others_continue():
@@ -233,10 +233,10 @@ async def test_cancel_during_forward_pass_frees_pages_and_others_continue():
             await a.result()
         # the page the cancelled pass was writing comes back when that batch finishes
         for _ in range(200):
-            if engine._pool.n_used == 0:
+            if engine.pool.n_used == 0:
                 break
             await asyncio.sleep(0.01)
-        assert engine._pool.n_used == 0
+        assert engine.pool.n_used == 0
 
 
 async def test_raising_and_hanging_inferlets_do_not_stop_the_others():
@@ -266,7 +266,7 @@ async def test_raising_and_hanging_inferlets_do_not_stop_the_others():
             await h.result()
         assert len(await w.result()) > 0
         assert (r.state, h.state, w.state) == ("failed", "failed", "done")
-        assert engine._pool.n_used == 0
+        assert engine.pool.n_used == 0
         # the engine still serves new work
         assert len(await engine.run(works)) > 0
 
@@ -347,7 +347,7 @@ async def test_a_request_the_driver_rejects_fails_alone():
         with pytest.raises(DriverError, match="allows no token"):
             await b.result()
         assert len(await g.result()) > 0
-        assert engine._pool.n_used == 0
+        assert engine.pool.n_used == 0
 
 
 async def test_an_inferlets_own_timeout_is_not_its_wall_time_limit():
@@ -360,3 +360,86 @@ async def test_an_inferlets_own_timeout_is_not_its_wall_time_limit():
         with pytest.raises(TimeoutError) as info:
             await h.result()
         assert not isinstance(info.value, WallTimeExceeded) and h.state == "failed"
+
+
+class FaultyDriver(FakeDriver):
+    """Fails page copies into ``bad_copy_dst`` pages, and any batch holding ``bad_token``
+    with a plain exception (not a DriverError): a bug, not a rejected input."""
+
+    bad_copy_dst: set[int] = set()
+    bad_token: int | None = None
+
+    def copy_pages(self, src, dst):
+        if set(int(d) for d in dst) & self.bad_copy_dst:
+            raise OSError("simulated copy failure")
+        super().copy_pages(src, dst)
+
+    def forward(self, batch):
+        if self.bad_token is not None and self.bad_token in batch.tokens:
+            raise ZeroDivisionError("simulated bug in the forward path")
+        return super().forward(batch)
+
+
+async def step_all(contexts):
+    """One decode step of every context, in one batch; the outcome of each."""
+    return await asyncio.gather(*(c.generate(max_tokens=1) for c in contexts), return_exceptions=True)
+
+
+async def test_a_failed_page_copy_fails_only_the_request_that_needed_it():
+    driver = FaultyDriver(DriverParams(page_size=PS, n_pages=64, max_batch_tokens=64))
+    engine = fake_engine(driver)
+    async with engine:
+        base = engine.context()
+        base.fill("abcdef")  # 7 tokens with BOS: the tail page is partial, so a fork copies it
+        await base.flush()
+        forked = base.fork()
+        other = engine.context()
+        other.fill("xy")  # 3 tokens in its own partial page: written in place, no copy
+        await other.flush()
+        used = engine.pool.n_used
+        driver.bad_copy_dst = set(range(64))  # every copy fails from now on
+        results = await step_all([forked, other])
+        assert isinstance(results[0], OSError) and isinstance(results[1], str)
+        assert engine.pool.n_used == used  # the page the fork's copy was going to fill went back
+        driver.bad_copy_dst = set()
+        assert isinstance((await step_all([forked]))[0], str)  # the failed request can be retried
+
+
+async def test_a_non_driver_exception_fails_only_its_request():
+    driver = FaultyDriver(DriverParams(page_size=PS, n_pages=64, max_batch_tokens=64))
+    engine = fake_engine(driver)
+    async with engine:
+        good, bad = engine.context(), engine.context()
+        good.fill("fine")
+        bad.fill("trouble!")
+        driver.bad_token = bad.token_ids[-1]
+        results = await step_all([good, bad])
+        assert isinstance(results[0], str) and isinstance(results[1], ZeroDivisionError)
+        assert good.kv_len == len(good.token_ids) - 1  # committed, with its sampled token pending
+        assert bad.kv_len == 0 and len(bad.token_ids) == 9  # nothing committed, nothing lost
+
+
+async def test_a_completion_callback_that_raises_cannot_stall_the_scheduler():
+    engine, _ = make_engine()
+    async with engine:
+        victim = engine.context()
+        victim.fill("abc")
+        sequence = victim.sequence
+        real_plan = sequence._plan  # wrap this context's own planner (same test, no other module)
+
+        def plan_with_broken_commit(*args, **kwargs):
+            req = real_plan(*args, **kwargs)
+
+            def broken(_output):
+                raise KeyError("simulated bug in a commit callback")
+
+            req.on_complete = broken
+            return req
+
+        sequence._plan = plan_with_broken_commit
+        bystander = engine.context()
+        bystander.fill("xyz")
+        results = await step_all([victim, bystander])
+        assert isinstance(results[0], KeyError) and isinstance(results[1], str)
+        for _ in range(3):  # later batches still run
+            assert isinstance((await step_all([bystander]))[0], str)

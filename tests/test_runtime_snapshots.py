@@ -11,16 +11,17 @@ import pytest
 from pie_local import paths
 from pie_local.driver.fake import FakeDriver
 from pie_local.driver.types import DriverParams
-from pie_local.runtime import Engine, EngineConfig, SamplingParams
+from pie_local.runtime import Engine, SamplingParams
 from pie_local.models import store
 from pie_local.models.store import InstalledModel, ModelFile
 from pie_local.runtime import snapshots
 from pie_local.runtime.snapshots import SnapshotError, delete_snapshot, list_snapshots
+from runtime_helpers import fake_engine
 
 
 def make_engine(page_size: int = 4) -> tuple[Engine, FakeDriver]:
     driver = FakeDriver(DriverParams(page_size=page_size, n_pages=64, max_batch_tokens=64))
-    return Engine(driver=driver, config=EngineConfig(page_size=page_size, n_pages=64)), driver
+    return fake_engine(driver), driver
 
 
 async def test_snapshot_survives_a_restart_without_reprefill():

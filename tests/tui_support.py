@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from runtime_helpers import fake_engine
+
 from pie_local.tui.backend import (
     Backend, CatalogueRow, InferletRow, ModelDetails, ModelRow, MonitorSnapshot,
 )
@@ -20,13 +22,11 @@ def fake_engine_factory(calls: list[str] | None = None, reply=lambda user: f"You
     def factory(model: str):
         from pie_local.driver.fake import FakeDriver
         from pie_local.driver.types import DriverParams
-        from pie_local.runtime.engine import Engine
-
         if calls is not None:
             calls.append(model)
         driver = FakeDriver(DriverParams(page_size=4, n_pages=256, max_batch_tokens=64),
                             next_token=scripted_chat(reply), delay=delay, name=model)
-        return Engine(driver=driver)
+        return fake_engine(driver)
 
     return factory
 

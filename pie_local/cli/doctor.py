@@ -178,7 +178,7 @@ def check_forward(model: str | None, threads: int) -> Check:
 
     import numpy as np
 
-    from pie_local.driver import Driver, DriverError, DriverParams, ForwardBatch, SamplerParams
+    from pie_local.driver import Driver, DriverError, DriverParams, ForwardBatch, SamplingParams
 
     try:
         t0 = time.perf_counter()
@@ -189,7 +189,7 @@ def check_forward(model: str | None, threads: int) -> Check:
             zero, z2 = np.array([0], dtype=np.int32), np.array([0, 1], dtype=np.int32)
             batch = ForwardBatch(
                 tokens=one, positions=zero, qo_indptr=z2, kv_page_indices=zero, kv_page_indptr=z2,
-                kv_last_page_len=np.array([1], dtype=np.int32), output_rows=zero, samplers=[SamplerParams()],
+                kv_last_page_len=np.array([1], dtype=np.int32), output_rows=zero, samplers=[SamplingParams()],
                 return_logits=True,
             )  # fmt: skip
             # the first pass also pages the mapped weights in and sizes the compute buffers

@@ -65,9 +65,10 @@ def _write(text: str) -> bool:
 
 
 def make_engine(args: argparse.Namespace):
+    from pie_local.driver.types import DriverParams
     from pie_local.runtime.engine import Engine, EngineConfig
 
-    return Engine(args.model, EngineConfig(n_threads=args.threads))
+    return Engine(args.model, EngineConfig(driver=DriverParams(n_threads=args.threads)))
 
 
 async def start_engine(engine) -> str | None:

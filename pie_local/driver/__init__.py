@@ -14,9 +14,11 @@ import importlib
 import sys
 from typing import Any
 
-from pie_local.driver.types import DriverError, DriverParams, ForwardBatch, ForwardResult, ModelInfo, SamplerParams
+from pie_local.driver.types import (DriverError, DriverParams, ForwardBatch, ForwardResult, ModelDriver, ModelInfo,
+                                    SamplingParams)
 
-__all__ = ["Driver", "DriverError", "DriverParams", "ForwardBatch", "ForwardResult", "ModelInfo", "SamplerParams"]
+__all__ = ["Driver", "DriverError", "DriverParams", "ForwardBatch", "ForwardResult", "ModelDriver", "ModelInfo",
+           "SamplingParams"]
 
 
 def __getattr__(name: str) -> Any:

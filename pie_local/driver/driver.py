@@ -70,6 +70,7 @@ class Driver:
             n_pages=raw.n_pages,
             kv_type=_KV_NAMES.get(raw.kv_type, str(raw.kv_type)),
             max_batch_tokens=raw.max_batch_tokens,
+            max_batch_kv=p.max_batch_kv if p.max_batch_kv > 0 else raw.n_pages * raw.page_size,
             n_params=raw.n_params,
             weight_bytes=raw.weight_bytes,
             kv_bytes=raw.kv_bytes,
@@ -170,9 +171,8 @@ class Driver:
         b.output_rows = _ptr(out_rows, C.c_int32)
         samplers = (_ffi.Sampler * max(n_out, 1))()
         for i, s in enumerate(batch.samplers):
-            samplers[i] = _ffi.Sampler(
-                float(s.temperature), int(s.top_k), float(s.top_p), float(s.min_p), int(s.seed) & (2**64 - 1)
-            )
+            samplers[i] = _ffi.Sampler(temperature=float(s.temperature), top_k=int(s.top_k), top_p=float(s.top_p),
+                                       min_p=float(s.min_p), seed=int(s.seed or 0) & (2**64 - 1))
         b.samplers = C.cast(samplers, C.POINTER(_ffi.Sampler))
         if batch.logit_masks is not None:
             words = (info.n_vocab + 31) // 32

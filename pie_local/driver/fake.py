@@ -16,6 +16,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import math
 import re
 import struct
 import threading
@@ -25,7 +26,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from pie_local.driver.types import DriverError, DriverParams, ForwardBatch, ForwardResult, ModelInfo, SamplerParams
+from pie_local.driver import brle
+from pie_local.driver.types import DriverError, DriverParams, ForwardBatch, ForwardResult, ModelInfo, SamplingParams
 
 # --------------------------------------------------------------------------------------------
 # Tokenizer
@@ -173,7 +175,8 @@ class FakeDriver:
         self._info = ModelInfo(
             arch="fake", name=name, backend="CPU", n_vocab=vocab, n_ctx_train=4096, n_embd=8, n_layer=1,
             n_head=1, n_head_kv=1, head_dim=8, sliding_window=0, page_size=p.page_size, n_pages=p.n_pages,
-            kv_type=p.kv_type, max_batch_tokens=p.max_batch_tokens, n_params=0, weight_bytes=0,
+            kv_type=p.kv_type, max_batch_tokens=p.max_batch_tokens,
+            max_batch_kv=p.max_batch_kv if p.max_batch_kv > 0 else p.n_pages * p.page_size, n_params=0, weight_bytes=0,
             kv_bytes=p.n_pages * p.page_size * _SLOT.size, page_bytes=p.page_size * _SLOT.size,
         )
         # [n_pages, page_size] token and position per slot; -1 = never written
@@ -217,68 +220,118 @@ class FakeDriver:
             self._busy.release()
 
     def _validate(self, b: ForwardBatch) -> list[int]:
-        ps, n_pages = self._info.page_size, self._info.n_pages
+        """The C driver's checks (batch.c), in its order and with its messages. Returns KV lengths."""
+        info = self._info
+        ps, n_pages, vocab = info.page_size, info.n_pages, info.n_vocab
 
         def bad(msg: str) -> DriverError:
             return DriverError("invalid_argument", msg)
 
         if b.n_tokens < 1:
             raise bad("batch has no tokens")
-        if b.n_tokens > self._info.max_batch_tokens:
-            raise bad(f"batch has {b.n_tokens} tokens; max_batch_tokens is {self._info.max_batch_tokens}")
+        if b.n_tokens > info.max_batch_tokens:
+            raise bad(f"batch has {b.n_tokens} tokens; max_batch_tokens is {info.max_batch_tokens}")
         if b.positions.shape[0] != b.n_tokens:
-            raise bad("positions and tokens differ in length")
-        if ((b.tokens < 0) | (b.tokens >= self._info.n_vocab)).any():
-            raise bad("token id out of range")
+            raise bad(f"{b.positions.shape[0]} positions for {b.n_tokens} tokens")
+        for t in range(b.n_tokens):
+            if not 0 <= int(b.tokens[t]) < vocab:
+                raise bad(f"token {t}: id {int(b.tokens[t])} out of range (n_vocab={vocab})")
+            if int(b.positions[t]) < 0:
+                raise bad(f"token {t}: negative position {int(b.positions[t])}")
+        # requests and their page tables
         qo, kvp = b.qo_indptr, b.kv_page_indptr
-        if qo[0] != 0 or qo[-1] != b.n_tokens or (np.diff(qo) < 1).any():
-            raise bad("qo_indptr must start at 0, end at n_tokens and give each request >= 1 token")
-        if kvp.shape[0] != qo.shape[0] or kvp[0] != 0 or (np.diff(kvp) < 1).any():
-            raise bad("kv_page_indptr must start at 0 and give each request >= 1 page")
-        if kvp[-1] != b.kv_page_indices.shape[0]:
-            raise bad("kv_page_indptr[-1] does not match kv_page_indices")
-        if ((b.kv_page_indices < 0) | (b.kv_page_indices >= n_pages)).any():
-            raise bad(f"page id out of range (n_pages={n_pages})")
-        kv_lens = []
-        written: set[int] = set()
-        for r in range(b.n_requests):
+        n_req = b.n_requests
+        if n_req < 1 or kvp.shape[0] != n_req + 1 or b.kv_last_page_len.shape[0] != n_req:
+            raise bad(f"qo_indptr has {qo.shape[0]} entries and kv_page_indptr {kvp.shape[0]}; "
+                      "both need n_requests + 1 >= 2")
+        if int(qo[0]) != 0:
+            raise bad(f"qo_indptr[0] is {int(qo[0])}; must be 0")
+        if int(kvp[0]) != 0:
+            raise bad(f"kv_page_indptr[0] is {int(kvp[0])}; must be 0")
+        if int(qo[-1]) != b.n_tokens:
+            raise bad(f"qo_indptr ends at {int(qo[-1])} but the batch has {b.n_tokens} tokens")
+        if int(kvp[-1]) != b.kv_page_indices.shape[0]:
+            raise bad("qo_indptr / kv_page_indptr point outside tokens / kv_page_indices")
+        for r in range(n_req):
+            if qo[r + 1] <= qo[r]:
+                raise bad(f"request {r}: qo_indptr must increase ({int(qo[r])} -> {int(qo[r + 1])}); "
+                          "every request needs a token")
+            if kvp[r + 1] <= kvp[r]:
+                raise bad(f"request {r}: kv_page_indptr must increase ({int(kvp[r])} -> {int(kvp[r + 1])}); "
+                          "every request needs a page")
+        kv_lens, written, n_kv = [], set(), 0
+        for r in range(n_req):
             last = int(b.kv_last_page_len[r])
             if not 1 <= last <= ps:
-                raise bad(f"request {r}: kv_last_page_len {last} outside 1..{ps}")
-            n_pages_r = int(kvp[r + 1] - kvp[r])
-            kv_len = (n_pages_r - 1) * ps + last
+                raise bad(f"request {r}: last_page_len {last} outside 1..{ps}")
+            pages = [int(p) for p in b.kv_page_indices[kvp[r] : kvp[r + 1]]]
+            kv_len = (len(pages) - 1) * ps + last
             n_new = int(qo[r + 1] - qo[r])
             if kv_len < n_new:
                 raise bad(f"request {r}: KV length {kv_len} is shorter than its {n_new} new tokens")
-            pages = b.kv_page_indices[kvp[r] : kvp[r + 1]]
-            for slot in range(kv_len - n_new, kv_len):
-                page = int(pages[slot // ps])
-                key = page * ps + slot % ps
-                if key in written:
-                    raise bad(f"request {r}: KV slot {key} is written twice in one batch")
-                written.add(key)
+            seen: set[int] = set()
+            for page in pages:
+                if not 0 <= page < n_pages:
+                    raise bad(f"request {r}: page id {page} out of range (n_pages={n_pages})")
+                if page in seen:
+                    raise bad(f"request {r}: page {page} listed twice")
+                seen.add(page)
+            for j in range(kv_len - n_new, kv_len):
+                slot = pages[j // ps] * ps + j % ps
+                if slot in written:
+                    raise bad(f"request {r}: KV slot {j % ps} of page {pages[j // ps]} is written twice in this batch")
+                written.add(slot)
             kv_lens.append(kv_len)
+            n_kv += kv_len
+        if n_kv > info.max_batch_kv:
+            raise bad(f"batch attends over {n_kv} KV rows; max_batch_kv is {info.max_batch_kv}")
+        # masks
         if b.mask_indptr is not None:
+            runs_all = b.mask_runs if b.mask_runs is not None else np.zeros(0, np.int32)
             if b.mask_indptr.shape[0] != b.n_tokens + 1:
-                raise bad("mask_indptr must have n_tokens + 1 entries")
-            for r in range(b.n_requests):
+                raise bad(f"mask_indptr has {b.mask_indptr.shape[0]} entries; need n_tokens + 1 = {b.n_tokens + 1}")
+            if int(b.mask_indptr.min()) < 0 or int(b.mask_indptr.max()) > runs_all.shape[0]:
+                raise bad(f"mask_indptr points outside mask_runs ({runs_all.shape[0]} runs)")
+            if int(b.mask_indptr[0]) != 0:
+                raise bad(f"mask_indptr[0] is {int(b.mask_indptr[0])}; must be 0")
+            for t in range(b.n_tokens):
+                if b.mask_indptr[t + 1] < b.mask_indptr[t]:
+                    raise bad(f"token {t}: mask_indptr decreases ({int(b.mask_indptr[t])} -> {int(b.mask_indptr[t + 1])})")
+            for r in range(n_req):
                 for t in range(int(qo[r]), int(qo[r + 1])):
-                    runs = b.mask_runs[b.mask_indptr[t] : b.mask_indptr[t + 1]]
+                    runs = runs_all[b.mask_indptr[t] : b.mask_indptr[t + 1]]
+                    for k, run in enumerate(runs):
+                        if run < 0:
+                            raise bad(f"token {t}: mask run {k} is negative ({int(run)})")
                     if len(runs) and int(runs.sum()) != kv_lens[r]:
                         raise bad(f"token {t}: mask runs sum to {int(runs.sum())} "
                                   f"but the request's KV length is {kv_lens[r]}")
-        if ((b.output_rows < 0) | (b.output_rows >= b.n_tokens)).any():
-            raise bad("output row out of range")
-        if len(b.samplers) != b.n_outputs:
-            raise bad("one sampler per output row is required")
-        for s in b.samplers:
-            if not (0.0 < s.top_p <= 1.0) or not (0.0 <= s.min_p <= 1.0) or s.top_k < 0:
-                raise bad("sampler parameter out of range")
+        # outputs
+        n_out = b.n_outputs
+        if n_out > info.max_batch_tokens:
+            raise bad(f"batch has {n_out} outputs; max_batch_tokens is {info.max_batch_tokens}")
+        if len(b.samplers) != n_out:
+            raise bad(f"{len(b.samplers)} samplers for {n_out} output rows")
+        for i in range(n_out):
+            row, s = int(b.output_rows[i]), b.samplers[i]
+            if not 0 <= row < b.n_tokens:
+                raise bad(f"output {i}: row {row} out of range (batch has {b.n_tokens} tokens)")
+            if not math.isfinite(s.temperature):
+                raise bad(f"output {i}: sampler temperature must be finite (got {s.temperature})")
+            if s.top_k < 0:
+                raise bad(f"output {i}: sampler top_k must be >= 0 (got {s.top_k})")
+            if not 0.0 < s.top_p <= 1.0:
+                raise bad(f"output {i}: sampler top_p must be in (0, 1] (got {s.top_p})")
+            if not 0.0 <= s.min_p <= 1.0:
+                raise bad(f"output {i}: sampler min_p must be in [0, 1] (got {s.min_p})")
+        if b.top_k > 0 and b.top_k > vocab:
+            raise bad(f"top_k {b.top_k} outside 1..{vocab}")
         if b.logit_masks is not None:
-            if b.logit_masks.shape != (b.n_outputs, (self._info.n_vocab + 31) // 32):
-                raise bad("logit_masks has the wrong shape")
-            for i, words in enumerate(b.logit_masks):
-                if not _bits_to_bool(words, self._info.n_vocab).any():
+            words = (vocab + 31) // 32
+            if b.logit_masks.shape != (n_out, words):
+                raise bad(f"logit_masks has shape {b.logit_masks.shape}; need ({n_out}, {words})")
+            for i, row_words in enumerate(b.logit_masks):
+                if not _bits_to_bool(row_words, vocab).any():
                     raise bad(f"output {i}: the logit mask allows no token")
         return kv_lens
 
@@ -317,7 +370,7 @@ class FakeDriver:
             if b.mask_indptr is not None:
                 runs = b.mask_runs[b.mask_indptr[row] : b.mask_indptr[row + 1]]
                 if len(runs):
-                    visible &= _brle_to_bool(runs, kv_lens[r])
+                    visible &= brle.decode(runs, kv_lens[r])
             seen = []
             for idx in np.flatnonzero(visible):
                 page, off = slots_of[r][idx]
@@ -402,18 +455,6 @@ class FakeDriver:
 # Helpers (numpy reference semantics of the C sampler and masks)
 # --------------------------------------------------------------------------------------------
 
-def _brle_to_bool(runs: np.ndarray, length: int) -> np.ndarray:
-    visible = np.zeros(length, dtype=bool)
-    pos, masked = 0, True
-    for run in runs:
-        run = int(run)
-        if not masked:
-            visible[pos : pos + run] = True
-        pos += run
-        masked = not masked
-    return visible
-
-
 def _bits_to_bool(words: np.ndarray, n_vocab: int) -> np.ndarray:
     bits = np.unpackbits(words.astype("<u4").view(np.uint8), bitorder="little")
     return bits[:n_vocab].astype(bool)
@@ -424,11 +465,11 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum())
 
 
-def _sample(logits: np.ndarray, allowed: np.ndarray | None, s: SamplerParams) -> int:
+def _sample(logits: np.ndarray, allowed: np.ndarray | None, s: SamplingParams) -> int:
     logits = logits.astype(np.float64)
     if allowed is not None:
         logits = np.where(allowed, logits, -np.inf)
-    if s.greedy:
+    if s.is_greedy:
         return int(np.argmax(logits))  # first maximum = lowest id on ties
     logits = logits / s.temperature
     order = np.argsort(-logits, kind="stable")
@@ -442,5 +483,5 @@ def _sample(logits: np.ndarray, allowed: np.ndarray | None, s: SamplerParams) ->
     if s.min_p > 0.0:
         keep = probs >= s.min_p * probs[0]
         order, probs = order[keep], probs[keep] / probs[keep].sum()
-    rng = np.random.default_rng(s.seed)
+    rng = np.random.default_rng(s.seed or 0)
     return int(order[rng.choice(len(order), p=probs)])

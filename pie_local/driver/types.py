@@ -5,7 +5,10 @@ Arrays are numpy; the shapes mirror ``pie_batch`` in ``native/ggml_driver/includ
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -23,11 +26,11 @@ class DriverError(RuntimeError):
 class DriverParams:
     n_threads: int = 0  # <= 0: all physical cores
     device: str = "auto"  # "auto", "cpu", "cuda:0", "metal"
-    page_size: int = 32
-    n_pages: int = 256
+    page_size: int = 32  # tokens per KV page
+    n_pages: int = 512  # KV pages in the pool (n_pages * page_size tokens of KV in all)
     kv_type: str = "f16"  # "f16" or "q8_0"
-    max_batch_tokens: int = 512
-    max_batch_kv: int = 0  # 0: page_size * n_pages
+    max_batch_tokens: int = 512  # tokens per forward pass (the runtime chunks long prefills to this)
+    max_batch_kv: int = 0  # KV rows one pass may attend over, summed over requests; 0: page_size * n_pages
     use_mmap: bool = True
 
 
@@ -48,6 +51,7 @@ class ModelInfo:
     n_pages: int
     kv_type: str
     max_batch_tokens: int
+    max_batch_kv: int
     n_params: int
     weight_bytes: int
     kv_bytes: int
@@ -55,18 +59,44 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
-class SamplerParams:
-    """temperature <= 0 is greedy. Filters apply in order top_k, top_p, min_p."""
+class SamplingParams:
+    """How one token is drawn: the one sampler type of the runtime and the driver.
+
+    temperature 0 is greedy; filters apply in order top_k, top_p, min_p. ``seed`` makes a sampled
+    generation reproducible (step i of a generation draws with ``seed + i``, see ``for_step``);
+    None lets the runtime draw a fresh seed per generation (the driver reads None as 0).
+    """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
-    seed: int = 0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+
+    @classmethod
+    def greedy(cls) -> SamplingParams:
+        return cls()
 
     @property
-    def greedy(self) -> bool:
+    def is_greedy(self) -> bool:
         return self.temperature <= 0.0
+
+    def with_seed(self, seed: int) -> SamplingParams:
+        return replace(self, seed=seed)
+
+    def for_step(self, step: int) -> SamplingParams:
+        """The sampler of generation step ``step``: the seed advanced by ``step`` (64-bit)."""
+        return replace(self, seed=((self.seed or 0) + step) & 0xFFFFFFFFFFFFFFFF)
 
 
 @dataclass
@@ -84,7 +114,7 @@ class ForwardBatch:
     kv_page_indptr: np.ndarray  # int32 [n_requests + 1]
     kv_last_page_len: np.ndarray  # int32 [n_requests]
     output_rows: np.ndarray  # int32 [n_outputs]
-    samplers: list[SamplerParams] = field(default_factory=list)  # [n_outputs]
+    samplers: list[SamplingParams] = field(default_factory=list)  # [n_outputs]
     mask_indptr: np.ndarray | None = None  # int32 [n_tokens + 1]
     mask_runs: np.ndarray | None = None  # int32 [mask_indptr[-1]]
     logit_masks: np.ndarray | None = None  # uint32 [n_outputs, words]
@@ -114,3 +144,22 @@ class ForwardResult:
     top_probs: np.ndarray | None = None  # float32 [n_outputs, top_k]
     logits: np.ndarray | None = None  # float32 [n_outputs, n_vocab]
     hidden: np.ndarray | None = None  # float32 [n_outputs, n_embd]
+
+
+@runtime_checkable
+class ModelDriver(Protocol):
+    """What the runtime needs of a loaded model: the ctypes `Driver` and `FakeDriver` both are one.
+    Every call is synchronous and one at a time; a bad argument raises `DriverError`."""
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    def forward(self, batch: ForwardBatch) -> ForwardResult: ...
+
+    def copy_pages(self, src: Sequence[int], dst: Sequence[int]) -> None: ...
+
+    def read_pages(self, pages: Sequence[int]) -> bytes: ...
+
+    def write_pages(self, pages: Sequence[int], data: bytes) -> None: ...
+
+    def close(self) -> None: ...

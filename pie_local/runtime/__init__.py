@@ -9,9 +9,9 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Engine": "engine", "EngineConfig": "engine", "InferletHandle": "handle", "Runtime": "handle",
+    "Engine": "engine", "EngineConfig": "engine", "InferletHandle": "handle", "Runtime": "runtime",
     "InferletCancelled": "handle", "ModelIdentity": "engine",
-    "Context": "context", "Generation": "context",
+    "Context": "context", "Generation": "generation",
     "Forward": "forward", "ForwardOutput": "forward", "brle": "forward", "brle_decode": "forward",
     "SamplingParams": "sampling",
     "OutOfPagesError": "pages",

@@ -20,36 +20,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from pie_local.driver.types import DriverParams, ModelDriver
 from pie_local.runtime.context import Context
-from pie_local.runtime.handle import InferletCancelled, InferletHandle, Runtime
-
-__all__ = ["Engine", "EngineConfig", "InferletCancelled", "InferletHandle", "ModelIdentity", "Runtime"]
+from pie_local.runtime.forward import ForwardRequest
+from pie_local.runtime.handle import InferletCancelled, InferletHandle
 from pie_local.runtime.inferlet import InferletSpec, load_inferlet
 from pie_local.runtime.limits import Limits, WallTimeExceeded
 from pie_local.runtime.messaging import MessageBus
 from pie_local.runtime.pages import PagePool
 from pie_local.runtime.ps_registry import PsPublisher
+from pie_local.runtime.runtime import Runtime
 from pie_local.runtime.scheduler import Scheduler
 from pie_local.runtime.stats import Counters, EngineStats, InferletStats
+
+__all__ = ["Engine", "EngineConfig", "InferletCancelled", "InferletHandle", "ModelIdentity", "Runtime"]
 
 log = logging.getLogger("pie_local.runtime")
 
 @dataclass
 class EngineConfig:
-    page_size: int = 32  # tokens per KV page
-    n_pages: int = 512  # KV pages in the pool (n_pages * page_size tokens of KV in all)
-    n_threads: int = 0  # <= 0: all physical cores
-    device: str = "auto"
-    kv_type: str = "f16"
-    max_batch_tokens: int = 512  # tokens per forward pass (long prefills are chunked to this)
-    max_batch_kv: int = 0  # KV rows one pass may attend over, summed over requests (0 = pool size)
+    driver: DriverParams = field(default_factory=DriverParams)  # how the model is loaded: threads, device, KV pool
     limits: Limits = field(default_factory=Limits)  # default limits of every inferlet
     chat_template: str | None = None  # overrides the model's chat template
-
-    def __post_init__(self) -> None:
-        for name in ("page_size", "n_pages", "max_batch_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -73,12 +65,16 @@ class ModelIdentity:
 
 class Engine:
     def __init__(self, model: str | os.PathLike | None = None, config: EngineConfig | None = None,
-                 driver: Any = None, tokenizer: Any = None, chat_template: Any = None) -> None:
+                 driver: ModelDriver | None = None, tokenizer: Any = None, chat_template: Any = None) -> None:
+        """``model``: a name, a path or None (the default model). Tests and embedders may pass a
+        loaded ``driver`` instead, with the ``tokenizer`` and ``chat_template`` that go with it."""
+        if driver is not None and model is None and (tokenizer is None or chat_template is None):
+            raise ValueError("Engine(driver=...) without a model needs its tokenizer= and chat_template=")
         self.config = config or EngineConfig()
         self._model_spec = model
         self._driver = driver
         self._owns_driver = driver is None
-        self._tokenizer = tokenizer if tokenizer is not None else getattr(driver, "tokenizer", None)
+        self._tokenizer = tokenizer
         self._chat_template = chat_template
         self.model_name = str(model) if model is not None else (driver.info.name if driver is not None else "")
         self.model_path: Path | None = None
@@ -100,13 +96,10 @@ class Engine:
         if self._driver is not None:
             self._ensure_text_side()
             return
-        from pie_local.driver import Driver, DriverParams
+        from pie_local.driver import Driver
 
         self._resolve()
-        c = self.config
-        params = DriverParams(n_threads=c.n_threads, device=c.device, page_size=c.page_size, n_pages=c.n_pages,
-                              kv_type=c.kv_type, max_batch_tokens=c.max_batch_tokens, max_batch_kv=c.max_batch_kv)
-        self._driver = Driver(self.model_path, params)
+        self._driver = Driver(self.model_path, self.config.driver)
         self._ensure_text_side()
 
     def _resolve(self) -> None:
@@ -123,18 +116,13 @@ class Engine:
 
             self._tokenizer = Tokenizer.from_gguf(self.model_path)
         if self._chat_template is None:
-            if self.model_path is None:
-                from pie_local.driver.fake import FakeChatTemplate
+            from pie_local.models.chat_template import ChatTemplate
 
-                self._chat_template = FakeChatTemplate()
-            else:
-                from pie_local.models.chat_template import ChatTemplate
-
-                self._chat_template = ChatTemplate.for_model(self.model_path, self._arch or self._driver.info.arch,
-                                                             self._template_override, tokenizer=self._tokenizer)
+            self._chat_template = ChatTemplate.for_model(self.model_path, self._arch or self._driver.info.arch,
+                                                         self._template_override, tokenizer=self._tokenizer)
 
     @property
-    def driver(self):
+    def driver(self) -> ModelDriver:
         self._require_loaded()
         return self._driver
 
@@ -181,9 +169,8 @@ class Engine:
             await asyncio.to_thread(self.load)
         info = self._driver.info
         self._pool = PagePool(info.n_pages, info.page_size, f"{self.model_name}:{info.arch}:{info.kv_type}")
-        max_kv = self.config.max_batch_kv or info.n_pages * info.page_size
-        self._scheduler = Scheduler(self._driver, info.page_size,
-                                    min(self.config.max_batch_tokens, info.max_batch_tokens), max_kv, self._counters)
+        self._scheduler = Scheduler(self._driver, info.page_size, info.max_batch_tokens, info.max_batch_kv,
+                                    self._counters)
         self._bus = MessageBus()
         self._scheduler.start(on_batch_done=self._pool.notify)
         self._running = True
@@ -211,6 +198,39 @@ class Engine:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.stop()
+
+    # ---- the surface contexts, inferlets and the server build on ---------------------------------
+
+    @property
+    def pool(self) -> PagePool:
+        """The KV page pool: allocation, refcounts and the prefix index."""
+        self._require_running()
+        return self._pool
+
+    @property
+    def counters(self) -> Counters:
+        return self._counters
+
+    @property
+    def messages(self) -> MessageBus:
+        """The engine-wide topics and queues inferlets talk through."""
+        self._require_running()
+        return self._bus
+
+    def submit(self, request: ForwardRequest) -> asyncio.Future:
+        """Queue a forward request for the next batch; the future resolves to its ForwardOutput."""
+        self._require_running()
+        return self._scheduler.submit(request)
+
+    def cancel(self, request: ForwardRequest) -> None:
+        """Drop a request (a queued one now, one in flight when its batch ends)."""
+        if self._scheduler is not None:
+            self._scheduler.cancel(request)
+
+    async def run_driver(self, fn: Callable, *args: Any) -> Any:
+        """Run a driver call (page reads and writes) on the driver thread, ordered with the passes."""
+        self._require_running()
+        return await self._scheduler.run_driver(fn, *args)
 
     # ---- inferlets -------------------------------------------------------------------------------
 
@@ -258,20 +278,15 @@ class Engine:
         timer = asyncio.get_running_loop().call_later(wall, stop_at_wall_time) if wall is not None else None
         try:
             value = await handle.spec.main(rt, args)
-            handle.state = "done"
-            handle._result.set_result(value)
+            handle.finish(value)
         except asyncio.CancelledError:
             if timed_out:
-                handle.state = "failed"
-                handle.error = WallTimeExceeded(f"inferlet {handle.name!r} ran past its wall-time limit of {wall:g} s")
+                handle.fail(WallTimeExceeded(f"inferlet {handle.name!r} ran past its wall-time limit of {wall:g} s"))
             else:
-                handle.state = "cancelled"
-                handle.error = InferletCancelled(f"inferlet {handle.name!r} was cancelled")
-            handle._result.set_exception(handle.error)
+                handle.fail(InferletCancelled(f"inferlet {handle.name!r} was cancelled"), state="cancelled")
         except Exception as exc:  # noqa: BLE001 — an inferlet's failure is reported, never propagated
             log.info("inferlet %s (%d) failed: %s", handle.name, handle.id, exc)
-            handle.state, handle.error = "failed", exc
-            handle._result.set_exception(exc)
+            handle.fail(exc)
         finally:
             if timer is not None:
                 timer.cancel()
@@ -285,7 +300,7 @@ class Engine:
             child.cancel()
         for sub in handle.subscriptions:
             sub.close()
-        handle.close_messages()
+        handle.channel.close()
         if handle.parent is not None:
             handle.parent.children.discard(handle)
         # keep finished inferlets visible for a while in stats, but bounded

@@ -15,56 +15,17 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from pie_local.driver.types import SamplerParams
-from pie_local.runtime.sampling import SamplingParams
+from pie_local.driver.brle import decode as brle_decode
+from pie_local.driver.brle import encode as brle
+from pie_local.driver.types import SamplingParams
 
 if TYPE_CHECKING:
     from pie_local.runtime.context import Context
 
+__all__ = ["Forward", "ForwardOutput", "ForwardRequest", "brle", "brle_decode"]
+
 _arrival = itertools.count()
-_PROBE_ONLY = SamplingParams().to_driver()  # the sampler of a row that is only probed (greedy)
-
-
-# --------------------------------------------------------------------------------------------
-# BRLE masks
-# --------------------------------------------------------------------------------------------
-
-def brle(visible: Sequence[bool] | np.ndarray) -> list[int]:
-    """Encode a visibility vector over KV indices as BRLE runs (masked run first)."""
-    visible = np.asarray(visible, dtype=bool)
-    runs: list[int] = []
-    current, count = False, 0  # runs start with a masked run
-    for v in visible:
-        if v == current:
-            count += 1
-        else:
-            runs.append(count)
-            current, count = bool(v), 1
-    runs.append(count)
-    return runs
-
-
-def brle_decode(runs: Sequence[int], length: int) -> np.ndarray:
-    visible = np.zeros(length, dtype=bool)
-    pos, masked = 0, True
-    for run in runs:
-        if not masked:
-            visible[pos : pos + run] = True
-        pos += int(run)
-        masked = not masked
-    return visible
-
-
-def brle_truncate(runs: Sequence[int], length: int) -> list[int]:
-    """The same mask over only the first ``length`` KV indices (runs then sum to ``length``)."""
-    out, total = [], 0
-    for run in runs:
-        run = min(int(run), length - total)
-        out.append(run)
-        total += run
-        if total == length:
-            break
-    return out
+_PROBE_ONLY = SamplingParams()  # the sampler of a row that is only probed (greedy)
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,6 +47,15 @@ class ForwardOutput:
     def token_at(self, row: int) -> int:
         return int(self.tokens[self.rows.index(row)])
 
+    @classmethod
+    def empty(cls, rows: list[int], top_k: int, n_vocab: int | None) -> ForwardOutput:
+        """Zeroed arrays for ``rows`` that the scheduler fills chunk by chunk (logits when n_vocab)."""
+        n = len(rows)
+        return cls(rows=list(rows), tokens=np.zeros(n, np.int32), logprobs=np.zeros(n, np.float32),
+                   top_ids=np.zeros((n, top_k), np.int32) if top_k else None,
+                   top_probs=np.zeros((n, top_k), np.float32) if top_k else None,
+                   logits=np.zeros((n, n_vocab), np.float32) if n_vocab else None)
+
 
 @dataclass(eq=False)
 class ForwardRequest:
@@ -95,7 +65,7 @@ class ForwardRequest:
     kv_before: int  # the context's KV length before the pass
     pages: list[int]  # page ids of the KV after the pass, in order
     output_rows: list[int]  # indices into tokens, ascending
-    samplers: list[SamplerParams]
+    samplers: list[SamplingParams]
     logit_masks: np.ndarray | None = None  # uint32 [n_outputs, words]
     top_k: int = 0
     want_logits: bool = False
@@ -103,19 +73,14 @@ class ForwardRequest:
     owner: Any = None  # the inferlet (None for a context the caller owns)
     context: Any = None  # the context it belongs to (the scheduler waits for it to queue its next step)
     on_chunk: Callable[[int], None] | None = None  # KV length computed so far, after each chunk
-    on_complete: Callable[[ForwardRequest], ForwardOutput] | None = None  # commits; returns the output
+    on_complete: Callable[[ForwardOutput], None] | None = None  # commits the pass to the context
     on_abort: Callable[[], None] | None = None
     done: int = 0  # tokens computed by earlier chunks
     cancelled: bool = False
     in_flight: bool = False
     seq: int = field(default_factory=lambda: next(_arrival))
-    future: asyncio.Future | None = None
-    # accumulated outputs, one slot per output row
-    out_tokens: np.ndarray | None = None
-    out_logprobs: np.ndarray | None = None
-    out_top_ids: np.ndarray | None = None
-    out_top_probs: np.ndarray | None = None
-    out_logits: np.ndarray | None = None
+    future: asyncio.Future | None = None  # resolves to `output` once the last chunk is done
+    output: ForwardOutput | None = None  # filled by the scheduler as the chunks complete
 
     @property
     def n_tokens(self) -> int:
@@ -125,15 +90,9 @@ class ForwardRequest:
     def remaining(self) -> int:
         return self.n_tokens - self.done
 
-    def output(self, entropy: bool) -> ForwardOutput:
-        out = ForwardOutput(rows=list(self.output_rows), tokens=self.out_tokens, logprobs=self.out_logprobs,
-                            top_ids=self.out_top_ids, top_probs=self.out_top_probs, logits=self.out_logits)
-        if entropy and self.out_logits is not None:
-            out.entropy = _entropy(self.out_logits)
-        return out
 
-
-def _entropy(logits: np.ndarray) -> np.ndarray:
+def entropy_of(logits: np.ndarray) -> np.ndarray:
+    """float32 [n_rows]: the entropy (nats) of each row of logits."""
     z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
     p = np.exp(z)
     p /= p.sum(axis=-1, keepdims=True)
@@ -181,7 +140,8 @@ class Forward:
             raise ValueError(f"{len(masks)} masks for {len(tokens)} tokens")
         if positions is not None:
             if self._positions is None:
-                self._positions = self._ctx._default_positions(len(self._tokens))
+                start = self._ctx.next_position
+                self._positions = list(range(start, start + len(self._tokens)))
             self._positions += [int(p) for p in positions]
         elif self._positions is not None:
             start = self._positions[-1] + 1 if self._positions else self._ctx.next_position
@@ -220,7 +180,7 @@ class Forward:
         for r in rows:
             if not 0 <= r < n:
                 raise ValueError(f"output row {r} outside this forward's {n} tokens")
-        samplers = [sampler_of[r][0].to_driver() if r in sampler_of else _PROBE_ONLY for r in rows]
+        samplers = [sampler_of[r][0] if r in sampler_of else _PROBE_ONLY for r in rows]
         logit_masks = None
         if any(sampler_of.get(r, (None, None))[1] is not None for r in rows):
             words = (self._ctx.engine_info.n_vocab + 31) // 32
@@ -229,8 +189,12 @@ class Forward:
                 mask = sampler_of.get(r, (None, None))[1]
                 if mask is not None:
                     logit_masks[i] = mask
-        return await self._ctx._run_forward(
+        out = await self._ctx.run_forward(
             self._tokens, self._positions, self._masks if self._has_masks else None, rows, samplers,
             logit_masks=logit_masks, top_k=self._top_k, want_logits=self._logits or self._entropy,
-            entropy=self._entropy, keep_logits=self._logits,
         )
+        if self._entropy and out.logits is not None:
+            out.entropy = entropy_of(out.logits)
+        if not self._logits:
+            out.logits = None
+        return out

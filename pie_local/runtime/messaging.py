@@ -1,7 +1,8 @@
 """Messages between inferlets and their client, and between inferlets.
 
-- client <-> inferlet: each inferlet has an inbox (client -> inferlet, `rt.receive()`) and an
-  outbox (inferlet -> client, `handle.messages()`); `rt.emit(text)` streams text through the outbox.
+- client <-> inferlet: each inferlet has a `ClientChannel`: the client sends with
+  `handle.send()` and the inferlet reads with `rt.receive()`; the inferlet posts with
+  `rt.send()` / `rt.emit(text)` and the client reads `handle.messages()`.
 - broadcast/subscribe: a message on a topic reaches every subscription open at that moment.
 - push/pull: named FIFO queues; each message is pulled by exactly one puller.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, AsyncIterator
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,39 @@ class Message:
 
     kind: str
     data: Any
+
+
+_END = object()  # closes a channel's stream to the client
+
+
+class ClientChannel:
+    """The two queues between one inferlet and its client."""
+
+    def __init__(self) -> None:
+        self._to_inferlet: asyncio.Queue = asyncio.Queue()
+        self._to_client: asyncio.Queue = asyncio.Queue()
+
+    async def send_to_inferlet(self, message: Any) -> None:
+        await self._to_inferlet.put(message)
+
+    async def receive_from_client(self) -> Any:
+        return await self._to_inferlet.get()
+
+    def post_to_client(self, message: Message) -> None:
+        self._to_client.put_nowait(message)
+
+    async def client_messages(self) -> AsyncIterator[Message]:
+        """Messages for the client until the channel closes (every reader sees the end)."""
+        while True:
+            msg = await self._to_client.get()
+            if msg is _END:
+                self._to_client.put_nowait(_END)  # later readers end too
+                return
+            yield msg
+
+    def close(self) -> None:
+        """The inferlet ended: client_messages() ends for every reader."""
+        self._to_client.put_nowait(_END)
 
 
 class Subscription:

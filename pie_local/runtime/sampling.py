@@ -1,51 +1,14 @@
-"""Sampling parameters and the stop logic of a generation (EOS tokens, stop strings, max tokens)."""
+"""Sampling parameters and the stop logic of a generation (EOS tokens, stop strings, max tokens).
+
+`SamplingParams` is defined with the driver's types (one sampler type from the inferlet down to
+the C driver) and re-exported here, where inferlets look for it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from pie_local.driver.types import SamplingParams
 
-from pie_local.driver.types import SamplerParams
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one token is drawn. temperature 0 is greedy; filters apply in order top_k, top_p, min_p.
-
-    ``seed`` makes a sampled generation reproducible (step i of a generation uses ``seed + i``);
-    None draws a fresh seed per generation.
-    """
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-
-    @classmethod
-    def greedy(cls) -> SamplingParams:
-        return cls()
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature <= 0.0
-
-    def with_seed(self, seed: int) -> SamplingParams:
-        return replace(self, seed=seed)
-
-    def to_driver(self, step: int = 0) -> SamplerParams:
-        """The driver's sampler for generation step ``step``."""
-        seed = ((self.seed or 0) + step) & 0xFFFFFFFFFFFFFFFF
-        return SamplerParams(self.temperature, self.top_k, self.top_p, self.min_p, seed)
+__all__ = ["SamplingParams", "StopChecker"]
 
 
 class StopChecker:

@@ -25,8 +25,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pie_local.driver.types import DriverError, ForwardBatch, ForwardResult
-from pie_local.runtime.forward import ForwardRequest, brle_truncate
+from pie_local.driver.types import DriverError, ForwardBatch, ForwardResult, ModelDriver
+from pie_local.driver import brle
+from pie_local.runtime.forward import ForwardOutput, ForwardRequest
 from pie_local.runtime.stats import Counters
 
 log = logging.getLogger("pie_local.runtime")
@@ -36,6 +37,7 @@ YIELDS_AFTER_BATCH = 4  # event-loop turns given to woken inferlets to queue the
 YIELDS_WHEN_IDLE = 1  # extra turns after the first submit, so inferlets woken together batch together
 
 Done = Callable[[Any, "BaseException | None"], None]  # (result, exception), called on the event loop
+Outcome = tuple[ForwardResult, int] | BaseException  # a chunk's rows in a batch result (from this row), or its failure
 
 
 @dataclass
@@ -85,7 +87,7 @@ class DriverThread:
 # --------------------------------------------------------------------------------------------
 
 class Scheduler:
-    def __init__(self, driver: Any, page_size: int, max_batch_tokens: int, max_batch_kv: int,
+    def __init__(self, driver: ModelDriver, page_size: int, max_batch_tokens: int, max_batch_kv: int,
                  counters: Counters) -> None:
         self.driver = driver
         self.page_size = page_size
@@ -190,14 +192,17 @@ class Scheduler:
                     exc: BaseException | None) -> None:
         if self._thread is None:
             return  # stopped: stop() already failed every queued request
-        if exc is not None:  # a driver failure fails only this batch's requests
-            log.error("forward batch failed", exc_info=exc)
-            results = [exc] * len(chunks)
-        elapsed = time.perf_counter() - started
-        woken = self._finish(chunks, results)
-        self.counters.record_batch(sum(c.n for c in chunks), len(chunks), elapsed)
-        self._on_batch_done()
-        self._next_batch(YIELDS_AFTER_BATCH, woken)
+        woken: list[Any] | None = None
+        try:
+            if exc is not None:  # the driver thread itself failed: only this batch's requests fail
+                log.error("forward batch failed", exc_info=exc)
+                results = [exc] * len(chunks)
+            elapsed = time.perf_counter() - started
+            woken = self._finish(chunks, results)
+            self.counters.record_batch(sum(c.n for c in chunks), len(chunks), elapsed)
+            self._on_batch_done()
+        finally:  # whatever happened above, the scheduler never stays busy with nothing in flight
+            self._next_batch(YIELDS_AFTER_BATCH, woken)
 
     def _compose(self) -> list[_Chunk]:
         """Pick this step's requests: decode-sized ones first, then prefill chunks."""
@@ -217,22 +222,36 @@ class Scheduler:
             kv_budget -= kv_after
         return chunks
 
-    def _execute(self, chunks: list[_Chunk]) -> list[ForwardResult | Exception]:
-        """On the driver thread: copy-on-write copies, then the batch. A failing batch of several
-        requests is retried one request at a time so a bad request fails alone."""
-        copies = [cp for c in chunks if c.start == 0 for cp in c.req.copies]
-        if copies:
-            self.driver.copy_pages([s for s, _ in copies], [d for _, d in copies])
+    def _execute(self, chunks: list[_Chunk]) -> list[Outcome]:
+        """On the driver thread: each starting request's copy-on-write copies, then the batch.
+        Whatever fails (a copy, a bad request, any exception) fails only the requests it concerns."""
+        outcomes: list[Outcome | None] = [None] * len(chunks)
+        for i, c in enumerate(chunks):
+            if c.start == 0 and c.req.copies:
+                try:
+                    self.driver.copy_pages([s for s, _ in c.req.copies], [d for _, d in c.req.copies])
+                except Exception as exc:  # noqa: BLE001 — this request fails, the others run
+                    outcomes[i] = exc
+        live = [i for i, o in enumerate(outcomes) if o is None]
+        for i, outcome in zip(live, self._forward([chunks[i] for i in live])):
+            outcomes[i] = outcome
+        return outcomes
+
+    def _forward(self, chunks: list[_Chunk]) -> list[Outcome]:
+        """One batch; when it fails with several requests in it, each is retried alone so a bad
+        request fails by itself."""
+        if not chunks:
+            return []
         try:
-            return self._split(self.driver.forward(self._build(chunks)), chunks)
-        except DriverError as exc:
+            return _outcomes(self.driver.forward(self._build(chunks)), chunks)
+        except Exception as exc:  # noqa: BLE001 — handed to the requests, never to the loop
             if len(chunks) == 1:
                 return [exc]
-        out: list[ForwardResult | Exception] = []
+        out: list[Outcome] = []
         for c in chunks:
             try:
-                out += self._split(self.driver.forward(self._build([c])), [c])
-            except DriverError as exc:
+                out += _outcomes(self.driver.forward(self._build([c])), [c])
+            except Exception as exc:  # noqa: BLE001
                 out.append(exc)
         return out
 
@@ -252,7 +271,7 @@ class Scheduler:
                 for i in range(lo, hi):
                     runs = req.masks[i] if req.masks is not None else None
                     if runs:
-                        mask_runs += brle_truncate(runs, kv_len)
+                        mask_runs += brle.truncate(runs, kv_len)
                     mask_indptr.append(len(mask_runs))
             for j, row in enumerate(req.output_rows):
                 if lo <= row < hi:
@@ -281,88 +300,99 @@ class Scheduler:
             ]).astype(np.uint32)
         return batch
 
-    @staticmethod
-    def _split(result: ForwardResult, chunks: list[_Chunk]) -> list[ForwardResult]:
-        """Cut one batch result into one result per chunk (its output rows, in order)."""
-        if len(chunks) == 1:
-            return [result]
-        out, i = [], 0
-        for c in chunks:
-            n = sum(1 for row in c.req.output_rows if c.start <= row < c.start + c.n)
-            pick = lambda a, lo=i, hi=i + n: None if a is None else a[lo:hi]  # noqa: E731
-            out.append(ForwardResult(tokens=pick(result.tokens), logprobs=pick(result.logprobs),
-                                     top_ids=pick(result.top_ids), top_probs=pick(result.top_probs),
-                                     logits=pick(result.logits)))
-            i += n
-        return out
-
-    def _finish(self, chunks: list[_Chunk], results: list) -> list[Any]:
-        """Store each chunk's outputs; complete, continue or abort its request. Returns the contexts woken."""
+    def _finish(self, chunks: list[_Chunk], results: list[Outcome]) -> list[Any]:
+        """Store each chunk's outputs; complete, continue or abort its request. Returns the contexts
+        woken. A completion callback that raises fails its own request only."""
         woken = []
         for c, res in zip(chunks, results, strict=True):
             req = c.req
             req.in_flight = False
-            if req.cancelled:
-                self._queue.remove(req)
-                self._abort(req, None)
-                continue
-            if isinstance(res, BaseException):
-                self._queue.remove(req)
-                self._abort(req, res)
-                woken.append(req.context)
-                continue
-            self._store(req, c, res)
-            req.done += c.n
-            if req.on_chunk is not None:
-                req.on_chunk(req.kv_before + req.done)
-            if req.remaining == 0:
-                self._queue.remove(req)
-                out = req.on_complete(req) if req.on_complete is not None else None
-                if not req.future.done():
-                    req.future.set_result(out)
+            try:
+                if self._finish_one(req, c, res):
+                    woken.append(req.context)
+            except Exception as exc:  # noqa: BLE001 — a bug in one request's bookkeeping
+                log.error("completing a forward request failed", exc_info=exc)
+                if req in self._queue:
+                    self._queue.remove(req)
+                if req.future is not None and not req.future.done():
+                    req.future.set_exception(exc)
                 woken.append(req.context)
         return woken
 
-    @staticmethod
-    def _store(req: ForwardRequest, c: _Chunk, res: ForwardResult) -> None:
-        if c.start == 0 and c.n == req.n_tokens:  # the whole request in one chunk (every decode step)
-            req.out_tokens, req.out_logprobs = res.tokens, res.logprobs
-            if req.top_k > 0 and res.top_ids is not None:
-                req.out_top_ids, req.out_top_probs = res.top_ids[:, : req.top_k], res.top_probs[:, : req.top_k]
-            if req.want_logits:
-                req.out_logits = res.logits
-            return
-        n_out = len(req.output_rows)
-        if req.out_tokens is None:
-            req.out_tokens = np.zeros(n_out, dtype=np.int32)
-        idx = [j for j, row in enumerate(req.output_rows) if c.start <= row < c.start + c.n]
-        if not idx:
-            return
-        req.out_tokens[idx] = res.tokens
-        if res.logprobs is not None:
-            if req.out_logprobs is None:
-                req.out_logprobs = np.zeros(n_out, dtype=np.float32)
-            req.out_logprobs[idx] = res.logprobs
-        if req.top_k > 0 and res.top_ids is not None:
-            if req.out_top_ids is None:
-                req.out_top_ids = np.zeros((n_out, req.top_k), dtype=np.int32)
-                req.out_top_probs = np.zeros((n_out, req.top_k), dtype=np.float32)
-            req.out_top_ids[idx] = res.top_ids[:, : req.top_k]
-            req.out_top_probs[idx] = res.top_probs[:, : req.top_k]
-        if req.want_logits and res.logits is not None:
-            if req.out_logits is None:
-                req.out_logits = np.zeros((n_out, res.logits.shape[1]), dtype=np.float32)
-            req.out_logits[idx] = res.logits
+    def _finish_one(self, req: ForwardRequest, c: _Chunk, res: Outcome) -> bool:
+        """True when the request is over (its context wakes up)."""
+        if req.cancelled:
+            self._queue.remove(req)
+            self._abort(req, None)
+            return False
+        if isinstance(res, BaseException):
+            self._queue.remove(req)
+            self._abort(req, res)
+            return True
+        _store(req, c, *res)
+        req.done += c.n
+        if req.on_chunk is not None:
+            req.on_chunk(req.kv_before + req.done)
+        if req.remaining:
+            return False
+        self._queue.remove(req)
+        if req.output is None:  # a pass that samples nothing
+            req.output = ForwardOutput.empty([], 0, None)
+        if req.on_complete is not None:
+            req.on_complete(req.output)
+        if not req.future.done():
+            req.future.set_result(req.output)
+        return True
 
     @staticmethod
     def _abort(req: ForwardRequest, exc: BaseException | None) -> None:
-        if req.on_abort is not None:
-            req.on_abort()
-        if req.future is not None and not req.future.done():
-            if exc is None:
-                req.future.cancel()
-            else:
-                req.future.set_exception(exc)
+        try:
+            if req.on_abort is not None:
+                req.on_abort()
+        finally:
+            if req.future is not None and not req.future.done():
+                if exc is None:
+                    req.future.cancel()
+                else:
+                    req.future.set_exception(exc)
+
+
+def _outcomes(result: ForwardResult, chunks: list[_Chunk]) -> list[Outcome]:
+    """Where each chunk's output rows lie in the batch result: (result, first row)."""
+    out, first = [], 0
+    for c in chunks:
+        out.append((result, first))
+        first += sum(1 for row in c.req.output_rows if c.start <= row < c.start + c.n)
+    return out
+
+
+def _store(req: ForwardRequest, c: _Chunk, result: ForwardResult, first: int) -> None:
+    """Write a chunk's rows of the batch result into the request's output (its rows, in order)."""
+    idx = [j for j, row in enumerate(req.output_rows) if c.start <= row < c.start + c.n]
+    lo, hi = first, first + len(idx)
+    top_k = req.top_k if result.top_ids is not None else 0
+    logits = result.logits if req.want_logits else None
+    if c.start == 0 and c.n == req.n_tokens:  # the whole request in one chunk (every decode step): views
+        req.output = ForwardOutput(
+            rows=list(req.output_rows), tokens=result.tokens[lo:hi],
+            logprobs=None if result.logprobs is None else result.logprobs[lo:hi],
+            top_ids=result.top_ids[lo:hi, :top_k] if top_k else None,
+            top_probs=result.top_probs[lo:hi, :top_k] if top_k else None,
+            logits=None if logits is None else logits[lo:hi])
+        return
+    if req.output is None:
+        req.output = ForwardOutput.empty(req.output_rows, top_k, None if logits is None else logits.shape[1])
+    if not idx:
+        return
+    out = req.output
+    out.tokens[idx] = result.tokens[lo:hi]
+    if result.logprobs is not None:
+        out.logprobs[idx] = result.logprobs[lo:hi]
+    if top_k:
+        out.top_ids[idx] = result.top_ids[lo:hi, :top_k]
+        out.top_probs[idx] = result.top_probs[lo:hi, :top_k]
+    if logits is not None:
+        out.logits[idx] = logits[lo:hi]
 
 
 def _indptr(counts: list[int]) -> np.ndarray:

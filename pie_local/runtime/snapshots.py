@@ -82,24 +82,22 @@ def read_header(path: Path) -> dict:
 async def save(ctx: Any, name: str) -> Path:
     """Write ``ctx`` (committed KV + pending tokens + chat messages) as snapshot ``name``."""
     path = snapshot_path(name)
-    if ctx._inflight is not None:
+    seq = ctx.sequence
+    if seq.busy:
         raise SnapshotError("cannot save a context while its forward pass runs")
-    engine = ctx._engine
+    engine = seq.engine
     identity = await _identity(engine)
-    page_ids = [p.id for p in ctx._pages]
-    data = await engine._scheduler.run_driver(engine.driver.read_pages, page_ids) if page_ids else b""
+    page_ids = ctx.page_ids
+    data = await engine.run_driver(engine.driver.read_pages, page_ids) if page_ids else b""
     header = {
         "version": VERSION,
         "model": dataclasses.asdict(identity),
-        "tokens": ctx._committed,
-        "positions": ctx._positions,
-        "pending": ctx._pending,
-        "pending_positions": ctx._pending_pos,
-        "canonical": ctx._canonical,
-        "messages": ctx._messages,
-        "message_ends": ctx._message_ends,
-        "chat_start": ctx._chat_start,
-        "tools": ctx._tools,
+        "tokens": seq.committed,
+        "positions": seq.positions,
+        "pending": seq.pending,
+        "pending_positions": seq.pending_positions,
+        "canonical": seq.canonical,
+        **ctx.chat_state(),
         "n_pages": len(page_ids),
     }
     blob = json.dumps(header).encode()
@@ -138,32 +136,20 @@ async def load(rt: Any, name: str) -> Any:
     if n_pages != -(-len(tokens) // identity["page_size"]):
         raise SnapshotError(f"snapshot {name!r} is corrupt: {n_pages} pages for {len(tokens)} tokens")
     ctx = rt.context()
-    pool = engine._pool
-    if ctx._owner is not None:
-        ctx._owner.charge(tokens=0, new_pages=n_pages)
-    pages = pool.allocate(n_pages)
+    seq = ctx.sequence
+    if seq.owner is not None:
+        seq.owner.charge(tokens=0, new_pages=n_pages)
+    pages = engine.pool.allocate(n_pages)
     try:
         if pages:
-            await engine._scheduler.run_driver(engine.driver.write_pages, [p.id for p in pages], data)
+            await engine.run_driver(engine.driver.write_pages, [p.id for p in pages], data)
     except BaseException:
-        pool.release(pages)
+        engine.pool.release(pages)
         ctx.release()
         raise
-    ctx._pages = pages
-    ctx._committed, ctx._positions = list(tokens), list(header["positions"])
-    ctx._pending, ctx._pending_pos = list(header["pending"]), list(header["pending_positions"])
-    ctx._messages, ctx._message_ends = list(header["messages"]), list(header["message_ends"])
-    ctx._chat_start, ctx._tools = header["chat_start"], header["tools"]
-    if ctx._messages:
-        ctx._rendered = ctx._render(ctx._messages)
-    ctx._canonical = bool(header["canonical"])
-    if ctx._canonical:  # index the restored full pages so other contexts can share them
-        ps = identity["page_size"]
-        prev = None
-        for i in range(len(tokens) // ps):
-            prev = pool.chain_hash(prev, tokens[i * ps : (i + 1) * ps])
-            ctx._hashes.append(prev)
-            pool.register(pages[i], prev, ready=True)
+    seq.restore(pages, tokens, header["positions"], header["pending"], header["pending_positions"],
+                bool(header["canonical"]))
+    ctx.restore_chat_state(header)
     return ctx
 
 
@@ -174,11 +160,10 @@ def _header_size(path: Path) -> int:
 
 
 async def _identity(engine: Any):
+    """The engine's model identity; the first time it may hash the model file, off the loop."""
     import asyncio
 
-    if engine._identity is None:
-        await asyncio.to_thread(engine.identity)
-    return engine.identity()
+    return await asyncio.to_thread(engine.identity)
 
 
 # ---- the model file's sha256 ----------------------------------------------------------------------

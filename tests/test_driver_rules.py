@@ -1,0 +1,34 @@
+"""FakeDriver rejects what the native driver rejects: the same list of bad batches as
+test_driver_errors.py, the same status and message, and the live sequence's logits unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from driver_helpers import build_batch
+from driver_rules import BAD_BATCHES, DECODE, PAGE, PARAMS, PROMPT, Req
+
+from pie_local.driver import DriverError, ModelDriver
+from pie_local.driver.fake import FakeDriver
+
+
+@pytest.fixture(scope="module")
+def live():
+    drv = FakeDriver(PARAMS, n_vocab=512)  # token ids up to 309 appear in the cases
+    drv.forward(build_batch([Req(PROMPT, [0, 1, 2], len(PROMPT))], PAGE))
+    return drv, drv.forward(build_batch([DECODE], PAGE)).logits
+
+
+@pytest.mark.parametrize("case", list(BAD_BATCHES))
+def test_fake_driver_rejects_the_native_drivers_bad_batches(live, case: str) -> None:
+    drv, baseline = live
+    make, fragment = BAD_BATCHES[case]
+    with pytest.raises(DriverError) as err:
+        drv.forward(make(drv.info.n_vocab))
+    assert err.value.status == "invalid_argument", err.value
+    assert fragment in err.value.message, err.value.message
+    np.testing.assert_array_equal(drv.forward(build_batch([DECODE], PAGE)).logits, baseline)
+
+
+def test_fake_driver_is_a_model_driver() -> None:
+    assert isinstance(FakeDriver(), ModelDriver)
