@@ -15,14 +15,15 @@ from typing import Any, AsyncIterator, Iterator
 REPO = Path(__file__).resolve().parents[1]
 
 
-def fake_engine(n_pages: int = 256, page_size: int = 4, delay: float = 0.0, next_token=None) -> Any:
+def fake_engine(n_pages: int = 256, page_size: int = 4, delay: float = 0.0) -> Any:
+    from runtime_helpers import fake_engine as engine_over
+
     from pie_local.driver.fake import FakeDriver
     from pie_local.driver.types import DriverParams
-    from pie_local.runtime import Engine, EngineConfig
+    from pie_local.runtime import EngineConfig
 
-    driver = FakeDriver(DriverParams(page_size=page_size, n_pages=n_pages, max_batch_tokens=64), delay=delay,
-                        next_token=next_token)
-    return Engine(driver=driver, config=EngineConfig(page_size=page_size, n_pages=n_pages))
+    params = DriverParams(page_size=page_size, n_pages=n_pages, max_batch_tokens=64)
+    return engine_over(FakeDriver(params, delay=delay), EngineConfig(driver=params))
 
 
 def fake_manager(config: Any, models: tuple[str, ...] = ("fake",), **engine_kw: Any) -> Any:

@@ -164,23 +164,20 @@ class Job:
         return sorted(choices, key=lambda c: c.index)
 
     async def _choice(self, ctx: Any, index: int, fork: int, max_tokens: int, queue: asyncio.Queue) -> None:
-        k = self.req.top_logprobs
-        extra = {"top_logprobs": k} if k else {}
         try:
             sent = 0
             pieces = ctx.stream(sampling_for(self.req, fork), max_tokens=max_tokens, stop=self.stop,
-                                constrain=self.constraint, **extra)
+                                constrain=self.constraint, top_logprobs=self.req.top_logprobs)
             async with contextlib.aclosing(pieces):
                 async for piece in pieces:
                     last = ctx.last
                     n = len(last.token_ids)
                     queue.put_nowait(Delta(index, piece, last.token_ids[sent:n], last.logprobs[sent:n],
-                                           _top(last, sent, n)))
+                                           last.top_logprobs[sent:n]))
                     sent = n
             last = ctx.last
             queue.put_nowait(Finished(Choice(index, last.text, list(last.token_ids), list(last.logprobs),
-                                             _top(last, 0, len(last.token_ids)), last.finish_reason,
-                                             getattr(last, "cached_tokens", 0))))  # TODO-merge
+                                             list(last.top_logprobs), last.finish_reason, last.cached_tokens)))
         except asyncio.CancelledError:
             raise
         except OutOfPagesError as exc:
@@ -196,11 +193,6 @@ class Job:
             usage.completion_tokens += sum(len(c.token_ids) for c in p.choices)
             usage.cached_tokens += min((c.cached_tokens for c in p.choices), default=0)
         return usage
-
-
-def _top(gen: Any, start: int, end: int) -> list[list[tuple[int, float]]]:
-    top = getattr(gen, "top_logprobs", None) or []
-    return [list(t) for t in top[start:end]]
 
 
 def finite(x: float) -> float | None:

@@ -57,13 +57,16 @@ class ModelManager:
         self._models: dict[str, LoadedModel] = {}
         self._loading: dict[str, asyncio.Task] = {}
         self._aliases: dict[str, str] = {}  # what requests said -> canonical name
+        self._waiters: dict[str, int] = {}  # requests waiting for a model to load
         self._reaping: set[asyncio.Task] = set()
 
     def _real_engine(self, name: str) -> Any:
+        from pie_local.driver.types import DriverParams
         from pie_local.runtime import Engine, EngineConfig
 
         c = self.config
-        return Engine(name, EngineConfig(n_threads=c.threads, n_pages=c.n_pages, page_size=c.page_size))
+        return Engine(name, EngineConfig(driver=DriverParams(n_threads=c.threads, n_pages=c.n_pages,
+                                                             page_size=c.page_size)))
 
     # ---- names -------------------------------------------------------------------------------------
 
@@ -109,7 +112,12 @@ class ModelManager:
                 task = asyncio.get_running_loop().create_task(self._load(name), name=f"load-{name}")
                 self._loading[name] = task
                 task.add_done_callback(lambda _t, n=name: self._loading.pop(n, None))
-            model = await asyncio.shield(task)
+            # until it is ours, a model being loaded for us must not look idle to _make_room
+            self._waiters[name] = self._waiters.get(name, 0) + 1
+            try:
+                model = await asyncio.shield(task)
+            finally:
+                self._waiters[name] -= 1
         model.active += 1
         model.last_used = time.monotonic()
         if model.unload_timer is not None:
@@ -142,7 +150,7 @@ class ModelManager:
     async def _make_room(self) -> None:
         """Unload the least recently used idle model while a new one would exceed max_models."""
         while len(self._models) + len(self._loading) >= self.config.max_models:
-            idle = [m for m in self._models.values() if m.active == 0]
+            idle = [m for m in self._models.values() if m.active == 0 and not self._waiters.get(m.name)]
             if not idle:
                 raise busy(f"all {self.config.max_models} model slot(s) are in use by running requests "
                            "(start the server with a larger --max-models)", retry_after_s=5, code="model_slots_busy")
