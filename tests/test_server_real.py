@@ -151,18 +151,35 @@ def test_forced_tool_call_has_parsed_arguments(client):
 
 
 def test_a_shared_system_prompt_is_served_from_the_prefix_cache(client, starter_gguf):
+    from pie_local.models.chat_template import ChatTemplate
     from pie_local.models.tokenizer import Tokenizer
 
+    tok = Tokenizer.from_gguf(starter_gguf)
+    template = ChatTemplate.for_model(starter_gguf, tokenizer=tok)
+    questions = ["When was the bridge built?", "Who designed the town hall?"]
+
+    def chat(system: str, question: str) -> list[dict]:
+        return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+
+    def shared_tokens(system: str) -> int:
+        a, b = (tok.encode(template.render(chat(system, q))) for q in questions)
+        return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+
+    # The cache works in 32-token pages: pad the system prompt until the prefix the two requests
+    # share ends on a page boundary, so every token of it can be served from the cache.
     system = "You are a careful assistant for the city archive. " + " ".join(
         f"Rule {i}: cite the record number of every document you mention." for i in range(40))
-    n_system = len(Tokenizer.from_gguf(starter_gguf).encode(system))
-    assert n_system > 400
-    first = client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0, messages=[
-        {"role": "system", "content": system}, {"role": "user", "content": "When was the bridge built?"}])
-    second = client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0, messages=[
-        {"role": "system", "content": system}, {"role": "user", "content": "Who designed the town hall?"}])
+    for _ in range(64):
+        if shared_tokens(system) % 32 == 0:
+            break
+        system += " Thank you."
+    else:
+        pytest.fail("could not align the shared prefix to a page")
+    n_system = len(tok.encode(system))
+    first = client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0, messages=chat(system, questions[0]))
+    second = client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0, messages=chat(system, questions[1]))
     assert first.usage.prompt_tokens_details.cached_tokens == 0
-    assert second.usage.prompt_tokens_details.cached_tokens >= n_system
+    assert second.usage.prompt_tokens_details.cached_tokens >= n_system > 400
     assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
 
 
