@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import textwrap
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from server_helpers import fake_manager, serving
 
 from pie_local.server.config import ServerConfig, parse_duration, parse_size
+from pie_local.server.errors import APIError
 
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0}
 
@@ -308,6 +310,23 @@ async def test_inferlet_files_only_for_local_clients(tmp_path):
     async with serving(cfg, fake_manager(cfg)) as url, httpx.AsyncClient(base_url=url) as c:
         r = await c.post("/v1/pie/runs", json={"inferlet": str(path)})
         assert r.status_code == 403 and r.json()["error"]["code"] == "inferlet_files_disabled"
+
+
+async def test_remote_clients_cannot_reach_the_servers_files(monkeypatch):
+    from starlette.requests import Request
+
+    from pie_local.server import programs
+
+    async def receive():
+        return {"type": "http.request", "body": json.dumps(body).encode()}
+
+    for body, code in [({"inferlet": "/tmp/x.py"}, "inferlet_file_forbidden"),
+                       ({"inferlet": "react-agent", "args": {"prompt": "hi"}}, "inferlet_file_access_forbidden")]:
+        scope = {"type": "http", "method": "POST", "path": "/v1/pie/runs", "headers": [],
+                 "state": {"local": False}, "app": SimpleNamespace(state=SimpleNamespace(config=ServerConfig()))}
+        with pytest.raises(APIError) as err:
+            await programs.launch(Request(scope, receive))
+        assert err.value.status == 403 and err.value.code == code
 
 
 def test_remote_clients_are_not_local():

@@ -189,10 +189,22 @@ async def launch(request: Request) -> JSONResponse:
             raise APIError(403, "inferlet: running your own inferlet file is allowed for local clients only "
                                 "(it is Python with the server's permissions)", param="inferlet",
                            code="inferlet_file_forbidden")
+    elif not request.state.local and (reason := _reads_server_files(inferlet, args)):
+        raise APIError(403, f"inferlet: {reason}; allowed for local clients only", param="inferlet",
+                       code="inferlet_file_access_forbidden")
     registry = _registry(request)
     lease = await registry.manager.acquire(model, request.state.local)
     run = registry.launch(lease, inferlet, args)
     return JSONResponse(run.summary(), status_code=201)
+
+
+def _reads_server_files(inferlet: str, args: Any) -> str | None:
+    """Why a standard inferlet run would read the server's files (its tools can), or None."""
+    if inferlet == "react-agent":
+        tools = args.get("tools", "calculator,lookup_file") if isinstance(args, dict) else "lookup_file"
+        if "lookup_file" in str(tools):
+            return "react-agent's lookup_file tool reads files on the server"
+    return None
 
 
 def _is_file(inferlet: str) -> bool:
