@@ -24,21 +24,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pie_local.models import ModelError, resolve_model
-    from pie_local.models.format import fail, human_count, human_size
+    from pie_local.models import resolve_model
+    from pie_local.models.format import human_count, human_size
     from pie_local.models.gguf_info import kv_cache_bytes, read_gguf_info
+    from pie_local.present.problems import UsageError, UserError
 
     if args.context is not None and args.context <= 0:
-        return fail(f"--context must be a positive number of tokens, got {args.context}")
-    try:
-        model = resolve_model(args.name)
-        info = read_gguf_info(model.path)
-        context = args.context or info.context_length or model.context_length
-        if not context:
-            return fail(f"{model.path} has no context length; pass --context N")
-        kv = kv_cache_bytes(info, context, args.kv_type)
-    except ModelError as exc:
-        return fail(exc)
+        raise UsageError(f"--context must be a positive number of tokens, got {args.context}")
+    model = resolve_model(args.name)
+    info = read_gguf_info(model.path)
+    context = args.context or info.context_length or model.context_length
+    if not context:
+        raise UserError(f"{model.path} has no context length", "pass --context N")
+    kv = kv_cache_bytes(info, context, args.kv_type)
     memory = {"context": context, "kv_type": args.kv_type, "weights": info.weight_bytes, "kv_cache": kv}
     memory["total"] = info.weight_bytes + kv
     if args.json:

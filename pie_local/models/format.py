@@ -1,8 +1,7 @@
-"""Small text helpers shared by the model commands (sizes, tables, errors)."""
+"""Small text helpers shared by the model commands (sizes, tables)."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 
@@ -33,8 +32,3 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     for r in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
 
-
-def fail(message: object) -> int:
-    """Print a user error (no traceback) and return the exit status for it."""
-    print(f"error: {message}", file=sys.stderr)
-    return 1

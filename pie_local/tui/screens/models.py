@@ -12,7 +12,8 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Button, DataTable, Footer, Label, ProgressBar, Static
 
-from pie_local.tui.backend import STARTER_MODEL, BackendError, CatalogueRow, ModelDetails, ModelRow, PullUpdate, human_bytes
+from pie_local.present.problems import UserError
+from pie_local.tui.backend import STARTER_MODEL, CatalogueRow, ModelDetails, ModelRow, PullUpdate, human_bytes
 from pie_local.tui.screens.dialogs import ConfirmScreen, PromptScreen
 from pie_local.tui.widgets.status_bar import StatusBar
 
@@ -72,7 +73,7 @@ class ModelsScreen(Screen):
         try:
             installed = self.app.backend.installed()
             catalogue = self.app.backend.catalogue()
-        except BackendError as exc:
+        except UserError as exc:
             self.app.call_from_thread(self.app.report_error, exc)
             installed, catalogue = [], []
         self.app.call_from_thread(self._fill, installed, catalogue)
@@ -111,7 +112,7 @@ class ModelsScreen(Screen):
     def show_details(self, name: str) -> None:
         try:
             details = self.app.backend.details(name)
-        except BackendError as exc:
+        except UserError as exc:
             text = f"{name}: {exc.message}"
         else:
             text = _format_details(details)
@@ -169,7 +170,7 @@ class ModelsScreen(Screen):
 
         try:
             model = self.app.backend.pull(spec, progress, cancel)
-        except BackendError as exc:
+        except UserError as exc:
             if cancel.is_set():
                 self.app.call_from_thread(self._pull_done, f"Pull of {spec} cancelled; pull again to resume.", None)
             else:
@@ -187,7 +188,7 @@ class ModelsScreen(Screen):
         total = human_bytes(update.total_bytes) if update.total_bytes else "?"
         label.update(f"{update.spec}: {human_bytes(update.done_bytes)} / {total} · {human_bytes(update.speed_bps)}/s")
 
-    def _pull_done(self, message: str | None, error: BackendError | None) -> None:
+    def _pull_done(self, message: str | None, error: UserError | None) -> None:
         self.pulling = None
         self.cancel_event = None
         self.query_one("#pull-bar").display = False
@@ -216,7 +217,7 @@ class ModelsScreen(Screen):
     def install_starter(self) -> None:
         try:
             model = self.app.backend.install_starter()
-        except BackendError as exc:
+        except UserError as exc:
             self.app.call_from_thread(self._pull_done, None, exc)
         else:
             self.app.call_from_thread(self._pull_done, f"{model.name} is ready.", None)
@@ -239,7 +240,7 @@ class ModelsScreen(Screen):
     def remove_model(self, name: str) -> None:
         try:
             self.app.backend.remove(name)
-        except BackendError as exc:
+        except UserError as exc:
             self.app.call_from_thread(self.app.report_error, exc)
             return
         self.app.call_from_thread(self.app.notify, f"Deleted {name}.")
