@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pie_local.models.format import human_size
+    from pie_local.present.format import human_size
     from pie_local.models.pull import locate_in_hf_cache
     from pie_local.models.store import add, set_default_model
 

@@ -29,7 +29,7 @@ def _status(model) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pie_local.models.format import human_size, print_table
+    from pie_local.present.format import human_size, print_table
     from pie_local.models.registry import load_registry
     from pie_local.models.store import STARTER_NAME, default_model_name, list_installed
 

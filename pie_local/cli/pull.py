@@ -73,7 +73,7 @@ class _Bar:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pie_local.models.format import human_size
+    from pie_local.present.format import human_size
     from pie_local.models.pull import pull
     from pie_local.models.store import set_default_model
 

@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pie_local.models.format import human_size
+    from pie_local.present.format import human_size
     from pie_local.models.store import get, not_installed, remove
     from pie_local.present.problems import UserError
 

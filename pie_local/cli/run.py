@@ -66,6 +66,7 @@ def make_engine(args: argparse.Namespace):
 
 
 def list_inferlets(as_json: bool) -> int:
+    from pie_local.present.format import label_lines
     from pie_local.runtime.inferlet import load_inferlet, stdlib_names
 
     specs = [load_inferlet(name) for name in stdlib_names()]
@@ -75,9 +76,7 @@ def list_inferlets(as_json: bool) -> int:
                                     "help": p.help} for k, p in s.parameters.items()}} for s in specs]
         print(json.dumps(rows, indent=2))
         return 0
-    width = max(len(s.name) for s in specs)
-    for s in specs:
-        print(f"{s.name.ljust(width)}  {s.description}")
+    print(label_lines((s.name, s.description) for s in specs))
     print("\n`pie-local run NAME -- --help` shows an inferlet's parameters.")
     return 0
 

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pie_local.models import resolve_model
-    from pie_local.models.format import human_count, human_size
+    from pie_local.present.format import human_count, human_size
     from pie_local.models.gguf_info import kv_cache_bytes, read_gguf_info
     from pie_local.present.problems import UsageError, UserError
 

@@ -194,6 +194,7 @@ class Backend:
         """GGUF metadata and the memory estimate of a model (installed name or catalogue name)."""
         try:
             from pie_local.models import gguf_info, resolve_model
+            from pie_local.present.format import human_count, human_size
 
             resolved = resolve_model(name)
             info = gguf_info.read_gguf_info(resolved.path)
@@ -210,8 +211,8 @@ class Backend:
             ("vocab", str(info.vocab_size or "?")),
             ("chat template", "from the GGUF" if info.has_chat_template else "built-in fallback"),
             ("license", info.license or "?"),
-            ("file size", human_bytes(info.file_size)),
-            (f"memory @ {context} ctx", human_bytes(memory) + " (weights + f16 KV)"),
+            ("file size", human_size(info.file_size)),
+            (f"memory @ {context} ctx", human_size(memory) + " (weights + f16 KV)"),
             ("file", str(resolved.path)),
         ]
         return ModelDetails(name, tuple(fields))
@@ -441,24 +442,3 @@ async def _reopen(rt: Any, snapshot: str, session_id: int) -> Any:
 def _model_row(m: Any) -> ModelRow:
     """pie_local.models.store.InstalledModel -> ModelRow."""
     return ModelRow(m.name, m.quant or "", m.size, m.arch or "", str(m.path), m.present)
-
-
-# ---- formatting helpers -------------------------------------------------------------------------
-
-
-def human_bytes(n: int | float | None) -> str:
-    if n is None:
-        return "?"
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if value < 1024 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TB"
-
-
-def human_count(n: int) -> str:
-    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= div:
-            return f"{n / div:.1f}{unit}"
-    return str(n)

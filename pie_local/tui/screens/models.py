@@ -12,8 +12,9 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Button, DataTable, Footer, Label, ProgressBar, Static
 
+from pie_local.present.format import human_size
 from pie_local.present.problems import UserError
-from pie_local.tui.backend import STARTER_MODEL, CatalogueRow, ModelDetails, ModelRow, PullUpdate, human_bytes
+from pie_local.tui.backend import STARTER_MODEL, CatalogueRow, ModelDetails, ModelRow, PullUpdate
 from pie_local.tui.screens.dialogs import ConfirmScreen, PromptScreen
 from pie_local.tui.widgets.status_bar import StatusBar
 
@@ -83,7 +84,7 @@ class ModelsScreen(Screen):
         table = self.query_one("#installed", DataTable)
         table.clear()
         for m in installed:
-            size = human_bytes(m.size_bytes) if m.present else "press s" if m.name == STARTER_MODEL else "missing"
+            size = human_size(m.size_bytes) if m.present else "press s" if m.name == STARTER_MODEL else "missing"
             table.add_row(m.name, m.quant, size, m.arch, key=m.name)
         self.catalogue = catalogue
         cat = self.query_one("#catalogue", DataTable)
@@ -126,7 +127,7 @@ class ModelsScreen(Screen):
             if row.name == name:
                 quants = ", ".join(row.quants) or row.default_quant
                 state = "installed" if row.installed else "press p to pull"
-                size = f" · {human_bytes(row.size_bytes)}" if row.size_bytes else ""
+                size = f" · {human_size(row.size_bytes)}" if row.size_bytes else ""
                 self._set_details(f"{row.name} ({row.params} {row.arch}) · quants: {quants}{size} · {state}\n"
                                   f"{row.description}")
 
@@ -176,7 +177,7 @@ class ModelsScreen(Screen):
             else:
                 self.app.call_from_thread(self._pull_done, None, exc)
         else:
-            self.app.call_from_thread(self._pull_done, f"Installed {model.name} ({human_bytes(model.size_bytes)}).", None)
+            self.app.call_from_thread(self._pull_done, f"Installed {model.name} ({human_size(model.size_bytes)}).", None)
 
     def _on_progress(self, update: PullUpdate) -> None:
         bar = self.query_one("#pull-progress", ProgressBar)
@@ -185,8 +186,8 @@ class ModelsScreen(Screen):
         if update.phase != "downloading":
             label.update(f"{update.spec}: {update.phase}…")
             return
-        total = human_bytes(update.total_bytes) if update.total_bytes else "?"
-        label.update(f"{update.spec}: {human_bytes(update.done_bytes)} / {total} · {human_bytes(update.speed_bps)}/s")
+        total = human_size(update.total_bytes) if update.total_bytes else "?"
+        label.update(f"{update.spec}: {human_size(update.done_bytes)} / {total} · {human_size(update.speed_bps)}/s")
 
     def _pull_done(self, message: str | None, error: UserError | None) -> None:
         self.pulling = None
