@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pie_local.present.card import ModelCard
 from pie_local.present.problems import UserError
 from pie_local.present.problems import explain as explain_problem
 from pie_local.tui.sessions_store import Session
@@ -61,12 +62,6 @@ class CatalogueRow:
     size_bytes: int | None
     description: str
     installed: bool
-
-
-@dataclass(frozen=True)
-class ModelDetails:
-    name: str
-    fields: tuple[tuple[str, str], ...]  # (label, value) pairs in display order
 
 
 @dataclass(frozen=True)
@@ -190,32 +185,14 @@ class Backend:
             ))
         return rows
 
-    def details(self, name: str, context: int = 4096) -> ModelDetails:
-        """GGUF metadata and the memory estimate of a model (installed name or catalogue name)."""
+    def details(self, name: str, context: int = 4096) -> ModelCard:
+        """The card of a model (installed or catalogue name): GGUF metadata and the memory it needs."""
         try:
-            from pie_local.models import gguf_info, resolve_model
-            from pie_local.present.format import human_count, human_size
+            from pie_local.present.card import read_model_card
 
-            resolved = resolve_model(name)
-            info = gguf_info.read_gguf_info(resolved.path)
-            memory = gguf_info.memory_estimate(info, context)
+            return read_model_card(name, context)
         except Exception as exc:  # noqa: BLE001
             raise explain(exc) from exc
-        fields: list[tuple[str, str]] = [
-            ("name", resolved.name),
-            ("architecture", info.arch or "?"),
-            ("parameters", human_count(info.n_params) + (f" ({info.size_label})" if info.size_label else "")),
-            ("quant", info.file_type or (info.quant_mix[0].type if info.quant_mix else "?")),
-            ("layers", str(info.n_layers or "?")),
-            ("context", str(info.context_length or "?")),
-            ("vocab", str(info.vocab_size or "?")),
-            ("chat template", "from the GGUF" if info.has_chat_template else "built-in fallback"),
-            ("license", info.license or "?"),
-            ("file size", human_size(info.file_size)),
-            (f"memory @ {context} ctx", human_size(memory) + " (weights + f16 KV)"),
-            ("file", str(resolved.path)),
-        ]
-        return ModelDetails(name, tuple(fields))
 
     def pull(self, spec: str, on_progress: Callable[[PullUpdate], None], cancel: threading.Event) -> ModelRow:
         """Download a model; resumable (a partial file is kept when cancelled)."""

@@ -14,7 +14,7 @@ from textual.widgets import Button, DataTable, Footer, Label, ProgressBar, Stati
 
 from pie_local.present.format import human_size
 from pie_local.present.problems import UserError
-from pie_local.tui.backend import STARTER_MODEL, CatalogueRow, ModelDetails, ModelRow, PullUpdate
+from pie_local.tui.backend import STARTER_MODEL, CatalogueRow, ModelRow, PullUpdate
 from pie_local.tui.screens.dialogs import ConfirmScreen, PromptScreen
 from pie_local.tui.widgets.status_bar import StatusBar
 
@@ -112,11 +112,9 @@ class ModelsScreen(Screen):
     @work(thread=True, exclusive=True, group="details", exit_on_error=False)
     def show_details(self, name: str) -> None:
         try:
-            details = self.app.backend.details(name)
+            text = self.app.backend.details(name).text()
         except UserError as exc:
             text = f"{name}: {exc.message}"
-        else:
-            text = _format_details(details)
         self.app.call_from_thread(self._set_details, text)
 
     def _set_details(self, text: str) -> None:
@@ -247,7 +245,3 @@ class ModelsScreen(Screen):
         self.app.call_from_thread(self.app.notify, f"Deleted {name}.")
         self.app.call_from_thread(self.load_tables)
 
-
-def _format_details(details: ModelDetails) -> str:
-    width = max((len(label) for label, _ in details.fields), default=0)
-    return "\n".join(f"{label:<{width}}  {value}" for label, value in details.fields)
