@@ -3,7 +3,6 @@ end-to-end subprocess run on the starter model."""
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -21,9 +20,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cli(module, argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    module.add_arguments(parser)
-    return module.run(parser.parse_args(argv))
+    """Run a command module through the dispatcher, which reports errors and picks the exit status."""
+    from pie_local.cli import main
+
+    return main([module.__name__.rsplit(".", 1)[-1], *argv])
 
 
 @pytest.fixture
