@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 from pie_local.driver.fake import FakeDriver, FakeTokenizer
 from pie_local.driver.types import DriverParams
 from runtime_helpers import fake_engine as engine_on
+from package_env import package_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -166,13 +166,12 @@ def test_cli_run_end_to_end_on_the_starter_model(starter_gguf, isolated_home):
 
     from pie_local.runtime.engine import Engine, EngineConfig
 
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "PIE_LOCAL_HOME": str(isolated_home)}
+    env = package_env(PIE_LOCAL_HOME=str(isolated_home))
     proc = subprocess.run(
         [sys.executable, "-c", "import sys; from pie_local.cli import main; sys.exit(main())", "run",
          "text-completion", "--model", str(starter_gguf), "--threads", "2", "--",
          "--prompt", "The capital of France is", "--max-tokens", "12"],
-        capture_output=True, text=True, timeout=240, env=env, cwd=REPO,
+        capture_output=True, text=True, timeout=240, env=env, cwd=isolated_home,  # not the source tree
     )
     assert proc.returncode == 0, proc.stderr
 
