@@ -38,7 +38,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = [
     "What should I check first?", "Summarise the rules in one line.", "Which rule matters most?",
     "Give me an example of rule 3.", "How do I cite a record?", "What is a record number?",
@@ -150,8 +149,11 @@ def pie_server(gguf: Path, threads: int, clients: int, workdir: Path) -> context
     port = free_port()
     home = workdir / "pie-home"  # its own data directory: never collides with a server the user runs
     home.mkdir(exist_ok=True)
+    import pie_local  # the server runs the pie_local this script imports
+
+    package_root = str(Path(pie_local.__file__).resolve().parents[1])
     env = dict(os.environ, PIE_LOCAL_HOME=str(home),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+               PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", "pie_local", "serve", "--port", str(port), "--model", str(gguf),
            "--threads", str(threads), "--keep-alive", "never", "--max-connections", str(4 * clients + 16)]
     return launched("pie-local", cmd, f"http://127.0.0.1:{port}/v1", str(gguf), workdir, env)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import json
 import socket
 import subprocess
 import sys
@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
-REPO = Path(__file__).resolve().parents[1]
+from package_env import package_env
 
 
 def fake_engine(n_pages: int = 256, page_size: int = 4, delay: float = 0.0) -> Any:
@@ -68,10 +68,10 @@ async def serving(config: Any, manager: Any = None) -> AsyncIterator[str]:
 def serve_process(home: Path, *args: str, timeout: float = 120.0) -> Iterator[Any]:
     """`pie-local serve --port 0 ARGS` as a subprocess with its own data directory; yields its
     ServerRecord once it is ready, stops it (SIGTERM) at the end."""
-    env = dict(os.environ, PIE_LOCAL_HOME=str(home), PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     log = open(home / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "pie_local", "serve", "--port", "0", *args], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    proc = subprocess.Popen([sys.executable, "-m", "pie_local", "serve", "--port", "0", *args],
+                            env=package_env(PIE_LOCAL_HOME=str(home)), stdout=log, stderr=subprocess.STDOUT,
+                            cwd=home)  # not the source tree: CI runs the installed package
     record_file = home / "server.json"
     try:
         deadline = time.monotonic() + timeout
@@ -80,8 +80,6 @@ def serve_process(home: Path, *args: str, timeout: float = 120.0) -> Iterator[An
                 raise RuntimeError(f"serve did not start (exit {proc.poll()}):\n{(home / 'serve.log').read_text()}")
             time.sleep(0.05)
         from pie_local.server.record import ServerRecord
-
-        import json
 
         yield ServerRecord(**json.loads(record_file.read_text())), proc
     finally:

@@ -3,10 +3,8 @@ end-to-end subprocess run on the starter model."""
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,14 +14,16 @@ import pytest
 from pie_local.driver.fake import FakeDriver, FakeTokenizer
 from pie_local.driver.types import DriverParams
 from runtime_helpers import fake_engine as engine_on
+from package_env import package_env
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def cli(module, argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    module.add_arguments(parser)
-    return module.run(parser.parse_args(argv))
+    """Run a command module through the dispatcher, which reports errors and picks the exit status."""
+    from pie_local.cli import main
+
+    return main([module.__name__.rsplit(".", 1)[-1], *argv])
 
 
 @pytest.fixture
@@ -166,13 +166,12 @@ def test_cli_run_end_to_end_on_the_starter_model(starter_gguf, isolated_home):
 
     from pie_local.runtime.engine import Engine, EngineConfig
 
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "PIE_LOCAL_HOME": str(isolated_home)}
+    env = package_env(PIE_LOCAL_HOME=str(isolated_home))
     proc = subprocess.run(
         [sys.executable, "-c", "import sys; from pie_local.cli import main; sys.exit(main())", "run",
          "text-completion", "--model", str(starter_gguf), "--threads", "2", "--",
          "--prompt", "The capital of France is", "--max-tokens", "12"],
-        capture_output=True, text=True, timeout=240, env=env, cwd=REPO,
+        capture_output=True, text=True, timeout=240, env=env, cwd=isolated_home,  # not the source tree
     )
     assert proc.returncode == 0, proc.stderr
 

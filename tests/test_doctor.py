@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from pie_local.cli import doctor
+from package_env import package_env
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_doctor(argv: list[str], capsys) -> tuple[int, str]:
@@ -31,7 +30,7 @@ def run_doctor_process(argv: list[str], **env: str) -> subprocess.CompletedProce
         "p = argparse.ArgumentParser(); doctor.add_arguments(p)\n"
         "sys.exit(doctor.run(p.parse_args(sys.argv[1:])))\n"
     )
-    full_env = dict(os.environ, PYTHONPATH=str(ROOT), **env)
+    full_env = package_env(**env)
     return subprocess.run(
         [sys.executable, "-c", script, *argv], capture_output=True, text=True, env=full_env, timeout=120
     )

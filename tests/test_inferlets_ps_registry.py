@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from pie_local.runtime import ps_registry
 from runtime_helpers import fake_engine
+from package_env import package_env
 
 
 @dataclass
@@ -108,8 +109,7 @@ async def test_ps_sees_an_inferlet_running_in_another_process(tmp_path, isolated
         "        await handle.send('stop'); await handle.result(); await pub.stop()\n"
         "asyncio.run(main())\n"
     )
-    repo = str(__import__("pathlib").Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": repo, "PIE_LOCAL_HOME": str(isolated_home)}
+    env = package_env(PIE_LOCAL_HOME=str(isolated_home))
     proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True, env=env)
     try:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import json
 from pathlib import Path
 
 import pytest
 from fake_hub import FakeHub, write_gguf
 
+from pie_local.cli import main
 from pie_local.models import hub as hub_module
 from pie_local.models import store
 
@@ -17,17 +16,8 @@ COMMANDS = ("pull", "add", "list", "show", "rm")
 
 
 def cli(command: str, *argv: str) -> int:
-    """Run one command module the way pie_local.cli builds it (docstring summary + examples)."""
-    module = importlib.import_module(f"pie_local.cli.{command}")
-    summary, _, details = module.__doc__.strip().partition("\n")
-    parser = argparse.ArgumentParser(
-        prog=f"pie-local {command}",
-        description=summary,
-        epilog=details,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    module.add_arguments(parser)
-    return module.run(parser.parse_args(list(argv)))
+    """Run one command through the dispatcher, which reports errors and picks the exit status."""
+    return main([command, *argv])
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -85,12 +75,12 @@ def test_user_errors_are_one_line_without_traceback(
 ) -> None:
     assert cli("show", "qwen2.5-05b") == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: unknown model 'qwen2.5-05b'") and "Traceback" not in err
+    assert err.startswith("pie-local: error: unknown model 'qwen2.5-05b'") and "Traceback" not in err
     assert cli("rm", "nope", "--yes") == 1
     assert "not installed" in capsys.readouterr().err
     assert cli("add", str(tiny.with_name("missing.gguf"))) == 1
     assert "no such file" in capsys.readouterr().err
-    assert cli("show", str(tiny), "--context", "0") == 1
+    assert cli("show", str(tiny), "--context", "0") == 2  # a usage error
     assert "--context must be a positive" in capsys.readouterr().err
     cli("add", str(tiny), "--name", "keep")
     monkeypatch.setattr("sys.stdin.isatty", lambda: False)

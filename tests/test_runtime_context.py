@@ -431,3 +431,25 @@ async def test_engine_public_surface():
         assert await engine.run_driver(driver.read_pages, ctx.page_ids) == driver.read_pages(ctx.page_ids)
         ctx.release()
         assert engine.pool.n_used == 0
+
+
+async def test_positions_past_the_trained_context_are_refused_unless_the_program_allows_them():
+    from pie_local.runtime import ContextLengthError
+
+    engine, driver = make_engine(n_ctx_train=64)
+    n_ctx = driver.info.n_ctx_train
+    async with engine:
+        ctx = engine.context()
+        with pytest.raises(ContextLengthError, match=f"trained context of {n_ctx} tokens"):
+            ctx.fill_tokens([7] * (n_ctx + 1))
+        assert len(ctx) == 0  # nothing was added
+        ctx.fill_tokens([7] * (n_ctx - 3))
+        await ctx.generate(max_tokens=10)  # stops when the context is full, not with an error
+        assert ctx.last.finish_reason == "length" and len(ctx.last.token_ids) == 3
+        assert len(ctx) == n_ctx
+        with pytest.raises(ContextLengthError):
+            await ctx.forward().input([7], positions=[n_ctx + 5]).execute()
+        ctx.max_position = None  # a program with its own policy (attention sink) may go on
+        out = await ctx.forward().input([7], positions=[n_ctx + 5]).sample(0).execute()
+        assert out.tokens.shape == (1,)
+        assert ctx.fork().max_position is None

@@ -182,3 +182,30 @@ async def test_load_a_package_inferlet_with_a_helper_module(tmp_path):
     async with make_engine() as engine:
         assert await engine.run(pkg, ["--word", "hi"]) == "HI!"
         assert load_inferlet(pkg).name == "shouter"
+
+
+async def test_watchdog_names_an_inferlet_that_blocks_the_event_loop(caplog):
+    import logging
+    import time
+
+    async def sleeper(rt, args):
+        ctx = rt.context()
+        ctx.fill("about to block")
+        await ctx.flush()
+        time.sleep(1.6)  # blocking call inside async code: every inferlet stalls
+        return "woke"
+
+    async def polite(rt, args):
+        return await rt.run_blocking(time.sleep, 1.6) or "slept off the loop"
+
+    engine = make_engine()
+    caplog.set_level(logging.WARNING, logger="pie_local.runtime")
+    async with engine:
+        assert await engine.run(polite) == "slept off the loop"
+        assert engine.stats().stall is None  # run_blocking kept the loop turning
+        handle = engine.launch(sleeper)
+        assert await handle.result() == "woke"
+        await asyncio.sleep(0.3)  # the heartbeat notices the loop turns again
+        stall = engine.stats().stall
+    assert stall is not None and f"inferlet 'sleeper' ({handle.id})" in stall and "test_runtime_inferlets.py" in stall
+    assert any("blocked" in r.message and "sleeper" in r.message and "run_blocking" in r.message for r in caplog.records)

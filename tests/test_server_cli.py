@@ -6,15 +6,14 @@ import os
 import subprocess
 import sys
 
-from server_helpers import REPO
+from package_env import package_env
 
 from pie_local.server import record
 
 
 def serve(*args: str, home) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PIE_LOCAL_HOME=str(home), PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "pie_local", "serve", *args], env=env, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "pie_local", "serve", *args], env=package_env(PIE_LOCAL_HOME=str(home)),
+                          capture_output=True, text=True, timeout=60, cwd=home)
 
 
 def test_record_round_trip_and_stale_records_are_dropped(isolated_home):
@@ -55,5 +54,5 @@ def test_a_second_server_is_refused_and_unknown_models_are_named(isolated_home):
 
 def test_help_has_examples():
     out = subprocess.run([sys.executable, "-m", "pie_local", "serve", "--help"], capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+                         env=package_env())
     assert out.returncode == 0 and "examples:" in out.stdout and "--keep-alive" in out.stdout

@@ -6,8 +6,9 @@ import logging
 
 from textual.widgets import Input
 
+from pie_local.present.problems import UserError
 from pie_local.tui.app import PieApp
-from pie_local.tui.backend import Backend, BackendError, explain
+from pie_local.tui.backend import Backend, explain
 from pie_local.tui.screens.help import HelpScreen
 from pie_local.tui.screens.logs import LogsScreen
 from pie_local.tui.screens.models import ModelsScreen
@@ -112,7 +113,7 @@ def test_explain_maps_lower_layer_errors():
     assert explain(PageLimitError("limit 4")).message.startswith("out of KV cache pages")
     assert "pie-local doctor" in explain(DriverError("backend", "ggml failed")).fix
     assert "--help" in explain(InferletError("no inferlet named 'x'")).fix
-    err = BackendError("boom", "do this")
+    err = UserError("boom", "do this")
     assert explain(err) is err and str(err) == "boom\nFix: do this"
     assert explain(ValueError("odd")).fix.startswith("see the logs screen")
 
@@ -159,11 +160,9 @@ def test_native_stderr_goes_to_a_log_file_while_the_ui_runs(tmp_path):
 
 
 def test_tui_command_needs_a_terminal(capsys):
-    import argparse
+    from pie_local.cli import main, tui
 
-    from pie_local.cli import tui
-
-    assert tui.run(argparse.Namespace(model=None, screen=None)) == 2
+    assert main(["tui"]) == 1  # an error, not a usage error: the command line is fine
     assert "needs an interactive terminal" in capsys.readouterr().err
     doc = tui.__doc__
     assert doc.splitlines()[0].startswith("Open the terminal UI") and "examples:" in doc

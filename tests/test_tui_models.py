@@ -54,7 +54,7 @@ async def test_installed_model_details_from_its_gguf(tmp_path):
         assert rows["tiny-llama"][3] == "llama"
         await wait_until(pilot, lambda: "architecture" in details(app), what="details")
         text = details(app)
-        assert "tiny-llama" in text and "llama" in text and "memory @ 4096 ctx" in text
+        assert "tiny-llama" in text and "llama" in text and "memory @ 4096 tok" in text
         assert "built-in fallback" in text  # the tiny model has no chat template
 
 

@@ -19,10 +19,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
+from package_env import package_env
 
 WIDTH, HEIGHT = 100, 30
-REPO = Path(__file__).resolve().parent.parent
 
 
 class CheckFailed(Exception):
@@ -39,10 +38,10 @@ class Tmux:
             raise CheckFailed(f"tmux {' '.join(args)} failed: {proc.stderr.strip()}")
         return proc.stdout
 
-    def start(self, command: str, env: dict[str, str]) -> None:
+    def start(self, command: str, env: dict[str, str], cwd: str) -> None:
         exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
         self.run("new-session", "-d", "-s", self.session, "-x", str(WIDTH), "-y", str(HEIGHT),
-                 f"cd {shlex.quote(str(REPO))} && env {exports} {command}; echo PIE-EXITED $?; sleep 30")
+                 f"cd {shlex.quote(cwd)} && env {exports} {command}; echo PIE-EXITED $?; sleep 30")
 
     def screen(self) -> str:
         return self.run("capture-pane", "-p", "-t", self.session, check=False)
@@ -78,9 +77,9 @@ def check(timeout: float = 120.0, keep_home: bool = False) -> None:
     home = tempfile.mkdtemp(prefix="pie-tmux-home-")
     tmux = Tmux(f"pie-tui-check-{os.getpid()}")
     env = {"PIE_LOCAL_HOME": home, "TERM": "xterm-256color", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))}
+           "PYTHONPATH": package_env()["PYTHONPATH"]}
     try:
-        tmux.start(f"{shlex.quote(sys.executable)} -m pie_local", env)
+        tmux.start(f"{shlex.quote(sys.executable)} -m pie_local", env, cwd=home)  # not the source tree
         # No model installed: the app opens on Models and offers the starter model.
         wait_for(tmux, "Set up the starter model", 60, "start")
         tmux.keys("s")

@@ -7,9 +7,8 @@ from pathlib import Path
 
 from runtime_helpers import fake_engine
 
-from pie_local.tui.backend import (
-    Backend, CatalogueRow, InferletRow, ModelDetails, ModelRow, MonitorSnapshot,
-)
+from pie_local.present.card import ModelCard
+from pie_local.tui.backend import Backend, CatalogueRow, InferletRow, ModelRow, MonitorSnapshot
 
 
 def fake_engine_factory(calls: list[str] | None = None, reply=lambda user: f"You said **{user}**.",
@@ -99,9 +98,9 @@ class StaticBackend(Backend):
                          "Llama 3.2 1B Instruct", False),
         ]
 
-    def details(self, name: str, context: int = 4096) -> ModelDetails:
-        return ModelDetails(name, (("name", name), ("architecture", "gemma3"), ("parameters", "268.1M"),
-                                   ("layers", "18"), (f"memory @ {context} ctx", "300.5 MB")))
+    def details(self, name: str, context: int = 4096) -> ModelCard:
+        return ModelCard(name, (("name", name), ("architecture", "gemma3"), ("parameters", "268.1M"),
+                                (f"memory @ {context} tok", "300.5 MB"), ("layers", "18")))
 
     def inferlets(self) -> list[str]:
         return ["chat", "text-completion"]

@@ -2,6 +2,9 @@
 
 Command modules keep their top-level imports light and import heavy layers inside run(), so
 `pie-local --help` starts fast. `pie-local` with no command opens the TUI.
+
+Commands report failures by raising: main() prints every error the same way and picks the exit
+status (the convention is in pie_local.present.problems), so no command prints its own errors.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from pie_local.present.problems import UserError, explain
 
 # command name -> module under pie_local.cli
 COMMANDS: dict[str, str] = {
@@ -55,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def fail(error: UserError) -> int:
+    """Print a user error (no traceback) and return its exit status."""
+    print(f"pie-local: error: {error}", file=sys.stderr)
+    return error.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -70,3 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except Exception as exc:
+        error = explain(exc)
+        if error is None:
+            raise  # not a problem the user can fix: a bug, and its traceback helps
+        return fail(error)

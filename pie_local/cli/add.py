@@ -27,18 +27,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pie_local.models import ModelError
-    from pie_local.models.format import fail, human_size
+    from pie_local.present.format import human_size
     from pie_local.models.pull import locate_in_hf_cache
     from pie_local.models.store import add, set_default_model
 
     path = Path(args.path).expanduser()
     if not path.exists():  # OWNER/REPO/FILE.gguf already downloaded by another tool
         path = locate_in_hf_cache(args.path) or path
-    try:
-        model = add(path, name=args.name)
-    except (ModelError, OSError) as exc:  # OSError: permissions, a read-only or vanished directory
-        return fail(exc)
+    model = add(path, name=args.name)
     if args.default:
         set_default_model(model.name)
     if args.json:

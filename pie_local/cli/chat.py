@@ -67,17 +67,15 @@ class LineReader:
 
 
 async def _chat(args: argparse.Namespace) -> int:
-    from pie_local.cli.run import make_engine, start_engine
+    from pie_local.cli.run import make_engine
     from pie_local.inferlets.chat import TURN_END
+    from pie_local.present.problems import UserError
 
     interactive = sys.stdin.isatty()
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
     engine = make_engine(args)
-    problem = await start_engine(engine)
-    if problem:
-        print(f"pie-local: error: {problem}", file=sys.stderr)
-        return 1
+    await engine.start()
     reader = LineReader(interactive)
     try:
         handle = engine.launch("chat", {"system": args.system, "max_tokens": args.max_tokens,
@@ -105,9 +103,9 @@ async def _chat(args: argparse.Namespace) -> int:
             sys.stdout.flush()
         try:
             await handle.result()
-        except Exception as exc:  # noqa: BLE001
-            print(f"\npie-local: error: chat failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return 1
+        except Exception as exc:  # noqa: BLE001 — the inferlet's error, shown without a traceback
+            print(file=sys.stderr)  # the error goes below a partial reply, not after it
+            raise UserError(f"chat failed: {type(exc).__name__}: {exc}") from exc
         return 0
     finally:
         await engine.stop()

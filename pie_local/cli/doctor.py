@@ -199,13 +199,9 @@ def check_forward(model: str | None, threads: int) -> Check:
                 res = drv.forward(batch)
                 times.append(time.perf_counter() - t1)
     except DriverError as exc:
-        fix = {
-            "io": "check the path and the file's permissions",
-            "format": "the file is damaged or not a GGUF model: download it again (pie-local pull NAME)",
-            "unsupported": "this architecture or device is not supported yet: try a llama, qwen2, qwen3 or gemma3 model",
-            "out_of_memory": "free memory, or try a smaller model or quantization",
-        }.get(exc.status, REINSTALL)
-        return Check(name, "fail", f"{path.name}: {exc}", fix)
+        from pie_local.present.problems import DRIVER_FIXES
+
+        return Check(name, "fail", f"{path.name}: {exc}", DRIVER_FIXES.get(exc.status, REINSTALL))
     if not np.all(np.isfinite(res.logits)):
         return Check(name, "fail", f"{path.name}: the forward pass produced non-finite logits", REINSTALL)
     data = {

@@ -29,17 +29,13 @@ def _status(model) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pie_local.models import ModelError
-    from pie_local.models.format import fail, human_size, print_table
+    from pie_local.present.format import human_size, print_table
     from pie_local.models.registry import load_registry
     from pie_local.models.store import STARTER_NAME, default_model_name, list_installed
 
-    try:
-        installed = list_installed()
-        catalog = load_registry() if args.catalog else []
-        default = default_model_name() or STARTER_NAME
-    except ModelError as exc:
-        return fail(exc)
+    installed = list_installed()
+    catalog = load_registry() if args.catalog else []
+    default = default_model_name() or STARTER_NAME
 
     if args.catalog:
         have = {m.name.split(":")[0] for m in installed if m.present}

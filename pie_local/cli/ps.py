@@ -25,6 +25,7 @@ def _elapsed(row: dict, now: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pie_local.present.format import print_table
     from pie_local.runtime.ps_registry import read_all
 
     processes = read_all()
@@ -36,24 +37,20 @@ def run(args: argparse.Namespace) -> int:
         print("no pie-local engine is running")
         return 0
     now = time.time()
-    header = ("PID", "ID", "INFERLET", "STATE", "TOKENS", "PAGES", "ELAPSED", "MODEL")
-    table = [header]
-    for process, row in rows:
-        table.append(
-            (
-                str(process["pid"]),
-                str(row.get("id", "-")),
-                str(row.get("name", "-")),
-                str(row.get("state", "-")),
-                str(row.get("tokens", "-")),
-                str(row.get("pages", "-")),
-                _elapsed(row, now),
-                process.get("model", "-"),
-            )
+    table = [
+        (
+            str(process["pid"]),
+            str(row.get("id", "-")),
+            str(row.get("name", "-")),
+            str(row.get("state", "-")),
+            str(row.get("tokens", "-")),
+            str(row.get("pages", "-")),
+            _elapsed(row, now),
+            process.get("model", "-"),
         )
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    for r in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+        for process, row in rows
+    ]
+    print_table(("PID", "ID", "INFERLET", "STATE", "TOKENS", "PAGES", "ELAPSED", "MODEL"), table)
     if not rows:
         print(f"({len(processes)} engine process(es), no inferlet running)")
     return 0

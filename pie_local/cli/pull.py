@@ -73,8 +73,7 @@ class _Bar:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pie_local.models import ModelError
-    from pie_local.models.format import fail, human_size
+    from pie_local.present.format import human_size
     from pie_local.models.pull import pull
     from pie_local.models.store import set_default_model
 
@@ -88,8 +87,6 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("interrupted: the partial download is kept; run the same command to resume", file=sys.stderr)
         return 130
-    except (ModelError, OSError) as exc:  # OSError: permissions, a read-only or vanished directory
-        return fail(exc)
     if args.default:
         set_default_model(model.name)
     if args.json:

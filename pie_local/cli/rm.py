@@ -23,25 +23,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pie_local.models import ModelError
-    from pie_local.models.format import fail, human_size
+    from pie_local.present.format import human_size
     from pie_local.models.store import get, not_installed, remove
+    from pie_local.present.problems import UserError
 
     model = get(args.name)
     if model is None:
-        return fail(not_installed(args.name))
+        raise not_installed(args.name)
     if not args.yes:
         if not sys.stdin.isatty():
-            return fail(f"not removing '{args.name}' without confirmation: pass --yes")
+            raise UserError(f"not removing '{args.name}' without confirmation", "pass --yes")
         action = f"delete {human_size(model.size)}" if model.owned else "forget it (its file stays)"
         answer = input(f"remove {model.name} ({action})? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             print("kept", file=sys.stderr)
             return 1
-    try:
-        removal = remove(args.name)
-    except ModelError as exc:
-        return fail(exc)
+    removal = remove(args.name)
     if args.json:
         print(
             json.dumps(

@@ -36,11 +36,6 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: physical cores)")
 
 
-def error(message: str) -> int:
-    print(f"pie-local: error: {message}", file=sys.stderr)
-    return 2
-
-
 def split_remainder(rest: list[str]) -> tuple[list[str], list[str]]:
     """(options of `run` itself, inferlet arguments) from what follows the inferlet name.
 
@@ -71,19 +66,8 @@ def make_engine(args: argparse.Namespace):
     return Engine(args.model, EngineConfig(driver=DriverParams(n_threads=args.threads)))
 
 
-async def start_engine(engine) -> str | None:
-    """Start ``engine``; a user-facing error message instead of a traceback when the model won't load."""
-    from pie_local.driver.types import DriverError
-    from pie_local.models import ModelError
-
-    try:
-        await engine.start()
-    except (ModelError, DriverError, FileNotFoundError, OSError, ValueError) as exc:
-        return str(exc)
-    return None
-
-
 def list_inferlets(as_json: bool) -> int:
+    from pie_local.present.format import label_lines
     from pie_local.runtime.inferlet import load_inferlet, stdlib_names
 
     specs = [load_inferlet(name) for name in stdlib_names()]
@@ -93,14 +77,14 @@ def list_inferlets(as_json: bool) -> int:
                                     "help": p.help} for k, p in s.parameters.items()}} for s in specs]
         print(json.dumps(rows, indent=2))
         return 0
-    width = max(len(s.name) for s in specs)
-    for s in specs:
-        print(f"{s.name.ljust(width)}  {s.description}")
+    print(label_lines((s.name, s.description) for s in specs))
     print("\n`pie-local run NAME -- --help` shows an inferlet's parameters.")
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
+    from pie_local.present.problems import UsageError
+
     own, inferlet_args = split_remainder(list(args.inferlet_args or []))
     if own:
         extra = argparse.ArgumentParser(prog="pie-local run", add_help=False)
@@ -109,29 +93,25 @@ def run(args: argparse.Namespace) -> int:
         add_engine_arguments(extra)
         parsed, unknown = extra.parse_known_args(own)
         if unknown:
-            return error(f"unrecognized options {' '.join(unknown)} (inferlet arguments go after `--`)")
+            raise UsageError(f"unrecognized options {' '.join(unknown)}", "inferlet arguments go after `--`")
         for key, value in vars(parsed).items():
             if value not in (None, False, 0):
                 setattr(args, key, value)
     if args.list:
         return list_inferlets(args.json)
     if not args.inferlet:
-        return error("which inferlet? give a name or a .py path (`pie-local run --list` shows the standard ones)")
+        raise UsageError("which inferlet? give a name or a .py path", "`pie-local run --list` shows the standard ones")
 
     from pie_local.runtime.inferlet import InferletError, load_inferlet
 
-    try:
-        spec = load_inferlet(args.inferlet)
-    except InferletError as exc:
-        return error(str(exc))
+    spec = load_inferlet(args.inferlet)
     if any(a in ("--help", "-h") for a in inferlet_args):
         print(spec.usage())
         return 0
     try:
         parsed = spec.parse_args(inferlet_args)
     except InferletError as exc:
-        print(f"pie-local: error: {exc}\n\n{spec.usage()}", file=sys.stderr)
-        return 2
+        raise UsageError(f"{exc}\n\n{spec.usage()}") from exc
 
     import asyncio
 
@@ -139,12 +119,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace, spec, parsed) -> int:
+    from pie_local.present.problems import UserError
 
     engine = make_engine(args)
-    problem = await start_engine(engine)
-    if problem:
-        print(f"pie-local: error: {problem}", file=sys.stderr)
-        return 1
+    await engine.start()
     try:
         handle = engine.launch(spec, parsed)
         text: list[str] = []
@@ -164,8 +142,7 @@ async def _run(args: argparse.Namespace, spec, parsed) -> int:
         except Exception as exc:  # noqa: BLE001 — the inferlet's error, shown without a traceback
             if text and not args.json:
                 sys.stdout.write("\n")
-            print(f"pie-local: error: inferlet {spec.name!r} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return 1
+            raise UserError(f"inferlet {spec.name!r} failed: {type(exc).__name__}: {exc}") from exc
         if args.json:
             print(json.dumps({"inferlet": spec.name, "model": engine.model_name, "text": "".join(text),
                               "result": result, "messages": data, "tokens": handle.tokens,

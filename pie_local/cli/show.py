@@ -24,55 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pie_local.models import ModelError, resolve_model
-    from pie_local.models.format import fail, human_count, human_size
-    from pie_local.models.gguf_info import kv_cache_bytes, read_gguf_info
+    from pie_local.present.card import read_model_card
+    from pie_local.present.problems import UsageError
 
     if args.context is not None and args.context <= 0:
-        return fail(f"--context must be a positive number of tokens, got {args.context}")
-    try:
-        model = resolve_model(args.name)
-        info = read_gguf_info(model.path)
-        context = args.context or info.context_length or model.context_length
-        if not context:
-            return fail(f"{model.path} has no context length; pass --context N")
-        kv = kv_cache_bytes(info, context, args.kv_type)
-    except ModelError as exc:
-        return fail(exc)
-    memory = {"context": context, "kv_type": args.kv_type, "weights": info.weight_bytes, "kv_cache": kv}
-    memory["total"] = info.weight_bytes + kv
-    if args.json:
-        data = {"name": model.name, **info.to_json(), "memory": memory}
-        data["chat_template_override"] = model.chat_template is not None
-        print(json.dumps(data, indent=2))
-        return 0
-    mix = ", ".join(f"{q.type} {q.bytes / max(info.weight_bytes, 1):.0%}" for q in info.quant_mix[:5])
-    fields = [
-        ("name", model.name),
-        ("file", str(info.path) + (f" (+{len(info.files) - 1} parts)" if len(info.files) > 1 else "")),
-        ("title", info.name or "-"),
-        ("architecture", info.arch or "-"),
-        ("parameters", f"{human_count(info.n_params)}" + (f" ({info.size_label})" if info.size_label else "")),
-        ("quantization", f"{info.file_type or '-'}  [{mix}]"),
-        ("layers", str(info.n_layers or "-")),
-        ("context", f"{info.context_length or '-'}"),
-        ("embedding", f"{info.embedding_length or '-'}"),
-        ("heads", f"{info.n_heads or '-'} (kv {info.n_kv_heads or '-'}, head dim {info.key_length or '-'})"),
-        ("sliding window", str(info.sliding_window) if info.sliding_window else "-"),
-        ("vocab", f"{info.vocab_size or '-'} ({info.tokenizer_model or '?'})"),
-        (
-            "chat template",
-            "yes" if info.has_chat_template else ("override in models.toml" if model.chat_template else "no"),
-        ),
-        ("license", info.license or "-"),
-        ("file size", human_size(info.file_size)),
-        (
-            f"memory @ {context} tok",
-            f"{human_size(memory['total'])} = weights {human_size(info.weight_bytes)}"
-            f" + KV {human_size(kv)} ({args.kv_type})",
-        ),
-    ]
-    width = max(len(k) for k, _ in fields)
-    for key, value in fields:
-        print(f"{key.ljust(width)}  {value}")
+        raise UsageError(f"--context must be a positive number of tokens, got {args.context}")
+    card = read_model_card(args.name, args.context, args.kv_type)
+    print(json.dumps(card.data, indent=2) if args.json else card.text())
     return 0

@@ -25,9 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if not sys.stdin.isatty() or not sys.stdout.isatty():
-        print("pie-local tui needs an interactive terminal; for scripts use `pie-local run` or `pie-local chat`.",
-              file=sys.stderr)
-        return 2
+        from pie_local.present.problems import UserError
+
+        raise UserError("the TUI needs an interactive terminal", "for scripts use `pie-local run` or `pie-local chat`")
     from pie_local import paths
     from pie_local.tui.app import PieApp
 

@@ -165,7 +165,8 @@ class FakeDriver:
     """
 
     def __init__(self, params: DriverParams | None = None, *, n_vocab: int | None = None,
-                 next_token: NextTokenRule | None = None, delay: float = 0.0, name: str = "fake") -> None:
+                 next_token: NextTokenRule | None = None, delay: float = 0.0, name: str = "fake",
+                 n_ctx_train: int = 4096) -> None:
         self.params = params or DriverParams(page_size=4, n_pages=64, max_batch_tokens=64)
         p = self.params
         if p.page_size < 1 or p.n_pages < 1 or p.max_batch_tokens < 1:
@@ -173,7 +174,7 @@ class FakeDriver:
         self.tokenizer = FakeTokenizer()
         vocab = n_vocab or self.tokenizer.n_vocab
         self._info = ModelInfo(
-            arch="fake", name=name, backend="CPU", n_vocab=vocab, n_ctx_train=4096, n_embd=8, n_layer=1,
+            arch="fake", name=name, backend="CPU", n_vocab=vocab, n_ctx_train=n_ctx_train, n_embd=8, n_layer=1,
             n_head=1, n_head_kv=1, head_dim=8, sliding_window=0, page_size=p.page_size, n_pages=p.n_pages,
             kv_type=p.kv_type, max_batch_tokens=p.max_batch_tokens,
             max_batch_kv=p.max_batch_kv if p.max_batch_kv > 0 else p.n_pages * p.page_size, n_params=0, weight_bytes=0,

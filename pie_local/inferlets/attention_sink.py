@@ -43,6 +43,7 @@ async def generate_masked(rt, args, sink: int, window: int) -> dict:
         raise ValueError("--window must be >= 1 and --sink >= 0")
     tok = rt.tokenizer
     ctx = rt.context()
+    ctx.max_position = None  # the masks keep attention inside the window: positions may pass the trained context
     next_input = prime(ctx, args.prompt)
     await ctx.flush()  # the prompt is prefilled with plain causal attention
     sampling = SamplingParams(temperature=args.temperature, seed=args.seed)

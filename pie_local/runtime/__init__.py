@@ -16,7 +16,7 @@ _EXPORTS = {
     "SamplingParams": "sampling",
     "OutOfPagesError": "pages",
     "Limits": "limits", "LimitExceeded": "limits", "PageLimitError": "limits", "TokenLimitError": "limits",
-    "WallTimeExceeded": "limits", "ContextBusyError": "limits",
+    "WallTimeExceeded": "limits", "ContextBusyError": "limits", "ContextLengthError": "limits",
     "Message": "messaging", "Subscription": "messaging",
     "Param": "inferlet", "InferletError": "inferlet", "InferletSpec": "inferlet", "load_inferlet": "inferlet",
     "EngineStats": "stats", "InferletStats": "stats",

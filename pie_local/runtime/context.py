@@ -70,6 +70,16 @@ class Context:
         return self.sequence.next_position
 
     @property
+    def max_position(self) -> int | None:
+        """The last position a token may take: the model's trained context - 1 by default. Set it
+        to None when the program keeps attention in range itself (attention sink, sliding window)."""
+        return self.sequence.max_position
+
+    @max_position.setter
+    def max_position(self, value: int | None) -> None:
+        self.sequence.max_position = None if value is None else int(value)
+
+    @property
     def messages(self) -> list[dict]:
         return list(self._messages)
 

@@ -32,6 +32,7 @@ from pie_local.runtime.ps_registry import PsPublisher
 from pie_local.runtime.runtime import Runtime
 from pie_local.runtime.scheduler import Scheduler
 from pie_local.runtime.stats import Counters, EngineStats, InferletStats
+from pie_local.runtime.watchdog import LoopWatchdog
 
 __all__ = ["Engine", "EngineConfig", "InferletCancelled", "InferletHandle", "ModelIdentity", "Runtime"]
 
@@ -176,6 +177,8 @@ class Engine:
         self._running = True
         self._ps_publisher = PsPublisher(self)  # what `pie-local ps` in another process sees
         self._ps_publisher.start()
+        self._watchdog = LoopWatchdog(lambda: [h for h in self._inferlets.values() if h.state == "running"])
+        self._watchdog.start()
         return self
 
     async def stop(self) -> None:
@@ -186,6 +189,7 @@ class Engine:
             h.cancel()
         if handles:
             await asyncio.gather(*(h.task for h in handles), return_exceptions=True)
+        self._watchdog.stop()
         await self._ps_publisher.stop()
         await self._scheduler.stop()
         self._running = False
@@ -322,6 +326,9 @@ class Engine:
             stats.pages_used, stats.pages_shared = pool.n_used, pool.n_shared
         if self._scheduler is not None:
             stats.queued_requests = self._scheduler.queued
+        if self._running:
+            stall = self._watchdog.stall or self._watchdog.last_stall
+            stats.stall = None if stall is None else stall.describe()
         stats.inferlets = [
             InferletStats(h.id, h.name, h.state, h.tokens, h.pages, round(h.elapsed, 3), h.started_at)
             for h in self._inferlets.values()

@@ -30,7 +30,8 @@ class Generation:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # log p of each of token_ids (nan: not sampled)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token, when asked
-    finish_reason: str = ""  # "stop" (EOS, stop string, constraint done), "length", "aborted" (stream left early)
+    finish_reason: str = ""  # "stop" (EOS, stop string, constraint done), "length" (max_tokens or the model's
+    # context is full), "aborted" (stream left early)
     stop: str | None = None  # the stop string or EOS token text that ended it
     tool_calls: list[Any] = field(default_factory=list)
     prompt_tokens: int = 0  # tokens in the context when the first pass started (the prompt)
@@ -89,6 +90,8 @@ async def _stream_once(ctx: Context, sampling: SamplingParams | None, max_tokens
             if token in eos:  # not kept in the context
                 gen.finish_reason, gen.stop = "stop", tok.decode([token])
                 break
+            if seq.max_position is not None and seq.next_position > seq.max_position:
+                break  # the model's context is full: the token has no position; finish_reason stays "length"
             gen.token_ids.append(token)
             gen.logprobs.append(float(out.logprobs[0]) if out.logprobs is not None else 0.0)
             if top_logprobs:

@@ -42,3 +42,7 @@ class WallTimeExceeded(LimitExceeded, TimeoutError):
 
 class ContextBusyError(RuntimeError):
     """A context was used by two operations at once (one forward pass per context at a time)."""
+
+
+class ContextLengthError(ValueError):
+    """A token would sit at a position past the model's trained context."""

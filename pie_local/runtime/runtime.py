@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import asyncio
+import functools
+from typing import TYPE_CHECKING, Any, Callable
 
 from pie_local.runtime.context import Context
 from pie_local.runtime.handle import InferletHandle
@@ -36,6 +38,11 @@ class Runtime:
     async def open(self, name: str) -> Context:
         """A context restored from the named snapshot."""
         return await Context.open(self, name)
+
+    async def run_blocking(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run blocking code (sync I/O, heavy computation) in a worker thread. Every inferlet shares
+        one event loop: blocking it stalls them all, and the engine's watchdog reports it."""
+        return await asyncio.to_thread(functools.partial(fn, *args, **kwargs))
 
     # client messages
     def send(self, message: Any) -> None:

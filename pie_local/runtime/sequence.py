@@ -20,7 +20,7 @@ import numpy as np
 
 from pie_local.driver.types import SamplingParams
 from pie_local.runtime.forward import ForwardOutput, ForwardRequest
-from pie_local.runtime.limits import ContextBusyError
+from pie_local.runtime.limits import ContextBusyError, ContextLengthError
 from pie_local.runtime.pages import Page
 
 if TYPE_CHECKING:
@@ -43,6 +43,10 @@ class Sequence:
         self.hashes: list[bytes] = []  # content address of each full page while canonical
         self.canonical = True
         self.adopted_tokens = 0  # tokens taken from the prefix cache instead of computed, in all
+        n_ctx = engine.info.n_ctx_train
+        # the last position the model was trained for; None: the program keeps attention in range
+        # itself (attention sinks, sliding windows) and may go past it
+        self.max_position: int | None = n_ctx - 1 if n_ctx > 0 else None
         self.released = False
         self._inflight: Any = None  # the ForwardRequest being computed (or _RESERVED)
 
@@ -79,9 +83,19 @@ class Sequence:
 
     # ---- editing -------------------------------------------------------------------------------
 
+    def check_positions(self, last: int) -> None:
+        if self.max_position is not None and last > self.max_position:
+            n_ctx = self.max_position + 1
+            raise ContextLengthError(
+                f"position {last} is past the model's trained context of {n_ctx} tokens (positions 0..{n_ctx - 1}); "
+                "shorten the input, or set ctx.max_position = None if the program keeps attention in range "
+                "itself (attention sink, sliding window)")
+
     def append(self, ids: Seq[int]) -> None:
         """Pending tokens at the next natural positions (ids already checked)."""
         start = self.next_position
+        if ids:
+            self.check_positions(start + len(ids) - 1)
         self.pending += ids
         self.pending_positions += range(start, start + len(ids))
 
@@ -132,6 +146,7 @@ class Sequence:
         child.committed, child.positions = list(self.committed), list(self.positions)
         child.pending, child.pending_positions = list(self.pending), list(self.pending_positions)
         child.pages, child.hashes, child.canonical = list(self.pages), list(self.hashes), self.canonical
+        child.max_position = self.max_position
         for page in self.pages:
             self.pool.incref(page)
         return child
@@ -187,6 +202,7 @@ class Sequence:
                                      f"(the context's KV length after this pass), got {runs}")
         if any(p < 0 for p in todo_pos):
             raise ValueError("positions must be >= 0")
+        self.check_positions(max(todo_pos))
         natural = todo_masks is None and todo_pos == list(range(kv0, kv0 + len(todo)))
         self._inflight = _RESERVED  # busy while we may wait for shared pages
         try:

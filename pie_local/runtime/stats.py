@@ -37,6 +37,7 @@ class EngineStats:
     max_batch_requests: int = 0
     prefix_hit_rate: float = 0.0  # prompt tokens served from the prefix cache / prompt tokens asked
     queued_requests: int = 0
+    stall: str | None = None  # the last time an inferlet blocked the event loop: who, where, how long
 
 
 class Counters:

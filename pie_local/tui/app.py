@@ -9,7 +9,8 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
-from pie_local.tui.backend import Backend, BackendError, explain
+from pie_local.present.problems import UserError
+from pie_local.tui.backend import Backend, explain
 from pie_local.tui.screens.help import HelpScreen
 from pie_local.tui.screens.logs import LogsScreen
 from pie_local.tui.screens.models import ModelsScreen
@@ -55,7 +56,7 @@ class PieApp(App):
         """Sessions when there is something to chat with, else Models (which offers the starter)."""
         try:
             has_models = any(m.present for m in self.backend.installed())
-        except BackendError:
+        except UserError:
             has_models = False
         return "sessions" if has_models or self.store.list() else "models"
 

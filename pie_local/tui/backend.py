@@ -2,8 +2,8 @@
 
 Screens only see the plain dataclasses defined here and call ``Backend`` methods: blocking ones
 (``installed``, ``pull``, ``remove``...) from thread workers, ``async`` ones from async workers on
-the app's loop. Errors from below are turned into ``BackendError`` with a message and a fix, which
-the app shows as a notification.
+the app's loop. Errors from below are turned into ``UserError`` (pie_local.present.problems, the
+same explanations the CLI prints) with a message and a fix, which the app shows as a notification.
 
 The engine (the real model) is created lazily, the first time a session needs it, by
 ``engine_factory(model_name)``; tests inject a factory that builds ``Engine`` on a FakeDriver.
@@ -19,6 +19,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pie_local.present.card import ModelCard
+from pie_local.present.problems import UserError
+from pie_local.present.problems import explain as explain_problem
 from pie_local.tui.sessions_store import Session
 
 log = logging.getLogger("pie_local.tui")
@@ -26,50 +29,10 @@ log = logging.getLogger("pie_local.tui")
 STARTER_MODEL = "gemma3-270m"
 
 
-class BackendError(Exception):
-    """An error to show the user: what went wrong and how to fix it."""
-
-    def __init__(self, message: str, fix: str = "") -> None:
-        super().__init__(message)
-        self.message = message
-        self.fix = fix
-
-    def __str__(self) -> str:
-        return f"{self.message}\nFix: {self.fix}" if self.fix else self.message
-
-
-def explain(exc: BaseException) -> BackendError:
-    """Map an exception from a lower layer to a message with a fix (never a traceback)."""
-    if isinstance(exc, BackendError):
-        return exc
-    kinds = {cls.__name__ for cls in type(exc).__mro__}  # by name: no heavy imports to classify
-    text = str(exc) or type(exc).__name__
-    if "ModelError" in kinds:  # pie_local.models errors already say how to fix them
-        return BackendError(text)
-    if "OutOfPagesError" in kinds:
-        return BackendError(f"out of KV cache pages: {text}",
-                            "lower max tokens, end other running inferlets, or start a new session")
-    if "LimitExceeded" in kinds:
-        return BackendError(text, "lower max tokens for this session")
-    if "InferletError" in kinds:
-        return BackendError(f"the inferlet could not start: {text}",
-                            "check the session's inferlet (`pie-local run NAME --help` lists its parameters)")
-    if kinds & {"DriverNotFound", "AbiMismatch"}:
-        return BackendError(f"the native driver is not usable: {text}",
-                            "reinstall pie-local so its driver is built, then run `pie-local doctor`")
-    if "DriverError" in kinds:
-        return BackendError(f"the inference driver failed: {text}", "run `pie-local doctor` to check the install")
-    if "SnapshotError" in kinds:
-        return BackendError(f"the saved KV cannot be used: {text}", "start a new session")
-    if isinstance(exc, FileNotFoundError):
-        return BackendError(text, "check the path, or pull the model again")
-    if isinstance(exc, PermissionError):
-        return BackendError(text, "choose a location you can write to")
-    if isinstance(exc, OSError) and exc.errno == 28:
-        return BackendError(f"disk full: {text}", "free some space and retry")
-    if isinstance(exc, ImportError):
-        return BackendError(f"a pie-local component is missing: {text}", "reinstall pie-local")
-    return BackendError(f"{type(exc).__name__}: {text}", "see the logs screen (press 4) for details")
+def explain(exc: BaseException) -> UserError:
+    """The error to show for an exception from a lower layer: a message with a fix, never a traceback."""
+    return explain_problem(exc) or UserError(f"{type(exc).__name__}: {str(exc) or type(exc).__name__}",
+                                              "see the logs screen (press 4) for details")
 
 
 # ---- what screens see ---------------------------------------------------------------------------
@@ -99,12 +62,6 @@ class CatalogueRow:
     size_bytes: int | None
     description: str
     installed: bool
-
-
-@dataclass(frozen=True)
-class ModelDetails:
-    name: str
-    fields: tuple[tuple[str, str], ...]  # (label, value) pairs in display order
 
 
 @dataclass(frozen=True)
@@ -214,7 +171,7 @@ class Backend:
 
             entries = registry.load_registry()
             installed = {row.name for row in self.installed() if row.present}
-        except BackendError:
+        except UserError:
             raise
         except Exception as exc:  # noqa: BLE001
             raise explain(exc) from exc
@@ -228,31 +185,14 @@ class Backend:
             ))
         return rows
 
-    def details(self, name: str, context: int = 4096) -> ModelDetails:
-        """GGUF metadata and the memory estimate of a model (installed name or catalogue name)."""
+    def details(self, name: str, context: int = 4096) -> ModelCard:
+        """The card of a model (installed or catalogue name): GGUF metadata and the memory it needs."""
         try:
-            from pie_local.models import gguf_info, resolve_model
+            from pie_local.present.card import read_model_card
 
-            resolved = resolve_model(name)
-            info = gguf_info.read_gguf_info(resolved.path)
-            memory = gguf_info.memory_estimate(info, context)
+            return read_model_card(name, context)
         except Exception as exc:  # noqa: BLE001
             raise explain(exc) from exc
-        fields: list[tuple[str, str]] = [
-            ("name", resolved.name),
-            ("architecture", info.arch or "?"),
-            ("parameters", human_count(info.n_params) + (f" ({info.size_label})" if info.size_label else "")),
-            ("quant", info.file_type or (info.quant_mix[0].type if info.quant_mix else "?")),
-            ("layers", str(info.n_layers or "?")),
-            ("context", str(info.context_length or "?")),
-            ("vocab", str(info.vocab_size or "?")),
-            ("chat template", "from the GGUF" if info.has_chat_template else "built-in fallback"),
-            ("license", info.license or "?"),
-            ("file size", human_bytes(info.file_size)),
-            (f"memory @ {context} ctx", human_bytes(memory) + " (weights + f16 KV)"),
-            ("file", str(resolved.path)),
-        ]
-        return ModelDetails(name, tuple(fields))
 
     def pull(self, spec: str, on_progress: Callable[[PullUpdate], None], cancel: threading.Event) -> ModelRow:
         """Download a model; resumable (a partial file is kept when cancelled)."""
@@ -407,7 +347,7 @@ async def _finish(turn: ChatTurn, relay: bool) -> None:
         if relay and turn.stats.ttft_ms is None and isinstance(result, str) and result:
             turn.stats.ttft_ms = (time.perf_counter() - started) * 1000
             turn._queue.put_nowait(result)  # an inferlet that returns text without streaming it
-    except Exception as exc:  # noqa: BLE001 - delivered to the chat view as a BackendError
+    except Exception as exc:  # noqa: BLE001 - delivered to the chat view as a UserError
         if handle.state == "cancelled":
             turn.cancelled = True
         else:
@@ -479,24 +419,3 @@ async def _reopen(rt: Any, snapshot: str, session_id: int) -> Any:
 def _model_row(m: Any) -> ModelRow:
     """pie_local.models.store.InstalledModel -> ModelRow."""
     return ModelRow(m.name, m.quant or "", m.size, m.arch or "", str(m.path), m.present)
-
-
-# ---- formatting helpers -------------------------------------------------------------------------
-
-
-def human_bytes(n: int | float | None) -> str:
-    if n is None:
-        return "?"
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if value < 1024 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TB"
-
-
-def human_count(n: int) -> str:
-    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= div:
-            return f"{n / div:.1f}{unit}"
-    return str(n)

@@ -12,7 +12,9 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Button, DataTable, Footer, Label, ProgressBar, Static
 
-from pie_local.tui.backend import STARTER_MODEL, BackendError, CatalogueRow, ModelDetails, ModelRow, PullUpdate, human_bytes
+from pie_local.present.format import human_size
+from pie_local.present.problems import UserError
+from pie_local.tui.backend import STARTER_MODEL, CatalogueRow, ModelRow, PullUpdate
 from pie_local.tui.screens.dialogs import ConfirmScreen, PromptScreen
 from pie_local.tui.widgets.status_bar import StatusBar
 
@@ -72,7 +74,7 @@ class ModelsScreen(Screen):
         try:
             installed = self.app.backend.installed()
             catalogue = self.app.backend.catalogue()
-        except BackendError as exc:
+        except UserError as exc:
             self.app.call_from_thread(self.app.report_error, exc)
             installed, catalogue = [], []
         self.app.call_from_thread(self._fill, installed, catalogue)
@@ -82,7 +84,7 @@ class ModelsScreen(Screen):
         table = self.query_one("#installed", DataTable)
         table.clear()
         for m in installed:
-            size = human_bytes(m.size_bytes) if m.present else "press s" if m.name == STARTER_MODEL else "missing"
+            size = human_size(m.size_bytes) if m.present else "press s" if m.name == STARTER_MODEL else "missing"
             table.add_row(m.name, m.quant, size, m.arch, key=m.name)
         self.catalogue = catalogue
         cat = self.query_one("#catalogue", DataTable)
@@ -110,11 +112,9 @@ class ModelsScreen(Screen):
     @work(thread=True, exclusive=True, group="details", exit_on_error=False)
     def show_details(self, name: str) -> None:
         try:
-            details = self.app.backend.details(name)
-        except BackendError as exc:
+            text = self.app.backend.details(name).text()
+        except UserError as exc:
             text = f"{name}: {exc.message}"
-        else:
-            text = _format_details(details)
         self.app.call_from_thread(self._set_details, text)
 
     def _set_details(self, text: str) -> None:
@@ -125,7 +125,7 @@ class ModelsScreen(Screen):
             if row.name == name:
                 quants = ", ".join(row.quants) or row.default_quant
                 state = "installed" if row.installed else "press p to pull"
-                size = f" · {human_bytes(row.size_bytes)}" if row.size_bytes else ""
+                size = f" · {human_size(row.size_bytes)}" if row.size_bytes else ""
                 self._set_details(f"{row.name} ({row.params} {row.arch}) · quants: {quants}{size} · {state}\n"
                                   f"{row.description}")
 
@@ -169,13 +169,13 @@ class ModelsScreen(Screen):
 
         try:
             model = self.app.backend.pull(spec, progress, cancel)
-        except BackendError as exc:
+        except UserError as exc:
             if cancel.is_set():
                 self.app.call_from_thread(self._pull_done, f"Pull of {spec} cancelled; pull again to resume.", None)
             else:
                 self.app.call_from_thread(self._pull_done, None, exc)
         else:
-            self.app.call_from_thread(self._pull_done, f"Installed {model.name} ({human_bytes(model.size_bytes)}).", None)
+            self.app.call_from_thread(self._pull_done, f"Installed {model.name} ({human_size(model.size_bytes)}).", None)
 
     def _on_progress(self, update: PullUpdate) -> None:
         bar = self.query_one("#pull-progress", ProgressBar)
@@ -184,10 +184,10 @@ class ModelsScreen(Screen):
         if update.phase != "downloading":
             label.update(f"{update.spec}: {update.phase}…")
             return
-        total = human_bytes(update.total_bytes) if update.total_bytes else "?"
-        label.update(f"{update.spec}: {human_bytes(update.done_bytes)} / {total} · {human_bytes(update.speed_bps)}/s")
+        total = human_size(update.total_bytes) if update.total_bytes else "?"
+        label.update(f"{update.spec}: {human_size(update.done_bytes)} / {total} · {human_size(update.speed_bps)}/s")
 
-    def _pull_done(self, message: str | None, error: BackendError | None) -> None:
+    def _pull_done(self, message: str | None, error: UserError | None) -> None:
         self.pulling = None
         self.cancel_event = None
         self.query_one("#pull-bar").display = False
@@ -216,7 +216,7 @@ class ModelsScreen(Screen):
     def install_starter(self) -> None:
         try:
             model = self.app.backend.install_starter()
-        except BackendError as exc:
+        except UserError as exc:
             self.app.call_from_thread(self._pull_done, None, exc)
         else:
             self.app.call_from_thread(self._pull_done, f"{model.name} is ready.", None)
@@ -239,13 +239,9 @@ class ModelsScreen(Screen):
     def remove_model(self, name: str) -> None:
         try:
             self.app.backend.remove(name)
-        except BackendError as exc:
+        except UserError as exc:
             self.app.call_from_thread(self.app.report_error, exc)
             return
         self.app.call_from_thread(self.app.notify, f"Deleted {name}.")
         self.app.call_from_thread(self.load_tables)
 
-
-def _format_details(details: ModelDetails) -> str:
-    width = max((len(label) for label, _ in details.fields), default=0)
-    return "\n".join(f"{label:<{width}}  {value}" for label, value in details.fields)

@@ -12,7 +12,8 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Input, Label, ListItem, ListView, Markdown, Static
 
-from pie_local.tui.backend import STARTER_MODEL, BackendError, ChatTurn, TurnStats, explain
+from pie_local.present.problems import UserError
+from pie_local.tui.backend import STARTER_MODEL, ChatTurn, TurnStats, explain
 from pie_local.tui.screens.dialogs import ConfirmScreen, PromptScreen
 from pie_local.tui.screens.new_session import NewSessionScreen
 from pie_local.tui.sessions_store import Session, SessionSettings
@@ -166,7 +167,7 @@ class SessionsScreen(Screen):
                 text.append(piece)
                 if reply.is_attached:  # the user may have switched to another session
                     await stream.write(piece)
-        except BackendError as exc:
+        except UserError as exc:
             self.app.report_error(exc)
         finally:
             await stream.stop()
@@ -212,7 +213,7 @@ class SessionsScreen(Screen):
             # the starter model is usable before it is set up (it is assembled on first use)
             models = [m.name for m in await asyncio.to_thread(self.app.backend.installed)
                       if m.present or m.name == STARTER_MODEL]
-        except BackendError as exc:
+        except UserError as exc:
             self.app.report_error(exc)
             models = []
         if self.app.default_model and self.app.default_model not in models:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from textual.widgets import Static
 
-from pie_local.tui.backend import human_bytes
+from pie_local.present.format import human_size
 
 
 class StatusBar(Static):
@@ -33,6 +33,6 @@ class StatusBar(Static):
             return
         running = sum(1 for r in snap.inferlets if r.state == "running")
         self.update(
-            f"model {snap.model} · mem {human_bytes(snap.memory_bytes)} · "
+            f"model {snap.model} · mem {human_size(snap.memory_bytes)} · "
             f"{snap.tokens_per_s:.1f} tok/s · {running} running"
         )
