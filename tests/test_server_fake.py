@@ -218,6 +218,9 @@ async def test_models_load_on_use_unload_after_keep_alive_and_evict_past_max_mod
         assert [m["name"] for m in (await c.get("/v1/pie/stats")).json()["models"]] == ["b"]  # a made room
         models = {m["id"]: m["loaded"] for m in (await c.get("/v1/models")).json()["data"]}
         assert models["b"] is True
+        assert (await c.get("/v1/models/b")).json()["loaded"] is True
+        r = await c.get("/v1/models/zzz")
+        assert r.status_code == 404 and "pie-local pull zzz" in r.json()["error"]["message"]
         await asyncio.sleep(0.6)
         assert (await c.get("/v1/pie/stats")).json()["models"] == []  # keep-alive ran out
 

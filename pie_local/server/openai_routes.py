@@ -7,7 +7,6 @@ builds a `Job` (generation.py) and formats its choices as OpenAI does, streamed 
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -29,24 +28,26 @@ def _model_entry(name: str, created: float, loaded: bool) -> dict:
     return {"id": name, "object": "model", "created": int(created), "owned_by": "pie-local", "loaded": loaded}
 
 
-async def list_models(request: Request) -> JSONResponse:
+def _model_entries(request: Request) -> list[dict]:
     """Installed models (the starter model is always available) and whatever is loaded."""
     from pie_local.models import STARTER_NAME
     from pie_local.models.store import list_installed
 
-    manager = request.app.state.manager
-    loaded = {m.name: m for m in manager.loaded()}
+    loaded = {m.name: m for m in request.app.state.manager.loaded()}
     entries = {m.name: _model_entry(m.name, m.added_at, m.name in loaded) for m in list_installed()}
     entries.setdefault(STARTER_NAME, _model_entry(STARTER_NAME, 0, STARTER_NAME in loaded))
     for name, m in loaded.items():
         entries.setdefault(name, _model_entry(name, m.loaded_at, True))
-    return JSONResponse({"object": "list", "data": sorted(entries.values(), key=lambda e: e["id"])})
+    return sorted(entries.values(), key=lambda e: e["id"])
+
+
+async def list_models(request: Request) -> JSONResponse:
+    return JSONResponse({"object": "list", "data": _model_entries(request)})
 
 
 async def get_model(request: Request) -> JSONResponse:
     name = request.path_params["model"]
-    response = await list_models(request)
-    for entry in json.loads(response.body)["data"]:
+    for entry in _model_entries(request):
         if entry["id"] == name:
             return JSONResponse(entry)
     raise APIError(404, f"model '{name}' is not installed; pull it with `pie-local pull {name}`",
@@ -118,7 +119,7 @@ async def chat_completions(request: Request) -> Any:
     except BaseException:
         manager.release(lease)
         raise
-    reply = _Reply("chatcmpl", "chat.completion", lease.name)
+    reply = _Reply("chatcmpl", "chat.completion.chunk" if req.stream else "chat.completion", lease.name)
     tokenizer = engine.tokenizer
 
     def finish() -> None:
@@ -126,7 +127,6 @@ async def chat_completions(request: Request) -> Any:
         manager.release(lease)
 
     if req.stream:
-        reply.object = "chat.completion.chunk"
         return sse_response(_chat_chunks(job, req, reply, tokenizer, tools, forced), finish)
     try:
         choices = await until_disconnect(request, job.run())
