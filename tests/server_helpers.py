@@ -15,7 +15,12 @@ from typing import Any, AsyncIterator, Iterator
 from package_env import package_env
 
 
-def fake_engine(n_pages: int = 256, page_size: int = 4, delay: float = 0.0) -> Any:
+def never_ends(visible: list[int]) -> int:
+    """A FakeDriver rule: the model always says "a" (never an end-of-generation token)."""
+    return 5 + ord("a")
+
+
+def fake_engine(n_pages: int = 256, page_size: int = 4, delay: float = 0.0, next_token: Any = None) -> Any:
     from runtime_helpers import fake_engine as engine_over
 
     from pie_local.driver.fake import FakeDriver
@@ -23,7 +28,7 @@ def fake_engine(n_pages: int = 256, page_size: int = 4, delay: float = 0.0) -> A
     from pie_local.runtime import EngineConfig
 
     params = DriverParams(page_size=page_size, n_pages=n_pages, max_batch_tokens=64)
-    return engine_over(FakeDriver(params, delay=delay), EngineConfig(driver=params))
+    return engine_over(FakeDriver(params, delay=delay, next_token=next_token), EngineConfig(driver=params))
 
 
 def fake_manager(config: Any, models: tuple[str, ...] = ("fake",), **engine_kw: Any) -> Any:

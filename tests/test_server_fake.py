@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from server_helpers import fake_manager, serving
+from server_helpers import fake_manager, never_ends, serving
 
 from pie_local.server.config import ServerConfig, parse_duration, parse_size
 from pie_local.server.errors import APIError
@@ -166,7 +166,7 @@ async def test_api_key_is_required_when_set():
 async def test_kv_exhaustion_is_503_with_retry_after():
     cfg = config()
     # 16 pages of 4 tokens: one request fits, two at once do not
-    manager = fake_manager(cfg, n_pages=16, delay=0.01)
+    manager = fake_manager(cfg, n_pages=16, delay=0.01, next_token=never_ends)
     async with serving(cfg, manager) as url, httpx.AsyncClient(base_url=url, timeout=30) as c:
         req = {"model": "fake", "prompt": "y" * 30, "max_tokens": 30, "temperature": 0}
         first = asyncio.ensure_future(c.post("/v1/completions", json=req))
@@ -180,7 +180,8 @@ async def test_kv_exhaustion_is_503_with_retry_after():
 
 async def test_client_dropping_mid_stream_cancels_and_frees_pages():
     cfg = config()
-    async with serving(cfg, fake_manager(cfg, delay=0.01)) as url, httpx.AsyncClient(base_url=url, timeout=30) as c:
+    manager = fake_manager(cfg, delay=0.01, next_token=never_ends)
+    async with serving(cfg, manager) as url, httpx.AsyncClient(base_url=url, timeout=30) as c:
         req = {"model": "fake", "prompt": "q" * 40, "max_tokens": 900, "stream": True, "n": 2}
         async with c.stream("POST", "/v1/completions", json=req) as r:
             assert r.status_code == 200
@@ -199,10 +200,12 @@ async def test_client_dropping_mid_stream_cancels_and_frees_pages():
 
 async def test_client_dropping_a_non_streamed_request_cancels_it():
     cfg = config()
-    async with serving(cfg, fake_manager(cfg, delay=0.01)) as url, httpx.AsyncClient(base_url=url, timeout=30) as c:
+    manager = fake_manager(cfg, delay=0.01, next_token=never_ends)
+    async with serving(cfg, manager) as url, httpx.AsyncClient(base_url=url, timeout=30) as c:
         req = {"model": "fake", "prompt": "q" * 40, "max_tokens": 900}
         with pytest.raises(httpx.ReadTimeout):
-            await c.post("/v1/completions", json=req, timeout=0.5)
+            r = await c.post("/v1/completions", json=req, timeout=0.5)
+            pytest.fail(f"answered in time: {r.status_code} {r.text[:300]}")
         stats = await wait_idle(c)
         assert stats["models"][0]["stats"]["tokens_total"] < 900
 
@@ -227,7 +230,7 @@ async def test_models_load_on_use_unload_after_keep_alive_and_evict_past_max_mod
 
 async def test_a_busy_model_is_never_evicted():
     cfg = config(max_models=1)
-    manager = fake_manager(cfg, models=("a", "b"), delay=0.01)
+    manager = fake_manager(cfg, models=("a", "b"), delay=0.01, next_token=never_ends)
     async with serving(cfg, manager) as url, httpx.AsyncClient(base_url=url, timeout=30) as c:
         first = asyncio.ensure_future(c.post("/v1/completions", json={"model": "a", "prompt": "p", "max_tokens": 200}))
         while not (await c.get("/v1/pie/stats")).json()["models"]:
