@@ -129,7 +129,8 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300
 
 
 @contextlib.contextmanager
-def launched(name: str, cmd: list[str], url: str, model: str, workdir: Path, env: dict | None = None) -> Iterator[Server]:
+def launched(name: str, cmd: list[str], url: str, model: str, workdir: Path,
+             env: dict | None = None) -> Iterator[Server]:
     log = workdir / f"{name}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env or os.environ.copy())
@@ -172,7 +173,8 @@ def llama_cpp_python_missing() -> str | None:
     return None
 
 
-def llama_cpp_python_server(gguf: Path, threads: int, n_ctx: int, workdir: Path) -> contextlib.AbstractContextManager[Server]:
+def llama_cpp_python_server(gguf: Path, threads: int, n_ctx: int,
+                            workdir: Path) -> contextlib.AbstractContextManager[Server]:
     port = free_port()
     cmd = [sys.executable, "-c", LLAMA_CPP_PYTHON_LAUNCHER, "--model", str(gguf), "--host", "127.0.0.1",
            "--port", str(port), "--n_threads", str(threads), "--n_threads_batch", str(threads),

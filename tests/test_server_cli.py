@@ -12,8 +12,9 @@ from pie_local.server import record
 
 
 def serve(*args: str, home) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pie_local", "serve", *args], env=package_env(PIE_LOCAL_HOME=str(home)),
-                          capture_output=True, text=True, timeout=60, cwd=home)
+    return subprocess.run([sys.executable, "-m", "pie_local", "serve", *args],
+                          env=package_env(PIE_LOCAL_HOME=str(home)), capture_output=True, text=True, timeout=60,
+                          cwd=home)
 
 
 def test_record_round_trip_and_stale_records_are_dropped(isolated_home):

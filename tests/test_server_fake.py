@@ -54,7 +54,8 @@ async def test_chat_completion_streamed_and_not():
         assert body["usage"]["completion_tokens"] == 6 and body["usage"]["prompt_tokens"] > 0
         text = choice["message"]["content"]
 
-        r = await c.post("/v1/chat/completions", json={**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+        r = await c.post("/v1/chat/completions",
+                         json={**CHAT, "stream": True, "stream_options": {"include_usage": True}})
         lines = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
         assert lines[-1] == "[DONE]"
         chunks = [json.loads(x) for x in lines[:-1]]
@@ -257,7 +258,8 @@ async def events_of(c: httpx.AsyncClient, run_id: str, after: int = 0) -> list[d
 async def test_launch_stream_list_and_get_a_run():
     cfg = config()
     async with serving(cfg, fake_manager(cfg)) as url, httpx.AsyncClient(base_url=url) as c:
-        r = await c.post("/v1/pie/runs", json={"inferlet": "text-completion", "args": {"prompt": "hi", "max_tokens": 5}})
+        r = await c.post("/v1/pie/runs",
+                         json={"inferlet": "text-completion", "args": {"prompt": "hi", "max_tokens": 5}})
         assert r.status_code == 201, r.text
         run = r.json()
         events = await events_of(c, run["id"])

@@ -24,6 +24,7 @@ except Exception:  # noqa: BLE001
 MODEL = "starter-local"
 KEY = "test-key"
 USER = [{"role": "user", "content": "Name a colour."}]
+ONE_TOKEN = {"model": MODEL, "messages": USER, "max_tokens": 1}
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +177,8 @@ def test_a_shared_system_prompt_is_served_from_the_prefix_cache(client, starter_
     else:
         pytest.fail("could not align the shared prefix to a page")
     n_system = len(tok.encode(system))
-    first = client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0, messages=chat(system, questions[0]))
-    second = client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0, messages=chat(system, questions[1]))
+    first, second = (client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0,
+                                                    messages=chat(system, q)) for q in questions)
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     assert second.usage.prompt_tokens_details.cached_tokens >= n_system > 400
     assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
@@ -207,7 +208,7 @@ def test_bad_input_is_a_clear_error(http, send, status, code):
     r = http.post("/v1/chat/completions", **send)
     assert r.status_code == status and r.json()["error"]["code"] == code, r.text
     assert r.json()["error"]["message"]
-    assert http.post("/v1/chat/completions", json={"model": MODEL, "messages": USER, "max_tokens": 1}).status_code == 200
+    assert http.post("/v1/chat/completions", json=ONE_TOKEN).status_code == 200
     idle_pages(http)
 
 
@@ -226,7 +227,7 @@ def test_a_client_dropping_mid_stream_frees_its_pages(http):
     before = idle_pages(http)["tokens_total"]
     time.sleep(1.0)
     assert http.get("/v1/pie/stats").json()["models"][0]["stats"]["tokens_total"] <= before + 2  # stopped
-    assert http.post("/v1/chat/completions", json={"model": MODEL, "messages": USER, "max_tokens": 1}).status_code == 200
+    assert http.post("/v1/chat/completions", json=ONE_TOKEN).status_code == 200
 
 
 # ---- inferlets over the network -----------------------------------------------------------------------

@@ -26,7 +26,8 @@ from pie_local.server.config import DEFAULT_PORT
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free port)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help=f"port (default {DEFAULT_PORT}; 0 = any free port)")
     parser.add_argument("--model", "-m", action="append", default=[], metavar="NAME",
                         help="load this model at start (repeat for several)")
     parser.add_argument("--api-key", default=None,

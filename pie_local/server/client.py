@@ -142,7 +142,8 @@ class Client:
             await asyncio.shield(handle.cancel())
             raise
 
-    async def stream(self, inferlet: str | os.PathLike, args: Any = None, model: str | None = None) -> AsyncIterator[str]:
+    async def stream(self, inferlet: str | os.PathLike, args: Any = None,
+                     model: str | None = None) -> AsyncIterator[str]:
         """The text an inferlet emits, piece by piece; leaving early cancels the run."""
         handle = await self.launch(inferlet, args, model)
         finished = False
