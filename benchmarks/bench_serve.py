@@ -3,7 +3,8 @@
 
 Same GGUF, same thread count, same run. Each round, N concurrent clients (the official `openai`
 package, streaming) send a chat with one shared system prompt (~1,000 tokens, new every round so
-no round reuses another's cache) and their own question, for 64 tokens out, greedy. Rounds are
+no round reuses another's cache) and their own question, for 64 tokens out, greedy. Every server
+renders the same Gemma prompt, so greedy decoding gives them the same tokens to produce. Rounds are
 interleaved between the servers (their order alternates) after a warm-up round on each.
 
 Reported per server: requests/s, output tok/s, time to first token p50/p95 (median over rounds,
@@ -178,7 +179,8 @@ def llama_cpp_python_server(gguf: Path, threads: int, n_ctx: int,
     port = free_port()
     cmd = [sys.executable, "-c", LLAMA_CPP_PYTHON_LAUNCHER, "--model", str(gguf), "--host", "127.0.0.1",
            "--port", str(port), "--n_threads", str(threads), "--n_threads_batch", str(threads),
-           "--n_ctx", str(n_ctx), "--chat_format", "gemma", "--model_alias", "model"]
+           "--n_ctx", str(n_ctx), "--chat_format", "gemma", "--model_alias", "model",
+           "--interrupt_requests", "False"]  # by default a new request cuts off the stream in progress
     return launched("llama-cpp-python", cmd, f"http://127.0.0.1:{port}/v1", "model", workdir)
 
 
@@ -196,7 +198,8 @@ def llama_server(binary: Path, gguf: Path, threads: int, clients: int, n_ctx: in
     port = free_port()
     help_text = subprocess.run([str(binary), "--help"], capture_output=True, text=True).stdout
     cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
-           "-tb", str(threads), "--parallel", str(clients), "-c", str(n_ctx * clients), "--alias", "model"]
+           "-tb", str(threads), "--parallel", str(clients), "-c", str(n_ctx * clients), "--alias", "model",
+           "--chat-template", "gemma"]
     if "--no-repack" in help_text:
         cmd.append("--no-repack")  # the AMX-safe weight layout, as on the other sides
     return launched(f"llama-server --parallel {clients}", cmd, f"http://127.0.0.1:{port}/v1", "model", workdir)
@@ -223,8 +226,11 @@ async def one_request(client, server: Server, system: str, question: str, max_to
     """(time to first token, output tokens) of one streamed chat."""
     start = time.perf_counter()
     ttft, chunks, usage_tokens = None, 0, None
+    # Gemma has no system role: its format puts the system prompt at the head of the first user turn.
+    # Sending it there ourselves gives every server the same prompt (llama-cpp-python's "gemma"
+    # format would drop a system message, leaving it ~1,000 tokens less to compute).
     stream = await client.chat.completions.create(
-        model=server.model, messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+        model=server.model, messages=[{"role": "user", "content": f"{system}\n\n{question}"}],
         max_tokens=max_tokens, temperature=0, stream=True, stream_options={"include_usage": True})
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
