@@ -39,7 +39,7 @@ def test_record_round_trip_and_stale_records_are_dropped(isolated_home):
 
 def test_binding_beyond_loopback_needs_a_key(isolated_home):
     out = serve("--host", "0.0.0.0", "--port", "0", home=isolated_home)
-    assert out.returncode == 2 and "API key" in out.stderr
+    assert out.returncode == 2 and "API key" in out.stderr and out.stderr.startswith("pie-local: error:")
     assert not record.record_path().exists()
 
 
@@ -47,10 +47,10 @@ def test_a_second_server_is_refused_and_unknown_models_are_named(isolated_home):
     record.write(record.ServerRecord(pid=os.getpid(), host="127.0.0.1", port=8471, url="http://127.0.0.1:8471",
                                      version="0.1.0"))
     out = serve("--port", "0", home=isolated_home)
-    assert out.returncode == 2 and "already runs at http://127.0.0.1:8471" in out.stderr
+    assert out.returncode == 1 and "already runs at http://127.0.0.1:8471" in out.stderr
     record.remove()
     out = serve("--port", "0", "--model", "no-such-model", home=isolated_home)
-    assert out.returncode == 2 and "no-such-model" in out.stderr
+    assert out.returncode == 1 and "no-such-model" in out.stderr
 
 
 def test_help_has_examples():

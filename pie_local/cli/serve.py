@@ -46,11 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
-def _error(message: str) -> int:
-    print(f"pie-local serve: error: {message}", file=sys.stderr)
-    return 2
-
-
 def _api_key(args: argparse.Namespace) -> tuple[str | None, str | None]:
     """(key, the file it came from)."""
     if args.api_key_file:
@@ -71,16 +66,12 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _check_models(names: list[str]) -> str | None:
-    """Say now, not in a traceback from startup, when a --model is not installed."""
-    from pie_local.models import ModelError, resolve_model
+def _check_models(names: list[str]) -> None:
+    """Say now, not in a traceback from startup, when a --model is not installed (ModelError)."""
+    from pie_local.models import resolve_model
 
     for name in names:
-        try:
-            resolve_model(name)
-        except ModelError as exc:
-            return str(exc)
-    return None
+        resolve_model(name)
 
 
 def _exposure(host: str, port: int, inferlet_files: bool) -> str:
@@ -97,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from pie_local import __version__
+    from pie_local.present.problems import UsageError, UserError
     from pie_local.server import record
     from pie_local.server.config import ServerConfig, is_loopback, parse_duration, parse_size
 
@@ -107,22 +99,22 @@ def run(args: argparse.Namespace) -> int:
                               n_pages=args.pages, max_body_bytes=parse_size(args.max_body),
                               max_connections=args.max_connections, inferlet_files=not args.no_inferlet_files)
     except (OSError, ValueError) as exc:
-        return _error(str(exc))
+        raise UsageError(str(exc)) from None
     if config.max_models < 1 or config.n_pages < 1 or config.max_connections < 1:
-        return _error("--max-models, --pages and --max-connections must be >= 1")
+        raise UsageError("--max-models, --pages and --max-connections must be >= 1")
     if not config.loopback and not config.api_key:
-        return _error(f"--host {args.host} exposes the server beyond this machine: give an API key "
-                      "(--api-key, --api-key-file or PIE_LOCAL_API_KEY)")
-    problem = _check_models(config.models)
-    if problem:
-        return _error(problem)
+        raise UsageError(f"--host {args.host} exposes the server beyond this machine without an API key",
+                         "give one with --api-key, --api-key-file or PIE_LOCAL_API_KEY")
+    _check_models(config.models)
     existing = record.find_server()
     if existing is not None:
-        return _error(f"a pie-local server already runs at {existing.url} (pid {existing.pid}); stop it first")
+        raise UserError(f"a pie-local server already runs at {existing.url} (pid {existing.pid})",
+                        "use it, or stop it first")
     try:
         sock = _bind(config.host, config.port)
     except OSError as exc:
-        return _error(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}")
+        raise UserError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
+                        "choose another --port (0 = any free one)") from None
     config.port = sock.getsockname()[1]
     url_host = "127.0.0.1" if config.host in ("0.0.0.0", "") else ("[::1]" if config.host == "::" else config.host)
     if ":" in url_host and not url_host.startswith("["):
