@@ -133,6 +133,17 @@ async def test_bad_requests_are_named_errors(body, status, param):
         await wait_idle(c)
 
 
+async def test_prompts_past_the_context_are_refused_never_truncated():
+    cfg = config()
+    async with serving(cfg, fake_manager(cfg)) as url, httpx.AsyncClient(base_url=url) as c:
+        # past the KV pool (1024 tokens here), and past the model's trained context (4096)
+        for prompt, max_tokens in (("x" * 1000, 100), ("x" * 5000, 1)):
+            r = await c.post("/v1/completions", json={"model": "fake", "prompt": prompt, "max_tokens": max_tokens})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+            assert r.json()["error"]["param"] == "prompt"
+        await wait_idle(c)
+
+
 async def test_malformed_and_oversized_bodies_and_unknown_routes():
     cfg = config(max_body_bytes=1000)
     async with serving(cfg, fake_manager(cfg)) as url, httpx.AsyncClient(base_url=url) as c:

@@ -187,8 +187,9 @@ def test_a_shared_system_prompt_is_served_from_the_prefix_cache(client, starter_
 def test_errors_reach_the_openai_client(client):
     with pytest.raises(openai.NotFoundError, match="pie-local pull"):
         client.chat.completions.create(model="qwen2.5-0.5b", messages=USER)
-    with pytest.raises(openai.BadRequestError, match="context"):
+    with pytest.raises(openai.BadRequestError, match="context") as err:
         client.completions.create(model=MODEL, prompt="word " * 9000, max_tokens=4)
+    assert err.value.code == "context_length_exceeded"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0).models.list()
 

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Sequence
 
-from pie_local.runtime import OutOfPagesError, SamplingParams
+from pie_local.runtime import ContextLengthError, OutOfPagesError, SamplingParams
 from pie_local.server.errors import APIError, busy, invalid
 from pie_local.server.schema import GenerationRequest, ToolSpec
 
@@ -97,23 +97,20 @@ class Job:
                 self._prompts.append(_Prompt([ctx], 0))
                 try:
                     ctx.fill_tokens(p) if isinstance(p, list) else ctx.fill(p)
+                except ContextLengthError as exc:
+                    raise _too_long(param, str(exc)) from None
                 except ValueError as exc:
                     raise invalid(param, str(exc)) from None
                 n = len(ctx)
                 want = req.max_tokens or 1
                 if n + want > limit:
-                    raise APIError(400, f"{param}: this model's context is {limit} tokens; the prompt has {n} "
-                                        f"and {want} more were asked for (max_tokens). Shorten the prompt "
-                                        "or lower max_tokens.", param=param, code="context_length_exceeded")
+                    raise _too_long(param, f"this model's context is {limit} tokens; the prompt has {n} and "
+                                           f"{want} more were asked for (max_tokens)")
                 self._prompts[-1].n_tokens = n
             self.max_tokens = [req.max_tokens or limit - p.n_tokens for p in self._prompts]
         except BaseException:
             self.release()
             raise
-
-    @property
-    def prompt_tokens(self) -> list[int]:
-        return [p.n_tokens for p in self._prompts]
 
     def release(self) -> None:
         for p in self._prompts:
@@ -193,6 +190,11 @@ class Job:
             usage.completion_tokens += sum(len(c.token_ids) for c in p.choices)
             usage.cached_tokens += min((c.cached_tokens for c in p.choices), default=0)
         return usage
+
+
+def _too_long(param: str, why: str) -> APIError:
+    return APIError(400, f"{param}: {why}. Shorten the prompt or lower max_tokens.", param=param,
+                    code="context_length_exceeded")
 
 
 def finite(x: float) -> float | None:
