@@ -1,49 +1,15 @@
 /*
- * driver.c — the public lifecycle: status codes and the thread-local last error, logging,
- * ABI checks, device selection, model load/free/info, and pie_forward (plan -> graph ->
- * compute -> sample).
- *
- * The only process-wide state is the log callback: ggml's own logger is process-wide, so the
- * driver's follows it (see pie_log_set in pie_driver.h).
+ * driver.c — the public lifecycle: ABI checks, device selection, model load/free/info, and
+ * pie_forward (plan -> graph -> compute -> sample). Errors and logs: status.c, log.c.
  */
 #include "internal.h"
 
 #include <ctype.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-
-/* ------------------------------------------------------------------------------------------ */
-/* Status and last error                                                                      */
-/* ------------------------------------------------------------------------------------------ */
-
-static _Thread_local char last_error[1024];
-
-int32_t pie_set_error(int32_t status, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(last_error, sizeof(last_error), fmt, ap);
-    va_end(ap);
-    return status;
-}
-
-const char *pie_last_error(void) { return last_error; }
-
-const char *pie_status_name(int32_t status) {
-    switch (status) {
-        case PIE_OK:                   return "ok";
-        case PIE_ERR_IO:               return "io";
-        case PIE_ERR_FORMAT:           return "format";
-        case PIE_ERR_UNSUPPORTED:      return "unsupported";
-        case PIE_ERR_OUT_OF_MEMORY:    return "out_of_memory";
-        case PIE_ERR_INVALID_ARGUMENT: return "invalid_argument";
-        case PIE_ERR_BACKEND:          return "backend";
-        default:                       return "unknown";
-    }
-}
 
 /* ------------------------------------------------------------------------------------------ */
 /* Version and ABI                                                                            */
@@ -59,55 +25,6 @@ size_t pie_struct_size(int32_t which) {
         case PIE_STRUCT_BATCH:        return sizeof(pie_batch);
         default:                      return 0;
     }
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* Logging                                                                                    */
-/* ------------------------------------------------------------------------------------------ */
-
-static pie_log_callback log_callback;
-static void *log_user_data;
-
-void pie_log(int32_t level, const char *fmt, ...) {
-    if (!log_callback) return;
-    char buf[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(buf, sizeof(buf), fmt, ap);
-    va_end(ap);
-    log_callback(level, buf, log_user_data);
-}
-
-/* ggml logs in fragments (GGML_LOG_LEVEL_CONT continues the previous line); trailing newlines
- * are dropped so each callback gets one clean message. */
-static void ggml_logger(enum ggml_log_level level, const char *text, void *user_data) {
-    (void)user_data;
-    static _Thread_local int32_t last_level = PIE_LOG_INFO;
-    int32_t lv;
-    switch (level) {
-        case GGML_LOG_LEVEL_DEBUG: lv = PIE_LOG_DEBUG; break;
-        case GGML_LOG_LEVEL_WARN:  lv = PIE_LOG_WARN; break;
-        case GGML_LOG_LEVEL_ERROR: lv = PIE_LOG_ERROR; break;
-        case GGML_LOG_LEVEL_CONT:  lv = last_level; break;
-        default:                   lv = PIE_LOG_INFO; break;
-    }
-    last_level = lv;
-    size_t n = strlen(text);
-    while (n > 0 && (text[n - 1] == '\n' || text[n - 1] == '\r')) n--;
-    if (n > 0) pie_log(lv, "%.*s", (int)n, text);
-}
-
-static void ggml_abort_logger(const char *message) { pie_log(PIE_LOG_ERROR, "ggml fatal error: %s", message); }
-
-static void install_ggml_hooks(void) {
-    ggml_log_set(ggml_logger, NULL);
-    ggml_set_abort_callback(ggml_abort_logger);
-}
-
-void pie_log_set(pie_log_callback callback, void *user_data) {
-    log_callback = callback;
-    log_user_data = user_data;
-    install_ggml_hooks();
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -257,7 +174,7 @@ int32_t pie_model_load(const char *path, const pie_model_params *params, pie_mod
     if (!out_model) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "out_model is NULL");
     *out_model = NULL;
     if (!path) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "path is NULL");
-    if (!log_callback) install_ggml_hooks(); /* never let ggml print, even before pie_log_set */
+    pie_log_capture_ggml();
 
     pie_model *m = calloc(1, sizeof(*m));
     if (!m) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate the model");

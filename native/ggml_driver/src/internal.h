@@ -10,6 +10,7 @@
 
 #include "pie_driver.h"
 #include "sampler.h"
+#include "status.h"
 
 #include "ggml.h"
 #include "ggml-backend.h"
@@ -214,8 +215,7 @@ const pie_arch *pie_arch_find(const char *name);
 /* Internal API between the driver's files                                                    */
 /* ------------------------------------------------------------------------------------------ */
 
-/* driver.c */
-void pie_log(int32_t level, const char *fmt, ...);
+/* status.c, log.c: pie_set_error and pie_log, declared in status.h (the sampler uses them too) */
 
 /* loader.c: fills hp, w, ctx_w, buf_w, map_*, n_params, weight_bytes; needs model->dev set.
  * The pie_gguf_* readers accept any integer / float storage and return false when absent. */
