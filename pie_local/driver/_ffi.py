@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ctypes as C
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 # pie_status
 OK = 0
@@ -113,6 +113,8 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "pie_status_name": (C.c_char_p, [C.c_int32]),
     "pie_abi_version": (C.c_int32, []),
     "pie_struct_size": (C.c_size_t, [C.c_int32]),
+    "pie_arch_count": (C.c_int32, []),
+    "pie_arch_name": (C.c_char_p, [C.c_int32]),
     "pie_log_set": (None, [LOG_CALLBACK, C.c_void_p]),
     "pie_model_default_params": (ModelParams, []),
     "pie_model_load": (C.c_int32, [C.c_char_p, C.POINTER(ModelParams), C.POINTER(C.c_void_p)]),

@@ -25,7 +25,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a public struct or signature changes; the binding refuses a mismatch. */
-#define PIE_ABI_VERSION 1
+#define PIE_ABI_VERSION 2
 
 /* ------------------------------------------------------------------------------------------ */
 /* Status codes                                                                               */
@@ -49,7 +49,7 @@ PIE_API const char *pie_last_error(void);
 PIE_API const char *pie_status_name(int32_t status);
 
 /* ------------------------------------------------------------------------------------------ */
-/* Version and ABI                                                                            */
+/* Version, ABI and supported architectures                                                   */
 /* ------------------------------------------------------------------------------------------ */
 
 PIE_API int32_t pie_abi_version(void);
@@ -62,6 +62,11 @@ typedef enum {
     PIE_STRUCT_BATCH        = 3,
 } pie_struct_id;
 PIE_API size_t pie_struct_size(int32_t which); /* 0 for an unknown id */
+
+/* The architectures (general.architecture values) this library runs, e.g. "llama", by index
+ * 0 .. pie_arch_count()-1; pie_arch_name returns NULL outside that range. */
+PIE_API int32_t     pie_arch_count(void);
+PIE_API const char *pie_arch_name(int32_t index);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Logging                                                                                    */

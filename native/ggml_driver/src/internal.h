@@ -172,7 +172,7 @@ struct pie_model {
 };
 
 /* ------------------------------------------------------------------------------------------ */
-/* Architectures: one graph builder per family (models/<family>.c)                                    */
+/* Architectures: the table in arch.c, one graph builder per family in models/<family>.c     */
 /* ------------------------------------------------------------------------------------------ */
 
 /* Graph inputs of one forward pass, created by pie_graph_begin. */
@@ -193,14 +193,14 @@ typedef struct {
     struct ggml_tensor *logits;     /* F32 [n_vocab, n_outputs] result, NULL without plan->head */
 } pie_graph;
 
+/* One supported architecture: a row of the table in arch.c. */
 struct pie_arch {
-    const char *name;
-    /* reads arch-specific keys and sets defaults the common loader does not know */
+    const char *name;      /* general.architecture                                            */
+    int32_t rope_mode;     /* GGML_ROPE_TYPE_NEOX (rotate halves) or 0 (rotate adjacent pairs) */
+    uint32_t needs;        /* which optional tensors the family needs: bitwise PIE_NEED_*     */
+    /* reads arch-specific keys and sets defaults the common loader does not know; may be NULL */
     int32_t (*load_hparams)(pie_hparams *hp, const struct gguf_context *gguf);
-    /* which optional tensors the family needs: bitwise PIE_NEED_* */
-    uint32_t needs;
-    /* builds hidden and logits into g */
-    void (*build)(pie_graph *g);
+    void (*build)(pie_graph *g); /* builds hidden and logits into g                          */
 };
 
 enum {
@@ -209,7 +209,15 @@ enum {
     PIE_NEED_POST_NORMS = 1 << 2,
 };
 
+/* arch.c: the row named `name`, or NULL; the names as "llama, qwen2, ..." (for messages) */
 const pie_arch *pie_arch_find(const char *name);
+void pie_arch_list(char *buf, size_t size);
+
+/* models/<family>.c: the builders and hooks arch.c lists */
+void    pie_build_llama(pie_graph *g);
+void    pie_build_qwen(pie_graph *g);
+int32_t pie_gemma3_hparams(pie_hparams *hp, const struct gguf_context *gguf);
+void    pie_build_gemma3(pie_graph *g);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Internal API between the driver's files                                                    */

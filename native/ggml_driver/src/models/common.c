@@ -7,16 +7,6 @@
 #include "../internal.h"
 
 #include <math.h>
-#include <string.h>
-
-extern const pie_arch pie_arch_llama, pie_arch_qwen2, pie_arch_qwen3, pie_arch_gemma3;
-
-const pie_arch *pie_arch_find(const char *name) {
-    static const pie_arch *const all[] = { &pie_arch_llama, &pie_arch_qwen2, &pie_arch_qwen3, &pie_arch_gemma3 };
-    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
-        if (strcmp(all[i]->name, name) == 0) return all[i];
-    return NULL;
-}
 
 static struct ggml_tensor *input(pie_graph *g, enum ggml_type type, int64_t n, const char *name) {
     struct ggml_tensor *t = ggml_new_tensor_1d(g->ctx, type, n);

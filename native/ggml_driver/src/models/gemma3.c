@@ -9,8 +9,7 @@
 #include <math.h>
 #include <stdint.h>
 
-static int32_t gemma3_hparams(pie_hparams *hp, const struct gguf_context *g) {
-    hp->rope_mode = GGML_ROPE_TYPE_NEOX;
+int32_t pie_gemma3_hparams(pie_hparams *hp, const struct gguf_context *g) {
     hp->embd_scale = sqrtf((float)hp->n_embd);
     /* the 27B model scales by the embedding width per head, the others by head_dim */
     if (hp->n_layer == 62) hp->attn_scale = 1.0f / sqrtf((float)(hp->n_embd / hp->n_head));
@@ -38,7 +37,7 @@ static int32_t gemma3_hparams(pie_hparams *hp, const struct gguf_context *g) {
     return PIE_OK;
 }
 
-static void gemma3_build(pie_graph *g) {
+void pie_build_gemma3(pie_graph *g) {
     const pie_model *m = g->model;
     const pie_hparams *hp = &m->hp;
     struct ggml_context *ctx = g->ctx;
@@ -72,6 +71,3 @@ static void gemma3_build(pie_graph *g) {
     }
     pie_graph_finish(g, x);
 }
-
-const pie_arch pie_arch_gemma3 = {
-    .name = "gemma3", .load_hparams = gemma3_hparams, .needs = PIE_NEED_QK_NORM | PIE_NEED_POST_NORMS, .build = gemma3_build };

@@ -1,17 +1,11 @@
 /*
  * llama.c — the Llama family (Llama 2/3, Mistral, SmolLM, TinyLlama): pre-norm blocks with
- * RMS norm, RoPE in "normal" (interleaved-pair) mode, grouped-query attention, SwiGLU FFN.
+ * RMS norm, RoPE in "normal" (adjacent-pair) mode (arch.c), grouped-query attention, SwiGLU FFN.
  * Optional biases and Llama 3.1 rope frequency factors are used when the file has them.
  */
 #include "../internal.h"
 
-static int32_t llama_hparams(pie_hparams *hp, const struct gguf_context *gguf) {
-    (void)gguf;
-    hp->rope_mode = 0; /* normal: rotate adjacent pairs */
-    return PIE_OK;
-}
-
-static void llama_build(pie_graph *g) {
+void pie_build_llama(pie_graph *g) {
     const pie_model *m = g->model;
     const pie_hparams *hp = &m->hp;
     struct ggml_context *ctx = g->ctx;
@@ -40,5 +34,3 @@ static void llama_build(pie_graph *g) {
     }
     pie_graph_finish(g, x);
 }
-
-const pie_arch pie_arch_llama = { .name = "llama", .load_hparams = llama_hparams, .needs = 0, .build = llama_build };

@@ -1,16 +1,10 @@
 /*
  * qwen.c — the Qwen family: Qwen2 (QKV biases) and Qwen3 (per-head RMS norm on Q and K, no
- * biases). Both rotate with NEOX-style RoPE (halves, not pairs) and use SwiGLU FFNs.
+ * biases). Both rotate with NEOX-style RoPE (halves, not pairs; arch.c) and use SwiGLU FFNs.
  */
 #include "../internal.h"
 
-static int32_t qwen_hparams(pie_hparams *hp, const struct gguf_context *gguf) {
-    (void)gguf;
-    hp->rope_mode = GGML_ROPE_TYPE_NEOX;
-    return PIE_OK;
-}
-
-static void qwen_build(pie_graph *g) {
+void pie_build_qwen(pie_graph *g) {
     const pie_model *m = g->model;
     const pie_hparams *hp = &m->hp;
     struct ggml_context *ctx = g->ctx;
@@ -43,6 +37,3 @@ static void qwen_build(pie_graph *g) {
     }
     pie_graph_finish(g, x);
 }
-
-const pie_arch pie_arch_qwen2 = { .name = "qwen2", .load_hparams = qwen_hparams, .needs = PIE_NEED_QKV_BIAS, .build = qwen_build };
-const pie_arch pie_arch_qwen3 = { .name = "qwen3", .load_hparams = qwen_hparams, .needs = PIE_NEED_QK_NORM, .build = qwen_build };
