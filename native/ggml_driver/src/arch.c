@@ -10,8 +10,8 @@
 
 static const pie_arch archs[] = {
     { .name = "llama",  .rope_mode = 0,                   .needs = 0,                 .build = pie_build_llama },
-    { .name = "qwen2",  .rope_mode = GGML_ROPE_TYPE_NEOX, .needs = PIE_NEED_QKV_BIAS, .build = pie_build_qwen },
-    { .name = "qwen3",  .rope_mode = GGML_ROPE_TYPE_NEOX, .needs = PIE_NEED_QK_NORM,  .build = pie_build_qwen },
+    { .name = "qwen2",  .rope_mode = GGML_ROPE_TYPE_NEOX, .needs = PIE_NEED_QKV_BIAS, .build = pie_build_llama },
+    { .name = "qwen3",  .rope_mode = GGML_ROPE_TYPE_NEOX, .needs = PIE_NEED_QK_NORM,  .build = pie_build_llama },
     { .name = "gemma3", .rope_mode = GGML_ROPE_TYPE_NEOX, .needs = PIE_NEED_QK_NORM | PIE_NEED_POST_NORMS,
       .load_hparams = pie_gemma3_hparams, .build = pie_build_gemma3 },
 };

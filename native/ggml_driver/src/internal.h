@@ -215,7 +215,6 @@ void pie_arch_list(char *buf, size_t size);
 
 /* models/<family>.c: the builders and hooks arch.c lists */
 void    pie_build_llama(pie_graph *g);
-void    pie_build_qwen(pie_graph *g);
 int32_t pie_gemma3_hparams(pie_hparams *hp, const struct gguf_context *gguf);
 void    pie_build_gemma3(pie_graph *g);
 

@@ -1,7 +1,10 @@
 /*
- * llama.c — the Llama family (Llama 2/3, Mistral, SmolLM, TinyLlama): pre-norm blocks with
- * RMS norm, RoPE in "normal" (adjacent-pair) mode (arch.c), grouped-query attention, SwiGLU FFN.
- * Optional biases and Llama 3.1 rope frequency factors are used when the file has them.
+ * llama.c — the Llama family and its Qwen relatives (Llama 2/3, Mistral, SmolLM, TinyLlama,
+ * Qwen2, Qwen3): pre-norm blocks with RMS norm, RoPE, grouped-query attention, SwiGLU FFN.
+ * What differs between them comes from the table in arch.c: the RoPE mode (llama rotates
+ * adjacent pairs, qwen halves), QKV biases (qwen2; used whenever the file has them) and a
+ * per-head RMS norm on Q and K before RoPE (qwen3). Llama 3.1 rope frequency factors are used
+ * when the file has them.
  */
 #include "../internal.h"
 
@@ -10,6 +13,7 @@ void pie_build_llama(pie_graph *g) {
     const pie_hparams *hp = &m->hp;
     struct ggml_context *ctx = g->ctx;
     const int64_t nt = g->n_tokens;
+    const bool qk_norm = hp->arch->needs & PIE_NEED_QK_NORM;
 
     struct ggml_tensor *x = pie_embed(g); /* [n_embd, n_tokens] */
     for (int il = 0; il < hp->n_layer; il++) {
@@ -19,6 +23,10 @@ void pie_build_llama(pie_graph *g) {
         struct ggml_tensor *q = ggml_reshape_3d(ctx, pie_linear(g, L->wq, L->bq, cur), hp->head_dim, hp->n_head, nt);
         struct ggml_tensor *k = ggml_reshape_3d(ctx, pie_linear(g, L->wk, L->bk, cur), hp->head_dim, hp->n_head_kv, nt);
         struct ggml_tensor *v = ggml_reshape_3d(ctx, pie_linear(g, L->wv, L->bv, cur), hp->head_dim_v, hp->n_head_kv, nt);
+        if (qk_norm) {
+            q = pie_norm(g, q, L->q_norm);
+            k = pie_norm(g, k, L->k_norm);
+        }
         cur = pie_attention(g, il, pie_rope(g, q, il), pie_rope(g, k, il), v, hp->attn_scale); /* [n_head*head_dim_v, n] */
         cur = pie_linear(g, L->wo, L->bo, cur);                               /* [n_embd, n_tokens] */
 
