@@ -241,6 +241,7 @@ void    pie_plan_free(pie_plan *plan);
 
 /* models/common.c: building blocks every family uses */
 void pie_graph_begin(pie_graph *g);
+struct ggml_tensor *pie_name(struct ggml_tensor *t, const char *name, int il);
 struct ggml_tensor *pie_embed(pie_graph *g);
 struct ggml_tensor *pie_select_outputs(pie_graph *g, struct ggml_tensor *x);
 struct ggml_tensor *pie_norm(pie_graph *g, struct ggml_tensor *x, struct ggml_tensor *w);
