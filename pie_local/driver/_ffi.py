@@ -26,6 +26,8 @@ RETURN_LOGITS = 1 << 2
 RETURN_HIDDEN = 1 << 3
 
 LOG_CALLBACK = C.CFUNCTYPE(None, C.c_int32, C.c_char_p, C.c_void_p)
+# (name, ne[4], data or NULL, user_data) -> wanted; see pie_set_activation_callback
+ACTIVATION_CALLBACK = C.CFUNCTYPE(C.c_int32, C.c_char_p, C.POINTER(C.c_int64), C.POINTER(C.c_float), C.c_void_p)
 
 _i32p = C.POINTER(C.c_int32)
 _f32p = C.POINTER(C.c_float)
@@ -124,6 +126,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "pie_copy_pages": (C.c_int32, [C.c_void_p, C.c_int32, _i32p, _i32p]),
     "pie_read_pages": (C.c_int32, [C.c_void_p, C.c_int32, _i32p, C.c_void_p, C.c_size_t]),
     "pie_write_pages": (C.c_int32, [C.c_void_p, C.c_int32, _i32p, C.c_void_p, C.c_size_t]),
+    "pie_set_activation_callback": (C.c_int32, [C.c_void_p, ACTIVATION_CALLBACK, C.c_void_p]),
 }
 
 

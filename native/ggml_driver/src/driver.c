@@ -248,6 +248,42 @@ static void upload_inputs(const pie_model *m, const pie_graph *g, const pie_batc
     ggml_backend_tensor_set(g->out_rows, p->out_rows, 0, sizeof(int32_t) * (size_t)p->n_outputs);
 }
 
+/* ggml_backend_sched's eval callback: offers each f32 node to the host's activation callback
+ * and hands over the values of the ones it asks for, as contiguous floats. */
+static bool eval_activation(struct ggml_tensor *t, bool ask, void *user_data) {
+    const pie_model *m = user_data;
+    if (t->type != GGML_TYPE_F32) return false;
+    if (ask) return m->activation_cb(ggml_get_name(t), t->ne, NULL, m->activation_user) != 0;
+    /* views may be strided: read the bytes they span, then gather the elements in order */
+    const size_t span = ggml_nbytes(t), n = (size_t)ggml_nelements(t);
+    uint8_t *raw = malloc(span);
+    float *vals = ggml_is_contiguous(t) ? (float *)raw : malloc(n * sizeof(float));
+    if (!raw || !vals) {
+        pie_log(PIE_LOG_WARN, "no memory to copy activation '%s' (%zu bytes)", ggml_get_name(t), span);
+    } else {
+        ggml_backend_tensor_get(t, raw, 0, span);
+        if (vals != (float *)raw) {
+            size_t i = 0;
+            for (int64_t i3 = 0; i3 < t->ne[3]; i3++)
+                for (int64_t i2 = 0; i2 < t->ne[2]; i2++)
+                    for (int64_t i1 = 0; i1 < t->ne[1]; i1++)
+                        for (int64_t i0 = 0; i0 < t->ne[0]; i0++)
+                            vals[i++] = *(const float *)(raw + i0 * t->nb[0] + i1 * t->nb[1] + i2 * t->nb[2] + i3 * t->nb[3]);
+        }
+        m->activation_cb(ggml_get_name(t), t->ne, vals, m->activation_user);
+    }
+    if (vals != (float *)raw) free(vals);
+    free(raw);
+    return true; /* false would stop the computation */
+}
+
+int32_t pie_set_activation_callback(pie_model *m, pie_activation_callback callback, void *user_data) {
+    if (!m) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "model is NULL");
+    m->activation_cb = callback;
+    m->activation_user = user_data;
+    return PIE_OK;
+}
+
 int32_t pie_forward(pie_model *m, const pie_batch *b) {
     if (!m) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "model is NULL");
     int32_t st = pie_plan_build(m, b);
@@ -284,6 +320,7 @@ int32_t pie_forward(pie_model *m, const pie_batch *b) {
                              m->plan.n_tokens, m->plan.n_requests);
     }
     upload_inputs(m, &g, b);
+    ggml_backend_sched_set_eval_callback(m->sched, m->activation_cb ? eval_activation : NULL, m);
     if (ggml_backend_sched_graph_compute(m->sched, g.gf) != GGML_STATUS_SUCCESS) {
         ggml_free(g.ctx);
         return pie_set_error(PIE_ERR_BACKEND, "the %s backend failed to compute the batch", m->backend_name);

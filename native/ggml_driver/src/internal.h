@@ -164,6 +164,10 @@ struct pie_model {
     size_t   graph_cap;                 /* most graph nodes sched and graph_meta are sized for  */
     char     backend_name[64];
 
+    /* debugging: activations handed to the host (pie_set_activation_callback), NULL = off */
+    pie_activation_callback activation_cb;
+    void   *activation_user;
+
     /* outputs */
     pie_sampler_scratch *sampler;
     float  *logits;                     /* [logits_cap] sampled rows' logits when the caller did
