@@ -231,7 +231,7 @@ def run_driver_bench(
     """Runs every workload on both sides; returns tok/s per side and pie/llama.cpp ratios.
     threads <= 0 means the machine's physical cores, for both sides."""
     if threads <= 0:
-        from pie_local.bench import physical_cores
+        from pie_local.bench.runtime import physical_cores
 
         threads = physical_cores()
     path = Path(model) if model else starter_model()
