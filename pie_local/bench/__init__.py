@@ -3,9 +3,13 @@
     driver   the native driver against llama.cpp's low-level API (prefill, decode, batched streams)
     runtime  agent-shaped workloads as inferlets on one Engine against llama-cpp-python's `Llama`,
              and the runtime's overhead per decode step
+    report   ratios of pie-local against llama.cpp, and the text tables
+    machine  the default thread count (physical cores)
 """
 
 from pie_local.bench.driver import run_driver_bench
-from pie_local.bench.runtime import BenchConfig, format_runtime_report, physical_cores, run_runtime_bench
+from pie_local.bench.machine import physical_cores
+from pie_local.bench.report import format_runtime_report
+from pie_local.bench.runtime import BenchConfig, run_runtime_bench
 
 __all__ = ["BenchConfig", "format_runtime_report", "physical_cores", "run_driver_bench", "run_runtime_bench"]

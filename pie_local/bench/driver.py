@@ -32,6 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from pie_local.bench.machine import threads_or_cores
+from pie_local.bench.report import driver_report, format_driver_table, tok_per_s
+
 # ---------------------------------------------------------------------------------------------
 # Shared setup
 # ---------------------------------------------------------------------------------------------
@@ -47,10 +50,6 @@ def prompt_tokens(n: int, n_vocab: int) -> list[int]:
     """A fixed, ordinary-looking token sequence (ids spread over the common range of the vocab)."""
     rng = np.random.default_rng(0)
     return [2] + rng.integers(100, min(n_vocab, 20_000), n - 1).tolist()
-
-
-def tok_per_s(n_tokens: int, seconds: float) -> float:
-    return n_tokens / seconds if seconds > 0 else float("inf")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,38 +229,16 @@ def run_driver_bench(
 ) -> dict[str, Any]:
     """Runs every workload on both sides; returns tok/s per side and pie/llama.cpp ratios.
     threads <= 0 means the machine's physical cores, for both sides."""
-    if threads <= 0:
-        from pie_local.bench.runtime import physical_cores
-
-        threads = physical_cores()
+    threads = threads_or_cores(threads)
     path = Path(model) if model else starter_model()
     pie = bench_pie(path, threads, prefill, decode, streams, stream_tokens)
     llama = bench_llama(path, threads, prefill, decode, streams, stream_tokens)
-    return {
-        "model": str(path),
-        "threads": threads,
-        "workloads": {
-            "prefill": f"{prefill}-token prompt, one pass",
-            "decode": f"1 stream x {decode} tokens",
-            "decode_multi": f"{streams} streams x {stream_tokens} tokens, batched per step",
-        },
-        "pie": pie,
-        "llama_cpp": llama,
-        "ratio": {k: pie[k] / llama[k] for k in pie},
-        "pie_multi_over_single": pie["decode_multi"] / pie["decode"],
-        "llama_cpp_multi_over_single": llama["decode_multi"] / llama["decode"],
+    workloads = {
+        "prefill": f"{prefill}-token prompt, one pass",
+        "decode": f"1 stream x {decode} tokens",
+        "decode_multi": f"{streams} streams x {stream_tokens} tokens, batched per step",
     }
-
-
-def print_report(r: dict[str, Any]) -> None:
-    print(f"model {Path(r['model']).name}, {r['threads']} threads")
-    print(f"{'workload':<14}{'pie tok/s':>12}{'llama.cpp tok/s':>18}{'ratio':>8}   what")
-    for k, what in r["workloads"].items():
-        print(f"{k:<14}{r['pie'][k]:>12.1f}{r['llama_cpp'][k]:>18.1f}{r['ratio'][k]:>7.2f}x   {what}")
-    print(
-        f"multi-stream / single-stream decode: pie {r['pie_multi_over_single']:.2f}x, "
-        f"llama.cpp {r['llama_cpp_multi_over_single']:.2f}x"
-    )
+    return driver_report(str(path), threads, workloads, pie, llama)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print_report(result)
+        print(format_driver_table(result))
     return 0
 
 

@@ -17,16 +17,14 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import logging
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
+from pie_local.bench.machine import threads_or_cores
+from pie_local.bench.report import runtime_rows, runtime_targets
 from pie_local.llama_logs import route_llama_logs
-
-log = logging.getLogger("pie_local.bench")
 
 
 @dataclass
@@ -49,25 +47,6 @@ class BenchConfig:
         base = dict(prompt_tokens=128, best_of_tokens=8, chat_tokens=8, tot_tokens=6, overhead_steps=16)
         base.update(overrides)
         return cls(**base)
-
-
-def physical_cores() -> int:
-    """Physical cores (not hyper-threads), the thread count both engines get by default."""
-    try:
-        pairs = set()
-        block: dict[str, str] = {}
-        for line in Path("/proc/cpuinfo").read_text().splitlines() + [""]:
-            if ":" in line:
-                key, _, value = line.partition(":")
-                block[key.strip()] = value.strip()
-            elif block:
-                pairs.add((block.get("physical id"), block.get("core id")))
-                block = {}
-        if pairs and (None, None) not in pairs:
-            return len(pairs)
-    except OSError:
-        pass
-    return max(1, (os.cpu_count() or 2) // 2)
 
 
 # ---------------------------------------------------------------- llama-cpp-python baseline
@@ -449,7 +428,7 @@ async def _run_runtime_bench(cfg: BenchConfig, progress: Callable[[str], None]) 
     from pie_local.runtime.engine import Engine, EngineConfig
 
     model = resolve_model(cfg.model)
-    threads = cfg.n_threads if cfg.n_threads > 0 else physical_cores()
+    threads = threads_or_cores(cfg.n_threads)
     engine = Engine(model.path, EngineConfig(n_threads=threads, n_pages=512, max_batch_tokens=512))
     progress(f"loading {model.name} ({threads} threads)")
     await engine.start()
@@ -467,37 +446,9 @@ async def _run_runtime_bench(cfg: BenchConfig, progress: Callable[[str], None]) 
         llama = llama_workloads(llm, w, cfg)
     finally:
         llm.close()
-    rows = {}
-    for name in pie:
-        p, l = pie[name], llama[name]
-        rows[name] = {
-            "pie_s": round(p["seconds"], 3), "llama_cpp_s": round(l["seconds"], 3),
-            "pie_tokens": p["generated_tokens"], "llama_cpp_tokens": l["generated_tokens"],
-            "pie_tok_s": round(p["generated_tokens"] / p["seconds"], 2),
-            "llama_cpp_tok_s": round(l["generated_tokens"] / l["seconds"], 2),
-            "speedup": round(l["seconds"] / p["seconds"], 2),
-        }
-    rows["chats"]["throughput_ratio"] = round(rows["chats"]["pie_tok_s"] / rows["chats"]["llama_cpp_tok_s"], 2)
+    rows = runtime_rows(pie, llama)
     return {
         "model": model.name, "threads": threads, "load_avg_1m": round(os.getloadavg()[0], 2),
         "config": dataclasses.asdict(cfg), "workloads": rows,
-        "overhead": overhead,
-        "targets": {"best_of_speedup>=3": rows["best_of"]["speedup"] >= 3,
-                    "chats_throughput_ratio>=4": rows["chats"]["throughput_ratio"] >= 4,
-                    "overhead_pct<=5": overhead["overhead_pct"] <= 5},
+        "overhead": overhead, "targets": runtime_targets(rows, overhead),
     }
-
-
-def format_runtime_report(report: dict) -> str:
-    lines = [f"runtime benchmark: {report['model']}, {report['threads']} threads (pie-local vs llama-cpp-python; "
-             f"load average {report['load_avg_1m']} at the end)",
-             f"{'workload':<16} {'pie s':>8} {'llama s':>8} {'pie tok/s':>10} {'llama tok/s':>12} {'ratio':>7}"]
-    for name, r in report["workloads"].items():
-        lines.append(f"{name:<16} {r['pie_s']:>8.2f} {r['llama_cpp_s']:>8.2f} {r['pie_tok_s']:>10.1f} "
-                     f"{r['llama_cpp_tok_s']:>12.1f} {r['speedup']:>6.2f}x")
-    o = report["overhead"]
-    lines.append(f"decode step: runtime {o['runtime_step_ms']:.2f} ms vs bare driver {o['bare_driver_step_ms']:.2f} ms "
-                 f"-> overhead {o['overhead_pct']:+.1f}% (KV in {o.get('kv_page_runs', 1)} page run(s), same for both)")
-    t = report["targets"]
-    lines.append("targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in t.items()))
-    return "\n".join(lines)
