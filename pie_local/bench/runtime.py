@@ -1,6 +1,6 @@
-"""Benchmark core shared by `pie-local bench` and the scripts in benchmarks/.
+"""The runtime benchmark (issue 3), behind `pie-local bench` and benchmarks/bench_runtime.py.
 
-The runtime benchmark (issue 3) runs agent-shaped workloads twice on the same GGUF with the same
+It runs agent-shaped workloads twice on the same GGUF with the same
 thread count: once on pie-local (inferlets on one Engine, forward passes batched across them), once
 on llama-cpp-python used the way its users would (its high-level `Llama` API with its prompt cache,
 requests one after another). Workloads: best-of-8 from a shared 512-token prompt, 8 concurrent
@@ -14,204 +14,17 @@ end-to-end times compare the same work.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import json
 import os
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
+from pie_local.bench.baseline import llama_workloads, load_llama
 from pie_local.bench.machine import threads_or_cores
 from pie_local.bench.report import runtime_rows, runtime_targets
-from pie_local.llama_logs import route_llama_logs
-
-
-@dataclass
-class BenchConfig:
-    model: str | None = None  # name or path; None: the default model
-    n_threads: int = 0  # <= 0: physical cores (same value on both sides)
-    prompt_tokens: int = 512  # shared prompt of best-of-n
-    best_of: int = 8
-    best_of_tokens: int = 32
-    n_chats: int = 8
-    chat_tokens: int = 32
-    tot_depth: int = 2
-    tot_breadth: int = 3
-    tot_tokens: int = 16
-    tool_calls: int = 4
-    overhead_steps: int = 64
-
-    @classmethod
-    def quick(cls, **overrides: Any) -> "BenchConfig":
-        base = dict(prompt_tokens=128, best_of_tokens=8, chat_tokens=8, tot_tokens=6, overhead_steps=16)
-        base.update(overrides)
-        return cls(**base)
-
-
-# ---------------------------------------------------------------- llama-cpp-python baseline
-
-# Sampling of every branch on both sides: llama-cpp-python's defaults (its users' settings; with
-# a 262k vocabulary, top_k=0 would make its sampler sort the whole vocabulary every token).
-TEMPERATURE, TOP_K, TOP_P, MIN_P = 0.8, 40, 0.95, 0.05
-
-
-@contextlib.contextmanager
-def _no_extra_bufts():
-    """`Llama` has no argument for `use_extra_bufts`: patch its default model params while it loads.
-
-    ggml's AMX weight repacking (an "extra buffer type") crashes on CPUs that advertise AMX inside
-    VMs that do not enable it; the plain CPU buffer type is safe everywhere.
-    """
-    import llama_cpp.llama_cpp as lib
-
-    original = lib.llama_model_default_params
-
-    def patched():
-        params = original()
-        params.use_extra_bufts = False
-        return params
-
-    lib.llama_model_default_params = patched
-    try:
-        yield
-    finally:
-        lib.llama_model_default_params = original
-
-
-def load_llama(path: str | os.PathLike, n_threads: int, n_ctx: int = 2048):
-    """A llama-cpp-python `Llama` set up the way the benchmark uses it (prompt cache on)."""
-    import llama_cpp
-
-    route_llama_logs()
-    with _no_extra_bufts():
-        llm = llama_cpp.Llama(
-            str(path),
-            n_ctx=n_ctx,
-            n_batch=512,
-            n_threads=n_threads,
-            n_threads_batch=n_threads,
-            swa_full=True,  # lets its prefix-match reuse the KV of sliding-window models
-            verbose=False,
-        )
-    route_llama_logs()  # Llama(verbose=...) installs its own stderr logger; take logs back
-    llm.set_cache(llama_cpp.LlamaRAMCache(capacity_bytes=1 << 30))
-    return llm
-
-
-def _eog_bias(llm) -> dict[int, float]:
-    """Ban every end-of-generation token so each branch generates exactly max_tokens."""
-    import llama_cpp
-
-    vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
-    return {t: -1e9 for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)}
-
-
-def _llama_complete(llm, tokens: list[int], max_tokens: int, bias: dict, temperature: float = TEMPERATURE,
-                    seed: int = 0) -> tuple[list[int], int]:
-    """One completion through the high-level API: (its text as token ids, tokens generated)."""
-    out = llm.create_completion(tokens, max_tokens=max_tokens, temperature=temperature, top_k=TOP_K, top_p=TOP_P,
-                                min_p=MIN_P, seed=seed, logit_bias=bias)
-    text_ids = llm.tokenize(out["choices"][0]["text"].encode(), add_bos=False, special=True)
-    return text_ids, out["usage"]["completion_tokens"]
-
-
-def llama_workloads(llm, w: "Workloads", cfg: BenchConfig) -> dict[str, dict]:
-    """The four workloads, sequentially, the way a llama-cpp-python user writes them."""
-    import llama_cpp
-
-    bias = _eog_bias(llm)
-    results: dict[str, dict] = {}
-
-    def timed(name: str, fn: Callable[[], int]) -> None:
-        llm.reset()
-        t0 = time.perf_counter()
-        tokens = fn()
-        results[name] = {"seconds": time.perf_counter() - t0, "generated_tokens": tokens}
-
-    def best_of() -> int:
-        return sum(_llama_complete(llm, w.shared_prompt, cfg.best_of_tokens, bias, seed=i)[1]
-                   for i in range(cfg.best_of))
-
-    def chats() -> int:
-        return sum(_llama_complete(llm, p, cfg.chat_tokens, bias, seed=i)[1] for i, p in enumerate(w.chat_prompts))
-
-    def tree() -> int:
-        n, frontier = 0, [w.tot_prompt]
-        for level in range(cfg.tot_depth):
-            children = []
-            for p, parent in enumerate(frontier):
-                for c in range(cfg.tot_breadth):
-                    thought, generated = _llama_complete(llm, parent, cfg.tot_tokens, bias, seed=100 * level + 10 * p + c)
-                    n += generated
-                    children.append(parent + thought)  # the next prompt: the parent's text + this thought
-            frontier = children
-        return n
-
-    def tools() -> int:
-        grammar = llama_cpp.LlamaGrammar.from_json_schema(json.dumps(w.call_schema), verbose=False)
-        text, n = w.tool_prompt, 0
-        for _ in range(cfg.tool_calls):
-            text += "Action: "
-            ids = llm.tokenize(text.encode(), add_bos=True, special=True)
-            out = llm.create_completion(ids, max_tokens=48, temperature=0.0, grammar=grammar)
-            action = out["choices"][0]["text"]
-            n += out["usage"]["completion_tokens"]
-            text += f"{action}\nObservation: {w.observe(action)}\n"
-        return n
-
-    timed("best_of", best_of)
-    timed("chats", chats)
-    timed("tree_of_thought", tree)
-    timed("tool_loop", tools)
-    return results
-
+from pie_local.bench.workloads import MIN_P, TEMPERATURE, TOP_K, TOP_P, BenchConfig, Workloads, make_workloads
 
 # ---------------------------------------------------------------- pie-local side
-
-@dataclass
-class Workloads:
-    """The inputs both sides get (token ids where exactness matters)."""
-
-    shared_prompt: list[int]  # BOS + cfg.prompt_tokens - 1 tokens
-    chat_prompts: list[list[int]]
-    tot_prompt: list[int]
-    tool_prompt: str
-    call_schema: dict
-
-    @staticmethod
-    def observe(action: str) -> str:
-        from pie_local.inferlets.react_agent import calculator
-
-        try:
-            return calculator(json.loads(action)["arguments"]["expression"])
-        except Exception as exc:  # noqa: BLE001 — a bad call is an observation, as in an agent
-            return f"Error: {exc}"
-
-
-def make_workloads(engine, cfg: BenchConfig) -> Workloads:
-    from pie_local.inferlets.react_agent import action_schema, calculator, header
-    from pie_local.runtime.tools import Tool
-
-    tok = engine.tokenizer
-    bos = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
-    essay = ("The history of the printing press begins in East Asia with woodblock printing, long before "
-             "movable type reached Europe. Gutenberg's press combined a screw press, oil-based ink and a "
-             "hand mould for casting type, and within fifty years presses ran in hundreds of cities. ")
-    ids = tok.encode(essay * (cfg.prompt_tokens // 20 + 2))
-    shared = bos + ids[: cfg.prompt_tokens - len(bos)]
-    template = engine.chat_template
-    topics = ["rivers", "volcanoes", "bees", "chess", "bridges", "comets", "bread", "violins"]
-    chats = []
-    for topic in topics[: cfg.n_chats]:
-        ids = tok.encode(template.render([{"role": "user", "content": f"Tell me about {topic}."}]))
-        chats.append(ids if ids[:1] == bos else bos + ids)  # templates may render the BOS themselves
-    tot = bos + tok.encode("Problem: plan a three-day trip to Rome on a small budget.\nThoughts:\n")
-    tools = [Tool.from_function(calculator)]
-    question = "What is (17 * 23) + (45 * 12) - 99, computed step by step?"
-    return Workloads(shared, chats, tot, header(tools, question), action_schema(tools, allow_final=False))
-
 
 async def pie_workloads(engine, w: Workloads, cfg: BenchConfig) -> dict[str, dict]:
     """The same work as `llama_workloads`, as inferlets on one engine (branches batched)."""
