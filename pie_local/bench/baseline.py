@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from pie_local.bench.calculator import observe
 from pie_local.bench.report import tok_per_s
 from pie_local.bench.workloads import MIN_P, TEMPERATURE, TOP_K, TOP_P, BenchConfig, Workloads, driver_prompt
 from pie_local.llama_logs import route_llama_logs
@@ -211,7 +212,7 @@ def llama_workloads(llm, w: Workloads, cfg: BenchConfig) -> dict[str, dict]:
             out = llm.create_completion(ids, max_tokens=48, temperature=0.0, grammar=grammar)
             action = out["choices"][0]["text"]
             n += out["usage"]["completion_tokens"]
-            text += f"{action}\nObservation: {w.observe(action)}\n"
+            text += f"{action}\nObservation: {observe(action)}\n"
         return n
 
     timed("best_of", best_of)

@@ -17,9 +17,11 @@ import asyncio
 import dataclasses
 import os
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
+from pie_local import JsonSchema, SamplingParams
 from pie_local.bench.baseline import llama_workloads, load_llama
+from pie_local.bench.calculator import observe
 from pie_local.bench.machine import threads_or_cores
 from pie_local.bench.overhead import measure_overhead
 from pie_local.bench.report import runtime_rows, runtime_targets
@@ -27,19 +29,33 @@ from pie_local.bench.workloads import MIN_P, TEMPERATURE, TOP_K, TOP_P, BenchCon
 
 # ---------------------------------------------------------------- pie-local side
 
+class Branch(NamedTuple):
+    tokens: list[int]  # sampled, every one but the last in the KV
+    next_input: int  # the last token (or the first input when none was sampled): the next pass's input
+
+
+async def decode(ctx, first_input: int, sampling: SamplingParams, max_tokens: int) -> Branch:
+    """``max_tokens`` tokens after ``first_input``, one forward pass each; step i draws with the
+    sampler's seed + i, so a branch's steps are not one repeated draw."""
+    tokens, token = [], first_input
+    for step in range(max_tokens):
+        fwd = ctx.forward().input([token]).sample(0, sampling.with_seed(sampling.seed + step))
+        token = int((await fwd.execute()).tokens[0])
+        tokens.append(token)
+    return Branch(tokens, token)
+
+
+def branch_sampling(seed: int) -> SamplingParams:
+    """A branch's sampler: llama-cpp-python's defaults, as on its side, with the branch's seed."""
+    return SamplingParams(TEMPERATURE, top_k=TOP_K, top_p=TOP_P, min_p=MIN_P, seed=seed)
+
+
 async def pie_workloads(engine, w: Workloads, cfg: BenchConfig) -> dict[str, dict]:
     """The same work as `llama_workloads`, as inferlets on one engine (branches batched)."""
-    from pie_local.inferlets._common import decode
-    from pie_local.runtime.constraints import JsonSchema
-    from pie_local.runtime.sampling import SamplingParams
-
     results: dict[str, dict] = {}
 
-    def sampling(seed: int) -> SamplingParams:
-        return SamplingParams(TEMPERATURE, top_k=TOP_K, top_p=TOP_P, min_p=MIN_P, seed=seed)
-
     async def branch(ctx, first: int, n: int, seed: int) -> list[int]:
-        return (await decode(ctx, first, sampling(seed), n)).token_ids
+        return (await decode(ctx, first, branch_sampling(seed), n)).tokens
 
     async def best_of(rt, args):
         ctx = rt.context()
@@ -67,9 +83,10 @@ async def pie_workloads(engine, w: Workloads, cfg: BenchConfig) -> dict[str, dic
             jobs = []
             for p, (ctx, first) in enumerate(frontier):
                 for c, child in enumerate(ctx.fork(cfg.tot_breadth)):
-                    jobs.append((child, decode(child, first, sampling(100 * level + 10 * p + c), cfg.tot_tokens)))
+                    seed = 100 * level + 10 * p + c
+                    jobs.append((child, decode(child, first, branch_sampling(seed), cfg.tot_tokens)))
             outs = await asyncio.gather(*(job for _, job in jobs))
-            n += sum(len(o.token_ids) for o in outs)
+            n += sum(len(o.tokens) for o in outs)
             frontier = [(child, o.next_input) for (child, _), o in zip(jobs, outs)]
         return n
 
@@ -81,7 +98,7 @@ async def pie_workloads(engine, w: Workloads, cfg: BenchConfig) -> dict[str, dic
             ctx.fill("Action: ")
             action = await ctx.generate(max_tokens=48, constrain=JsonSchema(w.call_schema))
             n += len(ctx.last.token_ids)
-            ctx.fill(f"\nObservation: {w.observe(action)}\n")
+            ctx.fill(f"\nObservation: {observe(action)}\n")
         return n
 
     async def timed(name: str, coro) -> None:

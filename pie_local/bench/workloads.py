@@ -3,11 +3,12 @@ and the same sampling, so their times compare the same work."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from pie_local.bench.calculator import call_schema, tool_prompt
 
 
 # ---------------------------------------------------------------- driver benchmark
@@ -57,23 +58,11 @@ class Workloads:
     shared_prompt: list[int]  # BOS + cfg.prompt_tokens - 1 tokens
     chat_prompts: list[list[int]]
     tot_prompt: list[int]
-    tool_prompt: str
-    call_schema: dict
-
-    @staticmethod
-    def observe(action: str) -> str:
-        from pie_local.inferlets.react_agent import calculator
-
-        try:
-            return calculator(json.loads(action)["arguments"]["expression"])
-        except Exception as exc:  # noqa: BLE001 — a bad call is an observation, as in an agent
-            return f"Error: {exc}"
+    tool_prompt: str  # the tool loop's prompt (calculator.py) as text: each side tokenizes its transcript
+    call_schema: dict  # of each action in the tool loop
 
 
 def make_workloads(engine, cfg: BenchConfig) -> Workloads:
-    from pie_local.inferlets.react_agent import action_schema, calculator, header
-    from pie_local.runtime.tools import Tool
-
     tok = engine.tokenizer
     bos = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
     essay = ("The history of the printing press begins in East Asia with woodblock printing, long before "
@@ -88,6 +77,4 @@ def make_workloads(engine, cfg: BenchConfig) -> Workloads:
         ids = tok.encode(template.render([{"role": "user", "content": f"Tell me about {topic}."}]))
         chats.append(ids if ids[:1] == bos else bos + ids)  # templates may render the BOS themselves
     tot = bos + tok.encode("Problem: plan a three-day trip to Rome on a small budget.\nThoughts:\n")
-    tools = [Tool.from_function(calculator)]
-    question = "What is (17 * 23) + (45 * 12) - 99, computed step by step?"
-    return Workloads(shared, chats, tot, header(tools, question), action_schema(tools, allow_final=False))
+    return Workloads(shared, chats, tot, tool_prompt(), call_schema())
