@@ -1,13 +1,14 @@
 """Benchmarks of pie-local against llama-cpp-python, behind `pie-local bench` and benchmarks/.
 
-    driver     the native driver against llama.cpp's low-level API (prefill, decode, batched streams)
-    runtime    agent-shaped workloads as inferlets on one Engine against llama-cpp-python's `Llama`,
-               and the runtime's overhead per decode step (overhead)
-    baseline   the llama.cpp side of both, through llama-cpp-python
-    batches    driver batches built by hand (the driver benchmark, the bare decode loop)
-    workloads  the inputs and sampling both sides get
-    report     ratios of pie-local against llama.cpp, and the text tables
-    machine    the default thread count (physical cores)
+    driver      the native driver against llama.cpp's low-level API (prefill, decode, batched streams)
+    runtime     agent-shaped workloads as inferlets on one Engine against llama-cpp-python's `Llama`
+    overhead    the runtime's cost per decode step against a bare loop over the driver
+    baseline    the llama.cpp side of both benchmarks, through llama-cpp-python
+    workloads   the inputs and sampling both sides get
+    calculator  the tool of the runtime benchmark's tool loop, with its prompt and call schema
+    batches     driver batches (and their samplers) built by hand
+    report      ratios of pie-local against llama.cpp, and the text tables
+    machine     the default thread count (physical cores)
 """
 
 from pie_local.bench.driver import run_driver_bench
