@@ -1,11 +1,11 @@
 """The runtime benchmark (issue 3), behind `pie-local bench` and benchmarks/bench_runtime.py.
 
-It runs agent-shaped workloads twice on the same GGUF with the same
-thread count: once on pie-local (inferlets on one Engine, forward passes batched across them), once
-on llama-cpp-python used the way its users would (its high-level `Llama` API with its prompt cache,
-requests one after another). Workloads: best-of-8 from a shared 512-token prompt, 8 concurrent
-chats, tree-of-thought (depth 2, breadth 3) and a tool loop of 4 calls. It also measures the
-runtime's overhead per decode step against a bare loop over the driver.
+It runs agent-shaped workloads twice on the same GGUF with the same thread count: once on
+pie-local (inferlets on one Engine, forward passes batched across them, this module), once on
+llama-cpp-python used the way its users would (its high-level `Llama` API with its prompt cache,
+requests one after another; baseline.py). Workloads: best-of-8 from a shared 512-token prompt,
+8 concurrent chats, tree-of-thought (depth 2, breadth 3) and a tool loop of 4 calls. It also
+measures the runtime's overhead per decode step against a bare loop over the driver (overhead.py).
 
 Both sides generate exactly the same number of tokens per branch (end-of-sequence is banned), so
 end-to-end times compare the same work.
@@ -128,7 +128,7 @@ def run_runtime_bench(cfg: BenchConfig | None = None, progress: Callable[[str], 
 
 async def _run_runtime_bench(cfg: BenchConfig, progress: Callable[[str], None]) -> dict:
     from pie_local.models import resolve_model
-    from pie_local.runtime.engine import Engine, EngineConfig
+    from pie_local import Engine, EngineConfig
 
     model = resolve_model(cfg.model)
     threads = threads_or_cores(cfg.n_threads)

@@ -63,6 +63,7 @@ class Workloads:
 
 
 def make_workloads(engine, cfg: BenchConfig) -> Workloads:
+    """The runtime benchmark's inputs, tokenized by ``engine``'s tokenizer and chat template."""
     tok = engine.tokenizer
     bos = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
     essay = ("The history of the printing press begins in East Asia with woodblock printing, long before "
