@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from pie_local.bench import BenchConfig, format_runtime_report, physical_cores, run_runtime_bench
+    from pie_local.bench import BenchConfig, format_runtime_report, physical_cores, run_driver_bench, run_runtime_bench
 
     threads = args.threads if args.threads > 0 else physical_cores()
 
@@ -55,7 +55,6 @@ def _bench(args: argparse.Namespace) -> int:
 
     report: dict = {}
     if args.only in (None, "driver"):
-        from pie_local.bench_driver import run_driver_bench
         from pie_local.models import resolve_model
 
         progress("driver benchmark")
