@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from pie_local.driver import ForwardBatch, SamplerParams
+from pie_local.driver import ForwardBatch, SamplingParams
 
 # One request of a batch: (new tokens, ids of the pages that hold its KV, KV length after them).
 Request = tuple[list[int], list[int], int]
 
 
-def greedy_samplers(n: int) -> list[SamplerParams]:
+def greedy_samplers(n: int) -> list[SamplingParams]:
     """The driver's greedy sampler for each of ``n`` output rows; every sampler the benchmarks
     hand the driver is built here."""
-    return [SamplerParams()] * n
+    return [SamplingParams()] * n
 
 
 def forward_batch(requests: list[Request], page_size: int, return_logprobs: bool = False) -> ForwardBatch:

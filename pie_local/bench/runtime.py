@@ -127,12 +127,13 @@ def run_runtime_bench(cfg: BenchConfig | None = None, progress: Callable[[str], 
 
 
 async def _run_runtime_bench(cfg: BenchConfig, progress: Callable[[str], None]) -> dict:
-    from pie_local.models import resolve_model
     from pie_local import Engine, EngineConfig
+    from pie_local.driver import DriverParams
+    from pie_local.models import resolve_model
 
     model = resolve_model(cfg.model)
     threads = threads_or_cores(cfg.n_threads)
-    engine = Engine(model.path, EngineConfig(n_threads=threads, n_pages=512, max_batch_tokens=512))
+    engine = Engine(model.path, EngineConfig(driver=DriverParams(n_threads=threads, n_pages=512, max_batch_tokens=512)))
     progress(f"loading {model.name} ({threads} threads)")
     await engine.start()
     try:
