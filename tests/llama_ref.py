@@ -11,13 +11,35 @@ from __future__ import annotations
 import ctypes
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Collection, Iterable, Sequence
 
 import llama_cpp
 import numpy as np
 
 _GGML_TYPES = {"f16": 1, "q8_0": 8}  # ggml_type values for the KV cache
 _backend_ready = False
+
+
+class _TensorHead(ctypes.Structure):
+    """The leading fields of ggml.h's struct ggml_tensor (stable across ggml versions)."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * 4),
+        ("nb", ctypes.c_size_t * 4),
+    ]
+
+
+def _ggml_base() -> ctypes.CDLL:
+    """libggml-base as llama_cpp loaded it, for reading tensors in llama.cpp's eval callback."""
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    lib.ggml_get_name.restype = ctypes.c_char_p
+    lib.ggml_get_name.argtypes = [ctypes.c_void_p]
+    lib.ggml_is_contiguous.restype = ctypes.c_bool
+    lib.ggml_is_contiguous.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+    return lib
 
 
 def _init_backend() -> None:
@@ -49,9 +71,12 @@ class LlamaRef:
         flash_attn: bool | None = None,
         kv_type: str = "f16",
         embeddings: bool = False,
+        capture: Collection[str] = (),
     ) -> None:
         """flash_attn None lets llama.cpp choose (its default); kv_type "f16" or "q8_0";
-        embeddings=True makes hidden() available (final hidden state after the output norm)."""
+        embeddings=True makes hidden() available (final hidden state after the output norm);
+        capture: names of llama.cpp's intermediate tensors ("l_out-0", ...) that each decode
+        stores in ``activations`` (float32, numpy order: tokens first)."""
         _init_backend()
         mparams = llama_cpp.llama_model_default_params()
         mparams.use_extra_bufts = False
@@ -77,6 +102,10 @@ class LlamaRef:
         cparams.type_k = cparams.type_v = _GGML_TYPES[kv_type]
         cparams.embeddings = embeddings
         cparams.pooling_type = 0  # LLAMA_POOLING_TYPE_NONE: one embedding per token
+        self.activations: dict[str, np.ndarray] = {}
+        if capture:
+            self._eval_cb = self._capture_callback(set(capture))  # C holds the pointer: keep it
+            cparams.cb_eval = self._eval_cb
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
@@ -84,6 +113,25 @@ class LlamaRef:
         self.n_batch = n_batch
         self.n_seq_max = n_seq_max
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, n_seq_max)
+
+    def _capture_callback(self, names: set[str]) -> object:
+        ggml = _ggml_base()
+
+        @llama_cpp.ggml_backend_sched_eval_callback
+        def on_tensor(t: int, ask: bool, _user: object) -> bool:
+            head = _TensorHead.from_address(t)
+            name = ggml.ggml_get_name(t).decode()
+            if ask:  # contiguous f32 only; a name may recur (Qcur before and after RoPE): the last wins
+                return head.type == 0 and name in names and bool(ggml.ggml_is_contiguous(t))
+            shape = [int(head.ne[i]) for i in (3, 2, 1, 0)]
+            while len(shape) > 2 and shape[0] == 1:
+                shape.pop(0)
+            out = np.empty(shape, dtype=np.float32)
+            ggml.ggml_backend_tensor_get(t, out.ctypes.data, 0, out.nbytes)
+            self.activations[name] = out
+            return True
+
+        return on_tensor
 
     # --- lifecycle -------------------------------------------------------------------------
 

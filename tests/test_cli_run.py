@@ -187,10 +187,10 @@ def test_cli_run_end_to_end_on_the_starter_model(starter_gguf, isolated_home):
 def test_llama_baseline_loads_weights_without_extra_buffer_types():
     import llama_cpp.llama_cpp as lib
 
-    from pie_local.bench import _no_extra_bufts
+    from pie_local.bench.baseline import no_extra_bufts
 
     assert lib.llama_model_default_params().use_extra_bufts is True  # llama.cpp's default: AMX repacking on
-    with _no_extra_bufts():
+    with no_extra_bufts():
         assert lib.llama_model_default_params().use_extra_bufts is False
     assert lib.llama_model_default_params().use_extra_bufts is True
 

@@ -12,6 +12,7 @@ import pytest
 
 from pie_local.cli import doctor
 from package_env import package_env
+from pie_local.driver import _ffi
 
 
 
@@ -48,7 +49,7 @@ def test_json_reports_every_check_and_runs_a_token(capsys) -> None:
     checks = {c["name"]: c for c in report["checks"]}
     assert list(checks) == ["python", "ggml", "cpu", "driver", "model"]
     assert code == 0 and report["ok"] is True, report
-    assert checks["driver"]["data"]["abi_version"] == 1
+    assert checks["driver"]["data"]["abi_version"] == _ffi.ABI_VERSION
     assert any(d["type"] == "cpu" for d in checks["ggml"]["data"]["devices"])
     assert checks["ggml"]["data"]["version"]  # ggml_version() of the loaded library
     assert checks["cpu"]["data"]["features"]

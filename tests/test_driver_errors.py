@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from driver_helpers import Req, allow_mask, build_batch, tiny_gguf
 from driver_rules import BAD_BATCHES, DECODE, N_PAGES, PAGE, PARAMS, PROMPT, with_batch
-from tiny_models import write_shape_mismatch, write_truncated, write_unknown_arch, write_wrong_magic
+from tiny_models import ARCHES, write_shape_mismatch, write_truncated, write_unknown_arch, write_wrong_magic
 
-from pie_local.driver import Driver, DriverError, DriverParams
+from pie_local.driver import Driver, DriverError, DriverParams, supported_architectures
 
 pytestmark = pytest.mark.real_driver
 
@@ -53,7 +53,14 @@ def test_wrong_magic(tmp_path: Path, tmp_path_factory) -> None:
 
 
 def test_unknown_architecture(tmp_path: Path) -> None:
-    expect_load_error(write_unknown_arch(tmp_path / "u.gguf"), "unsupported", "pie-unknown-arch", "llama")
+    err = expect_load_error(write_unknown_arch(tmp_path / "u.gguf"), "unsupported", "pie-unknown-arch", "llama")
+    # the message lists the driver's own table
+    assert f"(supported: {', '.join(supported_architectures())})" in err.message
+
+
+def test_every_supported_architecture_has_a_tiny_model() -> None:
+    # the tests cover each row of the driver's architecture table with a tiny model
+    assert supported_architectures() == ARCHES
 
 
 def test_tensor_shape_mismatch(tmp_path: Path) -> None:

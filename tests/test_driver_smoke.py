@@ -56,6 +56,9 @@ def test_library_abi_matches_binding() -> None:
         assert lib.pie_struct_size(which) == ctypes.sizeof(layout)
     assert lib.pie_struct_size(99) == 0
     assert lib.pie_status_name(-5) == b"invalid_argument"
+    names = [lib.pie_arch_name(i) for i in range(lib.pie_arch_count())]
+    assert b"gemma3" in names and len(set(names)) == len(names)
+    assert lib.pie_arch_name(-1) is None and lib.pie_arch_name(len(names)) is None
 
 
 def test_info_describes_the_starter_model(driver: Driver) -> None:

@@ -443,3 +443,26 @@ async def test_a_completion_callback_that_raises_cannot_stall_the_scheduler():
         assert isinstance(results[0], KeyError) and isinstance(results[1], str)
         for _ in range(3):  # later batches still run
             assert isinstance((await step_all([bystander]))[0], str)
+
+
+async def test_a_task_cancelled_while_its_pass_runs_gives_back_every_page():
+    # asyncio cancels the future a cancelled task awaits: the scheduler must still learn of the
+    # cancel, and the pages of the pass must not land in the released context
+    engine, driver = make_engine(delay=0.05)
+    async with engine:
+        async def long_decode(rt, args):
+            ctx = rt.context()
+            ctx.fill("a prompt " * 8)
+            await ctx.generate(max_tokens=200)
+
+        for delay in (0.01, 0.07, 0.13, 0.26):
+            handle = engine.launch(long_decode)
+            await asyncio.sleep(delay)
+            handle.cancel()
+            with pytest.raises(InferletCancelled):
+                await handle.result()
+            for _ in range(40):  # the pass in flight ends, then its pages come back
+                if engine.pool.n_used == 0 and engine.stats().queued_requests == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert engine.pool.n_used == 0, delay

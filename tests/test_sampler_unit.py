@@ -1,4 +1,5 @@
-"""The C sampler on its own: sampler.c compiled with a tiny harness, called through ctypes.
+"""The C sampler on its own: sampler.c and status.c (its last error) compiled into a small
+library, called through ctypes.
 
 These run without the driver or a model, so sampling bugs show up here first and precisely;
 tests/test_driver_sampling.py checks the same rules end to end through pie_forward.
@@ -21,7 +22,7 @@ PIE_ERR_INVALID_ARGUMENT = -5
 
 
 class Sampler(ctypes.Structure):
-    # Mirrors pie_sampler in pie_driver.h (the harness library exports no struct sizes).
+    # Mirrors pie_sampler in pie_driver.h (this small library exports no struct sizes).
     _fields_ = [
         ("temperature", ctypes.c_float),
         ("top_k", ctypes.c_int32),
@@ -39,7 +40,7 @@ class SamplerLib:
         self.lib.pie_sampler_scratch_new.restype = ctypes.c_void_p
         self.lib.pie_sampler_scratch_new.argtypes = [ctypes.c_int32]
         self.lib.pie_sampler_scratch_free.argtypes = [ctypes.c_void_p]
-        self.lib.harness_last_error.restype = ctypes.c_char_p
+        self.lib.pie_last_error.restype = ctypes.c_char_p
         self.lib.pie_sample_row.restype = ctypes.c_int32
         self.lib.pie_sample_row.argtypes = [
             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.POINTER(Sampler),
@@ -75,7 +76,7 @@ class SamplerLib:
             ctypes.byref(token), ctypes.byref(logprob), return_top, top_ids.ctypes.data, top_probs.ctypes.data,
         )  # fmt: skip
         if status != 0:
-            raise ValueError(f"{status}: {self.lib.harness_last_error().decode()}")
+            raise ValueError(f"{status}: {self.lib.pie_last_error().decode()}")
         return token.value, logprob.value, top_ids[:return_top], top_probs[:return_top]
 
 
@@ -83,11 +84,11 @@ class SamplerLib:
 def sampler(tmp_path_factory: pytest.TempPathFactory) -> SamplerLib:
     cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
-        pytest.skip("no C compiler to build the sampler harness")
-    out = tmp_path_factory.mktemp("sampler") / "libsampler_harness.so"
+        pytest.skip("no C compiler to build the sampler library")
+    out = tmp_path_factory.mktemp("sampler") / "libpie_sampler.so"
     subprocess.run(
         [cc, "-std=c11", "-O2", "-fno-trapping-math", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", f"-I{NATIVE / 'include'}",
-         str(NATIVE / "src" / "sampler.c"), str(NATIVE / "tests" / "sampler_harness.c"), "-o", str(out), "-lm"],
+         str(NATIVE / "src" / "sampler.c"), str(NATIVE / "src" / "status.c"), "-o", str(out), "-lm"],
         check=True,
     )  # fmt: skip
     lib = SamplerLib(out)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,26 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object with every number")
 
 
-def format_driver_report(report: dict) -> str:
-    lines = [f"driver benchmark: {Path(str(report['model'])).name}, {report['threads']} threads",
-             f"{'workload':<14} {'pie tok/s':>10} {'llama tok/s':>12} {'ratio':>7}"]
-    for name, value in report["pie"].items():
-        lines.append(f"{name:<14} {value:>10.1f} {report['llama_cpp'][name]:>12.1f} {report['ratio'][name]:>6.2f}x")
-    return "\n".join(lines)
-
-
 def run(args: argparse.Namespace) -> int:
-    from pie_local.models import ModelError
-
-    try:
-        return _bench(args)
-    except ModelError as exc:
-        print(f"pie-local: error: {exc}", file=sys.stderr)
-        return 1
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from pie_local.bench import BenchConfig, format_runtime_report, physical_cores, run_runtime_bench
+    from pie_local.bench import BenchConfig, format_runtime_report, physical_cores, run_driver_bench, run_runtime_bench
+    from pie_local.bench.report import format_driver_table
 
     threads = args.threads if args.threads > 0 else physical_cores()
 
@@ -55,14 +37,13 @@ def _bench(args: argparse.Namespace) -> int:
 
     report: dict = {}
     if args.only in (None, "driver"):
-        from pie_local.bench_driver import run_driver_bench
         from pie_local.models import resolve_model
 
         progress("driver benchmark")
         sizes = dict(prefill=128, decode=32, streams=8, stream_tokens=16) if args.quick else {}
         report["driver"] = run_driver_bench(resolve_model(args.model).path, threads=threads, **sizes)
         if not args.json:
-            print(format_driver_report(report["driver"]), flush=True)
+            print(format_driver_table(report["driver"]), flush=True)
     if args.only in (None, "runtime"):
         make = BenchConfig.quick if args.quick else BenchConfig
         report["runtime"] = run_runtime_bench(make(model=args.model, n_threads=threads), progress)

@@ -17,8 +17,24 @@ from typing import Any
 from pie_local.driver.types import (DriverError, DriverParams, ForwardBatch, ForwardResult, ModelDriver, ModelInfo,
                                     SamplingParams)
 
-__all__ = ["Driver", "DriverError", "DriverParams", "ForwardBatch", "ForwardResult", "ModelDriver", "ModelInfo",
-           "SamplingParams"]
+__all__ = [
+    "Driver",
+    "DriverError",
+    "DriverParams",
+    "ForwardBatch",
+    "ForwardResult",
+    "ModelDriver",
+    "ModelInfo",
+    "SamplingParams",
+    "supported_architectures",
+]
+
+
+def supported_architectures() -> tuple[str, ...]:
+    """The ``general.architecture`` values the native driver runs (``("llama", "qwen2", ...)``),
+    from its own table; loads the library on first use (``_lib.DriverNotFound`` without one)."""
+    lib = importlib.import_module("pie_local.driver._lib").load()
+    return tuple(lib.pie_arch_name(i).decode() for i in range(lib.pie_arch_count()))
 
 
 def __getattr__(name: str) -> Any:

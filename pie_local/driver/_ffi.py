@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ctypes as C
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 # pie_status
 OK = 0
@@ -26,6 +26,8 @@ RETURN_LOGITS = 1 << 2
 RETURN_HIDDEN = 1 << 3
 
 LOG_CALLBACK = C.CFUNCTYPE(None, C.c_int32, C.c_char_p, C.c_void_p)
+# (name, ne[4], data or NULL, user_data) -> wanted; see pie_set_activation_callback
+ACTIVATION_CALLBACK = C.CFUNCTYPE(C.c_int32, C.c_char_p, C.POINTER(C.c_int64), C.POINTER(C.c_float), C.c_void_p)
 
 _i32p = C.POINTER(C.c_int32)
 _f32p = C.POINTER(C.c_float)
@@ -113,6 +115,8 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "pie_status_name": (C.c_char_p, [C.c_int32]),
     "pie_abi_version": (C.c_int32, []),
     "pie_struct_size": (C.c_size_t, [C.c_int32]),
+    "pie_arch_count": (C.c_int32, []),
+    "pie_arch_name": (C.c_char_p, [C.c_int32]),
     "pie_log_set": (None, [LOG_CALLBACK, C.c_void_p]),
     "pie_model_default_params": (ModelParams, []),
     "pie_model_load": (C.c_int32, [C.c_char_p, C.POINTER(ModelParams), C.POINTER(C.c_void_p)]),
@@ -122,6 +126,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "pie_copy_pages": (C.c_int32, [C.c_void_p, C.c_int32, _i32p, _i32p]),
     "pie_read_pages": (C.c_int32, [C.c_void_p, C.c_int32, _i32p, C.c_void_p, C.c_size_t]),
     "pie_write_pages": (C.c_int32, [C.c_void_p, C.c_int32, _i32p, C.c_void_p, C.c_size_t]),
+    "pie_set_activation_callback": (C.c_int32, [C.c_void_p, ACTIVATION_CALLBACK, C.c_void_p]),
 }
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import ctypes as C
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -231,3 +232,34 @@ class Driver:
         raw = bytes(data)
         with self._lock:
             self._check(self._lib.pie_write_pages(self._live(), len(p), _ptr(p, C.c_int32), raw, len(raw)))
+
+    # -- debugging ------------------------------------------------------------------------------
+
+    @contextmanager
+    def activations(self, names: Collection[str] | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Collects named intermediate tensors (llama.cpp's names: "attn_norm-0", "l_out-0",
+        "result_norm", ...; see pie_set_activation_callback in pie_driver.h) from the forward
+        passes run inside the block: name -> float32 array in numpy order (tokens first, at least
+        two dimensions); a later pass replaces an earlier one's. ``names`` None takes every f32
+        tensor, ggml's unnamed ones too ("node_12", ...). Passes get slower; results do not change."""
+        found: dict[str, np.ndarray] = {}
+
+        @_ffi.ACTIVATION_CALLBACK
+        def on_tensor(name: bytes, ne: Any, data: Any, _user: Any) -> int:
+            key = name.decode()
+            if not data:
+                return int(names is None or key in names)
+            shape = [int(ne[i]) for i in (3, 2, 1, 0)]
+            while len(shape) > 2 and shape[0] == 1:
+                shape.pop(0)
+            found[key] = np.ctypeslib.as_array(data, shape=(int(np.prod(shape)),)).reshape(shape).copy()
+            return 0
+
+        with self._lock:
+            self._check(self._lib.pie_set_activation_callback(self._live(), on_tensor, None))
+        try:
+            yield found
+        finally:
+            with self._lock:
+                if self._handle:
+                    self._check(self._lib.pie_set_activation_callback(self._handle, _ffi.ACTIVATION_CALLBACK(), None))

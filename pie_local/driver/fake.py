@@ -27,7 +27,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from pie_local.driver import brle
-from pie_local.driver.types import DriverError, DriverParams, ForwardBatch, ForwardResult, ModelInfo, SamplingParams
+from pie_local.driver.types import (DriverError, DriverParams, ForwardBatch, ForwardResult, ModelInfo, SamplingParams,
+                                    sampler_problem)
 
 # --------------------------------------------------------------------------------------------
 # Tokenizer
@@ -317,14 +318,9 @@ class FakeDriver:
             row, s = int(b.output_rows[i]), b.samplers[i]
             if not 0 <= row < b.n_tokens:
                 raise bad(f"output {i}: row {row} out of range (batch has {b.n_tokens} tokens)")
-            if not math.isfinite(s.temperature):
-                raise bad(f"output {i}: sampler temperature must be finite (got {s.temperature})")
-            if s.top_k < 0:
-                raise bad(f"output {i}: sampler top_k must be >= 0 (got {s.top_k})")
-            if not 0.0 < s.top_p <= 1.0:
-                raise bad(f"output {i}: sampler top_p must be in (0, 1] (got {s.top_p})")
-            if not 0.0 <= s.min_p <= 1.0:
-                raise bad(f"output {i}: sampler min_p must be in [0, 1] (got {s.min_p})")
+            problem = sampler_problem(s)
+            if problem:
+                raise bad(f"output {i}: sampler {problem}")
         if b.top_k > 0 and b.top_k > vocab:
             raise bad(f"top_k {b.top_k} outside 1..{vocab}")
         if b.logit_masks is not None:

@@ -74,14 +74,9 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        problem = sampler_problem(self) or (self.temperature < 0 and f"temperature must be >= 0 (got {self.temperature})")
+        if problem:
+            raise ValueError(problem)
 
     @classmethod
     def greedy(cls) -> SamplingParams:
@@ -97,6 +92,19 @@ class SamplingParams:
     def for_step(self, step: int) -> SamplingParams:
         """The sampler of generation step ``step``: the seed advanced by ``step`` (64-bit)."""
         return replace(self, seed=((self.seed or 0) + step) & 0xFFFFFFFFFFFFFFFF)
+
+
+def sampler_problem(s: SamplingParams) -> str | None:
+    """What is wrong with a sampler, in the C driver's words (batch.c checks the same), or None."""
+    if not math.isfinite(s.temperature):  # <= 0 is greedy
+        return f"temperature must be finite (got {s.temperature})"
+    if s.top_k < 0:
+        return f"top_k must be >= 0 (got {s.top_k})"
+    if not 0.0 < s.top_p <= 1.0:
+        return f"top_p must be in (0, 1] (got {s.top_p})"
+    if not 0.0 <= s.min_p <= 1.0:
+        return f"min_p must be in [0, 1] (got {s.min_p})"
+    return None
 
 
 @dataclass

@@ -129,8 +129,9 @@ class Scheduler:
         return req.future
 
     def cancel(self, req: ForwardRequest) -> None:
-        """The caller gave up: drop a queued request now, an in-flight one when its batch ends."""
-        if req.cancelled or (req.future is not None and req.future.done()):
+        """The caller gave up: drop a queued request now, an in-flight one when its batch ends.
+        (Its future may already be cancelled: asyncio cancels the future a cancelled task awaits.)"""
+        if req.cancelled or req not in self._queue:  # already cancelled, or finished
             return
         req.cancelled = True
         if not req.in_flight and req in self._queue:

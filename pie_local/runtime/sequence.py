@@ -322,6 +322,9 @@ class Sequence:
                     pool.mark_ready(page)
 
         def on_complete(_output: ForwardOutput) -> None:
+            if self.released:  # released while the pass ran: its own pages went then, these go now
+                pool.release(fresh)
+                return
             self.committed += todo
             self.positions += todo_pos
             self.pending, self.pending_positions = self.pending[n_pend:], self.pending_positions[n_pend:]

@@ -6,7 +6,7 @@
  * logs go to a callback. Every fallible call returns a pie_status and sets a thread-local
  * message readable with pie_last_error().
  *
- * Reading order: status codes, params, model lifecycle, the batch, page operations.
+ * Reading order: status codes, params, model lifecycle, the batch, page operations, debugging.
  */
 #ifndef PIE_DRIVER_H
 #define PIE_DRIVER_H
@@ -25,7 +25,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a public struct or signature changes; the binding refuses a mismatch. */
-#define PIE_ABI_VERSION 1
+#define PIE_ABI_VERSION 2
 
 /* ------------------------------------------------------------------------------------------ */
 /* Status codes                                                                               */
@@ -49,7 +49,7 @@ PIE_API const char *pie_last_error(void);
 PIE_API const char *pie_status_name(int32_t status);
 
 /* ------------------------------------------------------------------------------------------ */
-/* Version and ABI                                                                            */
+/* Version, ABI and supported architectures                                                   */
 /* ------------------------------------------------------------------------------------------ */
 
 PIE_API int32_t pie_abi_version(void);
@@ -62,6 +62,11 @@ typedef enum {
     PIE_STRUCT_BATCH        = 3,
 } pie_struct_id;
 PIE_API size_t pie_struct_size(int32_t which); /* 0 for an unknown id */
+
+/* The architectures (general.architecture values) this library runs, e.g. "llama", by index
+ * 0 .. pie_arch_count()-1; pie_arch_name returns NULL outside that range. */
+PIE_API int32_t     pie_arch_count(void);
+PIE_API const char *pie_arch_name(int32_t index);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Logging                                                                                    */
@@ -223,6 +228,26 @@ PIE_API int32_t pie_read_pages(pie_model *model, int32_t n, const int32_t *pages
 
 /* Writes pages back from the layout pie_read_pages produced. */
 PIE_API int32_t pie_write_pages(pie_model *model, int32_t n, const int32_t *pages, const void *src, size_t src_bytes);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Debugging: activations                                                                     */
+/* ------------------------------------------------------------------------------------------ */
+
+/*
+ * Intermediate tensors of a forward pass carry llama.cpp's names, so they compare with its
+ * activations name by name: "<name>-<layer>" for "attn_norm", "Qcur", "Kcur", "Vcur",
+ * "kqv_out", "attn_out", "ffn_norm", "ffn_out", "l_out" (and per family "Qcur_normed",
+ * "ffn_inp", "sa_out", ...), then "result_norm" and "result_output" (the logits).
+ *
+ * While a callback is set, pie_forward asks it about each f32 tensor of the graph with
+ * data == NULL; a non-zero answer asks for that tensor's values, and once they are computed
+ * the callback is called again with `data`: ne[0] * ne[1] * ne[2] * ne[3] floats, ne[0]
+ * fastest, a host copy valid during the call (the answer is ignored then). Each tensor asked
+ * for splits the computation, so passes get slower; their results do not change.
+ * NULL turns it off. The setting belongs to the model.
+ */
+typedef int32_t (*pie_activation_callback)(const char *name, const int64_t *ne, const float *data, void *user_data);
+PIE_API int32_t pie_set_activation_callback(pie_model *model, pie_activation_callback callback, void *user_data);
 
 #ifdef __cplusplus
 }

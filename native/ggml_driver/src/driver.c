@@ -1,49 +1,15 @@
 /*
- * driver.c — the public lifecycle: status codes and the thread-local last error, logging,
- * ABI checks, device selection, model load/free/info, and pie_forward (plan -> graph ->
- * compute -> sample).
- *
- * The only process-wide state is the log callback: ggml's own logger is process-wide, so the
- * driver's follows it (see pie_log_set in pie_driver.h).
+ * driver.c — the public lifecycle: ABI checks, device selection, model load/free/info, and
+ * pie_forward (plan -> graph -> compute -> sample). Errors and logs: status.c, log.c.
  */
 #include "internal.h"
 
 #include <ctype.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-
-/* ------------------------------------------------------------------------------------------ */
-/* Status and last error                                                                      */
-/* ------------------------------------------------------------------------------------------ */
-
-static _Thread_local char last_error[1024];
-
-int32_t pie_set_error(int32_t status, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(last_error, sizeof(last_error), fmt, ap);
-    va_end(ap);
-    return status;
-}
-
-const char *pie_last_error(void) { return last_error; }
-
-const char *pie_status_name(int32_t status) {
-    switch (status) {
-        case PIE_OK:                   return "ok";
-        case PIE_ERR_IO:               return "io";
-        case PIE_ERR_FORMAT:           return "format";
-        case PIE_ERR_UNSUPPORTED:      return "unsupported";
-        case PIE_ERR_OUT_OF_MEMORY:    return "out_of_memory";
-        case PIE_ERR_INVALID_ARGUMENT: return "invalid_argument";
-        case PIE_ERR_BACKEND:          return "backend";
-        default:                       return "unknown";
-    }
-}
 
 /* ------------------------------------------------------------------------------------------ */
 /* Version and ABI                                                                            */
@@ -59,55 +25,6 @@ size_t pie_struct_size(int32_t which) {
         case PIE_STRUCT_BATCH:        return sizeof(pie_batch);
         default:                      return 0;
     }
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* Logging                                                                                    */
-/* ------------------------------------------------------------------------------------------ */
-
-static pie_log_callback log_callback;
-static void *log_user_data;
-
-void pie_log(int32_t level, const char *fmt, ...) {
-    if (!log_callback) return;
-    char buf[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(buf, sizeof(buf), fmt, ap);
-    va_end(ap);
-    log_callback(level, buf, log_user_data);
-}
-
-/* ggml logs in fragments (GGML_LOG_LEVEL_CONT continues the previous line); trailing newlines
- * are dropped so each callback gets one clean message. */
-static void ggml_logger(enum ggml_log_level level, const char *text, void *user_data) {
-    (void)user_data;
-    static _Thread_local int32_t last_level = PIE_LOG_INFO;
-    int32_t lv;
-    switch (level) {
-        case GGML_LOG_LEVEL_DEBUG: lv = PIE_LOG_DEBUG; break;
-        case GGML_LOG_LEVEL_WARN:  lv = PIE_LOG_WARN; break;
-        case GGML_LOG_LEVEL_ERROR: lv = PIE_LOG_ERROR; break;
-        case GGML_LOG_LEVEL_CONT:  lv = last_level; break;
-        default:                   lv = PIE_LOG_INFO; break;
-    }
-    last_level = lv;
-    size_t n = strlen(text);
-    while (n > 0 && (text[n - 1] == '\n' || text[n - 1] == '\r')) n--;
-    if (n > 0) pie_log(lv, "%.*s", (int)n, text);
-}
-
-static void ggml_abort_logger(const char *message) { pie_log(PIE_LOG_ERROR, "ggml fatal error: %s", message); }
-
-static void install_ggml_hooks(void) {
-    ggml_log_set(ggml_logger, NULL);
-    ggml_set_abort_callback(ggml_abort_logger);
-}
-
-void pie_log_set(pie_log_callback callback, void *user_data) {
-    log_callback = callback;
-    log_user_data = user_data;
-    install_ggml_hooks();
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -257,7 +174,7 @@ int32_t pie_model_load(const char *path, const pie_model_params *params, pie_mod
     if (!out_model) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "out_model is NULL");
     *out_model = NULL;
     if (!path) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "path is NULL");
-    if (!log_callback) install_ggml_hooks(); /* never let ggml print, even before pie_log_set */
+    pie_log_capture_ggml();
 
     pie_model *m = calloc(1, sizeof(*m));
     if (!m) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate the model");
@@ -331,6 +248,42 @@ static void upload_inputs(const pie_model *m, const pie_graph *g, const pie_batc
     ggml_backend_tensor_set(g->out_rows, p->out_rows, 0, sizeof(int32_t) * (size_t)p->n_outputs);
 }
 
+/* ggml_backend_sched's eval callback: offers each f32 node to the host's activation callback
+ * and hands over the values of the ones it asks for, as contiguous floats. */
+static bool eval_activation(struct ggml_tensor *t, bool ask, void *user_data) {
+    const pie_model *m = user_data;
+    if (t->type != GGML_TYPE_F32) return false;
+    if (ask) return m->activation_cb(ggml_get_name(t), t->ne, NULL, m->activation_user) != 0;
+    /* views may be strided: read the bytes they span, then gather the elements in order */
+    const size_t span = ggml_nbytes(t), n = (size_t)ggml_nelements(t);
+    uint8_t *raw = malloc(span);
+    float *vals = ggml_is_contiguous(t) ? (float *)raw : malloc(n * sizeof(float));
+    if (!raw || !vals) {
+        pie_log(PIE_LOG_WARN, "no memory to copy activation '%s' (%zu bytes)", ggml_get_name(t), span);
+    } else {
+        ggml_backend_tensor_get(t, raw, 0, span);
+        if (vals != (float *)raw) {
+            size_t i = 0;
+            for (int64_t i3 = 0; i3 < t->ne[3]; i3++)
+                for (int64_t i2 = 0; i2 < t->ne[2]; i2++)
+                    for (int64_t i1 = 0; i1 < t->ne[1]; i1++)
+                        for (int64_t i0 = 0; i0 < t->ne[0]; i0++)
+                            vals[i++] = *(const float *)(raw + i0 * t->nb[0] + i1 * t->nb[1] + i2 * t->nb[2] + i3 * t->nb[3]);
+        }
+        m->activation_cb(ggml_get_name(t), t->ne, vals, m->activation_user);
+    }
+    if (vals != (float *)raw) free(vals);
+    free(raw);
+    return true; /* false would stop the computation */
+}
+
+int32_t pie_set_activation_callback(pie_model *m, pie_activation_callback callback, void *user_data) {
+    if (!m) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "model is NULL");
+    m->activation_cb = callback;
+    m->activation_user = user_data;
+    return PIE_OK;
+}
+
 int32_t pie_forward(pie_model *m, const pie_batch *b) {
     if (!m) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "model is NULL");
     int32_t st = pie_plan_build(m, b);
@@ -367,6 +320,7 @@ int32_t pie_forward(pie_model *m, const pie_batch *b) {
                              m->plan.n_tokens, m->plan.n_requests);
     }
     upload_inputs(m, &g, b);
+    ggml_backend_sched_set_eval_callback(m->sched, m->activation_cb ? eval_activation : NULL, m);
     if (ggml_backend_sched_graph_compute(m->sched, g.gf) != GGML_STATUS_SUCCESS) {
         ggml_free(g.ctx);
         return pie_set_error(PIE_ERR_BACKEND, "the %s backend failed to compute the batch", m->backend_name);

@@ -10,6 +10,7 @@
 
 #include "pie_driver.h"
 #include "sampler.h"
+#include "status.h"
 
 #include "ggml.h"
 #include "ggml-backend.h"
@@ -163,6 +164,10 @@ struct pie_model {
     size_t   graph_cap;                 /* most graph nodes sched and graph_meta are sized for  */
     char     backend_name[64];
 
+    /* debugging: activations handed to the host (pie_set_activation_callback), NULL = off */
+    pie_activation_callback activation_cb;
+    void   *activation_user;
+
     /* outputs */
     pie_sampler_scratch *sampler;
     float  *logits;                     /* [logits_cap] sampled rows' logits when the caller did
@@ -171,7 +176,7 @@ struct pie_model {
 };
 
 /* ------------------------------------------------------------------------------------------ */
-/* Architectures: one graph builder per family (models/<family>.c)                                    */
+/* Architectures: the table in arch.c, one graph builder per family in models/<family>.c     */
 /* ------------------------------------------------------------------------------------------ */
 
 /* Graph inputs of one forward pass, created by pie_graph_begin. */
@@ -192,14 +197,14 @@ typedef struct {
     struct ggml_tensor *logits;     /* F32 [n_vocab, n_outputs] result, NULL without plan->head */
 } pie_graph;
 
+/* One supported architecture: a row of the table in arch.c. */
 struct pie_arch {
-    const char *name;
-    /* reads arch-specific keys and sets defaults the common loader does not know */
+    const char *name;      /* general.architecture                                            */
+    int32_t rope_mode;     /* GGML_ROPE_TYPE_NEOX (rotate halves) or 0 (rotate adjacent pairs) */
+    uint32_t needs;        /* which optional tensors the family needs: bitwise PIE_NEED_*     */
+    /* reads arch-specific keys and sets defaults the common loader does not know; may be NULL */
     int32_t (*load_hparams)(pie_hparams *hp, const struct gguf_context *gguf);
-    /* which optional tensors the family needs: bitwise PIE_NEED_* */
-    uint32_t needs;
-    /* builds hidden and logits into g */
-    void (*build)(pie_graph *g);
+    void (*build)(pie_graph *g); /* builds hidden and logits into g                          */
 };
 
 enum {
@@ -208,14 +213,20 @@ enum {
     PIE_NEED_POST_NORMS = 1 << 2,
 };
 
+/* arch.c: the row named `name`, or NULL; the names as "llama, qwen2, ..." (for messages) */
 const pie_arch *pie_arch_find(const char *name);
+void pie_arch_list(char *buf, size_t size);
+
+/* models/<family>.c: the builders and hooks arch.c lists */
+void    pie_build_llama(pie_graph *g);
+int32_t pie_gemma3_hparams(pie_hparams *hp, const struct gguf_context *gguf);
+void    pie_build_gemma3(pie_graph *g);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Internal API between the driver's files                                                    */
 /* ------------------------------------------------------------------------------------------ */
 
-/* driver.c */
-void pie_log(int32_t level, const char *fmt, ...);
+/* status.c, log.c: pie_set_error and pie_log, declared in status.h (the sampler uses them too) */
 
 /* loader.c: fills hp, w, ctx_w, buf_w, map_*, n_params, weight_bytes; needs model->dev set.
  * The pie_gguf_* readers accept any integer / float storage and return false when absent. */
@@ -234,6 +245,7 @@ void    pie_plan_free(pie_plan *plan);
 
 /* models/common.c: building blocks every family uses */
 void pie_graph_begin(pie_graph *g);
+struct ggml_tensor *pie_name(struct ggml_tensor *t, const char *name, int il);
 struct ggml_tensor *pie_embed(pie_graph *g);
 struct ggml_tensor *pie_select_outputs(pie_graph *g, struct ggml_tensor *x);
 struct ggml_tensor *pie_norm(pie_graph *g, struct ggml_tensor *x, struct ggml_tensor *w);

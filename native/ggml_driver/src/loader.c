@@ -95,6 +95,7 @@ static int32_t load_hparams(pie_hparams *hp, const struct gguf_context *g) {
         return pie_set_error(PIE_ERR_FORMAT, "bad head sizes: key_length %d, value_length %d, rope dims %d",
                              hp->head_dim, hp->head_dim_v, hp->n_rot);
 
+    hp->rope_mode = hp->arch->rope_mode;
     hp->rope_base = 10000.0f;
     pie_gguf_float(g, akey(hp, "rope.freq_base"), &hp->rope_base);
     float factor = 0.0f;
@@ -295,7 +296,9 @@ int32_t pie_load_weights(pie_model *m, const char *path) {
     const char *arch = gguf_get_val_str(g, id);
     m->hp.arch = pie_arch_find(arch);
     if (!m->hp.arch) {
-        st = pie_set_error(PIE_ERR_UNSUPPORTED, "unsupported architecture '%s' (supported: llama, qwen2, qwen3, gemma3)", arch);
+        char supported[256];
+        pie_arch_list(supported, sizeof(supported));
+        st = pie_set_error(PIE_ERR_UNSUPPORTED, "unsupported architecture '%s' (supported: %s)", arch, supported);
         goto done;
     }
     if ((st = load_hparams(&m->hp, g)) != PIE_OK) goto done;

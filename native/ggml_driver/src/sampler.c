@@ -16,6 +16,7 @@
  * the scratch, so a row allocates nothing.
  */
 #include "sampler.h"
+#include "status.h"
 
 #include <math.h>
 #include <stdbool.h>

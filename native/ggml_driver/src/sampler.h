@@ -29,7 +29,4 @@ int32_t pie_sample_row(pie_sampler_scratch *scratch, const float *logits, int32_
                        int32_t *out_token, float *out_logprob,
                        int32_t top_k, int32_t *out_top_ids, float *out_top_probs);
 
-/* Internal error setter shared by the driver's C files (defined in driver.c). */
-int32_t pie_set_error(int32_t status, const char *fmt, ...);
-
 #endif /* PIE_SAMPLER_H */

@@ -7,16 +7,6 @@
 #include "../internal.h"
 
 #include <math.h>
-#include <string.h>
-
-extern const pie_arch pie_arch_llama, pie_arch_qwen2, pie_arch_qwen3, pie_arch_gemma3;
-
-const pie_arch *pie_arch_find(const char *name) {
-    static const pie_arch *const all[] = { &pie_arch_llama, &pie_arch_qwen2, &pie_arch_qwen3, &pie_arch_gemma3 };
-    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
-        if (strcmp(all[i]->name, name) == 0) return all[i];
-    return NULL;
-}
 
 static struct ggml_tensor *input(pie_graph *g, enum ggml_type type, int64_t n, const char *name) {
     struct ggml_tensor *t = ggml_new_tensor_1d(g->ctx, type, n);
@@ -39,11 +29,21 @@ void pie_graph_begin(pie_graph *g) {
     g->out_rows    = input(g, GGML_TYPE_I32, g->n_outputs, "out_rows");  /* [n_outputs] */
 }
 
+/* Names an intermediate tensor as llama.cpp's graph callback does: "<name>-<layer>", or the
+ * bare name for il < 0. Builders name the same tensors llama.cpp names, with its names
+ * ("attn_norm", "Qcur", "kqv_out", "ffn_out", "l_out", "result_norm", ...), so activations read
+ * through pie_set_activation_callback compare with llama.cpp's name by name. */
+struct ggml_tensor *pie_name(struct ggml_tensor *t, const char *name, int il) {
+    if (il >= 0) ggml_format_name(t, "%s-%d", name, il);
+    else ggml_set_name(t, name);
+    return t;
+}
+
 /* Token embeddings, scaled: [n_embd, n_tokens] */
 struct ggml_tensor *pie_embed(pie_graph *g) {
     const pie_model *m = g->model;
-    struct ggml_tensor *x = ggml_get_rows(g->ctx, m->w.tok_embd, g->tokens);
-    if (m->hp.embd_scale != 1.0f) x = ggml_scale(g->ctx, x, m->hp.embd_scale);
+    struct ggml_tensor *x = pie_name(ggml_get_rows(g->ctx, m->w.tok_embd, g->tokens), "embd", -1);
+    if (m->hp.embd_scale != 1.0f) x = pie_name(ggml_scale(g->ctx, x, m->hp.embd_scale), "inp_scaled", -1);
     return x;
 }
 
@@ -166,16 +166,14 @@ struct ggml_tensor *pie_select_outputs(pie_graph *g, struct ggml_tensor *x) {
  * largest matrix of a small model. */
 void pie_graph_finish(pie_graph *g, struct ggml_tensor *x) {
     const pie_model *m = g->model;
-    g->hidden = pie_norm(g, x, m->w.output_norm);
-    ggml_set_name(g->hidden, "hidden");
+    g->hidden = pie_name(pie_norm(g, x, m->w.output_norm), "result_norm", -1);
     ggml_set_output(g->hidden);
     ggml_build_forward_expand(g->gf, g->hidden);
     if (!g->plan->head) return;
     struct ggml_tensor *logits = ggml_mul_mat(g->ctx, m->w.output, g->hidden);
     const float cap = m->hp.logit_softcap;
     if (cap > 0.0f) logits = ggml_scale(g->ctx, ggml_tanh(g->ctx, ggml_scale(g->ctx, logits, 1.0f / cap)), cap);
-    g->logits = logits;
-    ggml_set_name(g->logits, "logits");
+    g->logits = pie_name(logits, "result_output", -1);
     ggml_set_output(g->logits);
     ggml_build_forward_expand(g->gf, g->logits);
 }

@@ -9,8 +9,7 @@
 #include <math.h>
 #include <stdint.h>
 
-static int32_t gemma3_hparams(pie_hparams *hp, const struct gguf_context *g) {
-    hp->rope_mode = GGML_ROPE_TYPE_NEOX;
+int32_t pie_gemma3_hparams(pie_hparams *hp, const struct gguf_context *g) {
     hp->embd_scale = sqrtf((float)hp->n_embd);
     /* the 27B model scales by the embedding width per head, the others by head_dim */
     if (hp->n_layer == 62) hp->attn_scale = 1.0f / sqrtf((float)(hp->n_embd / hp->n_head));
@@ -38,7 +37,7 @@ static int32_t gemma3_hparams(pie_hparams *hp, const struct gguf_context *g) {
     return PIE_OK;
 }
 
-static void gemma3_build(pie_graph *g) {
+void pie_build_gemma3(pie_graph *g) {
     const pie_model *m = g->model;
     const pie_hparams *hp = &m->hp;
     struct ggml_context *ctx = g->ctx;
@@ -47,31 +46,34 @@ static void gemma3_build(pie_graph *g) {
     struct ggml_tensor *x = pie_embed(g); /* [n_embd, n_tokens], scaled by sqrt(n_embd) */
     for (int il = 0; il < hp->n_layer; il++) {
         const pie_layer *L = &m->w.layers[il];
-        struct ggml_tensor *cur = pie_norm(g, x, L->attn_norm);
+        struct ggml_tensor *cur = pie_name(pie_norm(g, x, L->attn_norm), "attn_norm", il);
 
         struct ggml_tensor *q = ggml_reshape_3d(ctx, pie_linear(g, L->wq, NULL, cur), hp->head_dim, hp->n_head, nt);
         struct ggml_tensor *k = ggml_reshape_3d(ctx, pie_linear(g, L->wk, NULL, cur), hp->head_dim, hp->n_head_kv, nt);
         struct ggml_tensor *v = ggml_reshape_3d(ctx, pie_linear(g, L->wv, NULL, cur), hp->head_dim_v, hp->n_head_kv, nt);
-        q = pie_rope(g, pie_norm(g, q, L->q_norm), il);
-        k = pie_rope(g, pie_norm(g, k, L->k_norm), il);
+        q = pie_name(pie_norm(g, q, L->q_norm), "Qcur_normed", il);
+        k = pie_name(pie_norm(g, k, L->k_norm), "Kcur_normed", il);
+        q = pie_name(pie_rope(g, q, il), "Qcur", il);
+        k = pie_name(pie_rope(g, k, il), "Kcur", il);
+        v = pie_name(v, "Vcur", il);
         /* Q is scaled before attention (as Gemma's reference does), not inside it: the f16
          * rounding of Q then matches llama.cpp's */
-        cur = pie_attention(g, il, ggml_scale(ctx, q, hp->attn_scale), k, v, 1.0f); /* [n_head*head_dim_v, n] */
-        cur = pie_linear(g, L->wo, NULL, cur);  /* [n_embd, n_tokens] */
+        cur = pie_attention(g, il, ggml_scale(ctx, q, hp->attn_scale), k, v, 1.0f);
+        cur = pie_name(cur, "kqv_out", il);                                   /* [n_head*head_dim_v, n] */
+        cur = pie_name(pie_linear(g, L->wo, NULL, cur), "attn_out", il);      /* [n_embd, n_tokens] */
 
         if (il == hp->n_layer - 1) {
             cur = pie_select_outputs(g, cur);
             x = pie_select_outputs(g, x);
         }
-        x = ggml_add(ctx, x, pie_norm(g, cur, L->attn_post_norm));
+        cur = pie_name(pie_norm(g, cur, L->attn_post_norm), "attn_post_norm", il);
+        x = pie_name(ggml_add(ctx, x, cur), "sa_out", il);
 
-        cur = pie_norm(g, x, L->ffn_norm);
+        cur = pie_name(pie_norm(g, x, L->ffn_norm), "ffn_norm", il);
         cur = ggml_geglu_split(ctx, ggml_mul_mat(ctx, L->ffn_gate, cur), ggml_mul_mat(ctx, L->ffn_up, cur)); /* [n_ff, n] */
-        cur = ggml_mul_mat(ctx, L->ffn_down, cur);
-        x = ggml_add(ctx, x, pie_norm(g, cur, L->ffn_post_norm));
+        cur = pie_name(ggml_mul_mat(ctx, L->ffn_down, cur), "ffn_out", il);
+        cur = pie_name(pie_norm(g, cur, L->ffn_post_norm), "ffn_post_norm", il);
+        x = pie_name(ggml_add(ctx, x, cur), "l_out", il);
     }
     pie_graph_finish(g, x);
 }
-
-const pie_arch pie_arch_gemma3 = {
-    .name = "gemma3", .load_hparams = gemma3_hparams, .needs = PIE_NEED_QK_NORM | PIE_NEED_POST_NORMS, .build = gemma3_build };

@@ -1,0 +1,124 @@
+"""Named activations: the driver names its intermediate tensors as llama.cpp does ("attn_norm-0",
+"Qcur-3", "l_out-17", "result_norm", ...) and ``Driver.activations()`` hands them out, so a graph
+that goes wrong shows up at the layer and tensor where it starts, not only in the logits.
+
+Tolerance against llama.cpp: zero. Measured on the CPU (1 and 2 threads, tiny f32 models of every
+architecture and the starter model, one request): every tensor both engines name, in every layer,
+equals llama.cpp's bit for bit — both run the same ggml kernels in this process and, for a single
+request, sum in the same order. A difference therefore means a graph that differs from
+llama.cpp's. (Batches of several requests and chunked prefill reorder sums; test_driver_logits.py
+covers those with measured tolerances.)
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from driver_helpers import Req, build_batch, tiny_gguf
+from llama_ref import LlamaRef
+from tiny_models import ARCHES, tiny_config
+
+from pie_local.driver import Driver, DriverParams
+
+pytestmark = pytest.mark.real_driver
+
+PAGE = 16
+# device "cpu": the comparison with llama.cpp (weights on the CPU) assumes the same kernels
+PARAMS = DriverParams(n_threads=2, page_size=PAGE, n_pages=8, device="cpu")
+TOKENS = [1, 300, 301, 302, 303, 304, 305]
+OUTPUTS = [2, 6]
+
+# What each family names per layer, besides the tensors all of them name.
+EVERY_LAYER = {"attn_norm", "Qcur", "Kcur", "Vcur", "kqv_out", "attn_out", "ffn_norm", "ffn_out", "l_out"}
+FAMILY_LAYER = {
+    "llama": {"ffn_inp"},
+    "qwen2": {"ffn_inp"},
+    "qwen3": {"Qcur_normed", "Kcur_normed", "ffn_inp"},
+    "gemma3": {"Qcur_normed", "Kcur_normed", "attn_post_norm", "sa_out", "ffn_post_norm"},
+}
+
+
+def expected_names(arch: str, n_layer: int) -> set[str]:
+    per_layer = EVERY_LAYER | FAMILY_LAYER[arch]
+    names = {f"{name}-{il}" for name in per_layer for il in range(n_layer)}
+    return names | {"embd", "result_norm", "result_output"} | ({"inp_scaled"} if arch == "gemma3" else set())
+
+
+def named(acts: dict[str, np.ndarray]) -> set[str]:
+    """The names the builders gave (ggml's own are "node_12", "Vcur-0 (reshaped)", ...)."""
+    return {name for name in acts if re.fullmatch(r"[A-Za-z_]+(-\d+)?", name)}
+
+
+def one_pass(driver: Driver, first_page: int, tokens: list[int] = TOKENS, outputs: list[int] = OUTPUTS):
+    pages = list(range(first_page, first_page + -(-len(tokens) // PAGE)))
+    batch = build_batch([Req(tokens, pages, len(tokens), outputs=outputs)], PAGE, return_hidden=True)
+    return driver.forward(batch)
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_every_layer_is_named_and_the_last_one_gives_the_logits(tmp_path_factory, arch: str) -> None:
+    cfg = tiny_config(arch)
+    with Driver(tiny_gguf(tmp_path_factory, arch), PARAMS) as driver:
+        plain = one_pass(driver, 0)
+        with driver.activations() as acts:
+            res = one_pass(driver, 1)
+        assert named(acts) == expected_names(arch, cfg.n_layer)
+
+        n, last = len(TOKENS), cfg.n_layer - 1
+        assert acts["attn_norm-0"].shape == (n, cfg.n_embd)
+        assert acts["Qcur-0"].shape == (n, cfg.n_head, cfg.head_dim)
+        assert acts["Kcur-0"].shape == acts["Vcur-0"].shape == (n, cfg.n_head_kv, cfg.head_dim)
+        assert acts["kqv_out-0"].shape == (n, cfg.n_head * cfg.head_dim)
+        assert acts["l_out-0"].shape == (n, cfg.n_embd)
+        assert acts[f"l_out-{last}"].shape == (len(OUTPUTS), cfg.n_embd)  # only the sampled rows
+        # the final layer's output, normed and through the head, is what forward returned
+        assert np.array_equal(acts["result_norm"], res.hidden)
+        assert np.array_equal(acts["result_output"], res.logits)
+        # reading activations changes no result
+        assert np.array_equal(res.logits, plain.logits) and np.array_equal(res.hidden, plain.hidden)
+
+        # a name list takes just those; after the block nothing is collected
+        with driver.activations(["l_out-0", "result_norm"]) as some:
+            one_pass(driver, 2)
+        assert set(some) == {"l_out-0", "result_norm"}
+        kept = some["l_out-0"].copy()
+        one_pass(driver, 3, tokens=TOKENS[::-1])
+        assert set(some) == {"l_out-0", "result_norm"} and np.array_equal(some["l_out-0"], kept)
+
+
+def compare_with_llama_cpp(path, arch: str, tokens: list[int]) -> dict[str, float]:
+    """Every activation both engines name for one prompt (last row sampled): name -> max |diff|."""
+    with Driver(path, PARAMS) as driver:
+        with driver.activations() as ours:
+            one_pass(driver, 0, tokens=tokens, outputs=[len(tokens) - 1])
+        n_layer = driver.info.n_layer
+    names = named(ours)
+    with LlamaRef(path, n_ctx=256, n_threads=2, capture=names) as ref:
+        ref.logits(tokens, rows="last")
+        theirs = ref.activations
+    # llama.cpp names the attention output after its projection for llama only
+    unnamed = set() if arch == "llama" else {f"attn_out-{il}" for il in range(n_layer)}
+    assert set(theirs) == expected_names(arch, n_layer) - unnamed
+    diffs = {}
+    for name, want in theirs.items():
+        assert ours[name].shape == want.shape, name
+        diffs[name] = float(np.max(np.abs(ours[name].astype(np.float64) - want)))
+    return diffs
+
+
+@pytest.mark.llama_cpp
+@pytest.mark.parametrize("arch", ARCHES)
+def test_tiny_activations_equal_llama_cpp(tmp_path_factory, arch: str) -> None:
+    diffs = compare_with_llama_cpp(tiny_gguf(tmp_path_factory, arch), arch, TOKENS)
+    assert {name: d for name, d in diffs.items() if d > 0} == {}
+
+
+@pytest.mark.llama_cpp
+def test_starter_activations_equal_llama_cpp(starter_gguf) -> None:
+    with LlamaRef(starter_gguf, n_ctx=256) as ref:
+        tokens = ref.tokenize("def fibonacci(n):\n    if n < 2:\n        return n\n    return")
+    diffs = compare_with_llama_cpp(starter_gguf, "gemma3", tokens)
+    assert diffs["l_out-0"] == 0.0  # the first layer's output
+    assert {name: d for name, d in diffs.items() if d > 0} == {}
