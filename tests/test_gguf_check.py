@@ -118,7 +118,7 @@ def test_cli_add_prints_the_problem(tmp_path: Path, capsys: pytest.CaptureFixtur
     path = tiny(tmp_path, vocab_hook=make_equal("▁the", "▁thi"))
     assert main(["add", str(path)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "has the token '▁the' twice" in err
+    assert err.startswith("pie-local: error: ") and "has the token '▁the' twice" in err
 
 
 # ---------------------------------------------------------------------------------------------
