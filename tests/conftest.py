@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Module- and session-scoped fixtures (a shared tokenizer or engine) are set up before
+    isolated_home: they get a data directory of their own, never the user's."""
+    home = tmp_path_factory.mktemp("pie_home_session")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PIE_LOCAL_HOME", str(home))
+        yield home
 
 
 @pytest.fixture(autouse=True)

@@ -257,6 +257,14 @@ class FakeHub:
 # ---------------------------------------------------------------------------------------------
 
 
+def _spm_tokens(n: int) -> list[bytes]:
+    """<unk> <s> </s>, the 256 byte tokens SentencePiece falls back to, then filler up to n."""
+    base = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{b:02X}>".encode() for b in range(256)]
+    if n < len(base):
+        raise ValueError(f"a SentencePiece vocabulary needs at least {len(base)} tokens, not {n}")
+    return base + [f"tok{i}".encode() for i in range(n - len(base))]
+
+
 def write_gguf(
     path: Path,
     *,
@@ -267,15 +275,16 @@ def write_gguf(
     n_heads: int = 4,
     n_kv_heads: int = 2,
     context_length: int = 256,
-    vocab: int = 32,
+    vocab: int = 300,
     pad_bytes: int = 0,
     chat_template: str | None = None,
     license: str | None = "apache-2.0",
     seed: int = 0,
     split: tuple[int, int] | None = None,  # (part number, part count): split.* keys as llama.cpp writes
 ) -> Path:
-    """A small but valid GGUF: llama-style metadata, a token list, F32 + F16 + Q8_0 tensors, and
-    `pad_bytes` of extra F32 weights to make downloads long enough to interrupt."""
+    """A small but valid GGUF: llama-style metadata, a SentencePiece token list (`vocab` tokens,
+    byte tokens included), F32 + F16 + Q8_0 tensors, and `pad_bytes` of extra F32 weights to make
+    downloads long enough to interrupt."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -292,7 +301,7 @@ def write_gguf(
     w.add_head_count_kv(n_kv_heads)
     w.add_layer_norm_rms_eps(1e-6)
     w.add_tokenizer_model("llama")
-    w.add_token_list([f"tok{i}".encode() for i in range(vocab)])
+    w.add_token_list(_spm_tokens(vocab))
     if chat_template:
         w.add_chat_template(chat_template)
     if split:

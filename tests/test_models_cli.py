@@ -47,7 +47,7 @@ def test_add_list_show_rm_json(tiny: Path, capsys: pytest.CaptureFixture[str]) -
 
     assert cli("show", "tiny", "--json", "--context", "1000") == 0
     shown = json.loads(capsys.readouterr().out)
-    assert (shown["arch"], shown["n_layers"], shown["context_length"], shown["vocab_size"]) == ("llama", 2, 256, 32)
+    assert (shown["arch"], shown["n_layers"], shown["context_length"], shown["vocab_size"]) == ("llama", 2, 256, 300)
     assert shown["memory"]["kv_cache"] == 2 * 2 * (16 + 16) * 1000 * 2
     assert shown["memory"]["total"] == shown["memory"]["weights"] + shown["memory"]["kv_cache"]
     assert {q["type"] for q in shown["quant_mix"]} == {"F16", "F32", "Q8_0"}

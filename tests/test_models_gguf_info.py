@@ -19,7 +19,7 @@ def test_metadata_of_a_tiny_gguf(tmp_path: Path) -> None:
         n_heads=4,
         n_kv_heads=2,
         context_length=512,
-        vocab=100,
+        vocab=300,
         chat_template="{{ messages }}",
         license="mit",
     )
@@ -27,12 +27,12 @@ def test_metadata_of_a_tiny_gguf(tmp_path: Path) -> None:
     assert (info.arch, info.name, info.license, info.file_type) == ("llama", "Tiny Test", "mit", "Q8_0")
     assert (info.n_layers, info.context_length, info.embedding_length) == (3, 512, 64)
     assert (info.n_heads, info.n_kv_heads, info.key_length, info.value_length) == (4, 2, 16, 16)
-    assert info.vocab_size == 100 and info.tokenizer_model == "llama"
+    assert info.vocab_size == 300 and info.tokenizer_model == "llama"
     assert info.has_chat_template and info.chat_template == "{{ messages }}"
     assert info.n_tensors == 3
-    assert info.n_params == 100 * 64 + 64 + 64 * 64
+    assert info.n_params == 300 * 64 + 64 + 64 * 64
     mix = {q.type: (q.tensors, q.bytes) for q in info.quant_mix}
-    assert mix == {"F16": (1, 100 * 64 * 2), "F32": (1, 64 * 4), "Q8_0": (1, 64 * 64 // 32 * 34)}
+    assert mix == {"F16": (1, 300 * 64 * 2), "F32": (1, 64 * 4), "Q8_0": (1, 64 * 64 // 32 * 34)}
     assert info.weight_bytes == sum(b for _, b in mix.values())
     assert info.file_size == path.stat().st_size > info.weight_bytes
 

@@ -38,7 +38,7 @@ def test_card_fields_and_values(tiny: Path) -> None:
     assert fields["memory @ 1000 tok"].endswith(f" + KV {kv / 1000:.1f} kB (q8_0)")
     assert (fields["title"], fields["architecture"], fields["context"]) == ("Tiny Test", "llama", "256")
     assert fields["heads"] == "4 (kv 2, head dim 16)" and fields["sliding window"] == "-"
-    assert fields["vocab"] == "32 (llama)" and fields["license"] == "apache-2.0"
+    assert fields["vocab"] == "300 (llama)" and fields["license"] == "apache-2.0"
     assert fields["chat template"] == "built-in fallback" and fields["file"] == str(tiny)
     assert fields["quantization"].startswith("Q8_0  [")
 

@@ -11,7 +11,9 @@ import pytest
 from llama_ref import LlamaRef
 from tiny_models import (
     ARCHES,
+    BPE_CONTROL,
     N_VOCAB,
+    N_VOCAB_BPE,
     tiny_config,
     write_shape_mismatch,
     write_tiny_gguf,
@@ -51,6 +53,20 @@ def test_each_arch_loads_in_llama_cpp(tmp_path: Path, arch: str) -> None:
         assert len(ref.tokenize("the world is good", add_bos=False)) == 4
 
 
+def test_bpe_vocabulary_loads_in_llama_cpp(tmp_path: Path) -> None:
+    path = write_tiny_gguf(tmp_path / "bpe.gguf", "qwen2", vocab="bpe")
+    reader = gguf.GGUFReader(str(path))
+    assert bytes(reader.fields["tokenizer.ggml.model"].parts[-1]).decode() == "gpt2"
+    assert len(reader.fields["tokenizer.ggml.merges"].data) == N_VOCAB_BPE - 256 - len(BPE_CONTROL)  # one per word prefix
+    with LlamaRef(path, n_ctx=64) as ref:
+        assert ref.n_vocab == N_VOCAB_BPE
+        ids = ref.tokenize(" the world is good", add_bos=False)
+        assert len(ids) == 4 and ref.detokenize(ids) == " the world is good"  # merges build whole words
+        odd = "Hello, World!\n\tünï 😀"
+        assert ref.detokenize(ref.tokenize(odd, add_bos=False)) == odd  # anything else: byte tokens
+        assert np.all(np.isfinite(ref.logits([N_VOCAB_BPE - len(BPE_CONTROL), 300, 301])))
+
+
 @pytest.mark.parametrize("quant", ["f16", "q8_0", "q4_0", "q5_1"])
 def test_quantized_weights_are_stored_as_asked(tmp_path: Path, quant: str) -> None:
     path = write_tiny_gguf(tmp_path / f"llama-{quant}.gguf", "llama", quant=quant)
@@ -77,6 +93,8 @@ def test_overrides_and_bad_arguments(tmp_path: Path) -> None:
         write_tiny_gguf(tmp_path / "x.gguf", "mamba")
     with pytest.raises(ValueError, match="not a multiple of Q8_0's block 32"):
         write_tiny_gguf(tmp_path / "y.gguf", "llama", quant="q8_0", n_embd=48, head_dim=12)
+    with pytest.raises(ValueError, match="unknown vocab 'wordpiece'"):
+        write_tiny_gguf(tmp_path / "z.gguf", "llama", vocab="wordpiece")
 
 
 def test_broken_files_are_rejected_by_llama_cpp(tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
 """Tiny random-weight GGUF models for tests, written with the `gguf` package.
 
 ``write_tiny_gguf(path, arch)`` writes a complete, loadable model of a few hundred kilobytes for
-llama, qwen2, qwen3 or gemma3: full hyper-parameter metadata, a real SentencePiece ("llama")
-vocabulary with byte fallback that llama.cpp accepts, and random weights scaled so activations
+llama, qwen2, qwen3 or gemma3: full hyper-parameter metadata, a real vocabulary llama.cpp
+accepts (SentencePiece "llama" with byte fallback by default, or a GPT-2 style byte-level BPE
+with merges: ``vocab="bpe"``), and random weights scaled so activations
 stay O(1) (logits then differ clearly between tokens, which makes comparisons meaningful).
 The architectures differ where their graphs differ: qwen2 has QKV biases, qwen3 and gemma3 have
 QK norms and a head_dim that is not n_embd / n_head, gemma3 has post-norms, tied embeddings,
@@ -62,7 +63,7 @@ DEFAULTS: dict[str, TinyConfig] = {
 }
 
 # ---------------------------------------------------------------------------------------------
-# Vocabulary: SentencePiece-style ("llama" tokenizer model) with byte fallback
+# Vocabularies
 # ---------------------------------------------------------------------------------------------
 
 BOS_ID, EOS_ID, UNK_ID = 1, 2, 0
@@ -76,8 +77,24 @@ _WORDS = (
 ).split()
 
 
-def tiny_vocab() -> tuple[list[str], list[float], list[int]]:
-    """tokens, scores, token types: <unk> <s> </s>, 256 byte tokens, letters, word prefixes (~700)."""
+@dataclass
+class TinyVocab:
+    """The tokenizer metadata of a tiny model (tests may edit it through write_tiny_gguf's vocab_hook)."""
+
+    model: str  # tokenizer.ggml.model: "llama" (SentencePiece) or "gpt2" (byte-level BPE)
+    tokens: list[str]
+    types: list[int]
+    scores: list[float] | None = None
+    merges: list[str] | None = None
+    pre: str | None = None  # tokenizer.ggml.pre (BPE pre-tokenizer)
+    bos: int | None = None
+    eos: int | None = None
+    unk: int | None = None
+    add_bos: bool = False
+
+
+def spm_vocab() -> TinyVocab:
+    """SentencePiece with byte fallback: <unk> <s> </s>, 256 byte tokens, letters, word prefixes (~700)."""
     T = gguf.TokenType
     tokens = ["<unk>", "<s>", "</s>"]
     types = [T.UNKNOWN, T.CONTROL, T.CONTROL]
@@ -96,7 +113,67 @@ def tiny_vocab() -> tuple[list[str], list[float], list[int]]:
     types += [T.NORMAL] * len(pieces)
     # Longer pieces score higher so the SentencePiece merge prefers whole words.
     scores = [0.0] * (3 + 256) + [-100.0 + len(p) for p in pieces]
-    return tokens, scores, [int(t) for t in types]
+    return TinyVocab("llama", tokens, [int(t) for t in types], scores=scores, bos=BOS_ID, eos=EOS_ID, unk=UNK_ID,
+                     add_bos=True)
+
+
+def byte_chars() -> list[str]:
+    """GPT-2's byte -> character table: printable Latin-1 bytes stand for themselves, the others
+    (space, control bytes, ...) for the code points from U+0100 up, in byte order (space is 'Ġ')."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)}
+    chars, shifted = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + shifted))
+            shifted += 1
+    return chars
+
+
+BPE_CONTROL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def bpe_vocab() -> TinyVocab:
+    """Byte-level BPE: the 256 byte characters, every prefix of every word with its leading space
+    ('Ġthe'), the merges that build those prefixes one character at a time, then three control
+    tokens (<|endoftext|> is BOS and EOS, as in Qwen)."""
+    T = gguf.TokenType
+    space = byte_chars()[ord(" ")]
+    tokens = byte_chars()
+    merges: list[str] = []
+    for w in _WORDS:
+        prev = space
+        for ch in w:
+            piece = prev + ch
+            if piece not in tokens:
+                tokens.append(piece)
+                merges.append(f"{prev} {ch}")
+            prev = piece
+    types = [int(T.NORMAL)] * len(tokens) + [int(T.CONTROL)] * len(BPE_CONTROL)
+    end_of_text = len(tokens)
+    return TinyVocab("gpt2", tokens + list(BPE_CONTROL), types, merges=merges, pre="qwen2", bos=end_of_text,
+                     eos=end_of_text)
+
+
+VOCABS: dict[str, Callable[[], TinyVocab]] = {"spm": spm_vocab, "bpe": bpe_vocab}
+
+
+def _write_vocab(w: gguf.GGUFWriter, v: TinyVocab) -> None:
+    w.add_tokenizer_model(v.model)
+    if v.pre is not None:
+        w.add_tokenizer_pre(v.pre)
+    w.add_token_list(v.tokens)
+    if v.scores is not None:
+        w.add_token_scores(v.scores)
+    w.add_token_types(v.types)
+    if v.merges is not None:
+        w.add_token_merges(v.merges)
+    for key, value in (("bos", v.bos), ("eos", v.eos), ("unknown", v.unk)):
+        if value is not None:
+            w.add_uint32(f"tokenizer.ggml.{key}_token_id", value)
+    w.add_add_bos_token(v.add_bos)
+    w.add_add_eos_token(False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,25 +247,36 @@ def write_tiny_gguf(
     arch: str,
     *,
     quant: str = "f32",
+    vocab: str = "spm",
     seed: int = 0,
     arch_name: str | None = None,
     tensor_hook: Callable[[str, np.ndarray], np.ndarray] | None = None,
+    vocab_hook: Callable[[TinyVocab], None] | None = None,
+    metadata_hook: Callable[[gguf.GGUFWriter], None] | None = None,
     **overrides: object,
 ) -> Path:
     """Writes a tiny random model of `arch` to `path` and returns the path.
 
     quant: f32, f16, q8_0, q4_0, q4_1, q5_0, q5_1 (2-D weights only; norms and biases stay f32).
+    vocab: "spm" (SentencePiece with scores and byte tokens) or "bpe" (byte-level BPE with merges).
     overrides: fields of TinyConfig (n_embd, n_layer, head_dim, sliding_window, tied, ...).
     arch_name: write this as general.architecture instead of `arch` (for unknown-arch tests).
     tensor_hook: called as hook(name, float32 array) -> array to write (for broken-file tests).
+    vocab_hook: called with the TinyVocab before it is written, to edit it (broken vocabularies).
+    metadata_hook: called with the writer after the standard keys, to add more.
     """
     if arch not in DEFAULTS:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose from {', '.join(ARCHES)}")
     if quant not in QUANTS:
         raise ValueError(f"unknown quant {quant!r}; choose from {', '.join(QUANTS)}")
+    if vocab not in VOCABS:
+        raise ValueError(f"unknown vocab {vocab!r}; choose from {', '.join(VOCABS)}")
     cfg = replace(DEFAULTS[arch], **overrides)  # type: ignore[arg-type]
     path = Path(path)
-    tokens, scores, types = tiny_vocab()
+    v = VOCABS[vocab]()
+    n_vocab = len(v.tokens)  # the embedding's rows: a hook that edits tokens keeps the weights' shape
+    if vocab_hook is not None:
+        vocab_hook(v)
     rng = np.random.default_rng(seed)
 
     name = arch_name or arch
@@ -205,22 +293,16 @@ def write_tiny_gguf(
     w.add_rope_dimension_count(cfg.head_dim)
     w.add_rope_freq_base(cfg.rope_base)
     w.add_layer_norm_rms_eps(cfg.rms_eps)
-    w.add_vocab_size(len(tokens))
+    w.add_vocab_size(n_vocab)
     if cfg.sliding_window:
         w.add_sliding_window(cfg.sliding_window)
     w.add_file_type(int(gguf.LlamaFileType.ALL_F32) if quant == "f32" else int(gguf.LlamaFileType.MOSTLY_F16))
 
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(BOS_ID)
-    w.add_eos_token_id(EOS_ID)
-    w.add_unk_token_id(UNK_ID)
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
+    _write_vocab(w, v)
+    if metadata_hook is not None:
+        metadata_hook(w)
 
-    for tname, tensor in _tensors(arch, cfg, len(tokens), rng).items():
+    for tname, tensor in _tensors(arch, cfg, n_vocab, rng).items():
         if tensor_hook is not None:
             tensor = tensor_hook(tname, tensor)
         data, qtype = _encode(tensor, QUANTS[quant])
@@ -238,7 +320,8 @@ def tiny_config(arch: str, **overrides: object) -> TinyConfig:
     return replace(DEFAULTS[arch], **overrides)  # type: ignore[arg-type]
 
 
-N_VOCAB = len(tiny_vocab()[0])
+N_VOCAB = len(spm_vocab().tokens)
+N_VOCAB_BPE = len(bpe_vocab().tokens)
 
 # ---------------------------------------------------------------------------------------------
 # Broken files

@@ -4,11 +4,13 @@
     model = resolve_model("qwen2.5-0.5b")     # or None for the default, or a path to a .gguf
 
 Submodules: registry (catalogue), store (installed models), pull (downloads), gguf_info
-(metadata + memory estimate), starter (the model shipped on PyPI), spec (what users type).
+(metadata + memory estimate), gguf_check (refuses files that would crash llama.cpp or the driver),
+starter (the model shipped on PyPI), spec (what users type).
 """
 
 from pie_local.models.errors import (
     ChecksumError,
+    CorruptGGUFError,
     DiskFullError,
     GGUFError,
     HubAuthError,
@@ -28,6 +30,7 @@ from pie_local.models.store import STARTER_NAME, InstalledModel
 __all__ = [
     "STARTER_NAME",
     "ChecksumError",
+    "CorruptGGUFError",
     "DiskFullError",
     "GGUFError",
     "HubAuthError",

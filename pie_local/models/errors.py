@@ -33,6 +33,11 @@ class GGUFError(ModelError):
     """A file that is not a readable GGUF."""
 
 
+class CorruptGGUFError(GGUFError):
+    """A readable GGUF whose contents are impossible (two equal tokens, a NaN epsilon, ...): fed
+    to llama.cpp or the driver, it would abort the process instead of failing cleanly."""
+
+
 class PullError(ModelError):
     """A download failed."""
 

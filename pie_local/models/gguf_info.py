@@ -8,18 +8,24 @@ across all parts. Format: https://github.com/ggml-org/ggml/blob/master/docs/gguf
 
 from __future__ import annotations
 
+import math
 import mmap
+import os
 import re
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from pie_local.models.errors import GGUFError
 
 GGUF_MAGIC = b"GGUF"
 SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
 MAX_ARRAY_KEPT = 64  # arrays longer than this keep only their length (vocab tables, per-token scores)
+GGML_MAX_DIMS = 4
 
 # GGUF value type id -> struct format of a scalar (8 = string, 9 = array are handled apart)
 _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -108,7 +114,7 @@ class GGUFInfo:
 
 
 # ---------------------------------------------------------------------------------------------
-# Low-level header reading
+# Header reading
 # ---------------------------------------------------------------------------------------------
 
 
@@ -129,12 +135,31 @@ class _Cursor:
         self.pos += size
         return value
 
-    def string(self) -> str:
+    def raw_string(self) -> bytes:
         n = self.scalar("<Q")
         self._need(n)
         raw = bytes(self.buf[self.pos : self.pos + n])
         self.pos += n
-        return raw.decode("utf-8", errors="replace")
+        return raw
+
+    def string(self) -> str:
+        return self.raw_string().decode("utf-8", errors="replace")
+
+    def raw_strings(self, count: int) -> list[bytes]:
+        """`count` strings as bytes (a loop tuned for vocabularies of 100k+ tokens)."""
+        unpack, buf, pos, end = struct.unpack_from, self.buf, self.pos, len(self.buf)
+        out = []
+        for _ in range(count):
+            if pos + 8 > end:
+                raise GGUFError(f"{self.path}: truncated GGUF header")
+            n = unpack("<Q", buf, pos)[0]
+            pos += 8
+            if pos + n > end:
+                raise GGUFError(f"{self.path}: truncated GGUF header")
+            out.append(bytes(buf[pos : pos + n]))
+            pos += n
+        self.pos = pos
+        return out
 
     def skip_strings(self, count: int) -> None:
         unpack, buf, pos, end = struct.unpack_from, self.buf, self.pos, len(self.buf)
@@ -146,20 +171,33 @@ class _Cursor:
             raise GGUFError(f"{self.path}: truncated GGUF header")
         self.pos = pos
 
-    def value(self, type_id: int) -> Any:
+    def numbers(self, type_id: int, count: int) -> np.ndarray:
+        dtype = np.dtype(_SCALAR_FORMATS[type_id])
+        self._need(dtype.itemsize * count)
+        out = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy()
+        self.pos += dtype.itemsize * count
+        return out
+
+    def value(self, type_id: int, full: bool = False) -> Any:
+        """One value; an array longer than MAX_ARRAY_KEPT becomes an ArrayInfo unless `full`,
+        which gives every element (strings as bytes, numbers as a numpy array)."""
         if type_id == _STRING:
             return self.string()
         if type_id == _ARRAY:
             item_type, count = self.scalar("<I"), self.scalar("<Q")
+            if item_type == _ARRAY:
+                raise GGUFError(f"{self.path}: unsupported nested array in GGUF metadata")
+            if item_type not in _SCALAR_FORMATS and item_type != _STRING:
+                raise GGUFError(f"{self.path}: unknown GGUF value type {item_type}")
+            if full:
+                return self.raw_strings(count) if item_type == _STRING else self.numbers(item_type, count)
             if count > MAX_ARRAY_KEPT:
                 if item_type == _STRING:
                     self.skip_strings(count)
-                elif item_type in _SCALAR_FORMATS:
+                else:
                     size = struct.calcsize(_SCALAR_FORMATS[item_type]) * count
                     self._need(size)
                     self.pos += size
-                else:
-                    raise GGUFError(f"{self.path}: unsupported nested array in GGUF metadata")
                 return ArrayInfo(item_type, count)
             return [self.value(item_type) for _ in range(count)]
         if type_id not in _SCALAR_FORMATS:
@@ -168,27 +206,48 @@ class _Cursor:
 
 
 @dataclass(frozen=True)
-class _Tensor:
+class TensorInfo:
     name: str
-    n_elements: int
+    dims: tuple[int, ...]  # ggml order: dims[0] is the row length
     type_id: int
+    offset: int  # of its data, from the start of the data section
+
+    @property
+    def n_elements(self) -> int:
+        return math.prod(self.dims)
 
 
-def _read_header(path: Path) -> tuple[int, dict[str, Any], list[_Tensor]]:
-    """(version, metadata, tensor infos) of one GGUF file."""
+@dataclass(frozen=True)
+class GGUFHeader:
+    """One GGUF file's header as stored: nothing is interpreted beyond the format itself."""
+
+    path: Path
+    file_size: int
+    version: int
+    metadata: dict[str, Any]  # long arrays as ArrayInfo, except the keys asked for in full
+    value_types: dict[str, int]  # GGUF value type of each key (8 = string, 9 = array, ...)
+    tensors: tuple[TensorInfo, ...]
+    data_offset: int  # where the tensor data starts
+
+
+def read_gguf_header(path: str | Path, full_arrays: Collection[str] = ()) -> GGUFHeader:
+    """The header of one GGUF file (one part of a split GGUF); arrays under the keys in
+    `full_arrays` are read in full. Raises GGUFError for anything that is not a readable GGUF."""
+    path = Path(path)
     try:
         with open(path, "rb") as f:
-            if path.stat().st_size < 24:
+            size = os.fstat(f.fileno()).st_size
+            if size < 24:
                 raise GGUFError(f"{path}: too small to be a GGUF file")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                return _parse(_Cursor(mm, path))
+                return _parse(_Cursor(mm, path), size, frozenset(full_arrays))
     except FileNotFoundError:
         raise GGUFError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise GGUFError(f"{path}: is a directory, not a GGUF file") from None
 
 
-def _parse(cur: _Cursor) -> tuple[int, dict[str, Any], list[_Tensor]]:
+def _parse(cur: _Cursor, size: int, full_arrays: frozenset[str]) -> GGUFHeader:
     cur._need(4)
     if bytes(cur.buf[0:4]) != GGUF_MAGIC:
         raise GGUFError(f"{cur.path}: not a GGUF file (bad magic; expected 'GGUF')")
@@ -200,20 +259,26 @@ def _parse(cur: _Cursor) -> tuple[int, dict[str, Any], list[_Tensor]]:
         )
     n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
     metadata: dict[str, Any] = {}
+    value_types: dict[str, int] = {}
     for _ in range(n_kv):
         key = cur.string()
-        metadata[key] = cur.value(cur.scalar("<I"))
+        type_id = cur.scalar("<I")
+        metadata[key] = cur.value(type_id, full=key in full_arrays)
+        value_types[key] = type_id
     tensors = []
     for _ in range(n_tensors):
         name = cur.string()
         n_dims = cur.scalar("<I")
-        n_elements = 1
-        for _ in range(n_dims):
-            n_elements *= cur.scalar("<Q")
+        if n_dims > GGML_MAX_DIMS:
+            raise GGUFError(f"{cur.path}: tensor '{name}' has {n_dims} dimensions (at most {GGML_MAX_DIMS})")
+        dims = tuple(cur.scalar("<Q") for _ in range(n_dims))
         type_id = cur.scalar("<I")
-        cur.scalar("<Q")  # data offset
-        tensors.append(_Tensor(name, n_elements, type_id))
-    return version, metadata, tensors
+        tensors.append(TensorInfo(name, dims, type_id, cur.scalar("<Q")))
+    alignment = metadata.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise GGUFError(f"{cur.path}: general.alignment {alignment!r} is not a power of two")
+    data_offset = -(-cur.pos // alignment) * alignment
+    return GGUFHeader(cur.path, size, version, metadata, value_types, tuple(tensors), data_offset)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,7 +308,7 @@ def _type_name(type_id: int) -> str:
         return f"type{type_id}"
 
 
-def _tensor_bytes(t: _Tensor) -> int:
+def _tensor_bytes(t: TensorInfo) -> int:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     try:
@@ -276,9 +341,11 @@ def read_gguf_info(path: str | Path) -> GGUFInfo:
     """Metadata of a GGUF file (any part of a split GGUF gives the whole model)."""
     path = Path(path).expanduser()
     parts = split_parts(path)
-    version, meta, tensors = _read_header(parts[0])
+    first = read_gguf_header(parts[0])
+    version, meta = first.version, first.metadata
+    tensors = list(first.tensors)
     for part in parts[1:]:
-        tensors += _read_header(part)[2]
+        tensors += read_gguf_header(part).tensors
 
     arch = meta.get("general.architecture")
     arch = arch if isinstance(arch, str) else None

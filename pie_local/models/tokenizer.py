@@ -78,14 +78,26 @@ class Tokenizer:
     # ---- construction / lifetime --------------------------------------------------------------
 
     @classmethod
-    def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:
-        """Load only the vocabulary of a GGUF file. Raises TokenizerError with the path on failure."""
+    def from_gguf(cls, path: str | os.PathLike, check: bool = True) -> Tokenizer:
+        """Load only the vocabulary of a GGUF file. Raises TokenizerError with the path on failure.
+
+        check: first refuse a vocabulary llama.cpp would crash on (models/gguf_check.py; False only
+        for the check's own test load, in a child process).
+        """
         import llama_cpp
 
         route_llama_logs()
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise TokenizerError(f"GGUF file not found: {path}")
+        if check:
+            from pie_local.models.errors import GGUFError
+            from pie_local.models.gguf_check import check_vocab
+
+            try:
+                check_vocab(path)
+            except GGUFError as exc:
+                raise TokenizerError(f"cannot read the vocabulary: {exc}") from exc
         params = llama_cpp.llama_model_default_params()
         params.vocab_only = True
         params.use_extra_bufts = False  # no weights are loaded, but never touch the AMX buffer type
@@ -233,8 +245,11 @@ class Tokenizer:
                 piece = b"\xff" + piece
             tokens.append(piece)
         tokenize = ctypes.cast(llama.llama_cpp._lib.llama_tokenize, ctypes.c_void_p).value
-        return llguidance.LLTokenizer.from_llamacpp(tokens=tokens, vocab_ptr=self._vocab, tokenize_fptr=tokenize,
-                                                    eos_token=sorted(self.eos_ids), slices=None)
+        try:
+            return llguidance.LLTokenizer.from_llamacpp(tokens=tokens, vocab_ptr=self._vocab, tokenize_fptr=tokenize,
+                                                        eos_token=sorted(self.eos_ids), slices=None)
+        except ValueError as exc:  # e.g. control tokens that tokenize as plain text: a damaged vocabulary
+            raise TokenizerError(f"{self.path}: the vocabulary cannot drive constrained generation: {exc}") from exc
 
     def __repr__(self) -> str:
         return f"Tokenizer({os.path.basename(self.path)!r}, n_vocab={self.n_vocab})"
