@@ -11,7 +11,7 @@ from typing import Any
 _EXPORTS = {
     "Engine": "engine", "EngineConfig": "engine", "InferletHandle": "handle", "Runtime": "runtime",
     "InferletCancelled": "handle", "ModelIdentity": "engine",
-    "Context": "context", "Generation": "generation",
+    "Context": "context", "Generation": "generation", "GenerationResult": "generation",
     "Forward": "forward", "ForwardOutput": "forward", "brle": "forward", "brle_decode": "forward",
     "SamplingParams": "sampling",
     "OutOfPagesError": "pages",

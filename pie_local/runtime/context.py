@@ -13,18 +13,19 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
 
 from pie_local.runtime import generation
 from pie_local.runtime.forward import Forward, ForwardOutput
-from pie_local.runtime.generation import Generation
+from pie_local.runtime.generation import Generation, GenerationResult
 from pie_local.runtime.sampling import SamplingParams
 from pie_local.runtime.sequence import Sequence as TokenSequence
 
 if TYPE_CHECKING:
     from pie_local.runtime.engine import Engine
 
-__all__ = ["Context", "Generation"]
+__all__ = ["Context", "Generation", "GenerationResult"]
 
 
 class Context:
-    """Create with ``rt.context()`` (inside an inferlet) or ``engine.context()``."""
+    """Create with ``rt.context()`` (inside an inferlet) or ``engine.context()``; ``async with``
+    releases its pages at the end of the block."""
 
     def __init__(self, engine: Engine, owner: Any = None, sequence: TokenSequence | None = None) -> None:
         self._engine = engine
@@ -229,13 +230,14 @@ class Context:
 
     async def generate(self, sampling: SamplingParams | None = None, max_tokens: int = 256,
                        stop: Sequence[str] | None = None, constrain: Any = None, tools: Any = None,
-                       max_tool_calls: int = 8, top_logprobs: int = 0) -> str:
+                       max_tool_calls: int = 8, top_logprobs: int = 0) -> GenerationResult:
         """Generate text. Stops at an end-of-generation token, a stop string, when a constraint is
-        complete, or after ``max_tokens``. ``ctx.last`` tells which, and holds the token ids, their
-        log-probabilities and (with ``top_logprobs=k``) the k most probable tokens of each step."""
+        complete, or after ``max_tokens``. Returns the text as a `GenerationResult` (a ``str``) that
+        also carries what ``ctx.last`` holds: why it stopped, the token ids, their log-probabilities
+        and (with ``top_logprobs=k``) the k most probable tokens of each step."""
         parts = [piece async for piece in self.stream(sampling, max_tokens, stop, constrain, tools, max_tool_calls,
                                                       top_logprobs)]
-        return "".join(parts)
+        return GenerationResult("".join(parts), self.last)
 
     async def stream(self, sampling: SamplingParams | None = None, max_tokens: int = 256,
                      stop: Sequence[str] | None = None, constrain: Any = None, tools: Any = None,
@@ -248,8 +250,9 @@ class Context:
 
     # ---- structure -------------------------------------------------------------------------------
 
-    def fork(self, n: int = 1) -> Context | list[Context]:
-        """``n`` independent copies sharing this context's pages (copy-on-write). O(pages)."""
+    def fork(self, n: int) -> list[Context]:
+        """``n`` independent copies sharing this context's pages (copy-on-write), always as a list
+        (``fork1()`` gives one). O(pages)."""
         self.sequence.check_alive()
         self.sequence.check_idle("fork")
         if n < 1:
@@ -262,7 +265,11 @@ class Context:
             child._messages, child._message_ends = list(self._messages), list(self._message_ends)
             child._rendered, child._chat_start, child._tools = self._rendered, self._chat_start, self._tools
             children.append(child)
-        return children[0] if n == 1 else children
+        return children
+
+    def fork1(self) -> Context:
+        """One independent copy sharing this context's pages: ``fork(1)[0]``."""
+        return self.fork(1)[0]
 
     def truncate(self, n_tokens: int) -> None:
         """Keep the first ``n_tokens`` tokens."""
@@ -312,6 +319,12 @@ class Context:
         return await snapshots.load(rt, name)
 
     # ---- lifetime --------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Context:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.release()
 
     def release(self) -> None:
         """Give back this context's pages (also happens when its inferlet ends)."""

@@ -38,6 +38,29 @@ class Generation:
     cached_tokens: int = 0  # of those, tokens this generation did not compute (in KV already, or prefix cache)
 
 
+class GenerationResult(str):
+    """What generate() returns: the text itself (a ``str``, so callers that only want text keep
+    working) that also answers every field of its `Generation`: ``result.token_ids``,
+    ``result.logprobs``, ``result.finish_reason``... (``result.generation`` is the Generation).
+    With tools the text is every round's, the Generation the last round's."""
+
+    generation: Generation
+
+    def __new__(cls, text: str, generation: Generation) -> GenerationResult:
+        result = super().__new__(cls, text)
+        result.generation = generation
+        return result
+
+    @property
+    def text(self) -> str:
+        return str(self)
+
+    def __getattr__(self, name: str) -> Any:  # only called for names str itself lacks
+        if name == "generation":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.generation, name)
+
+
 async def stream(ctx: Context, sampling: SamplingParams | None, max_tokens: int, stop: Sequence[str] | None,
                  constrain: Any, tools: Any, max_tool_calls: int, top_logprobs: int) -> AsyncIterator[str]:
     """Text pieces as they are decoded; ``ctx.last`` holds the whole Generation."""
