@@ -13,8 +13,8 @@ from pie_local.driver.types import DriverParams
 from pie_local.runtime.inferlet import InferletError, load_inferlet, stdlib_names
 from runtime_helpers import fake_engine
 
-STDLIB = ["attention-sink", "beam-search", "best-of-n", "chat", "json-output", "prefix-cache", "prompt-lookup",
-          "react-agent", "text-completion", "tree-of-thought", "windowed-attention"]
+STDLIB = ["attention-sink", "beam-search", "best-of-n", "chat", "classify", "json-output", "prefix-cache",
+          "prompt-lookup", "react-agent", "text-completion", "tree-of-thought", "windowed-attention"]
 
 
 class RecordingDriver(FakeDriver):
@@ -87,6 +87,23 @@ async def test_text_completion_rejects_bad_args(engine):
         engine.launch("text-completion", [])
     with pytest.raises(InferletError, match="--max-tokens expects int"):
         engine.launch("text-completion", ["--prompt", "x", "--max-tokens", "many"])
+
+
+async def test_classify_picks_the_label_with_the_best_score(engine):
+    labels = [" yes", " no", " maybe not"]
+    result, streamed, _, _ = await run_collect(engine, "classify", {"prompt": "Is it?", "labels": labels})
+    scores = []
+    for label in labels:
+        ctx = engine.context()
+        ctx.fill("Is it?")
+        scores.append(await ctx.score(label))
+        ctx.release()
+    best = max(range(3), key=lambda i: scores[i].mean)
+    assert result["label"] == labels[best] == streamed and result["index"] == best
+    assert [s["mean_logprob"] for s in result["scores"]] == pytest.approx([s.mean for s in scores], abs=1e-4)
+    by_total = await engine.run("classify", {"prompt": "Is it?", "labels": labels, "normalize": False})
+    assert by_total["index"] == max(range(3), key=lambda i: scores[i].total)
+    assert engine.pool.n_used == 0  # the inferlet's context went back at the end of its `async with`
 
 
 def scripted(replies: dict[str, str], tok=FakeTokenizer()):

@@ -11,10 +11,11 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
 
-from pie_local.runtime import generation
+from pie_local.runtime import generation, scoring
 from pie_local.runtime.forward import Forward, ForwardOutput
 from pie_local.runtime.generation import Generation, GenerationResult
 from pie_local.runtime.sampling import SamplingParams
+from pie_local.runtime.scoring import Score, Selection
 from pie_local.runtime.sequence import Sequence as TokenSequence
 
 if TYPE_CHECKING:
@@ -247,6 +248,19 @@ class Context:
         async with contextlib.aclosing(pieces):
             async for piece in pieces:
                 yield piece
+
+    # ---- scoring ---------------------------------------------------------------------------------
+
+    async def score(self, continuation: str | Sequence[int], *, constrain: Any = None) -> Score:
+        """The log-probability of each token of ``continuation`` (text or token ids) after this
+        context, in one forward pass (teacher forcing). The context is unchanged afterwards. With
+        ``constrain=`` the scores are also given renormalised over the tokens it allows."""
+        return await scoring.score(self, continuation, constrain)
+
+    async def select(self, options: Sequence[str | Sequence[int]], *, normalize: bool = True) -> Selection:
+        """Score every option from forks of this context in one batch and append the best one.
+        ``normalize``: rank by mean log-probability per token (SGLang's default) or by the total."""
+        return await scoring.select(self, options, normalize)
 
     # ---- structure -------------------------------------------------------------------------------
 

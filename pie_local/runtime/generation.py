@@ -16,6 +16,7 @@ import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
 
+from pie_local.runtime.logprobs import allowed_logprob, allowed_top, count_allowed, mask_to_bool
 from pie_local.runtime.sampling import SamplingParams, StopChecker
 
 if TYPE_CHECKING:
@@ -29,7 +30,10 @@ class Generation:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # log p of each of token_ids (nan: not sampled)
-    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token, when asked
+    # constrained generations: log p of each token renormalised over the tokens the constraint allowed
+    allowed_logprobs: list[float] = field(default_factory=list)
+    # per token, when asked (constrained: the allowed tokens only, with renormalised log-probabilities)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str = ""  # "stop" (EOS, stop string, constraint done), "length" (max_tokens or the model's
     # context is full), "aborted" (stream left early)
     stop: str | None = None  # the stop string or EOS token text that ended it
@@ -93,6 +97,7 @@ async def _stream_once(ctx: Context, sampling: SamplingParams | None, max_tokens
         seq.uncommit_last()
     state = None if constrain is None else bind_constraints(constrain, tok)
     eos = tok.eos_ids
+    n_vocab = ctx.engine_info.n_vocab
     decoder = tok.stream_decoder()
     checker = StopChecker(stops)
     gen = Generation(finish_reason="length", prompt_tokens=len(seq))
@@ -102,9 +107,13 @@ async def _stream_once(ctx: Context, sampling: SamplingParams | None, max_tokens
     finished = False
     try:
         for step in range(max_tokens):
-            mask = None if state is None else state.mask()[None, :]
+            mask = None if state is None else state.mask()
+            # a constrained step reports log p over the allowed tokens too: from the row's logits,
+            # unless the mask forces one token
+            renormalise = mask is not None and count_allowed(mask) > 1
             out = await seq.submit([], None, None, rows=[len(seq.pending) - 1], samplers=[sampling.for_step(step)],
-                                   logit_masks=mask, top_k=top_logprobs)
+                                   logit_masks=None if mask is None else mask[None, :],
+                                   top_k=0 if mask is not None else top_logprobs, want_logits=renormalise)
             if step == 0:
                 gen.cached_tokens = computed_before + seq.adopted_tokens - adopted_before
             token = int(out.tokens[0])
@@ -117,7 +126,13 @@ async def _stream_once(ctx: Context, sampling: SamplingParams | None, max_tokens
                 break  # the model's context is full: the token has no position; finish_reason stays "length"
             gen.token_ids.append(token)
             gen.logprobs.append(float(out.logprobs[0]) if out.logprobs is not None else 0.0)
-            if top_logprobs:
+            if mask is not None:
+                allowed = mask_to_bool(mask, n_vocab) if renormalise else None
+                gen.allowed_logprobs.append(allowed_logprob(out.logits[0], allowed, token) if renormalise else 0.0)
+                if top_logprobs:
+                    gen.top_logprobs.append(allowed_top(out.logits[0], allowed, top_logprobs) if renormalise
+                                            else [(token, 0.0)])
+            elif top_logprobs:
                 gen.top_logprobs.append([(int(i), math.log(max(float(p), 1e-45)))
                                          for i, p in zip(out.top_ids[0], out.top_probs[0])])
             ctx.fill_tokens([token])
@@ -144,12 +159,12 @@ async def _stream_once(ctx: Context, sampling: SamplingParams | None, max_tokens
         if not finished:
             gen.finish_reason = "aborted"
         elif checker.stopped:
-            _cut_stop_string(ctx, gen, with_top=top_logprobs > 0)
+            _cut_stop_string(ctx, gen, with_top=top_logprobs > 0, constrained=state is not None)
         if turn is not None and not seq.released and not seq.busy:
             ctx.end_assistant_turn(turn, gen.text)
 
 
-def _cut_stop_string(ctx: Context, gen: Generation, with_top: bool) -> None:
+def _cut_stop_string(ctx: Context, gen: Generation, with_top: bool, constrained: bool) -> None:
     """Keep in the context exactly the returned text: drop the tokens of the stop string."""
     tok = ctx.tokenizer
     want = gen.text.encode()
@@ -161,13 +176,15 @@ def _cut_stop_string(ctx: Context, gen: Generation, with_top: bool) -> None:
         kept, size = kept + 1, size + len(piece)
     ctx.sequence.truncate(len(ctx) - (len(gen.token_ids) - kept))
     gen.token_ids, gen.logprobs = gen.token_ids[:kept], gen.logprobs[:kept]
-    gen.top_logprobs = gen.top_logprobs[:kept]
+    gen.top_logprobs, gen.allowed_logprobs = gen.top_logprobs[:kept], gen.allowed_logprobs[:kept]
     leftover = want[size:].decode("utf-8", errors="ignore")
     if leftover:
         ids = tok.encode(leftover, add_special=False, parse_special=False)
         ctx.fill_tokens(ids)
         gen.token_ids += ids
         gen.logprobs += [float("nan")] * len(ids)  # re-encoded text, not sampled
+        if constrained:
+            gen.allowed_logprobs += [float("nan")] * len(ids)
         if with_top:
             gen.top_logprobs += [[] for _ in ids]
 

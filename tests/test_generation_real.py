@@ -1,0 +1,87 @@
+"""The generation API on the real driver and the starter model (Gemma 3 270M base, Q4_K_M): the
+mechanics of scoring, forced tokens, token healing, triggered grammars, reasoning budgets and
+speculation on a real 262k vocabulary (not the model's wisdom)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.real_driver, pytest.mark.slow]
+
+
+def _driver_built() -> bool:
+    try:
+        from pie_local.driver import Driver  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+if not _driver_built():
+    pytestmark.append(pytest.mark.skip(reason="the native driver is not built"))
+
+
+def engine_for(path, **kw):
+    from pie_local.driver.types import DriverParams
+    from pie_local.runtime import Engine, EngineConfig
+
+    return Engine(str(path), EngineConfig(driver=DriverParams(n_pages=128, n_threads=2, **kw)))
+
+
+@pytest.fixture
+async def engine(starter_gguf):
+    async with engine_for(starter_gguf) as e:
+        yield e
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    return x - x.max() - np.log(np.exp(x - x.max()).sum())
+
+
+# ---- scoring ------------------------------------------------------------------------------------
+
+async def test_score_matches_the_logits_of_each_position(engine):
+    ctx = engine.context()
+    ctx.fill("The capital of France is")
+    await ctx.flush()  # the prompt computed apart, as below (a different batch shape rounds differently)
+    result = await ctx.score(" Paris, the city of light")
+    ids = result.token_ids
+    # the same positions probed with their full logits, in a fork
+    probe = ctx.fork1()
+    last = probe.token_ids[-1]
+    probe.truncate(len(probe) - 1)
+    out = await probe.forward().input([last] + ids[:-1]).probe(list(range(len(ids))), logits=True).execute()
+    want = [float(log_softmax(out.logits[i])[t]) for i, t in enumerate(ids)]
+    assert result.logprobs == pytest.approx(want, abs=2e-3)
+    assert ctx.token_ids[-1] == last and len(ctx) == len(probe) + 1 - len(ids)
+
+
+async def test_select_prefers_the_likely_continuation(engine):
+    ctx = engine.context()
+    ctx.fill("The capital of France is")
+    chosen = await ctx.select([" a banana", " Paris", " the moon"])
+    assert chosen.option == " Paris" and chosen.index == 1
+    assert chosen.best.mean > max(s.mean for i, s in enumerate(chosen.scores) if i != 1)
+    assert ctx.text.endswith("The capital of France is Paris")
+
+
+async def test_constrained_logprobs_are_raw_and_renormalised_and_top_k_is_masked(engine):
+    from pie_local.runtime import SamplingParams
+    from pie_local.runtime.constraints import Regex, allowed_tokens
+
+    regex = Regex(" ?(yes|no|maybe)")
+    ctx = engine.context()
+    ctx.fill("Question: is the sky green? Answer (yes or no):")
+    result = await ctx.generate(SamplingParams(temperature=1.0, seed=2), max_tokens=8, constrain=regex,
+                                top_logprobs=3)
+    assert result.strip() in ("yes", "no", "maybe")
+    state = regex.bind(engine.tokenizer)  # replays the generation to know what was allowed at each step
+    for token, raw, renorm, top in zip(result.token_ids, result.logprobs, result.allowed_logprobs,
+                                       result.top_logprobs):
+        allowed = set(allowed_tokens(state.mask()).tolist())
+        assert {t for t, _ in top} <= allowed and top  # the masked top-k, not the model's favourites
+        assert renorm >= raw - 1e-6 and renorm <= 0.0
+        assert sum(np.exp(lp) for _, lp in top) <= 1.0 + 1e-6
+        state.advance(token)
