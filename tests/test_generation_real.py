@@ -85,3 +85,28 @@ async def test_constrained_logprobs_are_raw_and_renormalised_and_top_k_is_masked
         assert renorm >= raw - 1e-6 and renorm <= 0.0
         assert sum(np.exp(lp) for _, lp in top) <= 1.0 + 1e-6
         state.advance(token)
+
+
+# ---- forced tokens in one pass -------------------------------------------------------------------
+
+async def test_json_keys_the_schema_forces_go_into_the_kv_in_one_pass(engine):
+    import json
+
+    import jsonschema
+
+    from pie_local.bench.generation import LONG_KEY_SCHEMA, json_prompt
+    from pie_local.runtime.constraints import JsonSchema
+
+    results = {}
+    for fast_forward in (False, True):
+        ctx = engine.context()
+        ctx.fill(json_prompt(LONG_KEY_SCHEMA, str(fast_forward)))
+        results[fast_forward] = await ctx.generate(max_tokens=200, constrain=JsonSchema(LONG_KEY_SCHEMA),
+                                                   fast_forward=fast_forward)
+        jsonschema.validate(json.loads(results[fast_forward]), LONG_KEY_SCHEMA)
+        assert ctx.text.endswith(results[fast_forward])
+    slow, fast = results[False], results[True]
+    assert slow.forward_passes == len(slow.token_ids) and slow.forced_tokens == 0
+    # every key is forced: the real tokenizer's tokens of 180 bytes of keys take no pass of their own
+    assert fast.forced_tokens >= 30 and fast.forward_passes + fast.forced_tokens == len(fast.token_ids)
+    assert fast.forward_passes * 3 < len(fast.token_ids)

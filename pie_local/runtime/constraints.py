@@ -84,6 +84,11 @@ class ConstraintState(ABC):
     def rollback(self, n_tokens: int) -> None:
         """Undo the last n advanced tokens (speculative decoding, backtracking)."""
 
+    def forced_tokens(self) -> list[int]:
+        """Tokens that must come next whatever is sampled (not consumed): generation puts them
+        into the KV in one pass instead of sampling each. None known: []."""
+        return []
+
 
 class MatcherState(ConstraintState):
     """A state backed by one llguidance LLMatcher."""
@@ -115,6 +120,11 @@ class MatcherState(ConstraintState):
     def forced_bytes(self) -> bytes:
         """Bytes that must come next whatever is sampled (e.g. '{"name": "' in a JSON schema)."""
         return self._matcher.compute_ff_bytes()
+
+    def forced_tokens(self) -> list[int]:
+        """llguidance's fast-forward tokens: the forced bytes, tokenized canonically, minus a last
+        token that could still merge with what follows."""
+        return list(self._matcher.compute_ff_tokens())
 
     def fork(self) -> MatcherState:
         return MatcherState(self._matcher.deep_copy(), self.n_vocab, self._owner, self._description)
@@ -148,6 +158,17 @@ class AllOfState(ConstraintState):
 
     def is_accepting(self) -> bool:
         return all(state.is_accepting() for state in self._states)
+
+    def forced_tokens(self) -> list[int]:
+        """What every state forces: the common prefix of their forced tokens."""
+        lists = [getattr(state, "forced_tokens", list)() for state in self._states]
+        forced = lists[0]
+        for other in lists[1:]:
+            n = 0
+            while n < min(len(forced), len(other)) and forced[n] == other[n]:
+                n += 1
+            forced = forced[:n]
+        return forced
 
     def fork(self) -> AllOfState:
         return AllOfState([state.fork() for state in self._states])

@@ -231,20 +231,28 @@ class Context:
 
     async def generate(self, sampling: SamplingParams | None = None, max_tokens: int = 256,
                        stop: Sequence[str] | None = None, constrain: Any = None, tools: Any = None,
-                       max_tool_calls: int = 8, top_logprobs: int = 0) -> GenerationResult:
+                       max_tool_calls: int = 8, top_logprobs: int = 0, *,
+                       fast_forward: bool = True) -> GenerationResult:
         """Generate text. Stops at an end-of-generation token, a stop string, when a constraint is
         complete, or after ``max_tokens``. Returns the text as a `GenerationResult` (a ``str``) that
         also carries what ``ctx.last`` holds: why it stopped, the token ids, their log-probabilities
-        and (with ``top_logprobs=k``) the k most probable tokens of each step."""
+        and (with ``top_logprobs=k``) the k most probable tokens of each step.
+
+        ``fast_forward``: tokens a constraint forces (a JSON key, a closing brace) go into the KV
+        in the pass of the next sampled token instead of one pass each; they are not sampled, so
+        their raw log-probability is nan (False: sample every token, one pass each)."""
         parts = [piece async for piece in self.stream(sampling, max_tokens, stop, constrain, tools, max_tool_calls,
-                                                      top_logprobs)]
+                                                      top_logprobs, fast_forward=fast_forward)]
         return GenerationResult("".join(parts), self.last)
 
     async def stream(self, sampling: SamplingParams | None = None, max_tokens: int = 256,
                      stop: Sequence[str] | None = None, constrain: Any = None, tools: Any = None,
-                     max_tool_calls: int = 8, top_logprobs: int = 0) -> AsyncIterator[str]:
+                     max_tool_calls: int = 8, top_logprobs: int = 0, *,
+                     fast_forward: bool = True) -> AsyncIterator[str]:
         """Like generate(), yielding text pieces as they are decoded (stop strings held back)."""
-        pieces = generation.stream(self, sampling, max_tokens, stop, constrain, tools, max_tool_calls, top_logprobs)
+        opts = generation.GenerateOptions(sampling, max_tokens, stop, constrain, tools, max_tool_calls, top_logprobs,
+                                          fast_forward)
+        pieces = generation.stream(self, opts)
         async with contextlib.aclosing(pieces):
             async for piece in pieces:
                 yield piece

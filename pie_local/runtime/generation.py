@@ -40,6 +40,10 @@ class Generation:
     tool_calls: list[Any] = field(default_factory=list)
     prompt_tokens: int = 0  # tokens in the context when the first pass started (the prompt)
     cached_tokens: int = 0  # of those, tokens this generation did not compute (in KV already, or prefix cache)
+    forward_passes: int = 0  # passes this generation ran (fewer than tokens when tokens were forced)
+    # tokens a constraint forced (llguidance's fast-forward): computed in the pass of the next sampled
+    # token, never sampled: their raw logprob is nan, their allowed_logprob 0
+    forced_tokens: int = 0
 
 
 class GenerationResult(str):
@@ -65,103 +69,207 @@ class GenerationResult(str):
         return getattr(self.generation, name)
 
 
-async def stream(ctx: Context, sampling: SamplingParams | None, max_tokens: int, stop: Sequence[str] | None,
-                 constrain: Any, tools: Any, max_tool_calls: int, top_logprobs: int) -> AsyncIterator[str]:
+@dataclass
+class GenerateOptions:
+    """Everything generate()/stream() were asked, in one place."""
+
+    sampling: SamplingParams | None = None
+    max_tokens: int = 256
+    stop: Sequence[str] | None = None
+    constrain: Any = None
+    tools: Any = None
+    max_tool_calls: int = 8
+    top_logprobs: int = 0
+    fast_forward: bool = True  # tokens a constraint forces go into the KV in one pass, unsampled
+
+
+async def stream(ctx: Context, opts: GenerateOptions) -> AsyncIterator[str]:
     """Text pieces as they are decoded; ``ctx.last`` holds the whole Generation."""
-    if tools:
-        pieces = _stream_with_tools(ctx, sampling, max_tokens, stop, constrain, tools, max_tool_calls, top_logprobs)
-    else:
-        pieces = _stream_once(ctx, sampling, max_tokens, stop, constrain, top_logprobs)
+    pieces = _stream_with_tools(ctx, opts) if opts.tools else _stream_once(ctx, opts)
     async with contextlib.aclosing(pieces):  # leaving early finalizes the generation now
         async for piece in pieces:
             yield piece
 
 
-async def _stream_once(ctx: Context, sampling: SamplingParams | None, max_tokens: int, stop: Sequence[str] | None,
-                       constrain: Any, top_logprobs: int) -> AsyncIterator[str]:
-    seq = ctx.sequence
-    seq.check_alive()
-    if max_tokens < 0:
-        raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
-    if top_logprobs < 0:
-        raise ValueError(f"top_logprobs must be >= 0, got {top_logprobs}")
-    tok = ctx.tokenizer
-    sampling = sampling or SamplingParams()
-    if sampling.seed is None and not sampling.is_greedy:
-        sampling = sampling.with_seed(random.getrandbits(63))
-    stops = list(stop or [])
-    turn = ctx.begin_assistant_turn()  # the template's generation prompt, when the chat awaits a reply
-    if turn is not None:
-        stops += [s for s in ctx.chat_stop_strings if s not in stops]
-    if not seq.pending:
-        seq.uncommit_last()
-    state = None if constrain is None else bind_constraints(constrain, tok)
-    eos = tok.eos_ids
-    n_vocab = ctx.engine_info.n_vocab
-    decoder = tok.stream_decoder()
-    checker = StopChecker(stops)
-    gen = Generation(finish_reason="length", prompt_tokens=len(seq))
-    computed_before, adopted_before = seq.kv_len, seq.adopted_tokens
-    ctx.last = gen
-    text_parts: list[str] = []
-    finished = False
-    try:
-        for step in range(max_tokens):
-            mask = None if state is None else state.mask()
-            # a constrained step reports log p over the allowed tokens too: from the row's logits,
-            # unless the mask forces one token
-            renormalise = mask is not None and count_allowed(mask) > 1
-            out = await seq.submit([], None, None, rows=[len(seq.pending) - 1], samplers=[sampling.for_step(step)],
-                                   logit_masks=None if mask is None else mask[None, :],
-                                   top_k=0 if mask is not None else top_logprobs, want_logits=renormalise)
-            if step == 0:
-                gen.cached_tokens = computed_before + seq.adopted_tokens - adopted_before
-            token = int(out.tokens[0])
-            if state is not None:
-                state.advance(token)
-            if token in eos:  # not kept in the context
-                gen.finish_reason, gen.stop = "stop", tok.decode([token])
-                break
-            if seq.max_position is not None and seq.next_position > seq.max_position:
-                break  # the model's context is full: the token has no position; finish_reason stays "length"
-            gen.token_ids.append(token)
-            gen.logprobs.append(float(out.logprobs[0]) if out.logprobs is not None else 0.0)
-            if mask is not None:
-                allowed = mask_to_bool(mask, n_vocab) if renormalise else None
-                gen.allowed_logprobs.append(allowed_logprob(out.logits[0], allowed, token) if renormalise else 0.0)
-                if top_logprobs:
-                    gen.top_logprobs.append(allowed_top(out.logits[0], allowed, top_logprobs) if renormalise
-                                            else [(token, 0.0)])
-            elif top_logprobs:
-                gen.top_logprobs.append([(int(i), math.log(max(float(p), 1e-45)))
-                                         for i, p in zip(out.top_ids[0], out.top_probs[0])])
-            ctx.fill_tokens([token])
-            visible = checker.push(decoder.push(token))
-            if visible:
-                text_parts.append(visible)
-                yield visible
-            if checker.stopped:
-                gen.finish_reason, gen.stop = "stop", checker.matched
-                break
-            if state is not None and state.is_done():
-                gen.finish_reason = "stop"
-                break
-        if not checker.stopped:
-            rest = checker.push(decoder.flush()) + checker.finish()
-            if checker.stopped:
-                gen.finish_reason, gen.stop = "stop", checker.matched
-            if rest:
-                text_parts.append(rest)
-                yield rest
-        finished = True
-    finally:  # also when the caller stops iterating early or the pass fails
-        gen.text = "".join(text_parts)
-        if not finished:
+@dataclass
+class _Token:
+    """A token one step produced, with what is known of its probability."""
+
+    id: int
+    logprob: float = math.nan  # raw log p (nan: not measured, e.g. a forced token)
+    allowed: float | None = None  # renormalised over the allowed tokens (constrained generations)
+    top: list[tuple[int, float]] | None = None  # when top_logprobs was asked
+    in_context: bool = True  # already in the context (a forced token); a sampled one is filled on acceptance
+
+
+class _Run:
+    """One generation: its settings, the text so far and the stop logic. A step yields tokens; each
+    goes through `accept`, which keeps it (or not) and says whether the generation is over."""
+
+    def __init__(self, ctx: Context, opts: GenerateOptions) -> None:
+        ctx.sequence.check_alive()
+        if opts.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {opts.max_tokens}")
+        if opts.top_logprobs < 0:
+            raise ValueError(f"top_logprobs must be >= 0, got {opts.top_logprobs}")
+        self.ctx, self.seq, self.tok, self.opts = ctx, ctx.sequence, ctx.tokenizer, opts
+        sampling = opts.sampling or SamplingParams()
+        if sampling.seed is None and not sampling.is_greedy:
+            sampling = sampling.with_seed(random.getrandbits(63))
+        self.sampling = sampling
+        stops = list(opts.stop or [])
+        self.turn = ctx.begin_assistant_turn()  # the template's generation prompt, when the chat awaits a reply
+        if self.turn is not None:
+            stops += [s for s in ctx.chat_stop_strings if s not in stops]
+        if not self.seq.pending:
+            self.seq.uncommit_last()  # the last token is the first pass's input
+        self.state = None if opts.constrain is None else bind_constraints(opts.constrain, self.tok)
+        self.n_vocab = ctx.engine_info.n_vocab
+        self.decoder = self.tok.stream_decoder()
+        self.checker = StopChecker(stops)
+        self.gen = Generation(finish_reason="length", prompt_tokens=len(self.seq))
+        ctx.last = self.gen
+        self.text_parts: list[str] = []
+        self.over = False  # a stop condition was met
+        self._computed_before, self._adopted_before = self.seq.kv_len, self.seq.adopted_tokens
+
+    @property
+    def budget(self) -> int:
+        """Tokens that may still be generated."""
+        return self.opts.max_tokens - len(self.gen.token_ids)
+
+    # ---- steps -----------------------------------------------------------------------------------
+
+    async def step(self) -> list[_Token]:
+        """One forward pass: the tokens the constraint forces (no sampling needed), then one
+        sampled token. Returns them in order."""
+        forced = self._forced_tokens()
+        if forced and (len(forced) >= self.budget or self.state.is_done()):
+            # nothing is left to sample: the forced tokens wait in the context, uncomputed, as the
+            # last sampled token of a generation does
+            self.ctx.fill_tokens(forced)
+            return [_Token(t, **self._forced_probs(t)) for t in forced]
+        mask = None if self.state is None else self.state.mask()
+        # a constrained step reports log p over the allowed tokens too: from the row's logits,
+        # unless the mask forces one token
+        renormalise = mask is not None and count_allowed(mask) > 1
+        top_k = self.opts.top_logprobs
+        out = await self.seq.submit(forced, None, None, rows=[len(self.seq.pending) - 1 + len(forced)],
+                                    samplers=[self.sampling.for_step(len(self.gen.token_ids) + len(forced))],
+                                    logit_masks=None if mask is None else mask[None, :],
+                                    top_k=0 if mask is not None else top_k, want_logits=renormalise)
+        self.gen.forward_passes += 1
+        if self.gen.forward_passes == 1:
+            self.gen.cached_tokens = self._computed_before + self.seq.adopted_tokens - self._adopted_before
+        token = int(out.tokens[0])
+        if self.state is not None:
+            self.state.advance(token)
+        sampled = _Token(token, float(out.logprobs[0]), in_context=False)
+        if mask is not None:
+            allowed = mask_to_bool(mask, self.n_vocab) if renormalise else None
+            sampled.allowed = allowed_logprob(out.logits[0], allowed, token) if renormalise else 0.0
+            if top_k:
+                sampled.top = allowed_top(out.logits[0], allowed, top_k) if renormalise else [(token, 0.0)]
+        elif top_k:
+            sampled.top = [(int(i), math.log(max(float(p), 1e-45))) for i, p in zip(out.top_ids[0], out.top_probs[0])]
+        return [_Token(t, **self._forced_probs(t)) for t in forced] + [sampled]
+
+    def _forced_tokens(self) -> list[int]:
+        """Tokens the constraint forces next (llguidance's fast-forward), consumed by it already;
+        no more than the budget and the model's context allow."""
+        forced_tokens = getattr(self.state, "forced_tokens", None)  # optional for a state of one's own
+        if forced_tokens is None or not self.opts.fast_forward:
+            return []
+        room = self.budget
+        if self.seq.max_position is not None:
+            room = min(room, self.seq.max_position + 1 - self.seq.next_position)
+        forced = forced_tokens()[: max(room, 0)]
+        for t in forced:
+            self.state.advance(t)
+        self.gen.forced_tokens += len(forced)
+        return forced
+
+    def _forced_probs(self, token: int) -> dict[str, Any]:
+        """A forced token has probability 1 among the allowed; its raw log p was not computed."""
+        return {"allowed": 0.0, "top": [(token, 0.0)] if self.opts.top_logprobs else None}
+
+    # ---- stop logic ------------------------------------------------------------------------------
+
+    def accept(self, t: _Token, last: bool) -> tuple[str, bool]:
+        """Take one token of a step: (text to show now, whether it stays in the context). Sets
+        ``over`` when the generation ends with it (``last``: the step's last token)."""
+        gen, seq = self.gen, self.seq
+        if t.id in self.tok.eos_ids:
+            gen.finish_reason, gen.stop, self.over = "stop", self.tok.decode([t.id]), True
+            return "", False
+        if not t.in_context and seq.max_position is not None and seq.next_position > seq.max_position:
+            self.over = True  # the model's context is full: the token has no position; finish_reason stays "length"
+            return "", False
+        gen.token_ids.append(t.id)
+        gen.logprobs.append(t.logprob)
+        if t.allowed is not None:
+            gen.allowed_logprobs.append(t.allowed)
+        if t.top is not None:
+            gen.top_logprobs.append(t.top)
+        if not t.in_context:
+            self.ctx.fill_tokens([t.id])
+        visible = self.checker.push(self.decoder.push(t.id))
+        if visible:
+            self.text_parts.append(visible)
+        if self.checker.stopped:
+            gen.finish_reason, gen.stop, self.over = "stop", self.checker.matched, True
+        elif last and self.state is not None and self.state.is_done():
+            gen.finish_reason, self.over = "stop", True
+        elif not self.budget:
+            self.over = True
+        return visible, True
+
+    def flush(self) -> str:
+        """The text held back at the end (an unfinished character or stop-string prefix)."""
+        if self.checker.stopped:
+            return ""
+        rest = self.checker.push(self.decoder.flush()) + self.checker.finish()
+        if self.checker.stopped:
+            self.gen.finish_reason, self.gen.stop = "stop", self.checker.matched
+        if rest:
+            self.text_parts.append(rest)
+        return rest
+
+    def finish(self, completed: bool) -> None:
+        gen = self.gen
+        gen.text = "".join(self.text_parts)
+        if not completed:
             gen.finish_reason = "aborted"
-        elif checker.stopped:
-            _cut_stop_string(ctx, gen, with_top=top_logprobs > 0, constrained=state is not None)
-        if turn is not None and not seq.released and not seq.busy:
-            ctx.end_assistant_turn(turn, gen.text)
+        elif self.checker.stopped:
+            _cut_stop_string(self.ctx, gen, with_top=self.opts.top_logprobs > 0, constrained=self.state is not None)
+        if self.turn is not None and not self.seq.released and not self.seq.busy:
+            self.ctx.end_assistant_turn(self.turn, gen.text)
+
+
+async def _stream_once(ctx: Context, opts: GenerateOptions) -> AsyncIterator[str]:
+    run = _Run(ctx, opts)
+    seq = ctx.sequence
+    completed = False
+    try:
+        while not run.over and run.budget > 0:
+            start = len(seq)  # the step's tokens come after this
+            tokens = await run.step()
+            kept = 0
+            for i, token in enumerate(tokens):
+                visible, keep = run.accept(token, last=i == len(tokens) - 1)
+                kept += keep
+                if visible:
+                    yield visible
+                if run.over:
+                    break
+            if run.over and len(seq) > start + kept:
+                seq.truncate(start + kept)  # tokens of the step after the one that ended it
+        rest = run.flush()
+        if rest:
+            yield rest
+        completed = True
+    finally:  # also when the caller stops iterating early or the pass fails
+        run.finish(completed)
 
 
 def _cut_stop_string(ctx: Context, gen: Generation, with_top: bool, constrained: bool) -> None:
@@ -189,19 +297,17 @@ def _cut_stop_string(ctx: Context, gen: Generation, with_top: bool, constrained:
             gen.top_logprobs += [[] for _ in ids]
 
 
-async def _stream_with_tools(ctx: Context, sampling: SamplingParams | None, max_tokens: int,
-                             stop: Sequence[str] | None, constrain: Any, tools: Sequence[Any], max_tool_calls: int,
-                             top_logprobs: int) -> AsyncIterator[str]:
+async def _stream_with_tools(ctx: Context, opts: GenerateOptions) -> AsyncIterator[str]:
     from pie_local.runtime.tools import as_tools, call_tool
 
-    tools = as_tools(tools)
+    tools = as_tools(opts.tools)
+    max_tool_calls = opts.max_tool_calls
     if not ctx.messages:
         raise ValueError("generate(tools=...) needs a chat context: add messages with ctx.system()/ctx.user() first")
     ctx.set_tools([t.schema for t in tools])
     calls_made: list[Any] = []
     for round_ in range(max_tool_calls + 1):
-        async with contextlib.aclosing(_stream_once(ctx, sampling, max_tokens, stop, constrain,
-                                                    top_logprobs)) as pieces:
+        async with contextlib.aclosing(_stream_once(ctx, opts)) as pieces:
             async for piece in pieces:
                 yield piece
         gen = ctx.last
