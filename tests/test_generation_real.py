@@ -110,3 +110,20 @@ async def test_json_keys_the_schema_forces_go_into_the_kv_in_one_pass(engine):
     # every key is forced: the real tokenizer's tokens of 180 bytes of keys take no pass of their own
     assert fast.forced_tokens >= 30 and fast.forward_passes + fast.forced_tokens == len(fast.token_ids)
     assert fast.forward_passes * 3 < len(fast.token_ids)
+
+
+# ---- token healing -------------------------------------------------------------------------------
+
+async def test_token_healing_spans_the_prompt_boundary(engine):
+    tok = engine.tokenizer
+    prompt = "The project's homepage is at https:"
+    assert [tok.piece(t) for t in tok.encode(prompt)[-2:]] == [b" https", b":"]  # the prompt stops mid-token
+    text = await engine.run("text-completion", {"prompt": prompt, "max_tokens": 8, "heal": True})
+    ctx = engine.context()
+    ctx.fill(prompt)
+    healed = await ctx.generate(max_tokens=8, heal=True)
+    assert healed == text
+    first = tok.piece(healed.token_ids[0])
+    assert first.startswith(b":") and len(first) > 1  # one token covering ":" and more, e.g. "://"
+    assert tok.decode(healed.token_ids).startswith(":") and tok.decode(healed.token_ids)[1:] == healed
+    assert ctx.text == "<bos>" + prompt + healed

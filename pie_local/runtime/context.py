@@ -232,7 +232,7 @@ class Context:
     async def generate(self, sampling: SamplingParams | None = None, max_tokens: int = 256,
                        stop: Sequence[str] | None = None, constrain: Any = None, tools: Any = None,
                        max_tool_calls: int = 8, top_logprobs: int = 0, *,
-                       fast_forward: bool = True) -> GenerationResult:
+                       fast_forward: bool = True, heal: bool = False) -> GenerationResult:
         """Generate text. Stops at an end-of-generation token, a stop string, when a constraint is
         complete, or after ``max_tokens``. Returns the text as a `GenerationResult` (a ``str``) that
         also carries what ``ctx.last`` holds: why it stopped, the token ids, their log-probabilities
@@ -240,18 +240,22 @@ class Context:
 
         ``fast_forward``: tokens a constraint forces (a JSON key, a closing brace) go into the KV
         in the pass of the next sampled token instead of one pass each; they are not sampled, so
-        their raw log-probability is nan (False: sample every token, one pass each)."""
+        their raw log-probability is nan (False: sample every token, one pass each).
+
+        ``heal``: token healing. The context's last token is taken back and the output must begin
+        with its bytes, so a prompt that stops mid-token ("http:") lets the model choose the token
+        it would have written ("://"); the returned text is what follows the prompt's text."""
         parts = [piece async for piece in self.stream(sampling, max_tokens, stop, constrain, tools, max_tool_calls,
-                                                      top_logprobs, fast_forward=fast_forward)]
+                                                      top_logprobs, fast_forward=fast_forward, heal=heal)]
         return GenerationResult("".join(parts), self.last)
 
     async def stream(self, sampling: SamplingParams | None = None, max_tokens: int = 256,
                      stop: Sequence[str] | None = None, constrain: Any = None, tools: Any = None,
                      max_tool_calls: int = 8, top_logprobs: int = 0, *,
-                     fast_forward: bool = True) -> AsyncIterator[str]:
+                     fast_forward: bool = True, heal: bool = False) -> AsyncIterator[str]:
         """Like generate(), yielding text pieces as they are decoded (stop strings held back)."""
         opts = generation.GenerateOptions(sampling, max_tokens, stop, constrain, tools, max_tool_calls, top_logprobs,
-                                          fast_forward)
+                                          fast_forward, heal)
         pieces = generation.stream(self, opts)
         async with contextlib.aclosing(pieces):
             async for piece in pieces:

@@ -10,12 +10,14 @@ model continues until it answers without a call or ``max_tool_calls`` rounds wer
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import math
 import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
 
+from pie_local.runtime.healing import take_back
 from pie_local.runtime.logprobs import allowed_logprob, allowed_top, count_allowed, mask_to_bool
 from pie_local.runtime.sampling import SamplingParams, StopChecker
 
@@ -81,6 +83,7 @@ class GenerateOptions:
     max_tool_calls: int = 8
     top_logprobs: int = 0
     fast_forward: bool = True  # tokens a constraint forces go into the KV in one pass, unsampled
+    heal: bool = False  # token healing: take the prompt's last token back, begin with its bytes
 
 
 async def stream(ctx: Context, opts: GenerateOptions) -> AsyncIterator[str]:
@@ -102,6 +105,26 @@ class _Token:
     in_context: bool = True  # already in the context (a forced token); a sampled one is filled on acceptance
 
 
+class _TextDecoder:
+    """Generated tokens to text as they arrive, never splitting a UTF-8 character, after skipping
+    the first ``skip`` bytes (the end of the prompt that token healing took back)."""
+
+    def __init__(self, tokenizer: Any, skip: int = 0) -> None:
+        self._tok = tokenizer
+        self._skip = skip
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        data = self._tok.piece(token, special=False)
+        if self._skip:
+            n = min(self._skip, len(data))
+            data, self._skip = data[n:], self._skip - n
+        return self._utf8.decode(data)
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
+
+
 class _Run:
     """One generation: its settings, the text so far and the stop logic. A step yields tokens; each
     goes through `accept`, which keeps it (or not) and says whether the generation is over."""
@@ -121,11 +144,17 @@ class _Run:
         self.turn = ctx.begin_assistant_turn()  # the template's generation prompt, when the chat awaits a reply
         if self.turn is not None:
             stops += [s for s in ctx.chat_stop_strings if s not in stops]
+        self.healing = None
+        if opts.heal:
+            if opts.constrain is not None:
+                raise ValueError("heal=True cannot be combined with constrain= (the healed token would start "
+                                 "inside the constraint's first token)")
+            self.healing = take_back(ctx)
         if not self.seq.pending:
             self.seq.uncommit_last()  # the last token is the first pass's input
         self.state = None if opts.constrain is None else bind_constraints(opts.constrain, self.tok)
         self.n_vocab = ctx.engine_info.n_vocab
-        self.decoder = self.tok.stream_decoder()
+        self.decoder = _TextDecoder(self.tok, skip=len(self.healing.prefix) if self.healing else 0)
         self.checker = StopChecker(stops)
         self.gen = Generation(finish_reason="length", prompt_tokens=len(self.seq))
         ctx.last = self.gen
@@ -150,22 +179,27 @@ class _Run:
             self.ctx.fill_tokens(forced)
             return [_Token(t, **self._forced_probs(t)) for t in forced]
         mask = None if self.state is None else self.state.mask()
+        healing = self.healing is not None and self.healing.active
+        if healing:
+            mask = self.healing.mask()
         # a constrained step reports log p over the allowed tokens too: from the row's logits,
         # unless the mask forces one token
-        renormalise = mask is not None and count_allowed(mask) > 1
+        renormalise = self.state is not None and count_allowed(mask) > 1
         top_k = self.opts.top_logprobs
         out = await self.seq.submit(forced, None, None, rows=[len(self.seq.pending) - 1 + len(forced)],
                                     samplers=[self.sampling.for_step(len(self.gen.token_ids) + len(forced))],
                                     logit_masks=None if mask is None else mask[None, :],
-                                    top_k=0 if mask is not None else top_k, want_logits=renormalise)
+                                    top_k=0 if self.state is not None else top_k, want_logits=renormalise)
         self.gen.forward_passes += 1
         if self.gen.forward_passes == 1:
             self.gen.cached_tokens = self._computed_before + self.seq.adopted_tokens - self._adopted_before
         token = int(out.tokens[0])
         if self.state is not None:
             self.state.advance(token)
+        if healing:
+            self.healing.advance(self.tok.piece(token, special=False))
         sampled = _Token(token, float(out.logprobs[0]), in_context=False)
-        if mask is not None:
+        if self.state is not None:
             allowed = mask_to_bool(mask, self.n_vocab) if renormalise else None
             sampled.allowed = allowed_logprob(out.logits[0], allowed, token) if renormalise else 0.0
             if top_k:
@@ -241,7 +275,8 @@ class _Run:
         if not completed:
             gen.finish_reason = "aborted"
         elif self.checker.stopped:
-            _cut_stop_string(self.ctx, gen, with_top=self.opts.top_logprobs > 0, constrained=self.state is not None)
+            _cut_stop_string(self.ctx, gen, with_top=self.opts.top_logprobs > 0, constrained=self.state is not None,
+                             healed=self.healing.prefix if self.healing else b"")
         if self.turn is not None and not self.seq.released and not self.seq.busy:
             self.ctx.end_assistant_turn(self.turn, gen.text)
 
@@ -272,10 +307,11 @@ async def _stream_once(ctx: Context, opts: GenerateOptions) -> AsyncIterator[str
         run.finish(completed)
 
 
-def _cut_stop_string(ctx: Context, gen: Generation, with_top: bool, constrained: bool) -> None:
-    """Keep in the context exactly the returned text: drop the tokens of the stop string."""
+def _cut_stop_string(ctx: Context, gen: Generation, with_top: bool, constrained: bool, healed: bytes) -> None:
+    """Keep in the context exactly the returned text (after the ``healed`` bytes of the prompt the
+    output begins with): drop the tokens of the stop string."""
     tok = ctx.tokenizer
-    want = gen.text.encode()
+    want = healed + gen.text.encode()
     kept, size = 0, 0
     for t in gen.token_ids:
         piece = tok.piece(t, special=False)
