@@ -127,3 +127,27 @@ async def test_token_healing_spans_the_prompt_boundary(engine):
     assert first.startswith(b":") and len(first) > 1  # one token covering ":" and more, e.g. "://"
     assert tok.decode(healed.token_ids).startswith(":") and tok.decode(healed.token_ids)[1:] == healed
     assert ctx.text == "<bos>" + prompt + healed
+
+
+# ---- grammar on a trigger ------------------------------------------------------------------------
+
+async def test_triggered_call_after_free_prose(engine):
+    result = await engine.run("triggered-call", {"prompt": "What is 17 * 23?"})
+    assert result["call"] == {"name": "calculator", "arguments": {"expression": "17 * 23"}}
+    assert result["result"] == "391" and result["finish_reason"] == "stop"
+    assert "<tool_call>" not in result["text"] and result["forced_tokens"] > 0
+
+
+async def test_a_trigger_inside_a_token_and_the_free_text_before_it(engine):
+    from pie_local.runtime.constraints import Regex, Triggered
+
+    ctx = engine.context()
+    ctx.fill("Shopping list: apples, bread, milk")
+    # after the first comma of the output, only " <word>." may follow: the model's next token after
+    # the comma may hold both, as llguidance matches the trigger on bytes
+    text = await ctx.generate(max_tokens=40, constrain=Triggered(",", Regex(" [a-z]+\\.")))
+    before, comma, after = text.partition(",")
+    assert comma and text.finish_reason == "stop"
+    import re
+
+    assert re.fullmatch(r" [a-z]+\.", after), after

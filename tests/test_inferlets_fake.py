@@ -14,7 +14,7 @@ from pie_local.runtime.inferlet import InferletError, load_inferlet, stdlib_name
 from runtime_helpers import fake_engine
 
 STDLIB = ["attention-sink", "beam-search", "best-of-n", "chat", "classify", "json-output", "prefix-cache",
-          "prompt-lookup", "react-agent", "text-completion", "tree-of-thought", "windowed-attention"]
+          "prompt-lookup", "react-agent", "text-completion", "tree-of-thought", "triggered-call", "windowed-attention"]
 
 
 class RecordingDriver(FakeDriver):
@@ -104,6 +104,18 @@ async def test_classify_picks_the_label_with_the_best_score(engine):
     by_total = await engine.run("classify", {"prompt": "Is it?", "labels": labels, "normalize": False})
     assert by_total["index"] == max(range(3), key=lambda i: scores[i].total)
     assert engine.pool.n_used == 0  # the inferlet's context went back at the end of its `async with`
+
+
+async def test_triggered_call_is_free_until_the_tag_then_a_valid_call():
+    say = {"Q: What is 6 * 7?\nA:": ' Sure. <tool_call>{"name":"calculator","arguments":{"expression":"6*7"}} ok'}
+    async with fake_engine(make_driver(next_token=scripted(say))) as engine:
+        result = await engine.run("triggered-call", {"prompt": "What is 6 * 7?", "max_tokens": 200})
+        assert result["text"] == " Sure. " and result["result"] == "42"
+        assert result["call"] == {"name": "calculator", "arguments": {"expression": "6*7"}}
+        # the keys were forced, not sampled; the call ended the generation (" ok" never came)
+        assert result["forced_tokens"] >= len('{"name":"calculator","arguments":{"expression":"')
+        no_call = await engine.run("triggered-call", {"prompt": "Hi?", "max_tokens": 5})
+        assert no_call["call"] is None and no_call["finish_reason"] == "length"
 
 
 def scripted(replies: dict[str, str], tok=FakeTokenizer()):
