@@ -151,3 +151,22 @@ async def test_a_trigger_inside_a_token_and_the_free_text_before_it(engine):
     import re
 
     assert re.fullmatch(r" [a-z]+\.", after), after
+
+
+# ---- reasoning budget ----------------------------------------------------------------------------
+
+async def test_reasoning_budget_closes_the_block_then_answers(engine):
+    import json
+
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"],
+              "additionalProperties": False}
+    result = await engine.run("reasoning", {"prompt": "Question: What is 12 + 30? Think, then answer.",
+                                            "budget": 12, "max_tokens": 60, "answer_schema": json.dumps(schema)})
+    close_tokens = len(engine.tokenizer.encode("</think>"))
+    assert result["reasoning_tokens"] <= 12 + close_tokens and result["reasoning"]
+    assert isinstance(json.loads(result["answer"])["answer"], int) and result["finish_reason"] == "stop"
+    ctx = engine.context()
+    ctx.fill("Question: Why is the sky blue?\n<think>\n")
+    answer = await ctx.generate(max_tokens=30, reasoning=8)
+    assert answer.reasoning_tokens <= 8 + close_tokens and "</think>" in ctx.text
+    assert ctx.text.endswith(answer) and answer.reasoning in ctx.text and "</think>" not in answer

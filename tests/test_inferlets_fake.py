@@ -14,7 +14,8 @@ from pie_local.runtime.inferlet import InferletError, load_inferlet, stdlib_name
 from runtime_helpers import fake_engine
 
 STDLIB = ["attention-sink", "beam-search", "best-of-n", "chat", "classify", "json-output", "prefix-cache",
-          "prompt-lookup", "react-agent", "text-completion", "tree-of-thought", "triggered-call", "windowed-attention"]
+          "prompt-lookup", "react-agent", "reasoning", "text-completion", "tree-of-thought", "triggered-call",
+          "windowed-attention"]
 
 
 class RecordingDriver(FakeDriver):
@@ -116,6 +117,17 @@ async def test_triggered_call_is_free_until_the_tag_then_a_valid_call():
         assert result["forced_tokens"] >= len('{"name":"calculator","arguments":{"expression":"')
         no_call = await engine.run("triggered-call", {"prompt": "Hi?", "max_tokens": 5})
         assert no_call["call"] is None and no_call["finish_reason"] == "length"
+
+
+async def test_reasoning_is_cut_at_its_budget_and_the_answer_follows(engine):
+    result, streamed, _, _ = await run_collect(engine, "reasoning", {"prompt": "Why?", "budget": 7,
+                                                                       "max_tokens": 20})
+    assert result["reasoning_tokens"] == 7 + len("</think>")  # the fake model never closes it itself
+    assert 0 < len(result["reasoning"]) <= 7 and streamed == result["answer"]  # 7 random bytes
+    schema = json.dumps({"type": "object", "properties": {"n": {"type": "integer", "maximum": 9}},
+                         "required": ["n"], "additionalProperties": False})
+    constrained = await engine.run("reasoning", {"prompt": "Why?", "budget": 3, "answer_schema": schema})
+    assert set(json.loads(constrained["answer"])) == {"n"} and constrained["finish_reason"] == "stop"
 
 
 def scripted(replies: dict[str, str], tok=FakeTokenizer()):

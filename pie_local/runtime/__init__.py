@@ -13,7 +13,7 @@ _EXPORTS = {
     "InferletCancelled": "handle", "ModelIdentity": "engine",
     "Context": "context", "Generation": "generation", "GenerationResult": "generation",
     "Forward": "forward", "ForwardOutput": "forward", "brle": "forward", "brle_decode": "forward",
-    "SamplingParams": "sampling", "Score": "scoring", "Selection": "scoring",
+    "SamplingParams": "sampling", "Score": "scoring", "Selection": "scoring", "Reasoning": "reasoning",
     "OutOfPagesError": "pages",
     "Limits": "limits", "LimitExceeded": "limits", "PageLimitError": "limits", "TokenLimitError": "limits",
     "WallTimeExceeded": "limits", "ContextBusyError": "limits", "ContextLengthError": "limits",

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
 from pie_local.runtime import generation, scoring
 from pie_local.runtime.forward import Forward, ForwardOutput
 from pie_local.runtime.generation import Generation, GenerationResult
+from pie_local.runtime.reasoning import Reasoning
 from pie_local.runtime.sampling import SamplingParams
 from pie_local.runtime.scoring import Score, Selection
 from pie_local.runtime.sequence import Sequence as TokenSequence
@@ -232,7 +233,8 @@ class Context:
     async def generate(self, sampling: SamplingParams | None = None, max_tokens: int = 256,
                        stop: Sequence[str] | None = None, constrain: Any = None, tools: Any = None,
                        max_tool_calls: int = 8, top_logprobs: int = 0, *,
-                       fast_forward: bool = True, heal: bool = False) -> GenerationResult:
+                       fast_forward: bool = True, heal: bool = False,
+                       reasoning: Reasoning | int | None = None) -> GenerationResult:
         """Generate text. Stops at an end-of-generation token, a stop string, when a constraint is
         complete, or after ``max_tokens``. Returns the text as a `GenerationResult` (a ``str``) that
         also carries what ``ctx.last`` holds: why it stopped, the token ids, their log-probabilities
@@ -244,18 +246,26 @@ class Context:
 
         ``heal``: token healing. The context's last token is taken back and the output must begin
         with its bytes, so a prompt that stops mid-token ("http:") lets the model choose the token
-        it would have written ("://"); the returned text is what follows the prompt's text."""
+        it would have written ("://"); the returned text is what follows the prompt's text.
+
+        ``reasoning``: a `Reasoning` (or a token budget, with ``<think>``/``</think>`` tags). The
+        reasoning block may take that many tokens; then its closing tag is forced and the answer
+        generated. The text (and the stream) is the answer; ``result.reasoning`` the block's text."""
         parts = [piece async for piece in self.stream(sampling, max_tokens, stop, constrain, tools, max_tool_calls,
-                                                      top_logprobs, fast_forward=fast_forward, heal=heal)]
+                                                      top_logprobs, fast_forward=fast_forward, heal=heal,
+                                                      reasoning=reasoning)]
         return GenerationResult("".join(parts), self.last)
 
     async def stream(self, sampling: SamplingParams | None = None, max_tokens: int = 256,
                      stop: Sequence[str] | None = None, constrain: Any = None, tools: Any = None,
                      max_tool_calls: int = 8, top_logprobs: int = 0, *,
-                     fast_forward: bool = True, heal: bool = False) -> AsyncIterator[str]:
+                     fast_forward: bool = True, heal: bool = False,
+                     reasoning: Reasoning | int | None = None) -> AsyncIterator[str]:
         """Like generate(), yielding text pieces as they are decoded (stop strings held back)."""
+        if isinstance(reasoning, int) and not isinstance(reasoning, bool):
+            reasoning = Reasoning(budget=reasoning)
         opts = generation.GenerateOptions(sampling, max_tokens, stop, constrain, tools, max_tool_calls, top_logprobs,
-                                          fast_forward, heal)
+                                          fast_forward, heal, reasoning)
         pieces = generation.stream(self, opts)
         async with contextlib.aclosing(pieces):
             async for piece in pieces:

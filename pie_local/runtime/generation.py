@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
 
 from pie_local.runtime.healing import take_back
 from pie_local.runtime.logprobs import allowed_logprob, allowed_top, count_allowed, mask_to_bool
+from pie_local.runtime.reasoning import Reasoning, ReasoningSplitter
 from pie_local.runtime.sampling import SamplingParams, StopChecker
 
 if TYPE_CHECKING:
@@ -43,9 +44,12 @@ class Generation:
     prompt_tokens: int = 0  # tokens in the context when the first pass started (the prompt)
     cached_tokens: int = 0  # of those, tokens this generation did not compute (in KV already, or prefix cache)
     forward_passes: int = 0  # passes this generation ran (fewer than tokens when tokens were forced)
-    # tokens a constraint forced (llguidance's fast-forward): computed in the pass of the next sampled
-    # token, never sampled: their raw logprob is nan, their allowed_logprob 0
+    # tokens forced by a constraint (llguidance's fast-forward) or a reasoning budget (the closing
+    # tag): computed in the pass of the next sampled token, never sampled, so their raw logprob is nan
+    # (and their allowed_logprob 0 under a constraint)
     forced_tokens: int = 0
+    reasoning: str = ""  # with reasoning=: the reasoning block's text (the answer is `text`)
+    reasoning_tokens: int = 0  # tokens generated inside the reasoning block (its closing tag too)
 
 
 class GenerationResult(str):
@@ -84,6 +88,7 @@ class GenerateOptions:
     top_logprobs: int = 0
     fast_forward: bool = True  # tokens a constraint forces go into the KV in one pass, unsampled
     heal: bool = False  # token healing: take the prompt's last token back, begin with its bytes
+    reasoning: Reasoning | None = None  # a budget for the reasoning block; the answer is the text
 
 
 async def stream(ctx: Context, opts: GenerateOptions) -> AsyncIterator[str]:
@@ -144,6 +149,9 @@ class _Run:
         self.turn = ctx.begin_assistant_turn()  # the template's generation prompt, when the chat awaits a reply
         if self.turn is not None:
             stops += [s for s in ctx.chat_stop_strings if s not in stops]
+        self.reasoning = None
+        if opts.reasoning is not None:
+            self.reasoning = ReasoningSplitter(opts.reasoning, self.tok.decode(ctx.token_ids[-16:]))
         self.healing = None
         if opts.heal:
             if opts.constrain is not None:
@@ -158,7 +166,8 @@ class _Run:
         self.checker = StopChecker(stops)
         self.gen = Generation(finish_reason="length", prompt_tokens=len(self.seq))
         ctx.last = self.gen
-        self.text_parts: list[str] = []
+        self.text_parts: list[str] = []  # the answer
+        self.full_parts: list[str] = []  # all the output's text (with a reasoning block)
         self.over = False  # a stop condition was met
         self._computed_before, self._adopted_before = self.seq.kv_len, self.seq.adopted_tokens
 
@@ -172,8 +181,9 @@ class _Run:
     async def step(self) -> list[_Token]:
         """One forward pass: the tokens the constraint forces (no sampling needed), then one
         sampled token. Returns them in order."""
-        forced = self._forced_tokens()
-        if forced and (len(forced) >= self.budget or self.state.is_done()):
+        forced = self._force(self._closing_tokens(), [])
+        forced = self._force(self._fast_forward_tokens(), forced)
+        if forced and (len(forced) >= self.budget or (self.state is not None and self.state.is_done())):
             # nothing is left to sample: the forced tokens wait in the context, uncomputed, as the
             # last sampled token of a generation does
             self.ctx.fill_tokens(forced)
@@ -208,23 +218,37 @@ class _Run:
             sampled.top = [(int(i), math.log(max(float(p), 1e-45))) for i, p in zip(out.top_ids[0], out.top_probs[0])]
         return [_Token(t, **self._forced_probs(t)) for t in forced] + [sampled]
 
-    def _forced_tokens(self) -> list[int]:
-        """Tokens the constraint forces next (llguidance's fast-forward), consumed by it already;
-        no more than the budget and the model's context allow."""
+    def _closing_tokens(self) -> list[int]:
+        """The reasoning block's closing tag, once its budget is spent (the constraint, if any,
+        consumes it: a Triggered grammar on the tag starts the answer's)."""
+        if self.reasoning is None or not self.reasoning.over_budget:
+            return []
+        return self.tok.encode(self.reasoning.config.close, add_special=False, parse_special=True)
+
+    def _fast_forward_tokens(self) -> list[int]:
+        """Tokens the constraint forces next (llguidance's fast-forward)."""
         forced_tokens = getattr(self.state, "forced_tokens", None)  # optional for a state of one's own
         if forced_tokens is None or not self.opts.fast_forward:
             return []
-        room = self.budget
+        return forced_tokens()
+
+    def _force(self, tokens: list[int], before: list[int]) -> list[int]:
+        """``before`` + as many of ``tokens`` as the budget and the model's context allow after
+        it; the constraint consumes them."""
+        room = self.budget - len(before)
         if self.seq.max_position is not None:
-            room = min(room, self.seq.max_position + 1 - self.seq.next_position)
-        forced = forced_tokens()[: max(room, 0)]
-        for t in forced:
-            self.state.advance(t)
-        self.gen.forced_tokens += len(forced)
-        return forced
+            room = min(room, self.seq.max_position + 1 - self.seq.next_position - len(before))
+        taken = tokens[: max(room, 0)]
+        for t in taken:
+            if self.state is not None:
+                self.state.advance(t)
+        self.gen.forced_tokens += len(taken)
+        return before + taken
 
     def _forced_probs(self, token: int) -> dict[str, Any]:
-        """A forced token has probability 1 among the allowed; its raw log p was not computed."""
+        """A forced token is certain under the constraint; its raw log p was not computed."""
+        if self.state is None:
+            return {"top": [] if self.opts.top_logprobs else None}
         return {"allowed": 0.0, "top": [(token, 0.0)] if self.opts.top_logprobs else None}
 
     # ---- stop logic ------------------------------------------------------------------------------
@@ -247,9 +271,9 @@ class _Run:
             gen.top_logprobs.append(t.top)
         if not t.in_context:
             self.ctx.fill_tokens([t.id])
-        visible = self.checker.push(self.decoder.push(t.id))
-        if visible:
-            self.text_parts.append(visible)
+        if self.reasoning is not None:
+            self.reasoning.count()
+        visible = self._show(self.checker.push(self.decoder.push(t.id)))
         if self.checker.stopped:
             gen.finish_reason, gen.stop, self.over = "stop", self.checker.matched, True
         elif last and self.state is not None and self.state.is_done():
@@ -258,27 +282,44 @@ class _Run:
             self.over = True
         return visible, True
 
+    def _show(self, text: str) -> str:
+        """Output text past the stop strings -> the answer text to show (a reasoning block apart)."""
+        if text:
+            self.full_parts.append(text)
+        if self.reasoning is not None:
+            text = self.reasoning.push(text)
+        if text:
+            self.text_parts.append(text)
+        return text
+
     def flush(self) -> str:
-        """The text held back at the end (an unfinished character or stop-string prefix)."""
-        if self.checker.stopped:
-            return ""
-        rest = self.checker.push(self.decoder.flush()) + self.checker.finish()
-        if self.checker.stopped:
-            self.gen.finish_reason, self.gen.stop = "stop", self.checker.matched
-        if rest:
-            self.text_parts.append(rest)
-        return rest
+        """The text held back at the end (an unfinished character, a stop-string or tag prefix)."""
+        rest = ""
+        if not self.checker.stopped:
+            rest = self.checker.push(self.decoder.flush()) + self.checker.finish()
+            if self.checker.stopped:
+                self.gen.finish_reason, self.gen.stop = "stop", self.checker.matched
+        shown = self._show(rest)
+        if self.reasoning is not None:
+            tail = self.reasoning.finish()
+            if tail:
+                self.text_parts.append(tail)
+            shown += tail
+        return shown
 
     def finish(self, completed: bool) -> None:
         gen = self.gen
         gen.text = "".join(self.text_parts)
+        output = "".join(self.full_parts)  # what the context holds after the prompt
+        if self.reasoning is not None:
+            gen.reasoning, gen.reasoning_tokens = self.reasoning.reasoning, self.reasoning.tokens
         if not completed:
             gen.finish_reason = "aborted"
         elif self.checker.stopped:
-            _cut_stop_string(self.ctx, gen, with_top=self.opts.top_logprobs > 0, constrained=self.state is not None,
-                             healed=self.healing.prefix if self.healing else b"")
+            _cut_stop_string(self.ctx, gen, output, with_top=self.opts.top_logprobs > 0,
+                             constrained=self.state is not None, healed=self.healing.prefix if self.healing else b"")
         if self.turn is not None and not self.seq.released and not self.seq.busy:
-            self.ctx.end_assistant_turn(self.turn, gen.text)
+            self.ctx.end_assistant_turn(self.turn, output)
 
 
 async def _stream_once(ctx: Context, opts: GenerateOptions) -> AsyncIterator[str]:
@@ -307,11 +348,12 @@ async def _stream_once(ctx: Context, opts: GenerateOptions) -> AsyncIterator[str
         run.finish(completed)
 
 
-def _cut_stop_string(ctx: Context, gen: Generation, with_top: bool, constrained: bool, healed: bytes) -> None:
-    """Keep in the context exactly the returned text (after the ``healed`` bytes of the prompt the
-    output begins with): drop the tokens of the stop string."""
+def _cut_stop_string(ctx: Context, gen: Generation, output: str, with_top: bool, constrained: bool,
+                     healed: bytes) -> None:
+    """Keep in the context exactly the ``output`` before the stop string (after the ``healed`` bytes
+    of the prompt the output begins with): drop the tokens of the stop string."""
     tok = ctx.tokenizer
-    want = healed + gen.text.encode()
+    want = healed + output.encode()
     kept, size = 0, 0
     for t in gen.token_ids:
         piece = tok.piece(t, special=False)
