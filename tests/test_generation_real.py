@@ -170,3 +170,32 @@ async def test_reasoning_budget_closes_the_block_then_answers(engine):
     answer = await ctx.generate(max_tokens=30, reasoning=8)
     assert answer.reasoning_tokens <= 8 + close_tokens and "</think>" in ctx.text
     assert ctx.text.endswith(answer) and answer.reasoning in ctx.text and "</think>" not in answer
+
+
+# ---- speculation -----------------------------------------------------------------------------------
+
+async def test_the_model_as_its_own_draft_model_reproduces_greedy(engine):
+    prompt = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
+    result = await engine.run("draft-model", {"prompt": prompt, "max_tokens": 24, "draft": 4})
+    greedy = await engine.run("text-completion", {"prompt": prompt, "max_tokens": 24})
+    assert result["text"] == greedy
+    # the same model drafts what it will say: (nearly) every draft is kept, in a pass per 5 tokens
+    assert result["accepted"] >= 0.9 * result["drafted"] > 0
+    assert result["forward_passes"] <= len(result["token_ids"]) // 3 + 2
+    stats = engine.stats()
+    assert stats.drafted_tokens == result["drafted"] and stats.accepted_tokens == result["accepted"]
+
+
+async def test_speculative_sampling_with_the_ngram_drafter(engine):
+    from pie_local.runtime import NgramDrafter, SamplingParams
+
+    prompt = "apples, bread, milk, eggs, butter. Again: apples, bread, milk,"
+    outs = []
+    for _ in range(2):
+        ctx = engine.context()
+        ctx.fill(prompt)
+        outs.append(await ctx.generate(SamplingParams(temperature=0.7, top_p=0.9, seed=11), max_tokens=24,
+                                       speculator=NgramDrafter(), draft_tokens=6))
+        assert ctx.text == "<bos>" + prompt + outs[-1]
+    assert outs[0].token_ids == outs[1].token_ids and len(outs[0].token_ids) == 24  # seeded: reproducible
+    assert outs[0].drafted_tokens > 0 and outs[0].forward_passes < 24

@@ -13,7 +13,7 @@ from pie_local.driver.types import DriverParams
 from pie_local.runtime.inferlet import InferletError, load_inferlet, stdlib_names
 from runtime_helpers import fake_engine
 
-STDLIB = ["attention-sink", "beam-search", "best-of-n", "chat", "classify", "json-output", "prefix-cache",
+STDLIB = ["attention-sink", "beam-search", "best-of-n", "chat", "classify", "draft-model", "json-output", "prefix-cache",
           "prompt-lookup", "react-agent", "reasoning", "text-completion", "tree-of-thought", "triggered-call",
           "windowed-attention"]
 
@@ -394,6 +394,18 @@ async def test_prompt_lookup_accepts_drafts_of_a_repeating_model():
     assert result["token_ids"] == greedy
     assert result["accepted"] >= 30
     assert result["forward_passes"] < 12  # 40 tokens in far fewer passes
+
+
+async def test_draft_model_needs_a_model_file_to_load(engine):
+    # the draft model runs in an Engine of its own, loaded from a file; tests/test_generation_real.py runs it
+    with pytest.raises(ValueError, match="--draft-model is needed"):
+        await engine.run("draft-model", {"prompt": "abc"})
+
+
+async def test_prompt_lookup_samples_too(engine):
+    args = {"prompt": "abc abc abc abc", "max_tokens": 16, "temperature": 0.8, "seed": 3}
+    a, b = await engine.run("prompt-lookup", args), await engine.run("prompt-lookup", args)
+    assert a == b and len(a["token_ids"]) == 16  # seeded: reproducible
 
 
 def test_find_draft():

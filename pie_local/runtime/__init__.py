@@ -14,6 +14,7 @@ _EXPORTS = {
     "Context": "context", "Generation": "generation", "GenerationResult": "generation",
     "Forward": "forward", "ForwardOutput": "forward", "brle": "forward", "brle_decode": "forward",
     "SamplingParams": "sampling", "Score": "scoring", "Selection": "scoring", "Reasoning": "reasoning",
+    "NgramDrafter": "speculation", "ModelDrafter": "speculation", "GuessDrafter": "speculation", "Draft": "speculation",
     "OutOfPagesError": "pages",
     "Limits": "limits", "LimitExceeded": "limits", "PageLimitError": "limits", "TokenLimitError": "limits",
     "WallTimeExceeded": "limits", "ContextBusyError": "limits", "ContextLengthError": "limits",

@@ -234,7 +234,8 @@ class Context:
                        stop: Sequence[str] | None = None, constrain: Any = None, tools: Any = None,
                        max_tool_calls: int = 8, top_logprobs: int = 0, *,
                        fast_forward: bool = True, heal: bool = False,
-                       reasoning: Reasoning | int | None = None) -> GenerationResult:
+                       reasoning: Reasoning | int | None = None, speculator: Any = None,
+                       draft_tokens: int = 8) -> GenerationResult:
         """Generate text. Stops at an end-of-generation token, a stop string, when a constraint is
         complete, or after ``max_tokens``. Returns the text as a `GenerationResult` (a ``str``) that
         also carries what ``ctx.last`` holds: why it stopped, the token ids, their log-probabilities
@@ -250,22 +251,30 @@ class Context:
 
         ``reasoning``: a `Reasoning` (or a token budget, with ``<think>``/``</think>`` tags). The
         reasoning block may take that many tokens; then its closing tag is forced and the answer
-        generated. The text (and the stream) is the answer; ``result.reasoning`` the block's text."""
+        generated. The text (and the stream) is the answer; ``result.reasoning`` the block's text.
+
+        ``speculator``: a drafter (`NgramDrafter`, `ModelDrafter`, `GuessDrafter`, anything with
+        ``async propose(tokens, k)``, or a function) proposes up to ``draft_tokens`` tokens; one
+        pass verifies them. Greedy output is exactly greedy decoding's; sampled output has the
+        distribution of sampling without a drafter. ``result.drafted_tokens``/``accepted_tokens``
+        count them."""
         parts = [piece async for piece in self.stream(sampling, max_tokens, stop, constrain, tools, max_tool_calls,
                                                       top_logprobs, fast_forward=fast_forward, heal=heal,
-                                                      reasoning=reasoning)]
+                                                      reasoning=reasoning, speculator=speculator,
+                                                      draft_tokens=draft_tokens)]
         return GenerationResult("".join(parts), self.last)
 
     async def stream(self, sampling: SamplingParams | None = None, max_tokens: int = 256,
                      stop: Sequence[str] | None = None, constrain: Any = None, tools: Any = None,
                      max_tool_calls: int = 8, top_logprobs: int = 0, *,
                      fast_forward: bool = True, heal: bool = False,
-                     reasoning: Reasoning | int | None = None) -> AsyncIterator[str]:
+                     reasoning: Reasoning | int | None = None, speculator: Any = None,
+                     draft_tokens: int = 8) -> AsyncIterator[str]:
         """Like generate(), yielding text pieces as they are decoded (stop strings held back)."""
         if isinstance(reasoning, int) and not isinstance(reasoning, bool):
             reasoning = Reasoning(budget=reasoning)
         opts = generation.GenerateOptions(sampling, max_tokens, stop, constrain, tools, max_tool_calls, top_logprobs,
-                                          fast_forward, heal, reasoning)
+                                          fast_forward, heal, reasoning, speculator, draft_tokens)
         pieces = generation.stream(self, opts)
         async with contextlib.aclosing(pieces):
             async for piece in pieces:

@@ -1,9 +1,13 @@
 """Generation: the decode loop behind `Context.generate()` / `stream()`.
 
-One forward pass per token (the scheduler batches every context's step together), then the stop
-logic: end-of-generation tokens, stop strings (held back while they may still be starting), a
-constraint that is complete, or ``max_tokens``. Constraints (llguidance) give a logit mask per
-step. With tools, the model writes a call in its chat template's tool format, the runtime runs
+Each step is one forward pass (the scheduler batches every context's step together) that samples
+one token, then the stop logic: end-of-generation tokens, stop strings (held back while they may
+still be starting), a constraint that is complete, or ``max_tokens``. A step may carry more:
+tokens that are forced (what a constraint's grammar forces, a reasoning block's closing tag) go
+into the KV in the same pass, unsampled; a drafter's proposal is verified in the pass, a sampled
+row at each drafted token (runtime/speculation.py). Constraints (llguidance) give a logit mask
+per step; token healing (runtime/healing.py) masks the first steps; a reasoning budget
+(runtime/reasoning.py) splits the text into reasoning and answer. With tools, the model writes a call in its chat template's tool format, the runtime runs
 the tool and appends the result as a "tool" message to the same KV (no re-prefill), and the
 model continues until it answers without a call or ``max_tool_calls`` rounds were used.
 """
@@ -17,10 +21,13 @@ import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
 
+import numpy as np
+
 from pie_local.runtime.healing import take_back
-from pie_local.runtime.logprobs import allowed_logprob, allowed_top, count_allowed, mask_to_bool
+from pie_local.runtime.logprobs import allowed_logprob, allowed_top, count_allowed, mask_to_bool, raw_logprob
 from pie_local.runtime.reasoning import Reasoning, ReasoningSplitter
 from pie_local.runtime.sampling import SamplingParams, StopChecker
+from pie_local.runtime.speculation import Draft, accept_drafts, as_drafter, sampling_distribution
 
 if TYPE_CHECKING:
     from pie_local.runtime.context import Context
@@ -50,6 +57,8 @@ class Generation:
     forced_tokens: int = 0
     reasoning: str = ""  # with reasoning=: the reasoning block's text (the answer is `text`)
     reasoning_tokens: int = 0  # tokens generated inside the reasoning block (its closing tag too)
+    drafted_tokens: int = 0  # with speculator=: tokens the drafter proposed
+    accepted_tokens: int = 0  # of those, tokens verification kept
 
 
 class GenerationResult(str):
@@ -89,6 +98,8 @@ class GenerateOptions:
     fast_forward: bool = True  # tokens a constraint forces go into the KV in one pass, unsampled
     heal: bool = False  # token healing: take the prompt's last token back, begin with its bytes
     reasoning: Reasoning | None = None  # a budget for the reasoning block; the answer is the text
+    speculator: Any = None  # a drafter (runtime/speculation.py): its drafts are verified in one pass
+    draft_tokens: int = 8  # tokens a drafter may propose per pass
 
 
 async def stream(ctx: Context, opts: GenerateOptions) -> AsyncIterator[str]:
@@ -158,6 +169,14 @@ class _Run:
                 raise ValueError("heal=True cannot be combined with constrain= (the healed token would start "
                                  "inside the constraint's first token)")
             self.healing = take_back(ctx)
+        self.drafter = None
+        if opts.speculator is not None:
+            if opts.constrain is not None:
+                raise ValueError("speculator= cannot be combined with constrain= yet (drafts would need the "
+                                 "constraint's masks at every verified row)")
+            if opts.draft_tokens < 1:
+                raise ValueError(f"draft_tokens must be >= 1, got {opts.draft_tokens}")
+            self.drafter = as_drafter(opts.speculator)
         if not self.seq.pending:
             self.seq.uncommit_last()  # the last token is the first pass's input
         self.state = None if opts.constrain is None else bind_constraints(opts.constrain, self.tok)
@@ -188,6 +207,10 @@ class _Run:
             # last sampled token of a generation does
             self.ctx.fill_tokens(forced)
             return [_Token(t, **self._forced_probs(t)) for t in forced]
+        if not forced and self.drafter is not None and not (self.healing is not None and self.healing.active):
+            draft = await self._propose()
+            if draft.tokens:
+                return await self._verify(draft)
         mask = None if self.state is None else self.state.mask()
         healing = self.healing is not None and self.healing.active
         if healing:
@@ -200,9 +223,7 @@ class _Run:
                                     samplers=[self.sampling.for_step(len(self.gen.token_ids) + len(forced))],
                                     logit_masks=None if mask is None else mask[None, :],
                                     top_k=0 if self.state is not None else top_k, want_logits=renormalise)
-        self.gen.forward_passes += 1
-        if self.gen.forward_passes == 1:
-            self.gen.cached_tokens = self._computed_before + self.seq.adopted_tokens - self._adopted_before
+        self._count_pass()
         token = int(out.tokens[0])
         if self.state is not None:
             self.state.advance(token)
@@ -217,6 +238,72 @@ class _Run:
         elif top_k:
             sampled.top = [(int(i), math.log(max(float(p), 1e-45))) for i, p in zip(out.top_ids[0], out.top_probs[0])]
         return [_Token(t, **self._forced_probs(t)) for t in forced] + [sampled]
+
+    def _count_pass(self) -> None:
+        self.gen.forward_passes += 1
+        if self.gen.forward_passes == 1:
+            self.gen.cached_tokens = self._computed_before + self.seq.adopted_tokens - self._adopted_before
+
+    # ---- speculation -----------------------------------------------------------------------------
+
+    async def _propose(self) -> Draft:
+        """The drafter's proposal, no longer than what may still be generated."""
+        k = min(self.opts.draft_tokens, self.budget - 1)
+        if self.seq.max_position is not None:
+            k = min(k, self.seq.max_position - self.seq.next_position)  # every draft and the token after
+        if self.reasoning is not None and self.reasoning.thinking:
+            k = min(k, self.reasoning.config.budget - self.reasoning.tokens - 1)
+        if k <= 0:
+            return Draft([])
+        proposal = await self.drafter.propose(self.ctx.token_ids, k)
+        draft = proposal if isinstance(proposal, Draft) else Draft(list(proposal))
+        draft.tokens = [int(t) for t in draft.tokens[:k]]
+        for t in draft.tokens:
+            if not 0 <= t < self.n_vocab:
+                raise ValueError(f"the drafter proposed token id {t}, outside [0, {self.n_vocab})")
+        return draft
+
+    async def _verify(self, draft: Draft) -> list[_Token]:
+        """One pass over the pending token and the draft, a sampled row at each; keep what the rule
+        accepts (runtime/speculation.py), drop the KV of the rest."""
+        d = draft.tokens
+        n_done, greedy, top_k = len(self.gen.token_ids), self.sampling.is_greedy, self.opts.top_logprobs
+        first = len(self.seq.pending) - 1
+        start = len(self.seq)
+        out = await self.seq.submit(d, None, None, rows=[first + i for i in range(len(d) + 1)],
+                                    samplers=[self.sampling.for_step(n_done + i) for i in range(len(d) + 1)],
+                                    top_k=top_k, want_logits=not greedy)
+        self._count_pass()
+        if greedy:  # row i's token is the model's choice after draft token i-1: keep while they agree
+            n_ok = 0
+            while n_ok < len(d) and int(out.tokens[n_ok]) == d[n_ok]:
+                n_ok += 1
+            last = None
+        else:
+            rng = np.random.default_rng([self.sampling.seed or 0, n_done])
+            n_ok, last = accept_drafts(d, lambda i: sampling_distribution(out.logits[i], self.sampling),
+                                       draft.probs, rng)
+        self.seq.truncate(start + n_ok)  # the rejected drafts' KV
+        self.gen.drafted_tokens += len(d)
+        self.gen.accepted_tokens += n_ok
+        self.seq.engine.counters.record_speculation(len(d), n_ok)
+
+        def logprob(row: int, token: int) -> float:
+            if token == int(out.tokens[row]):
+                return float(out.logprobs[row])
+            return raw_logprob(out.logits[row], token)  # sampling: a kept draft or a residual draw
+
+        def top(row: int) -> list[tuple[int, float]] | None:
+            if not top_k:
+                return None
+            return [(int(i), math.log(max(float(p), 1e-45))) for i, p in zip(out.top_ids[row], out.top_probs[row])]
+
+        tokens = [_Token(d[i], logprob(i, d[i]), top=top(i)) for i in range(n_ok)]
+        if last is None:  # all drafts kept (or greedy): the row's own sample follows them
+            last = int(out.tokens[n_ok])
+        return tokens + [_Token(last, logprob(n_ok, last), top=top(n_ok), in_context=False)]
+
+    # ---- forced tokens ---------------------------------------------------------------------------
 
     def _closing_tokens(self) -> list[int]:
         """The reasoning block's closing tag, once its budget is spent (the constraint, if any,
