@@ -13,9 +13,9 @@ from pie_local.driver.types import DriverParams
 from pie_local.runtime.inferlet import InferletError, load_inferlet, stdlib_names
 from runtime_helpers import fake_engine
 
-STDLIB = ["attention-sink", "beam-search", "best-of-n", "chat", "classify", "draft-model", "json-output", "prefix-cache",
-          "prompt-lookup", "react-agent", "reasoning", "text-completion", "tree-of-thought", "triggered-call",
-          "windowed-attention"]
+STDLIB = ["attention-sink", "beam-search", "best-of-n", "chat", "classify", "draft-model", "json-output",
+          "prefix-cache", "prompt-lookup", "react-agent", "reasoning", "text-completion", "tree-of-thought",
+          "triggered-call", "windowed-attention"]
 
 
 class RecordingDriver(FakeDriver):

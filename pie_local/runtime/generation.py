@@ -7,9 +7,10 @@ tokens that are forced (what a constraint's grammar forces, a reasoning block's 
 into the KV in the same pass, unsampled; a drafter's proposal is verified in the pass, a sampled
 row at each drafted token (runtime/speculation.py). Constraints (llguidance) give a logit mask
 per step; token healing (runtime/healing.py) masks the first steps; a reasoning budget
-(runtime/reasoning.py) splits the text into reasoning and answer. With tools, the model writes a call in its chat template's tool format, the runtime runs
-the tool and appends the result as a "tool" message to the same KV (no re-prefill), and the
-model continues until it answers without a call or ``max_tool_calls`` rounds were used.
+(runtime/reasoning.py) splits the text into reasoning and answer. With tools, the model writes a
+call in its chat template's tool format, the runtime runs the tool and appends the result as a
+"tool" message to the same KV (no re-prefill), and the model continues until it answers without a
+call or ``max_tool_calls`` rounds were used.
 """
 
 from __future__ import annotations
@@ -121,6 +122,11 @@ class _Token:
     in_context: bool = True  # already in the context (a forced token); a sampled one is filled on acceptance
 
 
+def _top(out: Any, row: int) -> list[tuple[int, float]]:
+    """The driver's top-k probe of an output row, as (token, log-probability) pairs."""
+    return [(int(i), math.log(max(float(p), 1e-45))) for i, p in zip(out.top_ids[row], out.top_probs[row])]
+
+
 class _TextDecoder:
     """Generated tokens to text as they arrive, never splitting a UTF-8 character, after skipping
     the first ``skip`` bytes (the end of the prompt that token healing took back)."""
@@ -198,8 +204,9 @@ class _Run:
     # ---- steps -----------------------------------------------------------------------------------
 
     async def step(self) -> list[_Token]:
-        """One forward pass: the tokens the constraint forces (no sampling needed), then one
-        sampled token. Returns them in order."""
+        """One forward pass: the tokens that are forced (a reasoning block's closing tag, what the
+        constraint forces) and one sampled token after them, or a drafter's proposal verified.
+        Returns the tokens it produced, in order."""
         forced = self._force(self._closing_tokens(), [])
         forced = self._force(self._fast_forward_tokens(), forced)
         if forced and (len(forced) >= self.budget or (self.state is not None and self.state.is_done())):
@@ -207,14 +214,21 @@ class _Run:
             # last sampled token of a generation does
             self.ctx.fill_tokens(forced)
             return [_Token(t, **self._forced_probs(t)) for t in forced]
-        if not forced and self.drafter is not None and not (self.healing is not None and self.healing.active):
+        healing = self.healing is not None and self.healing.active
+        if not forced and not healing and self.drafter is not None:
             draft = await self._propose()
             if draft.tokens:
                 return await self._verify(draft)
-        mask = None if self.state is None else self.state.mask()
-        healing = self.healing is not None and self.healing.active
+        return [_Token(t, **self._forced_probs(t)) for t in forced] + [await self._sample(forced, healing)]
+
+    async def _sample(self, forced: list[int], healing: bool) -> _Token:
+        """Compute the pending and ``forced`` tokens and sample the token after them, under the
+        constraint's (or token healing's) mask."""
+        mask = None
         if healing:
             mask = self.healing.mask()
+        elif self.state is not None:
+            mask = self.state.mask()
         # a constrained step reports log p over the allowed tokens too: from the row's logits,
         # unless the mask forces one token
         renormalise = self.state is not None and count_allowed(mask) > 1
@@ -236,8 +250,8 @@ class _Run:
             if top_k:
                 sampled.top = allowed_top(out.logits[0], allowed, top_k) if renormalise else [(token, 0.0)]
         elif top_k:
-            sampled.top = [(int(i), math.log(max(float(p), 1e-45))) for i, p in zip(out.top_ids[0], out.top_probs[0])]
-        return [_Token(t, **self._forced_probs(t)) for t in forced] + [sampled]
+            sampled.top = _top(out, 0)
+        return sampled
 
     def _count_pass(self) -> None:
         self.gen.forward_passes += 1
@@ -294,9 +308,7 @@ class _Run:
             return raw_logprob(out.logits[row], token)  # sampling: a kept draft or a residual draw
 
         def top(row: int) -> list[tuple[int, float]] | None:
-            if not top_k:
-                return None
-            return [(int(i), math.log(max(float(p), 1e-45))) for i, p in zip(out.top_ids[row], out.top_probs[row])]
+            return _top(out, row) if top_k else None
 
         tokens = [_Token(d[i], logprob(i, d[i]), top=top(i)) for i in range(n_ok)]
         if last is None:  # all drafts kept (or greedy): the row's own sample follows them

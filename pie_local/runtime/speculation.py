@@ -120,7 +120,8 @@ def as_drafter(speculator: Any) -> Drafter:
         return speculator
     if callable(speculator):
         return _FunctionDrafter(speculator)
-    raise TypeError(f"speculator= takes an object with propose(tokens, k) or a function, got {type(speculator).__name__}")
+    raise TypeError("speculator= takes an object with propose(tokens, k) or a function, "
+                    f"got {type(speculator).__name__}")
 
 
 class _FunctionDrafter:
