@@ -273,8 +273,10 @@ class Context:
         """Like generate(), yielding text pieces as they are decoded (stop strings held back)."""
         if isinstance(reasoning, int) and not isinstance(reasoning, bool):
             reasoning = Reasoning(budget=reasoning)
-        opts = generation.GenerateOptions(sampling, max_tokens, stop, constrain, tools, max_tool_calls, top_logprobs,
-                                          fast_forward, heal, reasoning, speculator, draft_tokens)
+        opts = generation.GenerateOptions(
+            sampling=sampling, max_tokens=max_tokens, stop=stop, constrain=constrain, tools=tools,
+            max_tool_calls=max_tool_calls, top_logprobs=top_logprobs, fast_forward=fast_forward, heal=heal,
+            reasoning=reasoning, speculator=speculator, draft_tokens=draft_tokens)
         pieces = generation.stream(self, opts)
         async with contextlib.aclosing(pieces):
             async for piece in pieces:

@@ -11,10 +11,10 @@ left as it was (the continuation's KV is dropped again).
 from __future__ import annotations
 
 import asyncio
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
+from pie_local.runtime.generation import bind_constraints
 from pie_local.runtime.logprobs import allowed_logprob, mask_to_bool, one_hot_masks
 from pie_local.runtime.sampling import SamplingParams
 
@@ -80,8 +80,6 @@ def continuation_ids(ctx: Context, continuation: str | Sequence[int]) -> list[in
 
 
 async def score(ctx: Context, continuation: str | Sequence[int], constrain: Any = None) -> Score:
-    from pie_local.runtime.generation import bind_constraints
-
     ids = continuation_ids(ctx, continuation)
     seq = ctx.sequence
     seq.check_alive()
@@ -145,8 +143,6 @@ async def select(ctx: Context, options: Sequence[str | Sequence[int]], normalize
             f.release()
     values = [s.value(normalize) for s in scores]
     best = max(range(len(values)), key=lambda i: (values[i], -i))  # ties: the first option
-    if math.isnan(values[best]):
-        raise ValueError("every option scored NaN")
     ctx.fill_tokens(ids[best])
     option = options[best]
     return Selection(best, option if isinstance(option, str) else list(option), list(scores), normalize)
