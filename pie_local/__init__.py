@@ -17,7 +17,7 @@ _RUNTIME_NAMES = (
     "Engine", "EngineConfig", "SamplingParams", "Context", "Forward", "Limits", "Param", "Runtime",
     "InferletHandle", "OutOfPagesError", "EngineStats", "Message", "brle",
 )
-_CONSTRAINT_NAMES = ("JsonSchema", "Regex", "Grammar", "AllOf")
+_CONSTRAINT_NAMES = ("JsonSchema", "Regex", "Grammar", "AllOf", "Triggered")
 
 __all__ = ["__version__", *_RUNTIME_NAMES, *_CONSTRAINT_NAMES, "Tool", "Client"]
 

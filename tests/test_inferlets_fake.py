@@ -13,8 +13,9 @@ from pie_local.driver.types import DriverParams
 from pie_local.runtime.inferlet import InferletError, load_inferlet, stdlib_names
 from runtime_helpers import fake_engine
 
-STDLIB = ["attention-sink", "beam-search", "best-of-n", "chat", "json-output", "prefix-cache", "prompt-lookup",
-          "react-agent", "text-completion", "tree-of-thought", "windowed-attention"]
+STDLIB = ["attention-sink", "beam-search", "best-of-n", "chat", "classify", "draft-model", "json-output",
+          "prefix-cache", "prompt-lookup", "react-agent", "reasoning", "text-completion", "tree-of-thought",
+          "triggered-call", "windowed-attention"]
 
 
 class RecordingDriver(FakeDriver):
@@ -87,6 +88,46 @@ async def test_text_completion_rejects_bad_args(engine):
         engine.launch("text-completion", [])
     with pytest.raises(InferletError, match="--max-tokens expects int"):
         engine.launch("text-completion", ["--prompt", "x", "--max-tokens", "many"])
+
+
+async def test_classify_picks_the_label_with_the_best_score(engine):
+    labels = [" yes", " no", " maybe not"]
+    result, streamed, _, _ = await run_collect(engine, "classify", {"prompt": "Is it?", "labels": labels})
+    scores = []
+    for label in labels:
+        ctx = engine.context()
+        ctx.fill("Is it?")
+        scores.append(await ctx.score(label))
+        ctx.release()
+    best = max(range(3), key=lambda i: scores[i].mean)
+    assert result["label"] == labels[best] == streamed and result["index"] == best
+    assert [s["mean_logprob"] for s in result["scores"]] == pytest.approx([s.mean for s in scores], abs=1e-4)
+    by_total = await engine.run("classify", {"prompt": "Is it?", "labels": labels, "normalize": False})
+    assert by_total["index"] == max(range(3), key=lambda i: scores[i].total)
+    assert engine.pool.n_used == 0  # the inferlet's context went back at the end of its `async with`
+
+
+async def test_triggered_call_is_free_until_the_tag_then_a_valid_call():
+    say = {"Q: What is 6 * 7?\nA:": ' Sure. <tool_call>{"name":"calculator","arguments":{"expression":"6*7"}} ok'}
+    async with fake_engine(make_driver(next_token=scripted(say))) as engine:
+        result = await engine.run("triggered-call", {"prompt": "What is 6 * 7?", "max_tokens": 200})
+        assert result["text"] == " Sure. " and result["result"] == "42"
+        assert result["call"] == {"name": "calculator", "arguments": {"expression": "6*7"}}
+        # the keys were forced, not sampled; the call ended the generation (" ok" never came)
+        assert result["forced_tokens"] >= len('{"name":"calculator","arguments":{"expression":"')
+        no_call = await engine.run("triggered-call", {"prompt": "Hi?", "max_tokens": 5})
+        assert no_call["call"] is None and no_call["finish_reason"] == "length"
+
+
+async def test_reasoning_is_cut_at_its_budget_and_the_answer_follows(engine):
+    result, streamed, _, _ = await run_collect(engine, "reasoning", {"prompt": "Why?", "budget": 7,
+                                                                       "max_tokens": 20})
+    assert result["reasoning_tokens"] == 7 + len("</think>")  # the fake model never closes it itself
+    assert 0 < len(result["reasoning"]) <= 7 and streamed == result["answer"]  # 7 random bytes
+    schema = json.dumps({"type": "object", "properties": {"n": {"type": "integer", "maximum": 9}},
+                         "required": ["n"], "additionalProperties": False})
+    constrained = await engine.run("reasoning", {"prompt": "Why?", "budget": 3, "answer_schema": schema})
+    assert set(json.loads(constrained["answer"])) == {"n"} and constrained["finish_reason"] == "stop"
 
 
 def scripted(replies: dict[str, str], tok=FakeTokenizer()):
@@ -353,6 +394,18 @@ async def test_prompt_lookup_accepts_drafts_of_a_repeating_model():
     assert result["token_ids"] == greedy
     assert result["accepted"] >= 30
     assert result["forward_passes"] < 12  # 40 tokens in far fewer passes
+
+
+async def test_draft_model_needs_a_model_file_to_load(engine):
+    # the draft model runs in an Engine of its own, loaded from a file; tests/test_generation_real.py runs it
+    with pytest.raises(ValueError, match="--draft-model is needed"):
+        await engine.run("draft-model", {"prompt": "abc"})
+
+
+async def test_prompt_lookup_samples_too(engine):
+    args = {"prompt": "abc abc abc abc", "max_tokens": 16, "temperature": 0.8, "seed": 3}
+    a, b = await engine.run("prompt-lookup", args), await engine.run("prompt-lookup", args)
+    assert a == b and len(a["token_ids"]) == 16  # seeded: reproducible
 
 
 def test_find_draft():

@@ -241,7 +241,7 @@ async def test_forward_masks_positions_and_probes():
         a = engine.context()
         a.fill_tokens([10, 11, 12, 13, 14, 15])
         await a.flush()
-        b = a.fork()
+        b = a.fork1()
         # a full-causal BRLE mask is the same as no mask
         plain = await a.forward().input([20]).probe(0, top_k=5, entropy=True, logits=True).execute()
         full = await b.forward().input([20], masks=[brle([True] * 7)]).probe(0, logits=True).execute()
@@ -249,12 +249,12 @@ async def test_forward_masks_positions_and_probes():
         assert plain.top_ids.shape == (1, 5) and plain.top_probs[0, 0] >= plain.top_probs[0, 1]
         assert plain.entropy[0] > 0
         # hiding KV changes what the token sees; so do other positions
-        c = a.fork()
+        c = a.fork1()
         c.truncate(6)
         hidden = await c.forward().input([20], masks=[[0, 1, 3, 3]]).probe(0, logits=True).execute()
         assert not np.array_equal(hidden.logits, plain.logits)
         np.testing.assert_array_equal(hidden.logits[0], driver.logits_for([(10, 0), (14, 4), (15, 5), (20, 6)]))
-        d = a.fork()
+        d = a.fork1()
         d.truncate(6)
         moved = await d.forward().input([20], positions=[100]).probe(0, logits=True).execute()
         assert not np.array_equal(moved.logits, plain.logits)
@@ -294,7 +294,7 @@ async def test_context_busy_and_errors():
         task = asyncio.ensure_future(ctx.flush())
         await asyncio.sleep(0.005)
         with pytest.raises(ContextBusyError):
-            ctx.fork()
+            ctx.fork1()
         await task
         empty = engine.context()
         with pytest.raises(ValueError, match="empty"):
@@ -452,4 +452,4 @@ async def test_positions_past_the_trained_context_are_refused_unless_the_program
         ctx.max_position = None  # a program with its own policy (attention sink) may go on
         out = await ctx.forward().input([7], positions=[n_ctx + 5]).sample(0).execute()
         assert out.tokens.shape == (1,)
-        assert ctx.fork().max_position is None
+        assert ctx.fork1().max_position is None

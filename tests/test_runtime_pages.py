@@ -119,7 +119,7 @@ async def test_random_fork_truncate_share_release_keeps_kv_exact(seed):
             elif op == "gen" and len(ctx):
                 await ctx.generate(max_tokens=rng.randint(1, 5))
             elif op == "fork" and len(live) < 8:
-                live.append(ctx.fork())
+                live.append(ctx.fork1())
             elif op == "truncate" and len(ctx):
                 ctx.truncate(rng.randint(0, len(ctx)))
             elif op == "release" and len(live) > 1:

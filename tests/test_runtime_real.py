@@ -123,7 +123,7 @@ async def test_batched_requests_see_only_their_own_kv(starter_gguf):
         for ctx, p in zip(ctxs, prompts):
             ctx.fill(p)
             await ctx.flush()  # one at a time: no batching here
-        forks = [c.fork() for c in ctxs]
+        forks = [c.fork1() for c in ctxs]
         batched = await asyncio.gather(*(f.forward().input([506]).probe(0, logits=True).execute() for f in forks))
         assert engine.stats().max_batch_requests == 3
         for ctx, together in zip(ctxs, batched):

@@ -147,7 +147,7 @@ async def test_fork_generation_equals_unforked_generation():
         base = engine.context()
         base.fill("a shared prefix of some length")
         await base.flush()
-        kid = base.fork()
+        kid = base.fork1()
         forked = await kid.generate(max_tokens=6)
         fresh = engine.context()
         fresh.fill("a shared prefix of some length")
@@ -392,7 +392,7 @@ async def test_a_failed_page_copy_fails_only_the_request_that_needed_it():
         base = engine.context()
         base.fill("abcdef")  # 7 tokens with BOS: the tail page is partial, so a fork copies it
         await base.flush()
-        forked = base.fork()
+        forked = base.fork1()
         other = engine.context()
         other.fill("xy")  # 3 tokens in its own partial page: written in place, no copy
         await other.flush()

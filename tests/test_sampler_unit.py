@@ -306,3 +306,20 @@ def test_bad_parameters_are_rejected(sampler: SamplerLib, params: dict, message:
 def test_mask_allowing_nothing_is_an_error(sampler: SamplerLib) -> None:
     with pytest.raises(ValueError, match="allows no token"):
         sampler.sample(np.zeros(40, dtype=np.float32), mask=np.zeros(2, dtype=np.uint32))
+
+
+@pytest.mark.parametrize("params", [dict(temperature=0.7), dict(temperature=1.3, top_k=4),
+                                    dict(temperature=1.0, top_p=0.8), dict(temperature=0.9, min_p=0.2),
+                                    dict(temperature=1.2, top_k=6, top_p=0.9, min_p=0.05)])
+def test_the_runtimes_numpy_distribution_is_the_samplers(sampler: SamplerLib, params: dict) -> None:
+    """Speculative sampling verifies drafts against runtime.speculation.sampling_distribution: it
+    must be the distribution this sampler draws from."""
+    from pie_local.driver.types import SamplingParams
+    from pie_local.runtime.speculation import sampling_distribution
+
+    logits = np.random.default_rng(7).standard_normal(12).astype(np.float32) * 1.5
+    want = sampling_distribution(logits, SamplingParams(**params))
+    n = 20_000
+    counts = np.bincount([sampler.sample(logits, seed=s, **params)[0] for s in range(n)], minlength=12)
+    np.testing.assert_allclose(counts / n, want, atol=0.015)
+    assert set(np.flatnonzero(counts)) == set(np.flatnonzero(want))  # the same support

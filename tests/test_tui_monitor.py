@@ -19,6 +19,7 @@ async def test_monitor_without_an_engine_says_not_loaded():
     async with app.run_test(size=(80, 24)):
         assert isinstance(app.screen, MonitorScreen)
         assert stat(app, "model") == "not loaded"
+        assert stat(app, "drafts") == "–"  # no speculation yet
         assert app.screen.query_one("#inferlets", DataTable).row_count == 0
 
 
@@ -68,6 +69,7 @@ async def test_monitor_formats_the_backend_numbers():
         assert stat(app, "tps") == "57.5"
         assert stat(app, "batch") == "2.0 req · 33 tok"
         assert stat(app, "prefix") == "42%"
+        assert stat(app, "drafts") == "78% of 120"
         table = app.screen.query_one("#inferlets", DataTable)
         assert [table.get_row_at(i)[:3] for i in range(table.row_count)] == [
             ["1", "chat", "running"], ["2", "best-of-n", "queued"]]

@@ -112,4 +112,5 @@ class StaticBackend(Backend):
                        InferletRow("2", "best-of-n", "queued", 0, 0, 0.1)),
             pages_used=40, pages_shared=8, pages_free=216, pages_cached=12, tokens_per_s=57.5,
             batch_requests=2.0, batch_tokens=33.0, prefix_hit_rate=0.42, memory_bytes=300_000_000,
+            drafted_tokens=120, accepted_tokens=93,
         )

@@ -3,6 +3,7 @@
     driver      the native driver against llama.cpp's low-level API (prefill, decode, batched streams)
     runtime     agent-shaped workloads as inferlets on one Engine against llama-cpp-python's `Llama`
     overhead    the runtime's cost per decode step against a bare loop over the driver
+    generation  generation features on pie-local alone: forced tokens in one pass, speculation
     baseline    the llama.cpp side of both benchmarks, through llama-cpp-python
     workloads   the inputs and sampling both sides get
     calculator  the tool of the runtime benchmark's tool loop, with its prompt and call schema

@@ -67,7 +67,7 @@ async def main(rt, args):
             key = id(s.ctx)
             taken[key] = taken.get(key, 0) + 1
             if taken[key] < users[key]:
-                s.ctx = s.ctx.fork(1)
+                s.ctx = s.ctx.fork1()
                 forks += 1
         for beam in beams:
             if id(beam.ctx) not in users:

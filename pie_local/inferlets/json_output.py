@@ -1,5 +1,7 @@
 """JSON output under a JSON schema: every token is sampled under the schema's grammar mask, so the
-result always parses and validates (unless --max-tokens cuts it off, which is an error)."""
+result always parses and validates (unless --max-tokens cuts it off, which is an error). What the
+schema forces (keys, quotes, commas) is not sampled: it goes into the KV with the next sampled
+token's forward pass (--no-fast-forward samples it token by token, one pass each)."""
 
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ PARAMETERS = {
     "max_tokens": Param(int, default=256, help="tokens at most"),
     "temperature": Param(float, default=0.0, help="0 = greedy"),
     "seed": Param(int, default=None, help="seed for reproducible sampling"),
+    "fast_forward": Param(bool, default=True,
+                          help="put the tokens the schema forces (keys, punctuation) into the KV in one pass"),
 }
 
 
@@ -49,7 +53,8 @@ async def main(rt, args):
     ctx = rt.context()
     ctx.fill(f"{args.prompt}\nJSON matching the schema {json.dumps(schema, separators=(',', ':'))}:\n")
     sampling = SamplingParams(temperature=args.temperature, seed=args.seed)
-    async for piece in ctx.stream(sampling, max_tokens=args.max_tokens, constrain=constraint):
+    async for piece in ctx.stream(sampling, max_tokens=args.max_tokens, constrain=constraint,
+                                  fast_forward=args.fast_forward):
         rt.emit(piece)
     text = ctx.last.text
     if ctx.last.finish_reason == "length":

@@ -14,6 +14,7 @@ PARAMETERS = {
     "top_k": Param(int, default=0, help="keep the k most likely tokens (0 = all)"),
     "seed": Param(int, default=None, help="seed for reproducible sampling"),
     "stop": Param(list, default=None, help='stop strings, as JSON: \'["\\n\\n"]\''),
+    "heal": Param(bool, default=False, help="token healing: let the first token span the prompt's last one"),
 }
 
 
@@ -21,6 +22,6 @@ async def main(rt, args):
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     ctx = rt.context()
     ctx.fill(args.prompt)
-    async for piece in ctx.stream(sampling, max_tokens=args.max_tokens, stop=args.stop):
+    async for piece in ctx.stream(sampling, max_tokens=args.max_tokens, stop=args.stop, heal=args.heal):
         rt.emit(piece)
     return ctx.last.text

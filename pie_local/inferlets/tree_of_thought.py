@@ -57,7 +57,7 @@ async def main(rt, args):
     for level in range(args.depth):
         jobs = []
         for p, parent in enumerate(frontier):
-            children = parent.ctx.fork(args.breadth) if args.breadth > 1 else [parent.ctx.fork(1)]
+            children = parent.ctx.fork(args.breadth)
             for c, child in enumerate(children):
                 jobs.append(grow(parent, child, args.seed + 7919 * level + 101 * p + c))
         grown = await asyncio.gather(*jobs)

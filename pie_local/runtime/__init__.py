@@ -11,9 +11,10 @@ from typing import Any
 _EXPORTS = {
     "Engine": "engine", "EngineConfig": "engine", "InferletHandle": "handle", "Runtime": "runtime",
     "InferletCancelled": "handle", "ModelIdentity": "engine",
-    "Context": "context", "Generation": "generation",
+    "Context": "context", "Generation": "generation", "GenerationResult": "generation",
     "Forward": "forward", "ForwardOutput": "forward", "brle": "forward", "brle_decode": "forward",
-    "SamplingParams": "sampling",
+    "SamplingParams": "sampling", "Score": "scoring", "Selection": "scoring", "Reasoning": "reasoning",
+    "NgramDrafter": "speculation", "ModelDrafter": "speculation", "GuessDrafter": "speculation", "Draft": "speculation",
     "OutOfPagesError": "pages",
     "Limits": "limits", "LimitExceeded": "limits", "PageLimitError": "limits", "TokenLimitError": "limits",
     "WallTimeExceeded": "limits", "ContextBusyError": "limits", "ContextLengthError": "limits",

@@ -84,6 +84,11 @@ class ConstraintState(ABC):
     def rollback(self, n_tokens: int) -> None:
         """Undo the last n advanced tokens (speculative decoding, backtracking)."""
 
+    def forced_tokens(self) -> list[int]:
+        """Tokens that must come next whatever is sampled (not consumed): generation puts them
+        into the KV in one pass instead of sampling each. None known: []."""
+        return []
+
 
 class MatcherState(ConstraintState):
     """A state backed by one llguidance LLMatcher."""
@@ -115,6 +120,11 @@ class MatcherState(ConstraintState):
     def forced_bytes(self) -> bytes:
         """Bytes that must come next whatever is sampled (e.g. '{"name": "' in a JSON schema)."""
         return self._matcher.compute_ff_bytes()
+
+    def forced_tokens(self) -> list[int]:
+        """llguidance's fast-forward tokens: the forced bytes, tokenized canonically, minus a last
+        token that could still merge with what follows."""
+        return list(self._matcher.compute_ff_tokens())
 
     def fork(self) -> MatcherState:
         return MatcherState(self._matcher.deep_copy(), self.n_vocab, self._owner, self._description)
@@ -148,6 +158,17 @@ class AllOfState(ConstraintState):
 
     def is_accepting(self) -> bool:
         return all(state.is_accepting() for state in self._states)
+
+    def forced_tokens(self) -> list[int]:
+        """What every state forces: the common prefix of their forced tokens."""
+        lists = [getattr(state, "forced_tokens", list)() for state in self._states]
+        forced = lists[0]
+        for other in lists[1:]:
+            n = 0
+            while n < min(len(forced), len(other)) and forced[n] == other[n]:
+                n += 1
+            forced = forced[:n]
+        return forced
 
     def fork(self) -> AllOfState:
         return AllOfState([state.fork() for state in self._states])
@@ -252,6 +273,51 @@ class Grammar(GrammarConstraint):
         except ValueError as e:
             raise ConstraintError(f"invalid grammar: {e}") from None
         super().__init__(grammar, text)
+
+
+class Triggered(GrammarConstraint):
+    """Free text until ``trigger`` appears, then ``constraint`` until it is complete: a tool call
+    after its tag, an answer after the end of a reasoning block.
+
+    ``trigger`` is text (matched across token boundaries; the first token of the constrained part
+    may even share a token with the end of the trigger) or a token id (a special token such as a
+    model's tool-call token). ``repeat=False``: the generation ends when the constraint is
+    complete; ``repeat=True``: free text again afterwards, and the trigger may come again. It
+    compiles to one llguidance grammar whose free-text part ends lazily at the trigger, so
+    tokens the constrained part forces are fast-forwarded like any other."""
+
+    kind = "triggered grammar"
+
+    def __init__(self, trigger: str | int, constraint: GrammarConstraint, *, repeat: bool = False) -> None:
+        if not isinstance(constraint, GrammarConstraint):
+            raise TypeError(f"Triggered(...) takes a JsonSchema, Regex, Grammar or Triggered, "
+                            f"got {type(constraint).__name__}")
+        if isinstance(trigger, str):
+            if not trigger:
+                raise ConstraintError("the trigger of a triggered grammar is empty")
+            # the free text up to the first occurrence of the trigger (lazy: it stops there)
+            head, rules = "pie_head", f"pie_head[lazy]: TEXT {json.dumps(trigger, ensure_ascii=False)}\n"
+        elif isinstance(trigger, int) and not isinstance(trigger, bool) and trigger >= 0:
+            head, rules = f"TEXT <[{trigger}]>", ""
+        else:
+            raise TypeError(f"the trigger is text or a token id, got {trigger!r}")
+        self.trigger, self.constraint, self.repeat = trigger, constraint, repeat
+        body, grammars = _named_grammars(constraint)
+        start = f"start: ({head} @{body})* TEXT\n" if repeat else f"start: TEXT | {head} @{body}\n"
+        outer = {"lark_grammar": start + rules + "TEXT: /(.|\\n)*/\n"}
+        super().__init__(json.dumps({"grammars": [outer] + grammars}), f"{trigger!r} -> {constraint!r}")
+
+
+def _named_grammars(constraint: GrammarConstraint) -> tuple[str, list[dict]]:
+    """A constraint's llguidance grammars, its top one given a name no other has, for an ``@name``
+    reference (a constraint's grammar is either Lark text or llguidance's JSON list of grammars)."""
+    text = constraint.llg_grammar
+    grammars = json.loads(text)["grammars"] if text.lstrip().startswith("{") else [{"lark_grammar": text}]
+    grammars = [dict(g) for g in grammars]
+    taken = {g.get("name") for g in grammars[1:]}
+    name = next(f"pie_body{i}" for i in range(len(grammars) + 1) if f"pie_body{i}" not in taken)
+    grammars[0]["name"] = name
+    return name, grammars
 
 
 class AllOf(Constraint):

@@ -11,20 +11,23 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
 
-from pie_local.runtime import generation
+from pie_local.runtime import generation, scoring
 from pie_local.runtime.forward import Forward, ForwardOutput
-from pie_local.runtime.generation import Generation
+from pie_local.runtime.generation import Generation, GenerationResult
+from pie_local.runtime.reasoning import Reasoning
 from pie_local.runtime.sampling import SamplingParams
+from pie_local.runtime.scoring import Score, Selection
 from pie_local.runtime.sequence import Sequence as TokenSequence
 
 if TYPE_CHECKING:
     from pie_local.runtime.engine import Engine
 
-__all__ = ["Context", "Generation"]
+__all__ = ["Context", "Generation", "GenerationResult"]
 
 
 class Context:
-    """Create with ``rt.context()`` (inside an inferlet) or ``engine.context()``."""
+    """Create with ``rt.context()`` (inside an inferlet) or ``engine.context()``; ``async with``
+    releases its pages at the end of the block."""
 
     def __init__(self, engine: Engine, owner: Any = None, sequence: TokenSequence | None = None) -> None:
         self._engine = engine
@@ -229,27 +232,74 @@ class Context:
 
     async def generate(self, sampling: SamplingParams | None = None, max_tokens: int = 256,
                        stop: Sequence[str] | None = None, constrain: Any = None, tools: Any = None,
-                       max_tool_calls: int = 8, top_logprobs: int = 0) -> str:
+                       max_tool_calls: int = 8, top_logprobs: int = 0, *,
+                       fast_forward: bool = True, heal: bool = False,
+                       reasoning: Reasoning | int | None = None, speculator: Any = None,
+                       draft_tokens: int = 8) -> GenerationResult:
         """Generate text. Stops at an end-of-generation token, a stop string, when a constraint is
-        complete, or after ``max_tokens``. ``ctx.last`` tells which, and holds the token ids, their
-        log-probabilities and (with ``top_logprobs=k``) the k most probable tokens of each step."""
+        complete, or after ``max_tokens``. Returns the text as a `GenerationResult` (a ``str``) that
+        also carries what ``ctx.last`` holds: why it stopped, the token ids, their log-probabilities
+        and (with ``top_logprobs=k``) the k most probable tokens of each step.
+
+        ``fast_forward``: tokens a constraint forces (a JSON key, a closing brace) go into the KV
+        in the pass of the next sampled token instead of one pass each; they are not sampled, so
+        their raw log-probability is nan (False: sample every token, one pass each).
+
+        ``heal``: token healing. The context's last token is taken back and the output must begin
+        with its bytes, so a prompt that stops mid-token ("http:") lets the model choose the token
+        it would have written ("://"); the returned text is what follows the prompt's text.
+
+        ``reasoning``: a `Reasoning` (or a token budget, with ``<think>``/``</think>`` tags). The
+        reasoning block may take that many tokens; then its closing tag is forced and the answer
+        generated. The text (and the stream) is the answer; ``result.reasoning`` the block's text.
+
+        ``speculator``: a drafter (`NgramDrafter`, `ModelDrafter`, `GuessDrafter`, anything with
+        ``async propose(tokens, k)``, or a function) proposes up to ``draft_tokens`` tokens; one
+        pass verifies them. Greedy output is exactly greedy decoding's; sampled output has the
+        distribution of sampling without a drafter. ``result.drafted_tokens``/``accepted_tokens``
+        count them."""
         parts = [piece async for piece in self.stream(sampling, max_tokens, stop, constrain, tools, max_tool_calls,
-                                                      top_logprobs)]
-        return "".join(parts)
+                                                      top_logprobs, fast_forward=fast_forward, heal=heal,
+                                                      reasoning=reasoning, speculator=speculator,
+                                                      draft_tokens=draft_tokens)]
+        return GenerationResult("".join(parts), self.last)
 
     async def stream(self, sampling: SamplingParams | None = None, max_tokens: int = 256,
                      stop: Sequence[str] | None = None, constrain: Any = None, tools: Any = None,
-                     max_tool_calls: int = 8, top_logprobs: int = 0) -> AsyncIterator[str]:
+                     max_tool_calls: int = 8, top_logprobs: int = 0, *,
+                     fast_forward: bool = True, heal: bool = False,
+                     reasoning: Reasoning | int | None = None, speculator: Any = None,
+                     draft_tokens: int = 8) -> AsyncIterator[str]:
         """Like generate(), yielding text pieces as they are decoded (stop strings held back)."""
-        pieces = generation.stream(self, sampling, max_tokens, stop, constrain, tools, max_tool_calls, top_logprobs)
+        if isinstance(reasoning, int) and not isinstance(reasoning, bool):
+            reasoning = Reasoning(budget=reasoning)
+        opts = generation.GenerateOptions(
+            sampling=sampling, max_tokens=max_tokens, stop=stop, constrain=constrain, tools=tools,
+            max_tool_calls=max_tool_calls, top_logprobs=top_logprobs, fast_forward=fast_forward, heal=heal,
+            reasoning=reasoning, speculator=speculator, draft_tokens=draft_tokens)
+        pieces = generation.stream(self, opts)
         async with contextlib.aclosing(pieces):
             async for piece in pieces:
                 yield piece
 
+    # ---- scoring ---------------------------------------------------------------------------------
+
+    async def score(self, continuation: str | Sequence[int], *, constrain: Any = None) -> Score:
+        """The log-probability of each token of ``continuation`` (text or token ids) after this
+        context, in one forward pass (teacher forcing). The context is unchanged afterwards. With
+        ``constrain=`` the scores are also given renormalised over the tokens it allows."""
+        return await scoring.score(self, continuation, constrain)
+
+    async def select(self, options: Sequence[str | Sequence[int]], *, normalize: bool = True) -> Selection:
+        """Score every option from forks of this context in one batch and append the best one.
+        ``normalize``: rank by mean log-probability per token (SGLang's default) or by the total."""
+        return await scoring.select(self, options, normalize)
+
     # ---- structure -------------------------------------------------------------------------------
 
-    def fork(self, n: int = 1) -> Context | list[Context]:
-        """``n`` independent copies sharing this context's pages (copy-on-write). O(pages)."""
+    def fork(self, n: int) -> list[Context]:
+        """``n`` independent copies sharing this context's pages (copy-on-write), always as a list
+        (``fork1()`` gives one). O(pages)."""
         self.sequence.check_alive()
         self.sequence.check_idle("fork")
         if n < 1:
@@ -262,7 +312,11 @@ class Context:
             child._messages, child._message_ends = list(self._messages), list(self._message_ends)
             child._rendered, child._chat_start, child._tools = self._rendered, self._chat_start, self._tools
             children.append(child)
-        return children[0] if n == 1 else children
+        return children
+
+    def fork1(self) -> Context:
+        """One independent copy sharing this context's pages: ``fork(1)[0]``."""
+        return self.fork(1)[0]
 
     def truncate(self, n_tokens: int) -> None:
         """Keep the first ``n_tokens`` tokens."""
@@ -312,6 +366,12 @@ class Context:
         return await snapshots.load(rt, name)
 
     # ---- lifetime --------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Context:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.release()
 
     def release(self) -> None:
         """Give back this context's pages (also happens when its inferlet ends)."""

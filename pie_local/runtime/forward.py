@@ -18,6 +18,7 @@ import numpy as np
 from pie_local.driver.brle import decode as brle_decode
 from pie_local.driver.brle import encode as brle
 from pie_local.driver.types import SamplingParams
+from pie_local.runtime.logprobs import allowed_logprob, allowed_top, mask_to_bool
 
 if TYPE_CHECKING:
     from pie_local.runtime.context import Context
@@ -43,6 +44,9 @@ class ForwardOutput:
     top_probs: np.ndarray | None = None  # float32 [n_rows, top_k]
     entropy: np.ndarray | None = None  # float32 [n_rows], nats
     logits: np.ndarray | None = None  # float32 [n_rows, n_vocab]
+    # probed rows sampled under a logit mask: log p of the token renormalised over the allowed
+    # tokens (nan on other rows); their top_ids/top_probs then list allowed tokens only, renormalised
+    allowed_logprobs: np.ndarray | None = None  # float32 [n_rows]
 
     def token_at(self, row: int) -> int:
         return int(self.tokens[self.rows.index(row)])
@@ -160,7 +164,9 @@ class Forward:
     def probe(self, rows: Sequence[int] | int, logprobs: bool = True, top_k: int = 0,
               entropy: bool = False, logits: bool = False) -> Forward:
         """Return probes for ``rows``: the log-probability of the row's token (always computed),
-        the ``top_k`` most probable ids, the entropy (nats) and/or the raw logits."""
+        the ``top_k`` most probable ids, the entropy (nats) and/or the raw logits. On a row sampled
+        under a logit mask the top-k lists allowed tokens only, and ``allowed_logprobs`` gives the
+        token's log-probability renormalised over them (``logprobs`` stays the raw one)."""
         rows = [rows] if isinstance(rows, int) else [int(r) for r in rows]
         self._probe_rows.update(rows)
         self._top_k = max(self._top_k, int(top_k))
@@ -189,12 +195,33 @@ class Forward:
                 mask = sampler_of.get(r, (None, None))[1]
                 if mask is not None:
                     logit_masks[i] = mask
+        masked_probes = [i for i, r in enumerate(rows)
+                         if r in self._probe_rows and sampler_of.get(r, (None, None))[1] is not None]
         out = await self._ctx.run_forward(
             self._tokens, self._positions, self._masks if self._has_masks else None, rows, samplers,
-            logit_masks=logit_masks, top_k=self._top_k, want_logits=self._logits or self._entropy,
+            logit_masks=logit_masks, top_k=self._top_k,
+            want_logits=self._logits or self._entropy or bool(masked_probes),
         )
+        if masked_probes:
+            _renormalise(out, masked_probes, logit_masks, self._top_k)
         if self._entropy and out.logits is not None:
             out.entropy = entropy_of(out.logits)
         if not self._logits:
             out.logits = None
         return out
+
+
+def _renormalise(out: ForwardOutput, indices: list[int], logit_masks: np.ndarray, top_k: int) -> None:
+    """Probes of the output rows ``indices`` over the tokens their logit masks allow."""
+    n_vocab = out.logits.shape[1]
+    out.allowed_logprobs = np.full(len(out.rows), np.nan, dtype=np.float32)
+    if top_k:  # the arrays may be views of the batch result: write into copies
+        out.top_ids, out.top_probs = out.top_ids.copy(), out.top_probs.copy()
+    for i in indices:
+        allowed = mask_to_bool(logit_masks[i], n_vocab)
+        out.allowed_logprobs[i] = allowed_logprob(out.logits[i], allowed, int(out.tokens[i]))
+        if top_k:
+            top = allowed_top(out.logits[i], allowed, top_k)
+            out.top_ids[i], out.top_probs[i] = 0, 0.0  # fewer allowed tokens than top_k: zero padding
+            for j, (token, logprob) in enumerate(top):
+                out.top_ids[i, j], out.top_probs[i, j] = token, np.exp(logprob)

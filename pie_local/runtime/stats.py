@@ -37,6 +37,8 @@ class EngineStats:
     max_batch_requests: int = 0
     prefix_hit_rate: float = 0.0  # prompt tokens served from the prefix cache / prompt tokens asked
     queued_requests: int = 0
+    drafted_tokens: int = 0  # speculative decoding: tokens drafters proposed, all generations
+    accepted_tokens: int = 0  # of those, tokens verification kept
     stall: str | None = None  # the last time an inferlet blocked the event loop: who, where, how long
 
 
@@ -49,6 +51,8 @@ class Counters:
         self.max_batch_requests = 0
         self.prompt_tokens = 0  # tokens contexts asked to have in KV
         self.prefix_hit_tokens = 0  # of those, tokens adopted from the prefix cache
+        self.drafted_tokens = 0
+        self.accepted_tokens = 0
         self._recent: deque[tuple[float, int, int]] = deque()  # (time, tokens, requests)
 
     def record_batch(self, n_tokens: int, n_requests: int, elapsed_s: float) -> None:
@@ -63,6 +67,10 @@ class Counters:
         self.prompt_tokens += asked
         self.prefix_hit_tokens += hit
 
+    def record_speculation(self, drafted: int, accepted: int) -> None:
+        self.drafted_tokens += drafted
+        self.accepted_tokens += accepted
+
     def _trim(self, now: float) -> None:
         while self._recent and now - self._recent[0][0] > WINDOW_S:
             self._recent.popleft()
@@ -73,6 +81,7 @@ class Counters:
         recent = list(self._recent)
         stats.batches, stats.tokens_total = self.batches, self.tokens
         stats.max_batch_requests = self.max_batch_requests
+        stats.drafted_tokens, stats.accepted_tokens = self.drafted_tokens, self.accepted_tokens
         if recent:
             span = max(now - recent[0][0], 1e-3)
             stats.tokens_per_s = sum(t for _, t, _ in recent) / span

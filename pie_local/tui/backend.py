@@ -98,6 +98,8 @@ class MonitorSnapshot:
     batch_tokens: float = 0.0  # mean tokens per forward pass, recent window
     prefix_hit_rate: float = 0.0
     memory_bytes: int = 0
+    drafted_tokens: int = 0  # speculative decoding: tokens drafted, and of those accepted
+    accepted_tokens: int = 0
 
 
 @dataclass
@@ -279,6 +281,7 @@ class Backend:
             pages_free=s.pages_free, pages_cached=s.pages_cached, tokens_per_s=s.tokens_per_s,
             batch_requests=s.mean_batch_requests, batch_tokens=s.mean_batch_tokens,
             prefix_hit_rate=s.prefix_hit_rate, memory_bytes=info.weight_bytes + info.kv_bytes,
+            drafted_tokens=s.drafted_tokens, accepted_tokens=s.accepted_tokens,
         )
 
     def cancel_inferlet(self, inferlet_id: str) -> bool:

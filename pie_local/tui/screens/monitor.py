@@ -27,7 +27,8 @@ class MonitorScreen(Screen):
     def compose(self) -> ComposeResult:
         with Grid(id="numbers"):
             for key, label in (("model", "model"), ("pages", "pages used/shared/free"),
-                               ("tps", "tokens/s"), ("batch", "batch size"), ("prefix", "prefix-hit rate")):
+                               ("tps", "tokens/s"), ("batch", "batch size"), ("prefix", "prefix-hit rate"),
+                               ("drafts", "drafts accepted")):
                 with Vertical(classes="stat"):
                     yield Label(label, classes="label")
                     yield Static("–", id=f"stat-{key}", classes="value", markup=False)
@@ -56,6 +57,8 @@ class MonitorScreen(Screen):
             "tps": f"{snap.tokens_per_s:.1f}",
             "batch": f"{snap.batch_requests:.1f} req · {snap.batch_tokens:.0f} tok",
             "prefix": f"{100 * snap.prefix_hit_rate:.0f}%",
+            "drafts": (f"{100 * snap.accepted_tokens / snap.drafted_tokens:.0f}% of {snap.drafted_tokens}"
+                       if snap.drafted_tokens else "–"),
         }
         for key, value in values.items():
             self.query_one(f"#stat-{key}", Static).update(value)
