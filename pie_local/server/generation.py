@@ -164,7 +164,10 @@ class Job:
         try:
             sent = 0
             pieces = ctx.stream(sampling_for(self.req, fork), max_tokens=max_tokens, stop=self.stop,
-                                constrain=self.constraint, top_logprobs=self.req.top_logprobs)
+                                constrain=self.constraint, top_logprobs=self.req.top_logprobs,
+                                # tokens a constraint forces are not sampled and have no log-probability:
+                                # a client that asked for log-probabilities gets every token sampled
+                                fast_forward=not self.req.logprobs)
             async with contextlib.aclosing(pieces):
                 async for piece in pieces:
                     last = ctx.last
