@@ -176,6 +176,11 @@ enum {
  * leading 0 to start visible); the runs must sum to kv_len[r]. An empty range means "no custom
  * mask" for that token. mask_indptr == NULL means no custom masks at all.
  *
+ * Batch invariance: a request's results (its outputs and the KV it writes) depend only on its own
+ * tokens, positions, KV, mask and samplers, and on how many tokens and sampled rows it brings to
+ * the pass, never on the other requests of the batch or where its pages lie: bit for bit on the
+ * CPU backend. (Splitting a request's prefill into other chunks may change the last bits.)
+ *
  * Outputs: for each i < n_outputs, row output_rows[i] (an index into tokens) is sampled with
  * samplers[i]. logit_masks, when not NULL, holds n_outputs rows of ceil(n_vocab/32) words;
  * bit (id % 32) of word (id / 32) set = token allowed. The caller owns all output buffers.

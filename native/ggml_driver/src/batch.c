@@ -181,6 +181,61 @@ static int32_t fill_mask_row(ggml_fp16_t *row, ggml_fp16_t *row_swa, int64_t kv_
     return PIE_OK;
 }
 
+/* Appends rows start .. start + len of one kind to a layout (joining a span of the same kind
+ * that ends there); false when out of memory. */
+static bool layout_add(pie_layout *l, int32_t start, int32_t len, bool wide) {
+    pie_span *last = l->n_spans > 0 ? &l->spans[l->n_spans - 1] : NULL;
+    if (last && last->wide == wide && last->start + last->len == start) {
+        last->len += len;
+        return true;
+    }
+    if (!grow((void **)&l->spans, &l->cap, (size_t)l->n_spans + 1, sizeof(pie_span))) return false;
+    l->spans[l->n_spans++] = (pie_span){ .start = start, .len = len, .wide = wide };
+    return true;
+}
+
+/* The most products one weight takes over a layout's rows (pie_matmul splits narrow spans into
+ * pieces of 3 columns or more), for sizing graphs. */
+static int32_t layout_pieces(const pie_layout *l) {
+    int32_t n = 0;
+    for (int32_t i = 0; i < l->n_spans; i++) n += l->spans[i].wide ? 1 : (l->spans[i].len + 2) / 3;
+    return n;
+}
+
+/* Which kernel family each row's products take (see PIE_WIDE_ROWS): the batch's rows by the
+ * size of their request, the sampled rows by how many rows their request samples. */
+static int32_t plan_layouts(pie_plan *p, const pie_batch *b) {
+    pie_layout *tl = &p->token_layout, *ol = &p->output_layout;
+    tl->n_spans = ol->n_spans = 0;
+    bool ok = true;
+    for (int32_t r = 0; r < b->n_requests && ok; r++)
+        ok = layout_add(tl, p->reqs[r].q0, p->reqs[r].n_q, p->reqs[r].n_q >= PIE_WIDE_ROWS);
+    if (ok && b->n_outputs == 0) ok = layout_add(ol, 0, 1, false); /* the dummy row */
+    if (ok && b->n_outputs > 0) {
+        ok = grow((void **)&p->out_req, &p->cap_out_req, (size_t)b->n_outputs, sizeof(int32_t)) &&
+             grow((void **)&p->req_outputs, &p->cap_req_outputs, (size_t)b->n_requests, sizeof(int32_t));
+        if (ok) {
+            memset(p->req_outputs, 0, sizeof(int32_t) * (size_t)b->n_requests);
+            for (int32_t i = 0; i < b->n_outputs; i++) { /* the request owning the row: binary search */
+                int32_t lo = 0, hi = b->n_requests - 1;
+                while (lo < hi) {
+                    const int32_t mid = (lo + hi + 1) / 2;
+                    if (b->qo_indptr[mid] <= b->output_rows[i]) lo = mid;
+                    else hi = mid - 1;
+                }
+                p->out_req[i] = lo;
+                p->req_outputs[lo]++;
+            }
+            for (int32_t i = 0; i < b->n_outputs && ok; i++)
+                ok = layout_add(ol, i, 1, p->req_outputs[p->out_req[i]] >= PIE_WIDE_ROWS);
+        }
+    }
+    if (!ok) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate the batch's row layout");
+    tl->n_pieces = layout_pieces(tl);
+    ol->n_pieces = layout_pieces(ol);
+    return PIE_OK;
+}
+
 int32_t pie_plan_build(pie_model *m, const pie_batch *b) {
     pie_plan *p = &m->plan;
     int32_t st = validate(m, b);
@@ -263,7 +318,7 @@ int32_t pie_plan_build(pie_model *m, const pie_batch *b) {
     }
     if (b->n_outputs > 0) memcpy(p->out_rows, b->output_rows, sizeof(int32_t) * (size_t)b->n_outputs);
     else p->out_rows[0] = nt - 1; /* nothing to sample: run the head on one row and discard it */
-    return PIE_OK;
+    return plan_layouts(p, b);
 }
 
 void pie_plan_free(pie_plan *p) {
@@ -274,6 +329,11 @@ void pie_plan_free(pie_plan *p) {
     free(p->mask);
     free(p->mask_swa);
     free(p->out_rows);
+    free(p->token_layout.spans);
+    free(p->output_layout.spans);
+    free(p->out_req);
+    free(p->req_outputs);
+    free(p->zeros);
     free(p->page_stamp);
     free(p->slot_used);
     memset(p, 0, sizeof(*p));

@@ -125,11 +125,12 @@ static int32_t check_params(const pie_model_params *p) {
 /* Lifecycle                                                                                  */
 /* ------------------------------------------------------------------------------------------ */
 
-/* Upper bound of graph nodes for a batch of n_requests whose KV lies in n_runs runs: a layer
- * needs ~50 nodes plus ~16 per request (its views, gathers and attention) and 4 per run (a K
- * and a V view and concat). */
-static size_t graph_nodes(const pie_model *m, int32_t n_requests, int32_t n_runs) {
-    return (size_t)m->hp.n_layer * (64 + 16 * (size_t)n_requests + 4 * (size_t)n_runs) + 256;
+/* Upper bound of graph nodes for a batch of n_requests whose KV lies in n_runs runs and whose
+ * products split into n_pieces (pie_matmul): a layer needs ~50 nodes plus ~16 per request (its
+ * views, gathers and attention), 4 per run (a K and a V view and concat) and, for each of its
+ * 7 matrices, 3 per piece (view, product, concat). */
+static size_t graph_nodes(const pie_model *m, int32_t n_requests, int32_t n_runs, int32_t n_pieces) {
+    return (size_t)m->hp.n_layer * (64 + 16 * (size_t)n_requests + 4 * (size_t)n_runs + 21 * (size_t)n_pieces) + 256;
 }
 
 /* (Re)creates the scheduler and graph metadata for graphs of up to n_nodes; the scheduler's
@@ -158,12 +159,13 @@ static int32_t init_compute(pie_model *m) {
     }
     int threads = m->params.n_threads > 0 ? m->params.n_threads : physical_cores();
     set_threads(m->backend_cpu, ggml_backend_get_device(m->backend_cpu), threads);
-    int32_t st = reserve_graph(m, graph_nodes(m, 16, 16));
+    int32_t st = reserve_graph(m, graph_nodes(m, 16, 16, 16));
     if (st != PIE_OK) return st;
     m->sampler = pie_sampler_scratch_new(m->hp.n_vocab);
     m->plan.page_stamp = malloc(sizeof(int32_t) * (size_t)m->params.n_pages);
     m->plan.slot_used = malloc((size_t)m->params.n_pages * (size_t)m->params.page_size);
-    if (!m->sampler || !m->plan.page_stamp || !m->plan.slot_used)
+    m->plan.zeros = calloc((size_t)m->pad_width + 1, sizeof(float));
+    if (!m->sampler || !m->plan.page_stamp || !m->plan.slot_used || !m->plan.zeros)
         return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate driver scratch");
     snprintf(m->backend_name, sizeof(m->backend_name), "%s", ggml_backend_dev_name(m->dev));
     pie_log(PIE_LOG_INFO, "compute on %s (%s), %d threads", m->backend_name, ggml_backend_dev_description(m->dev), threads);
@@ -246,6 +248,7 @@ static void upload_inputs(const pie_model *m, const pie_graph *g, const pie_batc
     ggml_backend_tensor_set(g->mask, p->mask, 0, mask_bytes);
     if (g->mask_swa) ggml_backend_tensor_set(g->mask_swa, p->mask_swa, 0, mask_bytes);
     ggml_backend_tensor_set(g->out_rows, p->out_rows, 0, sizeof(int32_t) * (size_t)p->n_outputs);
+    if (g->zeros) ggml_backend_tensor_set(g->zeros, p->zeros, 0, ggml_nbytes(g->zeros));
 }
 
 /* ggml_backend_sched's eval callback: offers each f32 node to the host's activation callback
@@ -289,7 +292,8 @@ int32_t pie_forward(pie_model *m, const pie_batch *b) {
     int32_t st = pie_plan_build(m, b);
     if (st != PIE_OK) return st;
 
-    const size_t n_nodes = graph_nodes(m, m->plan.n_requests, m->plan.n_runs);
+    const pie_plan *p = &m->plan;
+    const size_t n_nodes = graph_nodes(m, p->n_requests, p->n_runs, p->token_layout.n_pieces + p->output_layout.n_pieces);
     if (n_nodes > m->graph_cap && (st = reserve_graph(m, n_nodes + n_nodes / 2)) != PIE_OK) return st;
 
     /* host room for the sampled rows' logits, unless the caller's buffer takes them */

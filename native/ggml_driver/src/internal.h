@@ -87,6 +87,32 @@ typedef struct {
 } pie_kv_pool;
 
 /* ------------------------------------------------------------------------------------------ */
+/* Batch invariance of matrix products                                                        */
+/* ------------------------------------------------------------------------------------------ */
+
+/* ggml's CPU backend picks a matrix product's kernel by the number of columns (token rows) it
+ * multiplies, and its kernels sum in different orders, so a token's values would depend on how
+ * many other tokens share its batch. Within one kernel every column is summed on its own. So a
+ * request's rows always take the kernel its own size picks: the rows of a request with at least
+ * PIE_WIDE_ROWS tokens ("wide") go through products of at least that many columns, the others
+ * ("narrow") through products few enough for vec_dot, ggml's column-by-column kernel (see
+ * pie_matmul). 16: ggml's tiled k-quant kernel starts at 8 columns but beats vec_dot from ~16.
+ * A layout lists the rows a product multiplies as spans of one kind, in order. */
+#define PIE_WIDE_ROWS 16
+
+typedef struct {
+    int32_t start, len;
+    bool    wide;
+} pie_span;
+
+typedef struct {
+    int32_t   n_spans;
+    int32_t   n_pieces; /* the most products one weight takes over these rows (pie_matmul)   */
+    pie_span *spans;
+    size_t    cap;
+} pie_layout;
+
+/* ------------------------------------------------------------------------------------------ */
 /* Plan: a validated batch turned into graph inputs (host scratch, grown on demand)            */
 /* ------------------------------------------------------------------------------------------ */
 
@@ -128,8 +154,13 @@ typedef struct {
     ggml_fp16_t *mask;       /* [n_mask] per request [n_q, n_kv]: 0 = attend, -inf = hidden   */
     ggml_fp16_t *mask_swa;   /* [n_mask] the same with the sliding window applied             */
     int32_t *out_rows;       /* [n_outputs]                                                    */
+    pie_layout token_layout; /* the batch's rows by request size                               */
+    pie_layout output_layout;/* the sampled rows by how many rows their request samples        */
+    int32_t *out_req;        /* [n_outputs] the request of each sampled row                    */
+    int32_t *req_outputs;    /* [n_requests] rows each request samples                         */
+    float   *zeros;          /* [model->pad_width] zeros for the graph's zeros input           */
     /* capacities */
-    size_t cap_reqs, cap_tokens, cap_runs, cap_gather, cap_mask, cap_mask_swa, cap_out;
+    size_t cap_reqs, cap_tokens, cap_runs, cap_gather, cap_mask, cap_mask_swa, cap_out, cap_out_req, cap_req_outputs;
     /* validation scratch */
     int32_t *page_stamp;     /* [n_pages] last request that listed the page                    */
     uint8_t *slot_used;      /* [n_pages * page_size] written by this batch                    */
@@ -153,6 +184,8 @@ struct pie_model {
     size_t  map_size;
     int64_t n_params;
     int64_t weight_bytes;
+    int64_t pad_width;  /* widest input of a matrix whose one-column products get a zero second
+                           column (pie_kernel_switch == 2); 0 when there is none              */
 
     /* compute */
     ggml_backend_dev_t    dev;
@@ -193,6 +226,10 @@ typedef struct {
     struct ggml_tensor *mask;       /* F16 [n_mask]                                            */
     struct ggml_tensor *mask_swa;   /* F16 [n_mask], NULL when no window hides anything        */
     struct ggml_tensor *out_rows;   /* I32 [n_outputs]                                         */
+    struct ggml_tensor *zeros;      /* F32 [model->pad_width] zeros, for pie_matmul; NULL until
+                                       a product needs them                                    */
+    const pie_layout   *layout;     /* the rows products multiply now: the batch's tokens, after
+                                       pie_select_outputs the sampled rows                     */
     struct ggml_tensor *hidden;     /* F32 [n_embd, n_outputs] result: after the output norm   */
     struct ggml_tensor *logits;     /* F32 [n_vocab, n_outputs] result, NULL without plan->head */
 } pie_graph;
@@ -254,6 +291,8 @@ struct ggml_tensor *pie_attention(pie_graph *g, int il, struct ggml_tensor *q, s
                                   struct ggml_tensor *v, float kq_scale);
 struct ggml_tensor *pie_linear(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *b,
                                struct ggml_tensor *x);
+struct ggml_tensor *pie_matmul(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *x);
+int32_t pie_kernel_switch(enum ggml_type type);
 void pie_graph_finish(pie_graph *g, struct ggml_tensor *x);
 
 #endif /* PIE_INTERNAL_H */

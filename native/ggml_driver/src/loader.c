@@ -188,6 +188,27 @@ static int32_t bind_weights(struct ggml_context *meta, pie_hparams *hp, pie_weig
     return PIE_OK;
 }
 
+/* Sizes the zero column pie_matmul may pad products with `w` with. */
+static int32_t check_matrix(pie_model *m, const struct ggml_tensor *w) {
+    if (pie_kernel_switch(w->type) == 2 && w->ne[0] > m->pad_width) m->pad_width = w->ne[0];
+    return PIE_OK;
+}
+
+/* Every matrix the graph multiplies (or, for the embeddings, reads rows of). */
+static int32_t check_matrices(pie_model *m) {
+    const pie_weights *w = &m->w;
+    m->pad_width = 0;
+    int32_t st;
+    if ((st = check_matrix(m, w->tok_embd)) || (st = check_matrix(m, w->output))) return st;
+    for (int il = 0; il < m->hp.n_layer; il++) {
+        const pie_layer *L = &w->layers[il];
+        const struct ggml_tensor *mats[] = { L->wq, L->wk, L->wv, L->wo, L->ffn_gate, L->ffn_up, L->ffn_down };
+        for (size_t i = 0; i < sizeof(mats) / sizeof(mats[0]); i++)
+            if ((st = check_matrix(m, mats[i])) != PIE_OK) return st;
+    }
+    return PIE_OK;
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* Placing the data                                                                           */
 /* ------------------------------------------------------------------------------------------ */
@@ -302,7 +323,7 @@ int32_t pie_load_weights(pie_model *m, const char *path) {
         goto done;
     }
     if ((st = load_hparams(&m->hp, g)) != PIE_OK) goto done;
-    if ((st = bind_weights(meta, &m->hp, &m->w)) != PIE_OK) goto done;
+    if ((st = bind_weights(meta, &m->hp, &m->w)) != PIE_OK || (st = check_matrices(m)) != PIE_OK) goto done;
 
     m->n_params = 0;
     m->weight_bytes = 0;
