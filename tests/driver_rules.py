@@ -59,6 +59,14 @@ BAD_BATCHES = {
         lambda v: with_batch(Req([1, 5, 6], [0], 3, masks=[None, None, [0, 2]])),
         "mask runs sum to 2 but the request's KV length is 3",
     ),
+    "mask_hides_every_key": (  # the token would attend to nothing (ggml would return zeros)
+        lambda v: with_batch(Req([1, 5, 6], [0], 3, masks=[None, None, [3]])),
+        "token 2: its mask hides every KV row, its own included",
+    ),
+    "mask_shows_only_later_rows": (  # token 0 sees only row 1, which causality hides from it
+        lambda v: with_batch(Req([1, 5, 6], [0], 3, masks=[[1, 1, 1], None, None])),
+        "token 0: its mask hides every KV row, its own included",
+    ),
     "mask_indptr_wrong_length": (
         lambda v: with_batch(mask_indptr=i32(0, 0), mask_runs=i32()),
         "mask_indptr has 2 entries",

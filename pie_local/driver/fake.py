@@ -298,15 +298,24 @@ class FakeDriver:
             for t in range(b.n_tokens):
                 if b.mask_indptr[t + 1] < b.mask_indptr[t]:
                     raise bad(f"token {t}: mask_indptr decreases ({int(b.mask_indptr[t])} -> {int(b.mask_indptr[t + 1])})")
+            window = info.sliding_window
             for r in range(n_req):
                 for t in range(int(qo[r]), int(qo[r + 1])):
                     runs = runs_all[b.mask_indptr[t] : b.mask_indptr[t + 1]]
                     for k, run in enumerate(runs):
                         if run < 0:
                             raise bad(f"token {t}: mask run {k} is negative ({int(run)})")
-                    if len(runs) and int(runs.sum()) != kv_lens[r]:
+                    if not len(runs):
+                        continue
+                    if int(runs.sum()) != kv_lens[r]:
                         raise bad(f"token {t}: mask runs sum to {int(runs.sum())} "
                                   f"but the request's KV length is {kv_lens[r]}")
+                    own = kv_lens[r] - int(qo[r + 1] - qo[r]) + (t - int(qo[r]))
+                    visible = brle.decode(runs, kv_lens[r])[: own + 1]  # causality hides the rest
+                    if not visible.any():
+                        raise bad(f"token {t}: its mask hides every KV row, its own included")
+                    if window > 0 and not visible[max(0, own - window + 1) :].any():
+                        raise bad(f"token {t}: its mask hides every KV row inside the sliding window of {window}")
         # outputs
         n_out = b.n_outputs
         if n_out > info.max_batch_tokens:

@@ -154,8 +154,17 @@ static int32_t validate(pie_model *m, const pie_batch *b) {
 /* Plan                                                                                       */
 /* ------------------------------------------------------------------------------------------ */
 
+/* Whether a mask row lets the token see anything: a row that hides every KV row would make
+ * attention average nothing (ggml returns zeros without a word). */
+static bool any_visible(const ggml_fp16_t *row, int64_t kv_len) {
+    for (int64_t j = 0; j < kv_len; j++)
+        if (row[j] == F16_ZERO) return true;
+    return false;
+}
+
 /* Fills token t's mask row over its request's KV (kv_len entries); `own` is the token's own
- * KV index. Checks the BRLE runs. */
+ * KV index. Checks the BRLE runs, and that they leave the token something to attend to (without
+ * custom runs it always sees itself). */
 static int32_t fill_mask_row(ggml_fp16_t *row, ggml_fp16_t *row_swa, int64_t kv_len, int64_t own,
                              const int32_t *runs, int32_t n_runs, int32_t window, int32_t t, bool *swa_hides) {
     for (int64_t j = 0; j < kv_len; j++) row[j] = j <= own ? F16_ZERO : F16_NEG_INF; /* causal */
@@ -170,6 +179,7 @@ static int32_t fill_mask_row(ggml_fp16_t *row, ggml_fp16_t *row_swa, int64_t kv_
         }
         if (j != kv_len)
             return BAD("token %d: mask runs sum to %lld but the request's KV length is %lld", t, (long long)j, (long long)kv_len);
+        if (!any_visible(row, kv_len)) return BAD("token %d: its mask hides every KV row, its own included", t);
     }
     if (row_swa) {
         memcpy(row_swa, row, sizeof(ggml_fp16_t) * (size_t)kv_len);
@@ -177,6 +187,8 @@ static int32_t fill_mask_row(ggml_fp16_t *row, ggml_fp16_t *row_swa, int64_t kv_
             if (row_swa[j] != F16_NEG_INF) *swa_hides = true;
             row_swa[j] = F16_NEG_INF;
         }
+        if (n_runs > 0 && !any_visible(row_swa, kv_len))
+            return BAD("token %d: its mask hides every KV row inside the sliding window of %d", t, window);
     }
     return PIE_OK;
 }
