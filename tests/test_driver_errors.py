@@ -4,13 +4,18 @@ validation, so comparing that sequence's logits before and after proves nothing 
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from driver_helpers import Req, allow_mask, build_batch, tiny_gguf
 from driver_rules import BAD_BATCHES, DECODE, N_PAGES, PAGE, PARAMS, PROMPT, with_batch
-from tiny_models import ARCHES, write_shape_mismatch, write_truncated, write_unknown_arch, write_wrong_magic
+from tiny_models import (ARCHES, write_shape_mismatch, write_tiny_gguf, write_truncated, write_unknown_arch,
+                         write_wrong_magic)
 
 from pie_local.driver import Driver, DriverError, DriverParams, supported_architectures
 
@@ -71,6 +76,81 @@ def test_empty_file(tmp_path: Path) -> None:
     (tmp_path / "empty.gguf").write_bytes(b"")
     err = expect_load_error(tmp_path / "empty.gguf", "format")
     assert "empty.gguf" in err.message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "shown"),
+    [
+        ({"rms_eps": float("nan")}, "llama.attention.layer_norm_rms_epsilon", "nan"),
+        ({"rms_eps": -1e-5}, "llama.attention.layer_norm_rms_epsilon", "-1e-05"),
+        ({"rope_base": 0.0}, "llama.rope.freq_base", "is 0;"),
+        ({"rope_base": float("inf")}, "llama.rope.freq_base", "inf"),
+        ({"rope_base": -10000.0}, "llama.rope.freq_base", "-10000"),
+        ({"rope_factor": -4.0}, "llama.rope.scaling.factor", "-4"),
+        ({"rope_factor": float("nan")}, "llama.rope.scaling.factor", "nan"),
+    ],
+    ids=["rms_eps_nan", "rms_eps_negative", "rope_base_zero", "rope_base_inf", "rope_base_negative",
+         "rope_factor_negative", "rope_factor_nan"],
+)
+def test_bad_hyper_parameter(tmp_path: Path, overrides: dict, key: str, shown: str) -> None:
+    path = write_tiny_gguf(tmp_path / "bad.gguf", "llama", **overrides)
+    expect_load_error(path, "format", f"metadata key '{key}' is", shown, "must be finite")
+
+
+def test_unknown_rope_scaling_type(tmp_path: Path) -> None:
+    path = write_tiny_gguf(tmp_path / "longrope.gguf", "llama", rope_scaling="longrope", rope_factor=4.0)
+    expect_load_error(path, "unsupported", "RoPE scaling type 'longrope' is not supported", "yarn")
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.float64])
+def test_weight_type_ggml_cannot_multiply(tmp_path: Path, dtype) -> None:
+    # i32 and f64 are valid GGUF tensor types, but ggml has no kernel to multiply them by: the
+    # forward pass would abort the process in the middle of the graph
+    def hook(name: str, t: np.ndarray) -> np.ndarray:
+        return t.astype(dtype) if name == "blk.1.ffn_up.weight" else t
+
+    path = write_tiny_gguf(tmp_path / "int.gguf", "llama", tensor_hook=hook)
+    type_name = np.dtype(dtype).name.replace("int", "i").replace("float", "f")
+    expect_load_error(path, "unsupported", f"tensor 'blk.1.ffn_up.weight' has type {type_name}", "cannot multiply")
+
+
+def test_more_threads_than_cpus_run_with_a_warning(tmp_path_factory, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="pie_local.driver")
+    online = os.cpu_count()
+    with Driver(tiny_gguf(tmp_path_factory, "llama"), dataclasses.replace(PARAMS, n_threads=100_000)) as drv:
+        drv.forward(build_batch([Req(PROMPT, [0, 1, 2], len(PROMPT))], PAGE))
+    assert f"n_threads 100000 is more than the {online} CPUs online; using {online}" in caplog.text
+
+
+def test_file_replaced_while_loading_loads_the_file_that_was_opened(tmp_path: Path, tmp_path_factory) -> None:
+    """The driver opens the file once: replacing it (a download moving a new file into place)
+    after its metadata was read must not pair that metadata with the new file's tensor data."""
+    first = tiny_gguf(tmp_path_factory, "llama")
+    other = write_tiny_gguf(tmp_path / "other.gguf", "qwen3", seed=7, name="tiny-other")
+    path = tmp_path / "model.gguf"
+    shutil.copyfile(first, path)
+    other_bytes = other.read_bytes()
+
+    class ReplaceAfterMetadata(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "read the metadata of" in record.getMessage():
+                os.replace(other, path)
+
+    handler = ReplaceAfterMetadata(level=logging.DEBUG)
+    logger = logging.getLogger("pie_local.driver")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        replaced = Driver(path, PARAMS)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    assert path.read_bytes() == other_bytes  # the file was replaced while the driver loaded it
+    with replaced, Driver(first, PARAMS) as original:
+        assert replaced.info == original.info
+        batch = build_batch([Req(PROMPT, [0, 1, 2], len(PROMPT))], PAGE)
+        np.testing.assert_array_equal(replaced.forward(batch).logits, original.forward(batch).logits)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from driver_helpers import SeqState, build_batch, log_softmax, tiny_gguf
+from driver_helpers import Req, SeqState, build_batch, log_softmax, tiny_gguf
 from llama_ref import LlamaRef
 
 from pie_local.driver import Driver, DriverParams
@@ -51,6 +51,7 @@ TINY_TOL = {
     "f16": Tolerance(max_abs=0.03, mean_abs=0.005, max_kl=1e-3, tie_gap=0.06),
 }
 TINY_QUANT_TOL = Tolerance(max_abs=0.3, mean_abs=0.05, max_kl=0.01, tie_gap=0.6)
+EXACT = Tolerance(max_abs=0.0, mean_abs=0.0, max_kl=0.0, tie_gap=0.0)
 
 
 PROMPTS = [
@@ -282,3 +283,28 @@ def test_tiny_q8_kv_and_hidden_states_match(tmp_path_factory, record_property, a
         assert drv.info.kv_type == "q8_0"
         got = drv.forward(build_batch([SeqState(range(8), page).req(tokens, outputs="all")], page)).logits
     compare(record_property, f"tiny.{arch}.q8kv", got, ref_q8, Q8_KV_TOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE scaling
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rope_scaling_matches_llama_cpp(tmp_path_factory, record_property) -> None:
+    """Files asking for RoPE scaling (factor 4 over an original context of 128) get what llama.cpp
+    gives them, at positions past the original context. Tolerance 0: one request on the same
+    kernels (see test_driver_activations.py), YaRN's factors computed as llama.cpp computes them."""
+    tokens = [1] + np.random.default_rng(11).integers(3, 500, 39).tolist()
+    positions = list(range(200, 200 + len(tokens)))
+    got = {}
+    for scaling in ("none", "linear", "yarn"):
+        path = tiny_gguf(tmp_path_factory, "qwen2", rope_scaling=scaling, rope_factor=4.0, rope_orig_ctx=128)
+        with LlamaRef(path, n_ctx=512) as ref:
+            want = ref.logits(tokens, start_pos=positions[0])
+        with Driver(path, DriverParams(n_threads=2, page_size=8, n_pages=8)) as drv:
+            req = Req(tokens, list(range(5)), len(tokens), positions=positions, outputs=list(range(len(tokens))))
+            got[scaling] = drv.forward(build_batch([req], 8)).logits
+        compare(record_property, f"tiny.rope_{scaling}", got[scaling], want, EXACT)
+    # and the three really differ (YaRN is not run as linear scaling, nor linear as none)
+    assert not np.allclose(got["yarn"], got["linear"], atol=1e-3)
+    assert not np.allclose(got["linear"], got["none"], atol=1e-3)

@@ -60,6 +60,9 @@ class TinyConfig:
     sliding_window: int = 0  # gemma3 only
     tied: bool = False  # no output.weight: the embedding doubles as the LM head
     name: str = ""
+    rope_scaling: str = ""  # rope.scaling.type ("none", "linear", "yarn", anything); "" = not written
+    rope_factor: float = 0.0  # rope.scaling.factor; 0 = not written
+    rope_orig_ctx: int = 0  # rope.scaling.original_context_length; 0 = not written
 
 
 # Each architecture's defaults; anything can be overridden through write_tiny_gguf(**overrides).
@@ -178,8 +181,11 @@ def _ggml_quantize(tensor: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.n
     return out
 
 
-def _encode(tensor: np.ndarray, qtype: gguf.GGMLQuantizationType) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
-    """1-D tensors (norms, biases) stay f32, as llama.cpp's converters store them."""
+def _encode(tensor: np.ndarray, qtype: gguf.GGMLQuantizationType) -> tuple[np.ndarray, gguf.GGMLQuantizationType | None]:
+    """1-D tensors (norms, biases) stay f32, as llama.cpp's converters store them; a tensor a hook
+    turned into another dtype (int32, float64, ...) is written in that type."""
+    if tensor.dtype != np.float32:
+        return tensor, None
     if tensor.ndim == 1 or qtype == Q.F32:
         return tensor, Q.F32
     if qtype == Q.F16:
@@ -213,7 +219,8 @@ def write_tiny_gguf(
     need every weight's rows to hold whole 256-element blocks (e.g. n_embd=256, n_ff=512).
     overrides: fields of TinyConfig (n_embd, n_layer, head_dim, sliding_window, tied, ...).
     arch_name: write this as general.architecture instead of `arch` (for unknown-arch tests).
-    tensor_hook: called as hook(name, float32 array) -> array to write (for broken-file tests).
+    tensor_hook: called as hook(name, float32 array) -> array to write (for broken-file tests); an
+    array of another dtype is written in that type.
     """
     if arch not in DEFAULTS:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose from {', '.join(ARCHES)}")
@@ -237,6 +244,12 @@ def write_tiny_gguf(
     w.add_value_length(cfg.head_dim)
     w.add_rope_dimension_count(cfg.head_dim)
     w.add_rope_freq_base(cfg.rope_base)
+    if cfg.rope_scaling:
+        w.add_string(gguf.Keys.Rope.SCALING_TYPE.format(arch=name), cfg.rope_scaling)
+    if cfg.rope_factor:
+        w.add_rope_scaling_factor(cfg.rope_factor)
+    if cfg.rope_orig_ctx:
+        w.add_rope_scaling_orig_ctx_len(cfg.rope_orig_ctx)
     w.add_layer_norm_rms_eps(cfg.rms_eps)
     w.add_vocab_size(len(tokens))
     if cfg.sliding_window:

@@ -24,7 +24,7 @@ class DriverError(RuntimeError):
 
 @dataclass
 class DriverParams:
-    n_threads: int = 0  # <= 0: all physical cores
+    n_threads: int = 0  # <= 0: all physical cores; more than the CPUs online: one per CPU (a logged warning)
     device: str = "auto"  # "auto", "cpu", "cuda:0", "metal"
     page_size: int = 32  # tokens per KV page
     n_pages: int = 512  # KV pages in the pool (n_pages * page_size tokens of KV in all)

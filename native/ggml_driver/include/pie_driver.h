@@ -86,7 +86,8 @@ PIE_API void pie_log_set(pie_log_callback callback, void *user_data);
 typedef enum { PIE_KV_F16 = 0, PIE_KV_Q8_0 = 1 } pie_kv_type;
 
 typedef struct {
-    int32_t n_threads;        /* CPU threads; <= 0 means all physical cores                    */
+    int32_t n_threads;        /* CPU threads; <= 0 means all physical cores; more than the
+                                 CPUs online run as many as there are, with a logged warning  */
     char    device[32];       /* "auto", "cpu", "cuda:N", "metal" (any ggml device name)       */
     int32_t page_size;        /* tokens per KV page (default 32)                               */
     int32_t n_pages;          /* pages in the pool (default 256)                               */

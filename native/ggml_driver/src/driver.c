@@ -104,6 +104,20 @@ static int32_t pick_device(const char *want, ggml_backend_dev_t *out) {
     return pie_set_error(PIE_ERR_UNSUPPORTED, "device '%s' not found (this ggml build has: %s)", want, list);
 }
 
+/* The CPU threads to run: n_threads, or all physical cores for <= 0, at most one per online CPU.
+ * More would only slow a pass down (ggml's workers spin while they wait for each other), and
+ * ggml aborts when it cannot create a thread; so a count meant for a bigger machine runs on this
+ * one with a warning rather than failing. */
+static int cpu_threads(int32_t n_threads) {
+    const long online = sysconf(_SC_NPROCESSORS_ONLN);
+    int limit = online > 0 ? (int)online : 1;
+    if (limit > GGML_MAX_N_THREADS) limit = GGML_MAX_N_THREADS;
+    if (n_threads <= 0) n_threads = physical_cores();
+    if (n_threads <= limit) return n_threads;
+    pie_log(PIE_LOG_WARN, "n_threads %d is more than the %d CPUs online; using %d", n_threads, limit, limit);
+    return limit;
+}
+
 static void set_threads(ggml_backend_t backend, ggml_backend_dev_t dev, int n_threads) {
     ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
     ggml_backend_set_n_threads_t fn = reg ? (ggml_backend_set_n_threads_t)ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads") : NULL;
@@ -157,7 +171,7 @@ static int32_t init_compute(pie_model *m) {
         m->backend_cpu = ggml_backend_init_by_type(GGML_BACKEND_DEVICE_TYPE_CPU, NULL);
         if (!m->backend_cpu) return pie_set_error(PIE_ERR_BACKEND, "cannot start the CPU backend");
     }
-    int threads = m->params.n_threads > 0 ? m->params.n_threads : physical_cores();
+    const int threads = cpu_threads(m->params.n_threads);
     set_threads(m->backend_cpu, ggml_backend_get_device(m->backend_cpu), threads);
     int32_t st = reserve_graph(m, graph_nodes(m, 16, 16, 16));
     if (st != PIE_OK) return st;

@@ -41,8 +41,11 @@ typedef struct {
     int32_t n_rot;           /* rotary dims per head                                           */
     int32_t rope_mode;       /* GGML_ROPE_TYPE_NEOX or 0 (normal)                               */
     float   rope_base;       /* global layers                                                  */
-    float   rope_scale;      /* 1 / linear scaling factor, global layers                       */
-    float   rope_base_swa;   /* sliding-window layers                                          */
+    float   rope_scale;      /* 1 / scaling factor, global layers                              */
+    float   rope_base_swa;   /* sliding-window layers (unscaled)                               */
+    float   rope_ext_factor; /* YaRN: 1, else 0 (ggml_rope_ext's ext_factor)                   */
+    float   rope_attn_factor;/* ggml_rope_ext's attn_factor                                    */
+    int32_t rope_n_ctx_orig; /* the context YaRN extends (ggml_rope_ext's n_ctx_orig)          */
     float   rms_eps;
     float   attn_scale;      /* multiplies Q.K                                                 */
     float   embd_scale;      /* multiplies token embeddings (gemma: sqrt(n_embd))              */
@@ -269,6 +272,9 @@ void    pie_build_gemma3(pie_graph *g);
  * The pie_gguf_* readers accept any integer / float storage and return false when absent. */
 bool    pie_gguf_int(const struct gguf_context *gguf, const char *key, int64_t *out);
 bool    pie_gguf_float(const struct gguf_context *gguf, const char *key, float *out);
+/* A float key that must be finite and > 0 (>= 0 with allow_zero): PIE_ERR_FORMAT naming it
+ * otherwise; *out keeps its value when the key is absent. */
+int32_t pie_gguf_positive(const struct gguf_context *gguf, const char *key, bool allow_zero, float *out);
 int32_t pie_load_weights(pie_model *model, const char *path);
 void    pie_free_weights(pie_model *model);
 

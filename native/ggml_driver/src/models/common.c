@@ -142,14 +142,16 @@ struct ggml_tensor *pie_linear(pie_graph *g, struct ggml_tensor *w, struct ggml_
     return b ? ggml_add(g->ctx, x, b) : x;
 }
 
-/* x: [head_dim, n_heads, n_tokens], rotated at the batch's explicit positions. Sliding-window
- * layers use their own base and no scaling (as llama.cpp does). */
+/* x: [head_dim, n_heads, n_tokens], rotated at the batch's explicit positions, scaled as the
+ * file says (linear or YaRN, see load_rope_scaling in loader.c). Sliding-window layers use their
+ * own base and no scaling factor (as llama.cpp does); YaRN's beta_fast 32 and beta_slow 1 are
+ * llama.cpp's. */
 struct ggml_tensor *pie_rope(pie_graph *g, struct ggml_tensor *x, int il) {
     const pie_hparams *hp = &g->model->hp;
     const bool swa = hp->is_swa[il];
-    return ggml_rope_ext(g->ctx, x, g->positions, g->model->w.rope_freqs, hp->n_rot, hp->rope_mode, hp->n_ctx_train,
-                         swa ? hp->rope_base_swa : hp->rope_base, swa ? 1.0f : hp->rope_scale,
-                         0.0f /* ext_factor */, 1.0f /* attn_factor */, 32.0f /* beta_fast */, 1.0f /* beta_slow */);
+    return ggml_rope_ext(g->ctx, x, g->positions, g->model->w.rope_freqs, hp->n_rot, hp->rope_mode, hp->rope_n_ctx_orig,
+                         swa ? hp->rope_base_swa : hp->rope_base, swa ? 1.0f : hp->rope_scale, hp->rope_ext_factor,
+                         hp->rope_attn_factor, 32.0f, 1.0f);
 }
 
 /* Request r's K or V as [width_head, n_kv, n_head_kv], on the pool's own f16/q8_0 values
