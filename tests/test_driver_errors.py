@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from driver_helpers import Req, allow_mask, build_batch, tiny_gguf
-from driver_rules import BAD_BATCHES, DECODE, N_PAGES, PAGE, PARAMS, PROMPT, with_batch
+from driver_rules import (BAD_BATCHES, DECODE, N_PAGES, NAN_TOKEN, PAGE, PARAMS, POISONED_ROW_ERROR, PROMPT,
+                          poisoned_batch, with_batch)
 from tiny_models import (ARCHES, write_shape_mismatch, write_tiny_gguf, write_truncated, write_unknown_arch,
                          write_wrong_magic)
 
@@ -177,6 +178,44 @@ def test_bad_batch_is_rejected_and_driver_stays_usable(live, case: str) -> None:
     assert fragment in err.value.message, err.value.message
     after = drv.forward(build_batch([DECODE], PAGE)).logits
     np.testing.assert_array_equal(after, baseline)
+
+
+def test_a_row_that_cannot_be_sampled_fails_alone(tmp_path: Path) -> None:
+    """NaN logits in one request (here from a NaN embedding) fail that row only: the call returns,
+    the row's error names it, and the other rows get the tokens they get alone."""
+
+    def poison(name: str, t: np.ndarray) -> np.ndarray:
+        if name == "token_embd.weight":
+            t = t.copy()
+            t[NAN_TOKEN] = np.nan
+        return t
+
+    with Driver(write_tiny_gguf(tmp_path / "nan.gguf", "llama", tensor_hook=poison), PARAMS) as drv:
+        batch = poisoned_batch()
+        res = drv.forward(batch)
+        assert res.tokens[0] == -1 and np.isnan(res.logits[0]).all()
+        assert res.row_errors[0] is not None and res.row_errors[0].status == "invalid_argument"
+        assert res.row_errors[0].message == POISONED_ROW_ERROR
+        assert res.row_errors[1:] == [None, None]
+        for i in (1, 2):  # each healthy request alone: the same token
+            alone = dataclasses.replace(batch, qo_indptr=np.array([0, 3]), tokens=batch.tokens[3 * i : 3 * i + 3],
+                                        positions=batch.positions[3 * i : 3 * i + 3],
+                                        kv_page_indices=batch.kv_page_indices[i : i + 1], kv_page_indptr=np.array([0, 1]),
+                                        kv_last_page_len=batch.kv_last_page_len[i : i + 1], output_rows=np.array([2]),
+                                        samplers=batch.samplers[i : i + 1])
+            assert drv.forward(alone).tokens[0] == res.tokens[i] >= 0
+
+
+def test_mask_hiding_everything_inside_the_sliding_window(tmp_path_factory) -> None:
+    """gemma3's windowed layers (window 8 here): a token whose mask shows it only rows that fell
+    out of the window would attend to nothing there."""
+    with Driver(tiny_gguf(tmp_path_factory, "gemma3"), PARAMS) as drv:
+        own = 12  # the token at KV index 12 sees only row 0: inside the causal range, out of the window
+        req = Req(list(range(3, 3 + own + 1)), [0, 1, 2, 3], own + 1, masks=[None] * own + [[0, 1, own]])
+        with pytest.raises(DriverError) as err:
+            drv.forward(build_batch([req], PAGE))
+        assert err.value.status == "invalid_argument"
+        assert f"token {own}: its mask hides every KV row inside the sliding window of 8" in err.value.message
 
 
 def test_mask_allowing_only_one_token_is_fine(live) -> None:

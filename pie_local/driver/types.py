@@ -138,12 +138,19 @@ class ForwardBatch:
 
 @dataclass
 class ForwardResult:
+    """What one forward pass returns, one entry per output row.
+
+    A row that could not be sampled (no logit its mask allows is finite: NaN from the model) fails
+    alone: ``row_errors[i]`` is its `DriverError` and ``tokens[i]`` is -1; the other rows are good.
+    """
+
     tokens: np.ndarray  # int32 [n_outputs]
     logprobs: np.ndarray | None = None  # float32 [n_outputs]
     top_ids: np.ndarray | None = None  # int32 [n_outputs, top_k]
     top_probs: np.ndarray | None = None  # float32 [n_outputs, top_k]
     logits: np.ndarray | None = None  # float32 [n_outputs, n_vocab]
     hidden: np.ndarray | None = None  # float32 [n_outputs, n_embd]
+    row_errors: list[DriverError | None] = field(default_factory=list)  # [n_outputs], None = sampled
 
 
 @runtime_checkable

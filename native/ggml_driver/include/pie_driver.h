@@ -25,7 +25,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a public struct or signature changes; the binding refuses a mismatch. */
-#define PIE_ABI_VERSION 2
+#define PIE_ABI_VERSION 3
 
 /* ------------------------------------------------------------------------------------------ */
 /* Status codes                                                                               */
@@ -182,10 +182,20 @@ enum {
  * the pass, never on the other requests of the batch or where its pages lie: bit for bit on the
  * CPU backend. (Splitting a request's prefill into other chunks may change the last bits.)
  *
+ * A request reads only its own KV: a batch where one request's KV includes a row another request
+ * of the batch writes is refused (share pages only where nobody writes).
+ *
  * Outputs: for each i < n_outputs, row output_rows[i] (an index into tokens) is sampled with
  * samplers[i]. logit_masks, when not NULL, holds n_outputs rows of ceil(n_vocab/32) words;
  * bit (id % 32) of word (id / 32) set = token allowed. The caller owns all output buffers.
+ *
+ * A row that cannot be sampled (no logit its mask allows is finite: e.g. NaN from the model)
+ * fails on its own when out_status is set: out_status[i] = its status, out_tokens[i] = -1, its
+ * message in out_errors[i * PIE_ROW_ERROR_SIZE ...] (when set); the call succeeds and every
+ * other row is returned. Without out_status such a row fails the whole call.
  */
+#define PIE_ROW_ERROR_SIZE 160
+
 typedef struct {
     /* inputs */
     int32_t         n_tokens;
@@ -214,10 +224,17 @@ typedef struct {
     float    *out_top_probs;           /* [n_outputs * top_k]                                  */
     float    *out_logits;              /* [n_outputs * n_vocab]                                */
     float    *out_hidden;              /* [n_outputs * n_embd]                                 */
+    int32_t  *out_status;              /* [n_outputs] or NULL: PIE_OK or why row i failed       */
+    char     *out_errors;              /* [n_outputs * PIE_ROW_ERROR_SIZE] or NULL: row i's
+                                          message ("" when it succeeded), with out_status       */
 } pie_batch;
 
-/* Runs one batch. Every index, length and mask is validated before anything is computed;
- * on error nothing in the KV pool has changed. Not thread-safe per model: one call at a time. */
+/* Runs one batch. Every index, length and mask is validated before anything is computed, and a
+ * batch that fails validation or allocation (PIE_ERR_INVALID_ARGUMENT, PIE_ERR_OUT_OF_MEMORY)
+ * leaves the KV pool as it was. A backend failure during the computation (PIE_ERR_BACKEND) may
+ * have written some of the batch's new KV rows: only rows of the batch's own pages at the
+ * positions its new tokens take, never anything else. Not thread-safe per model: one call at
+ * a time. */
 PIE_API int32_t pie_forward(pie_model *model, const pie_batch *batch);
 
 /* ------------------------------------------------------------------------------------------ */

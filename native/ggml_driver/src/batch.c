@@ -34,8 +34,65 @@ static bool grow(void **p, size_t *cap, size_t n, size_t sz) {
 
 #define BAD(...) pie_set_error(PIE_ERR_INVALID_ARGUMENT, __VA_ARGS__)
 
-static int32_t check_requests(pie_model *m, const pie_batch *b) {
+/* Per request: its page table, then the KV slots its new tokens take, marked in slot_writer
+ * (request + 1); no slot may be taken twice. */
+static int32_t mark_writes(pie_model *m, const pie_batch *b) {
     const int32_t ps = m->kv.page_size, np = m->kv.n_pages;
+    int64_t n_kv = 0;
+    for (int32_t r = 0; r < b->n_requests; r++) {
+        const int32_t q0 = b->qo_indptr[r], q1 = b->qo_indptr[r + 1];
+        const int32_t p0 = b->kv_page_indptr[r], p1 = b->kv_page_indptr[r + 1];
+        const int32_t last = b->kv_last_page_len[r];
+        if (last < 1 || last > ps) return BAD("request %d: last_page_len %d outside 1..%d", r, last, ps);
+        const int64_t kv_len = (int64_t)(p1 - p0 - 1) * ps + last, n_new = q1 - q0;
+        if (kv_len < n_new) return BAD("request %d: KV length %lld is shorter than its %lld new tokens", r, (long long)kv_len, (long long)n_new);
+        for (int32_t i = p0; i < p1; i++) {
+            const int32_t page = b->kv_page_indices[i];
+            if (page < 0 || page >= np) return BAD("request %d: page id %d out of range (n_pages=%d)", r, page, np);
+            if (m->plan.page_stamp[page] == r) return BAD("request %d: page %d listed twice", r, page);
+            m->plan.page_stamp[page] = r;
+        }
+        for (int64_t j = kv_len - n_new; j < kv_len; j++) {
+            const int64_t slot = (int64_t)b->kv_page_indices[p0 + j / ps] * ps + j % ps;
+            if (m->plan.slot_writer[slot])
+                return BAD("request %d: KV slot %lld of page %d is written twice in this batch", r, (long long)(j % ps),
+                           b->kv_page_indices[p0 + j / ps]);
+            m->plan.slot_writer[slot] = r + 1;
+            m->plan.marked[m->plan.n_marked++] = slot;
+        }
+        n_kv += kv_len;
+    }
+    if (n_kv > m->params.max_batch_kv)
+        return BAD("batch attends over %lld KV rows; max_batch_kv is %d", (long long)n_kv, m->params.max_batch_kv);
+    return PIE_OK;
+}
+
+/* No request reads a KV slot another request of the batch writes: what it would see would
+ * depend on the other request (and attention reads KV per request, so it must be its own). */
+static int32_t check_reads(pie_model *m, const pie_batch *b) {
+    const int32_t ps = m->kv.page_size;
+    for (int32_t r = 0; r < b->n_requests; r++) {
+        const int32_t *pages = b->kv_page_indices + b->kv_page_indptr[r];
+        const int64_t n_old = (int64_t)(b->kv_page_indptr[r + 1] - b->kv_page_indptr[r] - 1) * ps +
+                              b->kv_last_page_len[r] - (b->qo_indptr[r + 1] - b->qo_indptr[r]);
+        for (int64_t j = 0; j < n_old; j++) {
+            const int32_t writer = m->plan.slot_writer[(int64_t)pages[j / ps] * ps + j % ps] - 1;
+            if (writer >= 0)
+                return BAD("request %d reads KV slot %lld of page %d, which request %d writes in this batch", r,
+                           (long long)(j % ps), pages[j / ps], writer);
+        }
+    }
+    return PIE_OK;
+}
+
+/* Unmarks the slots mark_writes marked (the array is all zero between batches). */
+static void clear_writes(pie_plan *p) {
+    for (int32_t i = 0; i < p->n_marked; i++) p->slot_writer[p->marked[i]] = 0;
+    p->n_marked = 0;
+}
+
+static int32_t check_requests(pie_model *m, const pie_batch *b) {
+    const int32_t np = m->kv.n_pages;
     if (b->n_requests < 1) return BAD("batch has %d requests; need at least 1", b->n_requests);
     if (!b->qo_indptr || !b->kv_page_indptr || !b->kv_last_page_len)
         return BAD("qo_indptr, kv_page_indptr and kv_last_page_len are required");
@@ -55,34 +112,11 @@ static int32_t check_requests(pie_model *m, const pie_batch *b) {
                        b->kv_page_indptr[r], b->kv_page_indptr[r + 1]);
     }
 
-    memset(m->plan.slot_used, 0, (size_t)np * ps);
     for (int32_t p = 0; p < np; p++) m->plan.page_stamp[p] = -1;
-    int64_t n_kv = 0;
-    for (int32_t r = 0; r < b->n_requests; r++) {
-        const int32_t q0 = b->qo_indptr[r], q1 = b->qo_indptr[r + 1];
-        const int32_t p0 = b->kv_page_indptr[r], p1 = b->kv_page_indptr[r + 1];
-        const int32_t last = b->kv_last_page_len[r];
-        if (last < 1 || last > ps) return BAD("request %d: last_page_len %d outside 1..%d", r, last, ps);
-        const int64_t kv_len = (int64_t)(p1 - p0 - 1) * ps + last, n_new = q1 - q0;
-        if (kv_len < n_new) return BAD("request %d: KV length %lld is shorter than its %lld new tokens", r, (long long)kv_len, (long long)n_new);
-        for (int32_t i = p0; i < p1; i++) {
-            const int32_t page = b->kv_page_indices[i];
-            if (page < 0 || page >= np) return BAD("request %d: page id %d out of range (n_pages=%d)", r, page, np);
-            if (m->plan.page_stamp[page] == r) return BAD("request %d: page %d listed twice", r, page);
-            m->plan.page_stamp[page] = r;
-        }
-        for (int64_t j = kv_len - n_new; j < kv_len; j++) {
-            const int64_t slot = (int64_t)b->kv_page_indices[p0 + j / ps] * ps + j % ps;
-            if (m->plan.slot_used[slot])
-                return BAD("request %d: KV slot %lld of page %d is written twice in this batch", r, (long long)(j % ps),
-                           b->kv_page_indices[p0 + j / ps]);
-            m->plan.slot_used[slot] = 1;
-        }
-        n_kv += kv_len;
-    }
-    if (n_kv > m->params.max_batch_kv)
-        return BAD("batch attends over %lld KV rows; max_batch_kv is %d", (long long)n_kv, m->params.max_batch_kv);
-    return PIE_OK;
+    int32_t st = mark_writes(m, b);
+    if (st == PIE_OK) st = check_reads(m, b);
+    clear_writes(&m->plan);
+    return st;
 }
 
 /* Mask run sums are checked while the plan fills each row (they need the request's KV length). */
@@ -347,6 +381,7 @@ void pie_plan_free(pie_plan *p) {
     free(p->req_outputs);
     free(p->zeros);
     free(p->page_stamp);
-    free(p->slot_used);
+    free(p->slot_writer);
+    free(p->marked);
     memset(p, 0, sizeof(*p));
 }

@@ -177,9 +177,10 @@ static int32_t init_compute(pie_model *m) {
     if (st != PIE_OK) return st;
     m->sampler = pie_sampler_scratch_new(m->hp.n_vocab);
     m->plan.page_stamp = malloc(sizeof(int32_t) * (size_t)m->params.n_pages);
-    m->plan.slot_used = malloc((size_t)m->params.n_pages * (size_t)m->params.page_size);
+    m->plan.slot_writer = calloc((size_t)m->params.n_pages * (size_t)m->params.page_size, sizeof(int32_t));
+    m->plan.marked = malloc(sizeof(int64_t) * (size_t)m->params.max_batch_tokens);
     m->plan.zeros = calloc((size_t)m->pad_width + 1, sizeof(float));
-    if (!m->sampler || !m->plan.page_stamp || !m->plan.slot_used || !m->plan.zeros)
+    if (!m->sampler || !m->plan.page_stamp || !m->plan.slot_writer || !m->plan.marked || !m->plan.zeros)
         return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate driver scratch");
     snprintf(m->backend_name, sizeof(m->backend_name), "%s", ggml_backend_dev_name(m->dev));
     pie_log(PIE_LOG_INFO, "compute on %s (%s), %d threads", m->backend_name, ggml_backend_dev_description(m->dev), threads);
@@ -301,6 +302,31 @@ int32_t pie_set_activation_callback(pie_model *m, pie_activation_callback callba
     return PIE_OK;
 }
 
+/* Samples every output row. A row that fails fails alone when the caller takes per-row
+ * statuses (b->out_status), else it fails the call; either way its message names the row. */
+static int32_t sample_rows(pie_model *m, const pie_batch *b, const float *logits) {
+    const int32_t n_vocab = m->hp.n_vocab, words = (n_vocab + 31) / 32;
+    const bool top = b->return_flags & PIE_RETURN_TOP_K;
+    for (int32_t i = 0; i < b->n_outputs; i++) {
+        int32_t st = pie_sample_row(m->sampler, logits + (size_t)i * n_vocab, n_vocab,
+                                    b->logit_masks ? b->logit_masks + (size_t)i * words : NULL, &b->samplers[i],
+                                    &b->out_tokens[i], (b->return_flags & PIE_RETURN_LOGPROB) ? &b->out_logprobs[i] : NULL,
+                                    top ? b->top_k : 0, top ? b->out_top_ids + (size_t)i * b->top_k : NULL,
+                                    top ? b->out_top_probs + (size_t)i * b->top_k : NULL);
+        if (st != PIE_OK) {
+            char why[PIE_ROW_ERROR_SIZE];
+            snprintf(why, sizeof(why), "%s", pie_last_error());
+            st = pie_set_error(st, "output %d: %s", i, why);
+            if (!b->out_status) return st;
+            b->out_tokens[i] = -1;
+        }
+        if (b->out_status) b->out_status[i] = st;
+        if (b->out_status && b->out_errors)
+            snprintf(b->out_errors + (size_t)i * PIE_ROW_ERROR_SIZE, PIE_ROW_ERROR_SIZE, "%s", st ? pie_last_error() : "");
+    }
+    return PIE_OK;
+}
+
 int32_t pie_forward(pie_model *m, const pie_batch *b) {
     if (!m) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "model is NULL");
     int32_t st = pie_plan_build(m, b);
@@ -349,15 +375,7 @@ int32_t pie_forward(pie_model *m, const pie_batch *b) {
         if (b->return_flags & PIE_RETURN_HIDDEN)
             ggml_backend_tensor_get(g.hidden, b->out_hidden, 0, sizeof(float) * (size_t)n_out * (size_t)m->hp.n_embd);
 
-        const int32_t words = (n_vocab + 31) / 32;
-        const bool top = b->return_flags & PIE_RETURN_TOP_K;
-        for (int32_t i = 0; i < n_out && st == PIE_OK; i++) {
-            st = pie_sample_row(m->sampler, logits + (size_t)i * n_vocab, n_vocab,
-                                b->logit_masks ? b->logit_masks + (size_t)i * words : NULL, &b->samplers[i],
-                                &b->out_tokens[i], (b->return_flags & PIE_RETURN_LOGPROB) ? &b->out_logprobs[i] : NULL,
-                                top ? b->top_k : 0, top ? b->out_top_ids + (size_t)i * b->top_k : NULL,
-                                top ? b->out_top_probs + (size_t)i * b->top_k : NULL);
-        }
+        st = sample_rows(m, b, logits);
     }
     ggml_free(g.ctx);
     return st;

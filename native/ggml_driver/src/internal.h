@@ -166,7 +166,10 @@ typedef struct {
     size_t cap_reqs, cap_tokens, cap_runs, cap_gather, cap_mask, cap_mask_swa, cap_out, cap_out_req, cap_req_outputs;
     /* validation scratch */
     int32_t *page_stamp;     /* [n_pages] last request that listed the page                    */
-    uint8_t *slot_used;      /* [n_pages * page_size] written by this batch                    */
+    int32_t *slot_writer;    /* [n_pages * page_size] the request (+ 1) writing the slot in this
+                                batch, 0 for none (all 0 between batches)                      */
+    int64_t *marked;         /* [max_batch_tokens] the slots slot_writer marks, to unmark       */
+    int32_t  n_marked;
 } pie_plan;
 
 /* ------------------------------------------------------------------------------------------ */
