@@ -241,16 +241,17 @@ static bool layout_add(pie_layout *l, int32_t start, int32_t len, bool wide) {
 }
 
 /* The most products one weight takes over a layout's rows (pie_matmul splits narrow spans into
- * pieces of 3 columns or more), for sizing graphs. */
-static int32_t layout_pieces(const pie_layout *l) {
+ * pieces of split_cols columns), for sizing graphs. */
+static int32_t layout_pieces(const pie_layout *l, int32_t split_cols) {
     int32_t n = 0;
-    for (int32_t i = 0; i < l->n_spans; i++) n += l->spans[i].wide ? 1 : (l->spans[i].len + 2) / 3;
+    for (int32_t i = 0; split_cols > 0 && i < l->n_spans; i++)
+        n += l->spans[i].wide ? 1 : (l->spans[i].len + split_cols - 1) / split_cols;
     return n;
 }
 
 /* Which kernel family each row's products take (see PIE_WIDE_ROWS): the batch's rows by the
  * size of their request, the sampled rows by how many rows their request samples. */
-static int32_t plan_layouts(pie_plan *p, const pie_batch *b) {
+static int32_t plan_layouts(pie_plan *p, const pie_batch *b, int32_t split_cols) {
     pie_layout *tl = &p->token_layout, *ol = &p->output_layout;
     tl->n_spans = ol->n_spans = 0;
     bool ok = true;
@@ -277,8 +278,8 @@ static int32_t plan_layouts(pie_plan *p, const pie_batch *b) {
         }
     }
     if (!ok) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate the batch's row layout");
-    tl->n_pieces = layout_pieces(tl);
-    ol->n_pieces = layout_pieces(ol);
+    tl->n_pieces = layout_pieces(tl, split_cols);
+    ol->n_pieces = layout_pieces(ol, split_cols);
     return PIE_OK;
 }
 
@@ -364,7 +365,7 @@ int32_t pie_plan_build(pie_model *m, const pie_batch *b) {
     }
     if (b->n_outputs > 0) memcpy(p->out_rows, b->output_rows, sizeof(int32_t) * (size_t)b->n_outputs);
     else p->out_rows[0] = nt - 1; /* nothing to sample: run the head on one row and discard it */
-    return plan_layouts(p, b);
+    return plan_layouts(p, b, m->split_cols);
 }
 
 void pie_plan_free(pie_plan *p) {

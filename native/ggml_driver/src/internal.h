@@ -192,6 +192,8 @@ struct pie_model {
     int64_t weight_bytes;
     int64_t pad_width;  /* widest input of a matrix whose one-column products get a zero second
                            column (pie_kernel_switch == 2); 0 when there is none              */
+    int32_t split_cols; /* most columns of a narrow piece of a split product (pie_kernel_switch
+                           - 1, the least over the matrices it splits); 0 when none splits   */
 
     /* compute */
     ggml_backend_dev_t    dev;

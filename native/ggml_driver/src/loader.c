@@ -261,8 +261,8 @@ static bool cpu_multiplies(enum ggml_type t) {
     }
 }
 
-/* Checks that the device can multiply `w` (off the CPU, the device itself is asked), and sizes
- * the zero column pie_matmul may pad its products with. */
+/* Checks that the device can multiply `w` (off the CPU, the device itself is asked), and notes
+ * how pie_matmul treats its products (the zero column's size, the narrow pieces' width). */
 static int32_t check_matrix(pie_model *m, const struct ggml_tensor *w) {
     if (!cpu_multiplies(w->type))
         return pie_set_error(PIE_ERR_UNSUPPORTED, "tensor '%s' has type %s, which ggml cannot multiply; "
@@ -278,7 +278,9 @@ static int32_t check_matrix(pie_model *m, const struct ggml_tensor *w) {
             return pie_set_error(PIE_ERR_UNSUPPORTED, "tensor '%s' has type %s, which %s cannot multiply", w->name,
                                  ggml_type_name(w->type), ggml_backend_dev_name(m->dev));
     }
-    if (pie_kernel_switch(w->type) == 2 && w->ne[0] > m->pad_width) m->pad_width = w->ne[0];
+    const int32_t k = pie_kernel_switch(w->type);
+    if (k == 2 && w->ne[0] > m->pad_width) m->pad_width = w->ne[0];
+    if (k > 2 && (m->split_cols == 0 || k - 1 < m->split_cols)) m->split_cols = k - 1;
     return PIE_OK;
 }
 
@@ -286,6 +288,7 @@ static int32_t check_matrix(pie_model *m, const struct ggml_tensor *w) {
 static int32_t check_matrices(pie_model *m) {
     const pie_weights *w = &m->w;
     m->pad_width = 0;
+    m->split_cols = 0;
     int32_t st;
     if ((st = check_matrix(m, w->tok_embd)) || (st = check_matrix(m, w->output))) return st;
     for (int il = 0; il < m->hp.n_layer; il++) {

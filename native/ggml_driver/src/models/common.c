@@ -128,7 +128,7 @@ struct ggml_tensor *pie_matmul(pie_graph *g, struct ggml_tensor *w, struct ggml_
     pie_joiner j = { .dim = 1 };
     for (int32_t i = 0; i < l->n_spans; i++) {
         const pie_span *s = &l->spans[i];
-        const int64_t step = s->wide ? s->len : k - 1;
+        const int64_t step = s->wide ? s->len : g->model->split_cols;
         for (int64_t c = s->start; c < s->start + s->len; c += step) {
             const int64_t cols = s->start + s->len - c < step ? s->start + s->len - c : step;
             join_push(ctx, &j, ggml_mul_mat(ctx, w, ggml_view_2d(ctx, x, x->ne[0], cols, x->nb[1], x->nb[1] * (size_t)c)));
