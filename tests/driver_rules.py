@@ -125,13 +125,14 @@ BAD_BATCHES = {
 NAN_TOKEN = 250
 
 
-def poisoned_batch() -> ForwardBatch:
+def poisoned_batch(rows_fail_alone: bool = True) -> ForwardBatch:
     """Request 0 sees NAN_TOKEN, request 1 (greedy) and request 2 (sampled) do not."""
-    return build_batch(
+    batch = build_batch(
         [Req([1, NAN_TOKEN, 7], [4], 3), Req([1, 8, 9], [5], 3),
          Req([1, 10, 11], [6], 3, samplers=[SamplingParams(temperature=0.8, seed=3)])],
         PAGE,
     )
+    return dataclasses.replace(batch, rows_fail_alone=rows_fail_alone)
 
 
 POISONED_ROW_ERROR = "output 0: every logit is -inf or NaN"

@@ -197,6 +197,9 @@ def test_a_row_that_cannot_be_sampled_fails_alone(tmp_path: Path) -> None:
         assert res.row_errors[0] is not None and res.row_errors[0].status == "invalid_argument"
         assert res.row_errors[0].message == POISONED_ROW_ERROR
         assert res.row_errors[1:] == [None, None]
+        with pytest.raises(DriverError) as err:  # unless asked, such a row fails the call
+            drv.forward(poisoned_batch(rows_fail_alone=False))
+        assert err.value.status == "invalid_argument" and err.value.message == POISONED_ROW_ERROR
         for i in (1, 2):  # each healthy request alone: the same token
             alone = dataclasses.replace(batch, qo_indptr=np.array([0, 3]), tokens=batch.tokens[3 * i : 3 * i + 3],
                                         positions=batch.positions[3 * i : 3 * i + 3],

@@ -35,7 +35,11 @@ def test_fake_driver_is_a_model_driver() -> None:
 
 
 def test_fake_driver_fails_a_row_that_cannot_be_sampled_alone() -> None:
-    res = FakeDriver(PARAMS, n_vocab=512, nan_tokens=[NAN_TOKEN]).forward(poisoned_batch())
+    drv = FakeDriver(PARAMS, n_vocab=512, nan_tokens=[NAN_TOKEN])
+    res = drv.forward(poisoned_batch())
     assert res.tokens[0] == -1 and res.row_errors[0].status == "invalid_argument"
     assert res.row_errors[0].message == POISONED_ROW_ERROR
     assert res.row_errors[1:] == [None, None] and (res.tokens[1:] >= 0).all()
+    with pytest.raises(DriverError) as err:  # unless asked, such a row fails the call
+        drv.forward(poisoned_batch(rows_fail_alone=False))
+    assert err.value.message == POISONED_ROW_ERROR

@@ -206,10 +206,11 @@ class Driver:
             res.hidden = np.zeros((n_out, info.n_embd), dtype=np.float32)
             b.out_hidden = _ptr(res.hidden, C.c_float)
         b.return_flags = flags
-        status = np.zeros(max(n_out, 1), dtype=np.int32)  # rows fail alone (pie_batch.out_status)
+        status = np.zeros(max(n_out, 1), dtype=np.int32)  # pie_batch.out_status: rows fail alone
         errors = C.create_string_buffer(max(n_out, 1) * _ffi.ROW_ERROR_SIZE)
-        b.out_status = _ptr(status, C.c_int32)
-        b.out_errors = C.cast(errors, C.c_char_p)
+        if batch.rows_fail_alone:
+            b.out_status = _ptr(status, C.c_int32)
+            b.out_errors = C.cast(errors, C.c_char_p)
 
         with self._lock:
             self._check(self._lib.pie_forward(self._live(), C.byref(b)))

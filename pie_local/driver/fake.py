@@ -406,9 +406,11 @@ class FakeDriver:
             mask = None if b.logit_masks is None else _bits_to_bool(b.logit_masks[i], vocab)
             try:
                 token = _sample(logits, mask, b.samplers[i])
-            except ValueError as exc:  # this row fails alone, as in the C driver
-                result.tokens[i] = -1
-                result.row_errors[i] = DriverError("invalid_argument", f"output {i}: {exc}")
+            except ValueError as exc:  # as in the C driver: this row fails alone, or the call
+                error = DriverError("invalid_argument", f"output {i}: {exc}")
+                if not b.rows_fail_alone:
+                    raise error from None
+                result.tokens[i], result.row_errors[i] = -1, error
                 continue
             result.tokens[i] = token
             logp = _log_softmax(logits)

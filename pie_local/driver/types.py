@@ -122,6 +122,7 @@ class ForwardBatch:
     return_logprobs: bool = True
     return_logits: bool = False
     return_hidden: bool = False
+    rows_fail_alone: bool = False  # a row that cannot be sampled fails alone (ForwardResult.row_errors), not the call
 
     @property
     def n_tokens(self) -> int:
@@ -141,7 +142,8 @@ class ForwardResult:
     """What one forward pass returns, one entry per output row.
 
     A row that could not be sampled (no logit its mask allows is finite: NaN from the model) fails
-    alone: ``row_errors[i]`` is its `DriverError` and ``tokens[i]`` is -1; the other rows are good.
+    the call, unless the batch set ``rows_fail_alone``: then ``row_errors[i]`` is its `DriverError`,
+    ``tokens[i]`` is -1 and the other rows are good.
     """
 
     tokens: np.ndarray  # int32 [n_outputs]

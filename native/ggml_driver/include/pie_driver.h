@@ -230,11 +230,10 @@ typedef struct {
 } pie_batch;
 
 /* Runs one batch. Every index, length and mask is validated before anything is computed, and a
- * batch that fails validation or allocation (PIE_ERR_INVALID_ARGUMENT, PIE_ERR_OUT_OF_MEMORY)
- * leaves the KV pool as it was. A backend failure during the computation (PIE_ERR_BACKEND) may
- * have written some of the batch's new KV rows: only rows of the batch's own pages at the
- * positions its new tokens take, never anything else. Not thread-safe per model: one call at
- * a time. */
+ * batch that fails validation or allocation leaves the KV pool as it was. A failure after that
+ * (the backend failing to compute, or a row that cannot be sampled without out_status) may have
+ * written the batch's new KV rows: only rows of the batch's own pages at the positions its new
+ * tokens take, never anything else. Not thread-safe per model: one call at a time. */
 PIE_API int32_t pie_forward(pie_model *model, const pie_batch *batch);
 
 /* ------------------------------------------------------------------------------------------ */
