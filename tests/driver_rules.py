@@ -12,9 +12,10 @@ import dataclasses
 import numpy as np
 from driver_helpers import Req, build_batch
 
-__all__ = ["BAD_BATCHES", "DECODE", "PAGE", "PARAMS", "PROMPT", "Req", "unchecked_sampler", "with_batch"]
+__all__ = ["BAD_BATCHES", "DECODE", "NAN_TOKEN", "PAGE", "PARAMS", "POISONED_ROW_ERROR", "PROMPT", "Req",
+           "poisoned_batch", "unchecked_sampler", "with_batch"]
 
-from pie_local.driver import DriverParams, SamplingParams
+from pie_local.driver import DriverParams, ForwardBatch, SamplingParams
 
 PAGE = 4
 MAX_TOKENS = 32
@@ -59,6 +60,14 @@ BAD_BATCHES = {
         lambda v: with_batch(Req([1, 5, 6], [0], 3, masks=[None, None, [0, 2]])),
         "mask runs sum to 2 but the request's KV length is 3",
     ),
+    "mask_hides_every_key": (  # the token would attend to nothing (ggml would return zeros)
+        lambda v: with_batch(Req([1, 5, 6], [0], 3, masks=[None, None, [3]])),
+        "token 2: its mask hides every KV row, its own included",
+    ),
+    "mask_shows_only_later_rows": (  # token 0 sees only row 1, which causality hides from it
+        lambda v: with_batch(Req([1, 5, 6], [0], 3, masks=[[1, 1, 1], None, None])),
+        "token 0: its mask hides every KV row, its own included",
+    ),
     "mask_indptr_wrong_length": (
         lambda v: with_batch(mask_indptr=i32(0, 0), mask_runs=i32()),
         "mask_indptr has 2 entries",
@@ -98,6 +107,10 @@ BAD_BATCHES = {
         lambda v: build_batch([Req([5], list(range(10)), 40), Req([6], list(range(9)) + [10], 40)], PAGE),
         f"batch attends over 80 KV rows; max_batch_kv is {N_PAGES * PAGE}",
     ),
+    "request_reads_kv_another_writes": (  # request 1's KV includes page 0, which request 0 fills now
+        lambda v: build_batch([Req([1, 5, 6, 7], [0], 4), Req([9], [0, 1], 5)], PAGE),
+        "request 1 reads KV slot 0 of page 0, which request 0 writes in this batch",
+    ),
     "logit_mask_allows_nothing": (
         lambda v: with_batch(logit_masks=np.zeros((1, (v + 31) // 32), dtype=np.uint32)),
         "allows no token",
@@ -105,3 +118,21 @@ BAD_BATCHES = {
 }
 
 
+
+
+# A token whose embedding is NaN (tiny_models writes one, FakeDriver(nan_tokens=...) fakes one): a
+# row that sees it has NaN logits and cannot be sampled; it must fail alone.
+NAN_TOKEN = 250
+
+
+def poisoned_batch(rows_fail_alone: bool = True) -> ForwardBatch:
+    """Request 0 sees NAN_TOKEN, request 1 (greedy) and request 2 (sampled) do not."""
+    batch = build_batch(
+        [Req([1, NAN_TOKEN, 7], [4], 3), Req([1, 8, 9], [5], 3),
+         Req([1, 10, 11], [6], 3, samplers=[SamplingParams(temperature=0.8, seed=3)])],
+        PAGE,
+    )
+    return dataclasses.replace(batch, rows_fail_alone=rows_fail_alone)
+
+
+POISONED_ROW_ERROR = "output 0: every logit is -inf or NaN"

@@ -67,9 +67,11 @@ def test_bpe_vocabulary_loads_in_llama_cpp(tmp_path: Path) -> None:
         assert np.all(np.isfinite(ref.logits([N_VOCAB_BPE - len(BPE_CONTROL), 300, 301])))
 
 
-@pytest.mark.parametrize("quant", ["f16", "q8_0", "q4_0", "q5_1"])
+@pytest.mark.parametrize("quant", ["f16", "q8_0", "q4_0", "q5_1", "q4_k", "q6_k", "iq4_xs"])
 def test_quantized_weights_are_stored_as_asked(tmp_path: Path, quant: str) -> None:
-    path = write_tiny_gguf(tmp_path / f"llama-{quant}.gguf", "llama", quant=quant)
+    # k-quants and iq4 (quantized by ggml itself) need rows of whole 256-element blocks
+    wide = {"n_embd": 256, "n_ff": 512, "head_dim": 64} if quant in ("q4_k", "q6_k", "iq4_xs") else {}
+    path = write_tiny_gguf(tmp_path / f"llama-{quant}.gguf", "llama", quant=quant, **wide)
     types = tensor_types(path)
     want = gguf.GGMLQuantizationType[quant.upper()]
     assert types["blk.1.ffn_down.weight"][0] == want

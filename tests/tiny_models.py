@@ -14,6 +14,7 @@ The ``write_*`` helpers at the end produce broken files for error-path tests.
 
 from __future__ import annotations
 
+import ctypes
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,15 +25,26 @@ import numpy as np
 
 ARCHES = ("llama", "qwen2", "qwen3", "gemma3")
 
+Q = gguf.GGMLQuantizationType
 QUANTS = {
-    "f32": gguf.GGMLQuantizationType.F32,
-    "f16": gguf.GGMLQuantizationType.F16,
-    "q8_0": gguf.GGMLQuantizationType.Q8_0,
-    "q4_0": gguf.GGMLQuantizationType.Q4_0,
-    "q4_1": gguf.GGMLQuantizationType.Q4_1,
-    "q5_0": gguf.GGMLQuantizationType.Q5_0,
-    "q5_1": gguf.GGMLQuantizationType.Q5_1,
+    "f32": Q.F32,
+    "f16": Q.F16,
+    "bf16": Q.BF16,
+    "q8_0": Q.Q8_0,
+    "q4_0": Q.Q4_0,
+    "q4_1": Q.Q4_1,
+    "q5_0": Q.Q5_0,
+    "q5_1": Q.Q5_1,
+    # quantized by ggml itself (the gguf package cannot): rows must hold whole 256-blocks
+    "q2_k": Q.Q2_K,
+    "q3_k": Q.Q3_K,
+    "q4_k": Q.Q4_K,
+    "q5_k": Q.Q5_K,
+    "q6_k": Q.Q6_K,
+    "iq4_nl": Q.IQ4_NL,
+    "iq4_xs": Q.IQ4_XS,
 }
+_BY_GGML = {Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS}
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,9 @@ class TinyConfig:
     sliding_window: int = 0  # gemma3 only
     tied: bool = False  # no output.weight: the embedding doubles as the LM head
     name: str = ""
+    rope_scaling: str = ""  # rope.scaling.type ("none", "linear", "yarn", anything); "" = not written
+    rope_factor: float = 0.0  # rope.scaling.factor; 0 = not written
+    rope_orig_ctx: int = 0  # rope.scaling.original_context_length; 0 = not written
 
 
 # Each architecture's defaults; anything can be overridden through write_tiny_gguf(**overrides).
@@ -225,15 +240,38 @@ def _tensors(arch: str, cfg: TinyConfig, n_vocab: int, rng: np.random.Generator)
     return out
 
 
-def _encode(tensor: np.ndarray, qtype: gguf.GGMLQuantizationType) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
-    """1-D tensors (norms, biases) stay f32, as llama.cpp's converters store them."""
-    if tensor.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
-        return tensor, gguf.GGMLQuantizationType.F32
-    if qtype == gguf.GGMLQuantizationType.F16:
+def _ggml_quantize(tensor: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """uint8 [rows, row bytes]: `tensor` quantized by ggml_quantize_chunk of the ggml that
+    llama-cpp-python ships (the very code llama.cpp's quantize tool runs)."""
+    import llama_cpp
+
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    src = np.ascontiguousarray(tensor, dtype=np.float32)
+    rows, n = src.shape
+    block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    out = np.zeros((rows, n // block * block_bytes), dtype=np.uint8)
+    written = lib.ggml_quantize_chunk(int(qtype), src.ctypes.data, out.ctypes.data, 0, rows, n, None)
+    assert written == out.nbytes, (written, out.nbytes)
+    return out
+
+
+def _encode(tensor: np.ndarray, qtype: gguf.GGMLQuantizationType) -> tuple[np.ndarray, gguf.GGMLQuantizationType | None]:
+    """1-D tensors (norms, biases) stay f32, as llama.cpp's converters store them; a tensor a hook
+    turned into another dtype (int32, float64, ...) is written in that type."""
+    if tensor.dtype != np.float32:
+        return tensor, None
+    if tensor.ndim == 1 or qtype == Q.F32:
+        return tensor, Q.F32
+    if qtype == Q.F16:
         return tensor.astype(np.float16), qtype
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if tensor.shape[-1] % block:
         raise ValueError(f"row length {tensor.shape[-1]} is not a multiple of {qtype.name}'s block {block}")
+    if qtype in _BY_GGML:
+        return _ggml_quantize(tensor, qtype), qtype
     return gguf.quants.quantize(tensor, qtype), qtype
 
 
@@ -257,11 +295,13 @@ def write_tiny_gguf(
 ) -> Path:
     """Writes a tiny random model of `arch` to `path` and returns the path.
 
-    quant: f32, f16, q8_0, q4_0, q4_1, q5_0, q5_1 (2-D weights only; norms and biases stay f32).
+    quant: a key of QUANTS (2-D weights only; norms and biases stay f32). The k-quants and iq4 types
+    need every weight's rows to hold whole 256-element blocks (e.g. n_embd=256, n_ff=512).
     vocab: "spm" (SentencePiece with scores and byte tokens) or "bpe" (byte-level BPE with merges).
     overrides: fields of TinyConfig (n_embd, n_layer, head_dim, sliding_window, tied, ...).
     arch_name: write this as general.architecture instead of `arch` (for unknown-arch tests).
-    tensor_hook: called as hook(name, float32 array) -> array to write (for broken-file tests).
+    tensor_hook: called as hook(name, float32 array) -> array to write (for broken-file tests); an
+    array of another dtype is written in that type.
     vocab_hook: called with the TinyVocab before it is written, to edit it (broken vocabularies).
     metadata_hook: called with the writer after the standard keys, to add more.
     """
@@ -292,6 +332,12 @@ def write_tiny_gguf(
     w.add_value_length(cfg.head_dim)
     w.add_rope_dimension_count(cfg.head_dim)
     w.add_rope_freq_base(cfg.rope_base)
+    if cfg.rope_scaling:
+        w.add_string(gguf.Keys.Rope.SCALING_TYPE.format(arch=name), cfg.rope_scaling)
+    if cfg.rope_factor:
+        w.add_rope_scaling_factor(cfg.rope_factor)
+    if cfg.rope_orig_ctx:
+        w.add_rope_scaling_orig_ctx_len(cfg.rope_orig_ctx)
     w.add_layer_norm_rms_eps(cfg.rms_eps)
     w.add_vocab_size(n_vocab)
     if cfg.sliding_window:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ctypes as C
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 # pie_status
 OK = 0
@@ -24,6 +24,7 @@ RETURN_LOGPROB = 1 << 0
 RETURN_TOP_K = 1 << 1
 RETURN_LOGITS = 1 << 2
 RETURN_HIDDEN = 1 << 3
+ROW_ERROR_SIZE = 160  # PIE_ROW_ERROR_SIZE: bytes of one row's message in out_errors
 
 LOG_CALLBACK = C.CFUNCTYPE(None, C.c_int32, C.c_char_p, C.c_void_p)
 # (name, ne[4], data or NULL, user_data) -> wanted; see pie_set_activation_callback
@@ -104,6 +105,8 @@ class Batch(C.Structure):
         ("out_top_probs", _f32p),
         ("out_logits", _f32p),
         ("out_hidden", _f32p),
+        ("out_status", _i32p),
+        ("out_errors", C.c_char_p),
     ]
 
 

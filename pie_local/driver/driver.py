@@ -206,10 +206,22 @@ class Driver:
             res.hidden = np.zeros((n_out, info.n_embd), dtype=np.float32)
             b.out_hidden = _ptr(res.hidden, C.c_float)
         b.return_flags = flags
+        status = np.zeros(max(n_out, 1), dtype=np.int32)  # pie_batch.out_status: rows fail alone
+        errors = C.create_string_buffer(max(n_out, 1) * _ffi.ROW_ERROR_SIZE)
+        if batch.rows_fail_alone:
+            b.out_status = _ptr(status, C.c_int32)
+            b.out_errors = C.cast(errors, C.c_char_p)
 
         with self._lock:
             self._check(self._lib.pie_forward(self._live(), C.byref(b)))
+        res.row_errors = [None if code == _ffi.OK else self._row_error(int(code), errors.raw, i)
+                          for i, code in enumerate(status[:n_out])]
         return res
+
+    @staticmethod
+    def _row_error(code: int, raw: bytes, row: int) -> DriverError:
+        message = raw[row * _ffi.ROW_ERROR_SIZE : (row + 1) * _ffi.ROW_ERROR_SIZE].split(b"\0", 1)[0]
+        return DriverError(_ffi.STATUS_NAMES.get(code, f"status {code}"), message.decode("utf-8", "replace"))
 
     # -- pages ----------------------------------------------------------------------------------
 

@@ -163,11 +163,13 @@ class FakeDriver:
     ``next_token(visible_tokens) -> int | None`` optionally forces the favourite token of a row
     (its logit is raised far above the others), so tests can script what the model "says".
     ``delay`` seconds are slept in every forward call, outside any lock the event loop needs.
+    ``nan_tokens``: token ids that poison a row, as a NaN in a real model would: a sampled row
+    that sees one of them has NaN logits and fails alone (``ForwardResult.row_errors``).
     """
 
     def __init__(self, params: DriverParams | None = None, *, n_vocab: int | None = None,
                  next_token: NextTokenRule | None = None, delay: float = 0.0, name: str = "fake",
-                 n_ctx_train: int = 4096) -> None:
+                 n_ctx_train: int = 4096, nan_tokens: Iterable[int] = ()) -> None:
         self.params = params or DriverParams(page_size=4, n_pages=64, max_batch_tokens=64)
         p = self.params
         if p.page_size < 1 or p.n_pages < 1 or p.max_batch_tokens < 1:
@@ -185,6 +187,7 @@ class FakeDriver:
         self._kv_tok = np.full((p.n_pages, p.page_size), -1, dtype=np.int64)
         self._kv_pos = np.full((p.n_pages, p.page_size), -1, dtype=np.int64)
         self.next_token = next_token
+        self.nan_tokens = frozenset(int(t) for t in nan_tokens)
         self.delay = delay
         self.stats = FakeDriverStats()
         self._busy = threading.Lock()  # the real driver is one call at a time; detect overlap
@@ -197,7 +200,10 @@ class FakeDriver:
     # ---- the toy model -------------------------------------------------------------------------
 
     def logits_for(self, visible: list[tuple[int, int]]) -> np.ndarray:
-        """float32 [n_vocab]: a fixed pseudo-random function of the visible (token, position) KV."""
+        """float32 [n_vocab]: a fixed pseudo-random function of the visible (token, position) KV;
+        all NaN when a token of ``nan_tokens`` is visible."""
+        if any(t in self.nan_tokens for t, _ in visible):
+            return np.full(self._info.n_vocab, np.nan, dtype=np.float32)
         digest = hashlib.blake2b(np.asarray(visible, dtype=np.int64).tobytes(), digest_size=8).digest()
         rng = np.random.default_rng(int.from_bytes(digest, "little"))
         logits = rng.normal(0.0, 2.0, self._info.n_vocab).astype(np.float32)
@@ -261,7 +267,7 @@ class FakeDriver:
             if kvp[r + 1] <= kvp[r]:
                 raise bad(f"request {r}: kv_page_indptr must increase ({int(kvp[r])} -> {int(kvp[r + 1])}); "
                           "every request needs a page")
-        kv_lens, written, n_kv = [], set(), 0
+        kv_lens, written, n_kv = [], {}, 0  # written: slot -> the request writing it
         for r in range(n_req):
             last = int(b.kv_last_page_len[r])
             if not 1 <= last <= ps:
@@ -282,11 +288,18 @@ class FakeDriver:
                 slot = pages[j // ps] * ps + j % ps
                 if slot in written:
                     raise bad(f"request {r}: KV slot {j % ps} of page {pages[j // ps]} is written twice in this batch")
-                written.add(slot)
+                written[slot] = r
             kv_lens.append(kv_len)
             n_kv += kv_len
         if n_kv > info.max_batch_kv:
             raise bad(f"batch attends over {n_kv} KV rows; max_batch_kv is {info.max_batch_kv}")
+        for r in range(n_req):  # a request reads only KV no other request of the batch writes
+            pages = [int(p) for p in b.kv_page_indices[kvp[r] : kvp[r + 1]]]
+            for j in range(kv_lens[r] - int(qo[r + 1] - qo[r])):
+                writer = written.get(pages[j // ps] * ps + j % ps)
+                if writer is not None:
+                    raise bad(f"request {r} reads KV slot {j % ps} of page {pages[j // ps]}, "
+                              f"which request {writer} writes in this batch")
         # masks
         if b.mask_indptr is not None:
             runs_all = b.mask_runs if b.mask_runs is not None else np.zeros(0, np.int32)
@@ -299,15 +312,24 @@ class FakeDriver:
             for t in range(b.n_tokens):
                 if b.mask_indptr[t + 1] < b.mask_indptr[t]:
                     raise bad(f"token {t}: mask_indptr decreases ({int(b.mask_indptr[t])} -> {int(b.mask_indptr[t + 1])})")
+            window = info.sliding_window
             for r in range(n_req):
                 for t in range(int(qo[r]), int(qo[r + 1])):
                     runs = runs_all[b.mask_indptr[t] : b.mask_indptr[t + 1]]
                     for k, run in enumerate(runs):
                         if run < 0:
                             raise bad(f"token {t}: mask run {k} is negative ({int(run)})")
-                    if len(runs) and int(runs.sum()) != kv_lens[r]:
+                    if not len(runs):
+                        continue
+                    if int(runs.sum()) != kv_lens[r]:
                         raise bad(f"token {t}: mask runs sum to {int(runs.sum())} "
                                   f"but the request's KV length is {kv_lens[r]}")
+                    own = kv_lens[r] - int(qo[r + 1] - qo[r]) + (t - int(qo[r]))
+                    visible = brle.decode(runs, kv_lens[r])[: own + 1]  # causality hides the rest
+                    if not visible.any():
+                        raise bad(f"token {t}: its mask hides every KV row, its own included")
+                    if window > 0 and not visible[max(0, own - window + 1) :].any():
+                        raise bad(f"token {t}: its mask hides every KV row inside the sliding window of {window}")
         # outputs
         n_out = b.n_outputs
         if n_out > info.max_batch_tokens:
@@ -349,7 +371,7 @@ class FakeDriver:
                 self._kv_pos[page, off] = int(b.positions[t])
         # outputs
         n_out, vocab = b.n_outputs, self._info.n_vocab
-        result = ForwardResult(tokens=np.zeros(n_out, dtype=np.int32))
+        result = ForwardResult(tokens=np.zeros(n_out, dtype=np.int32), row_errors=[None] * n_out)
         if b.return_logprobs:
             result.logprobs = np.zeros(n_out, dtype=np.float32)
         if b.top_k > 0:
@@ -375,8 +397,17 @@ class FakeDriver:
                     raise DriverError("invalid_argument", f"request {r} reads KV slot {idx} that was never written")
                 seen.append((int(self._kv_tok[page, off]), int(self._kv_pos[page, off])))
             logits = self.logits_for(seen)
+            if result.logits is not None:
+                result.logits[i] = logits
             mask = None if b.logit_masks is None else _bits_to_bool(b.logit_masks[i], vocab)
-            token = _sample(logits, mask, b.samplers[i])
+            try:
+                token = _sample(logits, mask, b.samplers[i])
+            except ValueError as exc:  # as in the C driver: this row fails alone, or the call
+                error = DriverError("invalid_argument", f"output {i}: {exc}")
+                if not b.rows_fail_alone:
+                    raise error from None
+                result.tokens[i], result.row_errors[i] = -1, error
+                continue
             result.tokens[i] = token
             logp = _log_softmax(logits)
             if result.logprobs is not None:
@@ -385,8 +416,6 @@ class FakeDriver:
                 order = np.argsort(-logp, kind="stable")[: b.top_k]
                 result.top_ids[i] = order
                 result.top_probs[i] = np.exp(logp[order])
-            if result.logits is not None:
-                result.logits[i] = logits
         self.stats.calls += 1
         self.stats.tokens += b.n_tokens
         self.stats.batches.append({"n_tokens": b.n_tokens, "n_requests": b.n_requests, "n_outputs": n_out})
@@ -463,9 +492,13 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _sample(logits: np.ndarray, allowed: np.ndarray | None, s: SamplingParams) -> int:
+    """The token, or ValueError with the C sampler's message when no allowed logit is finite."""
     logits = logits.astype(np.float64)
-    if allowed is not None:
-        logits = np.where(allowed, logits, -np.inf)
+    candidates = np.isfinite(logits) if allowed is None else np.isfinite(logits) & allowed
+    if not candidates.any():
+        raise ValueError("every logit is -inf or NaN" if allowed is None
+                         else "the logit mask allows no token with a finite logit")
+    logits = np.where(candidates, logits, -np.inf)
     if s.is_greedy:
         return int(np.argmax(logits))  # first maximum = lowest id on ties
     logits = logits / s.temperature

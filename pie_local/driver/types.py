@@ -24,7 +24,7 @@ class DriverError(RuntimeError):
 
 @dataclass
 class DriverParams:
-    n_threads: int = 0  # <= 0: all physical cores
+    n_threads: int = 0  # <= 0: all physical cores; more than the CPUs online: one per CPU (a logged warning)
     device: str = "auto"  # "auto", "cpu", "cuda:0", "metal"
     page_size: int = 32  # tokens per KV page
     n_pages: int = 512  # KV pages in the pool (n_pages * page_size tokens of KV in all)
@@ -130,6 +130,7 @@ class ForwardBatch:
     return_logprobs: bool = True
     return_logits: bool = False
     return_hidden: bool = False
+    rows_fail_alone: bool = False  # a row that cannot be sampled fails alone (ForwardResult.row_errors), not the call
 
     @property
     def n_tokens(self) -> int:
@@ -146,12 +147,20 @@ class ForwardBatch:
 
 @dataclass
 class ForwardResult:
+    """What one forward pass returns, one entry per output row.
+
+    A row that could not be sampled (no logit its mask allows is finite: NaN from the model) fails
+    the call, unless the batch set ``rows_fail_alone``: then ``row_errors[i]`` is its `DriverError`,
+    ``tokens[i]`` is -1 and the other rows are good.
+    """
+
     tokens: np.ndarray  # int32 [n_outputs]
     logprobs: np.ndarray | None = None  # float32 [n_outputs]
     top_ids: np.ndarray | None = None  # int32 [n_outputs, top_k]
     top_probs: np.ndarray | None = None  # float32 [n_outputs, top_k]
     logits: np.ndarray | None = None  # float32 [n_outputs, n_vocab]
     hidden: np.ndarray | None = None  # float32 [n_outputs, n_embd]
+    row_errors: list[DriverError | None] = field(default_factory=list)  # [n_outputs], None = sampled
 
 
 @runtime_checkable

@@ -25,7 +25,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a public struct or signature changes; the binding refuses a mismatch. */
-#define PIE_ABI_VERSION 2
+#define PIE_ABI_VERSION 3
 
 /* ------------------------------------------------------------------------------------------ */
 /* Status codes                                                                               */
@@ -86,7 +86,8 @@ PIE_API void pie_log_set(pie_log_callback callback, void *user_data);
 typedef enum { PIE_KV_F16 = 0, PIE_KV_Q8_0 = 1 } pie_kv_type;
 
 typedef struct {
-    int32_t n_threads;        /* CPU threads; <= 0 means all physical cores                    */
+    int32_t n_threads;        /* CPU threads; <= 0 means all physical cores; more than the
+                                 CPUs online run as many as there are, with a logged warning  */
     char    device[32];       /* "auto", "cpu", "cuda:N", "metal" (any ggml device name)       */
     int32_t page_size;        /* tokens per KV page (default 32)                               */
     int32_t n_pages;          /* pages in the pool (default 256)                               */
@@ -176,10 +177,25 @@ enum {
  * leading 0 to start visible); the runs must sum to kv_len[r]. An empty range means "no custom
  * mask" for that token. mask_indptr == NULL means no custom masks at all.
  *
+ * Batch invariance: a request's results (its outputs and the KV it writes) depend only on its own
+ * tokens, positions, KV, mask and samplers, and on how many tokens and sampled rows it brings to
+ * the pass, never on the other requests of the batch or where its pages lie: bit for bit on the
+ * CPU backend. (Splitting a request's prefill into other chunks may change the last bits.)
+ *
+ * A request reads only its own KV: a batch where one request's KV includes a row another request
+ * of the batch writes is refused (share pages only where nobody writes).
+ *
  * Outputs: for each i < n_outputs, row output_rows[i] (an index into tokens) is sampled with
  * samplers[i]. logit_masks, when not NULL, holds n_outputs rows of ceil(n_vocab/32) words;
  * bit (id % 32) of word (id / 32) set = token allowed. The caller owns all output buffers.
+ *
+ * A row that cannot be sampled (no logit its mask allows is finite: e.g. NaN from the model)
+ * fails on its own when out_status is set: out_status[i] = its status, out_tokens[i] = -1, its
+ * message in out_errors[i * PIE_ROW_ERROR_SIZE ...] (when set); the call succeeds and every
+ * other row is returned. Without out_status such a row fails the whole call.
  */
+#define PIE_ROW_ERROR_SIZE 160
+
 typedef struct {
     /* inputs */
     int32_t         n_tokens;
@@ -208,10 +224,16 @@ typedef struct {
     float    *out_top_probs;           /* [n_outputs * top_k]                                  */
     float    *out_logits;              /* [n_outputs * n_vocab]                                */
     float    *out_hidden;              /* [n_outputs * n_embd]                                 */
+    int32_t  *out_status;              /* [n_outputs] or NULL: PIE_OK or why row i failed       */
+    char     *out_errors;              /* [n_outputs * PIE_ROW_ERROR_SIZE] or NULL: row i's
+                                          message ("" when it succeeded), with out_status       */
 } pie_batch;
 
-/* Runs one batch. Every index, length and mask is validated before anything is computed;
- * on error nothing in the KV pool has changed. Not thread-safe per model: one call at a time. */
+/* Runs one batch. Every index, length and mask is validated before anything is computed, and a
+ * batch that fails validation or allocation leaves the KV pool as it was. A failure after that
+ * (the backend failing to compute, or a row that cannot be sampled without out_status) may have
+ * written the batch's new KV rows: only rows of the batch's own pages at the positions its new
+ * tokens take, never anything else. Not thread-safe per model: one call at a time. */
 PIE_API int32_t pie_forward(pie_model *model, const pie_batch *batch);
 
 /* ------------------------------------------------------------------------------------------ */

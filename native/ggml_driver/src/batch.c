@@ -34,8 +34,65 @@ static bool grow(void **p, size_t *cap, size_t n, size_t sz) {
 
 #define BAD(...) pie_set_error(PIE_ERR_INVALID_ARGUMENT, __VA_ARGS__)
 
-static int32_t check_requests(pie_model *m, const pie_batch *b) {
+/* Per request: its page table, then the KV slots its new tokens take, marked in slot_writer
+ * (request + 1); no slot may be taken twice. */
+static int32_t mark_writes(pie_model *m, const pie_batch *b) {
     const int32_t ps = m->kv.page_size, np = m->kv.n_pages;
+    int64_t n_kv = 0;
+    for (int32_t r = 0; r < b->n_requests; r++) {
+        const int32_t q0 = b->qo_indptr[r], q1 = b->qo_indptr[r + 1];
+        const int32_t p0 = b->kv_page_indptr[r], p1 = b->kv_page_indptr[r + 1];
+        const int32_t last = b->kv_last_page_len[r];
+        if (last < 1 || last > ps) return BAD("request %d: last_page_len %d outside 1..%d", r, last, ps);
+        const int64_t kv_len = (int64_t)(p1 - p0 - 1) * ps + last, n_new = q1 - q0;
+        if (kv_len < n_new) return BAD("request %d: KV length %lld is shorter than its %lld new tokens", r, (long long)kv_len, (long long)n_new);
+        for (int32_t i = p0; i < p1; i++) {
+            const int32_t page = b->kv_page_indices[i];
+            if (page < 0 || page >= np) return BAD("request %d: page id %d out of range (n_pages=%d)", r, page, np);
+            if (m->plan.page_stamp[page] == r) return BAD("request %d: page %d listed twice", r, page);
+            m->plan.page_stamp[page] = r;
+        }
+        for (int64_t j = kv_len - n_new; j < kv_len; j++) {
+            const int64_t slot = (int64_t)b->kv_page_indices[p0 + j / ps] * ps + j % ps;
+            if (m->plan.slot_writer[slot])
+                return BAD("request %d: KV slot %lld of page %d is written twice in this batch", r, (long long)(j % ps),
+                           b->kv_page_indices[p0 + j / ps]);
+            m->plan.slot_writer[slot] = r + 1;
+            m->plan.marked[m->plan.n_marked++] = slot;
+        }
+        n_kv += kv_len;
+    }
+    if (n_kv > m->params.max_batch_kv)
+        return BAD("batch attends over %lld KV rows; max_batch_kv is %d", (long long)n_kv, m->params.max_batch_kv);
+    return PIE_OK;
+}
+
+/* No request reads a KV slot another request of the batch writes: what it would see would
+ * depend on the other request (and attention reads KV per request, so it must be its own). */
+static int32_t check_reads(pie_model *m, const pie_batch *b) {
+    const int32_t ps = m->kv.page_size;
+    for (int32_t r = 0; r < b->n_requests; r++) {
+        const int32_t *pages = b->kv_page_indices + b->kv_page_indptr[r];
+        const int64_t n_old = (int64_t)(b->kv_page_indptr[r + 1] - b->kv_page_indptr[r] - 1) * ps +
+                              b->kv_last_page_len[r] - (b->qo_indptr[r + 1] - b->qo_indptr[r]);
+        for (int64_t j = 0; j < n_old; j++) {
+            const int32_t writer = m->plan.slot_writer[(int64_t)pages[j / ps] * ps + j % ps] - 1;
+            if (writer >= 0)
+                return BAD("request %d reads KV slot %lld of page %d, which request %d writes in this batch", r,
+                           (long long)(j % ps), pages[j / ps], writer);
+        }
+    }
+    return PIE_OK;
+}
+
+/* Unmarks the slots mark_writes marked (the array is all zero between batches). */
+static void clear_writes(pie_plan *p) {
+    for (int32_t i = 0; i < p->n_marked; i++) p->slot_writer[p->marked[i]] = 0;
+    p->n_marked = 0;
+}
+
+static int32_t check_requests(pie_model *m, const pie_batch *b) {
+    const int32_t np = m->kv.n_pages;
     if (b->n_requests < 1) return BAD("batch has %d requests; need at least 1", b->n_requests);
     if (!b->qo_indptr || !b->kv_page_indptr || !b->kv_last_page_len)
         return BAD("qo_indptr, kv_page_indptr and kv_last_page_len are required");
@@ -55,34 +112,11 @@ static int32_t check_requests(pie_model *m, const pie_batch *b) {
                        b->kv_page_indptr[r], b->kv_page_indptr[r + 1]);
     }
 
-    memset(m->plan.slot_used, 0, (size_t)np * ps);
     for (int32_t p = 0; p < np; p++) m->plan.page_stamp[p] = -1;
-    int64_t n_kv = 0;
-    for (int32_t r = 0; r < b->n_requests; r++) {
-        const int32_t q0 = b->qo_indptr[r], q1 = b->qo_indptr[r + 1];
-        const int32_t p0 = b->kv_page_indptr[r], p1 = b->kv_page_indptr[r + 1];
-        const int32_t last = b->kv_last_page_len[r];
-        if (last < 1 || last > ps) return BAD("request %d: last_page_len %d outside 1..%d", r, last, ps);
-        const int64_t kv_len = (int64_t)(p1 - p0 - 1) * ps + last, n_new = q1 - q0;
-        if (kv_len < n_new) return BAD("request %d: KV length %lld is shorter than its %lld new tokens", r, (long long)kv_len, (long long)n_new);
-        for (int32_t i = p0; i < p1; i++) {
-            const int32_t page = b->kv_page_indices[i];
-            if (page < 0 || page >= np) return BAD("request %d: page id %d out of range (n_pages=%d)", r, page, np);
-            if (m->plan.page_stamp[page] == r) return BAD("request %d: page %d listed twice", r, page);
-            m->plan.page_stamp[page] = r;
-        }
-        for (int64_t j = kv_len - n_new; j < kv_len; j++) {
-            const int64_t slot = (int64_t)b->kv_page_indices[p0 + j / ps] * ps + j % ps;
-            if (m->plan.slot_used[slot])
-                return BAD("request %d: KV slot %lld of page %d is written twice in this batch", r, (long long)(j % ps),
-                           b->kv_page_indices[p0 + j / ps]);
-            m->plan.slot_used[slot] = 1;
-        }
-        n_kv += kv_len;
-    }
-    if (n_kv > m->params.max_batch_kv)
-        return BAD("batch attends over %lld KV rows; max_batch_kv is %d", (long long)n_kv, m->params.max_batch_kv);
-    return PIE_OK;
+    int32_t st = mark_writes(m, b);
+    if (st == PIE_OK) st = check_reads(m, b);
+    clear_writes(&m->plan);
+    return st;
 }
 
 /* Mask run sums are checked while the plan fills each row (they need the request's KV length). */
@@ -154,8 +188,17 @@ static int32_t validate(pie_model *m, const pie_batch *b) {
 /* Plan                                                                                       */
 /* ------------------------------------------------------------------------------------------ */
 
+/* Whether a mask row lets the token see anything: a row that hides every KV row would make
+ * attention average nothing (ggml returns zeros without a word). */
+static bool any_visible(const ggml_fp16_t *row, int64_t kv_len) {
+    for (int64_t j = 0; j < kv_len; j++)
+        if (row[j] == F16_ZERO) return true;
+    return false;
+}
+
 /* Fills token t's mask row over its request's KV (kv_len entries); `own` is the token's own
- * KV index. Checks the BRLE runs. */
+ * KV index. Checks the BRLE runs, and that they leave the token something to attend to (without
+ * custom runs it always sees itself). */
 static int32_t fill_mask_row(ggml_fp16_t *row, ggml_fp16_t *row_swa, int64_t kv_len, int64_t own,
                              const int32_t *runs, int32_t n_runs, int32_t window, int32_t t, bool *swa_hides) {
     for (int64_t j = 0; j < kv_len; j++) row[j] = j <= own ? F16_ZERO : F16_NEG_INF; /* causal */
@@ -170,6 +213,7 @@ static int32_t fill_mask_row(ggml_fp16_t *row, ggml_fp16_t *row_swa, int64_t kv_
         }
         if (j != kv_len)
             return BAD("token %d: mask runs sum to %lld but the request's KV length is %lld", t, (long long)j, (long long)kv_len);
+        if (!any_visible(row, kv_len)) return BAD("token %d: its mask hides every KV row, its own included", t);
     }
     if (row_swa) {
         memcpy(row_swa, row, sizeof(ggml_fp16_t) * (size_t)kv_len);
@@ -177,7 +221,65 @@ static int32_t fill_mask_row(ggml_fp16_t *row, ggml_fp16_t *row_swa, int64_t kv_
             if (row_swa[j] != F16_NEG_INF) *swa_hides = true;
             row_swa[j] = F16_NEG_INF;
         }
+        if (n_runs > 0 && !any_visible(row_swa, kv_len))
+            return BAD("token %d: its mask hides every KV row inside the sliding window of %d", t, window);
     }
+    return PIE_OK;
+}
+
+/* Appends rows start .. start + len of one kind to a layout (joining a span of the same kind
+ * that ends there); false when out of memory. */
+static bool layout_add(pie_layout *l, int32_t start, int32_t len, bool wide) {
+    pie_span *last = l->n_spans > 0 ? &l->spans[l->n_spans - 1] : NULL;
+    if (last && last->wide == wide && last->start + last->len == start) {
+        last->len += len;
+        return true;
+    }
+    if (!grow((void **)&l->spans, &l->cap, (size_t)l->n_spans + 1, sizeof(pie_span))) return false;
+    l->spans[l->n_spans++] = (pie_span){ .start = start, .len = len, .wide = wide };
+    return true;
+}
+
+/* The most products one weight takes over a layout's rows (pie_matmul splits narrow spans into
+ * pieces of split_cols columns), for sizing graphs. */
+static int32_t layout_pieces(const pie_layout *l, int32_t split_cols) {
+    int32_t n = 0;
+    for (int32_t i = 0; split_cols > 0 && i < l->n_spans; i++)
+        n += l->spans[i].wide ? 1 : (l->spans[i].len + split_cols - 1) / split_cols;
+    return n;
+}
+
+/* Which kernel family each row's products take (see PIE_WIDE_ROWS): the batch's rows by the
+ * size of their request, the sampled rows by how many rows their request samples. */
+static int32_t plan_layouts(pie_plan *p, const pie_batch *b, int32_t split_cols) {
+    pie_layout *tl = &p->token_layout, *ol = &p->output_layout;
+    tl->n_spans = ol->n_spans = 0;
+    bool ok = true;
+    for (int32_t r = 0; r < b->n_requests && ok; r++)
+        ok = layout_add(tl, p->reqs[r].q0, p->reqs[r].n_q, p->reqs[r].n_q >= PIE_WIDE_ROWS);
+    if (ok && b->n_outputs == 0) ok = layout_add(ol, 0, 1, false); /* the dummy row */
+    if (ok && b->n_outputs > 0) {
+        ok = grow((void **)&p->out_req, &p->cap_out_req, (size_t)b->n_outputs, sizeof(int32_t)) &&
+             grow((void **)&p->req_outputs, &p->cap_req_outputs, (size_t)b->n_requests, sizeof(int32_t));
+        if (ok) {
+            memset(p->req_outputs, 0, sizeof(int32_t) * (size_t)b->n_requests);
+            for (int32_t i = 0; i < b->n_outputs; i++) { /* the request owning the row: binary search */
+                int32_t lo = 0, hi = b->n_requests - 1;
+                while (lo < hi) {
+                    const int32_t mid = (lo + hi + 1) / 2;
+                    if (b->qo_indptr[mid] <= b->output_rows[i]) lo = mid;
+                    else hi = mid - 1;
+                }
+                p->out_req[i] = lo;
+                p->req_outputs[lo]++;
+            }
+            for (int32_t i = 0; i < b->n_outputs && ok; i++)
+                ok = layout_add(ol, i, 1, p->req_outputs[p->out_req[i]] >= PIE_WIDE_ROWS);
+        }
+    }
+    if (!ok) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate the batch's row layout");
+    tl->n_pieces = layout_pieces(tl, split_cols);
+    ol->n_pieces = layout_pieces(ol, split_cols);
     return PIE_OK;
 }
 
@@ -263,7 +365,7 @@ int32_t pie_plan_build(pie_model *m, const pie_batch *b) {
     }
     if (b->n_outputs > 0) memcpy(p->out_rows, b->output_rows, sizeof(int32_t) * (size_t)b->n_outputs);
     else p->out_rows[0] = nt - 1; /* nothing to sample: run the head on one row and discard it */
-    return PIE_OK;
+    return plan_layouts(p, b, m->split_cols);
 }
 
 void pie_plan_free(pie_plan *p) {
@@ -274,7 +376,13 @@ void pie_plan_free(pie_plan *p) {
     free(p->mask);
     free(p->mask_swa);
     free(p->out_rows);
+    free(p->token_layout.spans);
+    free(p->output_layout.spans);
+    free(p->out_req);
+    free(p->req_outputs);
+    free(p->zeros);
     free(p->page_stamp);
-    free(p->slot_used);
+    free(p->slot_writer);
+    free(p->marked);
     memset(p, 0, sizeof(*p));
 }

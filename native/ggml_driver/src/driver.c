@@ -104,6 +104,20 @@ static int32_t pick_device(const char *want, ggml_backend_dev_t *out) {
     return pie_set_error(PIE_ERR_UNSUPPORTED, "device '%s' not found (this ggml build has: %s)", want, list);
 }
 
+/* The CPU threads to run: n_threads, or all physical cores for <= 0, at most one per online CPU.
+ * More would only slow a pass down (ggml's workers spin while they wait for each other), and
+ * ggml aborts when it cannot create a thread; so a count meant for a bigger machine runs on this
+ * one with a warning rather than failing. */
+static int cpu_threads(int32_t n_threads) {
+    const long online = sysconf(_SC_NPROCESSORS_ONLN);
+    int limit = online > 0 ? (int)online : 1;
+    if (limit > GGML_MAX_N_THREADS) limit = GGML_MAX_N_THREADS;
+    if (n_threads <= 0) n_threads = physical_cores();
+    if (n_threads <= limit) return n_threads;
+    pie_log(PIE_LOG_WARN, "n_threads %d is more than the %d CPUs online; using %d", n_threads, limit, limit);
+    return limit;
+}
+
 static void set_threads(ggml_backend_t backend, ggml_backend_dev_t dev, int n_threads) {
     ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
     ggml_backend_set_n_threads_t fn = reg ? (ggml_backend_set_n_threads_t)ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads") : NULL;
@@ -125,11 +139,12 @@ static int32_t check_params(const pie_model_params *p) {
 /* Lifecycle                                                                                  */
 /* ------------------------------------------------------------------------------------------ */
 
-/* Upper bound of graph nodes for a batch of n_requests whose KV lies in n_runs runs: a layer
- * needs ~50 nodes plus ~16 per request (its views, gathers and attention) and 4 per run (a K
- * and a V view and concat). */
-static size_t graph_nodes(const pie_model *m, int32_t n_requests, int32_t n_runs) {
-    return (size_t)m->hp.n_layer * (64 + 16 * (size_t)n_requests + 4 * (size_t)n_runs) + 256;
+/* Upper bound of graph nodes for a batch of n_requests whose KV lies in n_runs runs and whose
+ * products split into n_pieces (pie_matmul): a layer needs ~50 nodes plus ~16 per request (its
+ * views, gathers and attention), 4 per run (a K and a V view and concat) and, for each of its
+ * 7 matrices, 3 per piece (view, product, concat). */
+static size_t graph_nodes(const pie_model *m, int32_t n_requests, int32_t n_runs, int32_t n_pieces) {
+    return (size_t)m->hp.n_layer * (64 + 16 * (size_t)n_requests + 4 * (size_t)n_runs + 21 * (size_t)n_pieces) + 256;
 }
 
 /* (Re)creates the scheduler and graph metadata for graphs of up to n_nodes; the scheduler's
@@ -156,14 +171,16 @@ static int32_t init_compute(pie_model *m) {
         m->backend_cpu = ggml_backend_init_by_type(GGML_BACKEND_DEVICE_TYPE_CPU, NULL);
         if (!m->backend_cpu) return pie_set_error(PIE_ERR_BACKEND, "cannot start the CPU backend");
     }
-    int threads = m->params.n_threads > 0 ? m->params.n_threads : physical_cores();
+    const int threads = cpu_threads(m->params.n_threads);
     set_threads(m->backend_cpu, ggml_backend_get_device(m->backend_cpu), threads);
-    int32_t st = reserve_graph(m, graph_nodes(m, 16, 16));
+    int32_t st = reserve_graph(m, graph_nodes(m, 16, 16, 16));
     if (st != PIE_OK) return st;
     m->sampler = pie_sampler_scratch_new(m->hp.n_vocab);
     m->plan.page_stamp = malloc(sizeof(int32_t) * (size_t)m->params.n_pages);
-    m->plan.slot_used = malloc((size_t)m->params.n_pages * (size_t)m->params.page_size);
-    if (!m->sampler || !m->plan.page_stamp || !m->plan.slot_used)
+    m->plan.slot_writer = calloc((size_t)m->params.n_pages * (size_t)m->params.page_size, sizeof(int32_t));
+    m->plan.marked = malloc(sizeof(int64_t) * (size_t)m->params.max_batch_tokens);
+    m->plan.zeros = calloc((size_t)m->pad_width + 1, sizeof(float));
+    if (!m->sampler || !m->plan.page_stamp || !m->plan.slot_writer || !m->plan.marked || !m->plan.zeros)
         return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate driver scratch");
     snprintf(m->backend_name, sizeof(m->backend_name), "%s", ggml_backend_dev_name(m->dev));
     pie_log(PIE_LOG_INFO, "compute on %s (%s), %d threads", m->backend_name, ggml_backend_dev_description(m->dev), threads);
@@ -246,6 +263,7 @@ static void upload_inputs(const pie_model *m, const pie_graph *g, const pie_batc
     ggml_backend_tensor_set(g->mask, p->mask, 0, mask_bytes);
     if (g->mask_swa) ggml_backend_tensor_set(g->mask_swa, p->mask_swa, 0, mask_bytes);
     ggml_backend_tensor_set(g->out_rows, p->out_rows, 0, sizeof(int32_t) * (size_t)p->n_outputs);
+    if (g->zeros) ggml_backend_tensor_set(g->zeros, p->zeros, 0, ggml_nbytes(g->zeros));
 }
 
 /* ggml_backend_sched's eval callback: offers each f32 node to the host's activation callback
@@ -284,12 +302,38 @@ int32_t pie_set_activation_callback(pie_model *m, pie_activation_callback callba
     return PIE_OK;
 }
 
+/* Samples every output row. A row that fails fails alone when the caller takes per-row
+ * statuses (b->out_status), else it fails the call; either way its message names the row. */
+static int32_t sample_rows(pie_model *m, const pie_batch *b, const float *logits) {
+    const int32_t n_vocab = m->hp.n_vocab, words = (n_vocab + 31) / 32;
+    const bool top = b->return_flags & PIE_RETURN_TOP_K;
+    for (int32_t i = 0; i < b->n_outputs; i++) {
+        int32_t st = pie_sample_row(m->sampler, logits + (size_t)i * n_vocab, n_vocab,
+                                    b->logit_masks ? b->logit_masks + (size_t)i * words : NULL, &b->samplers[i],
+                                    &b->out_tokens[i], (b->return_flags & PIE_RETURN_LOGPROB) ? &b->out_logprobs[i] : NULL,
+                                    top ? b->top_k : 0, top ? b->out_top_ids + (size_t)i * b->top_k : NULL,
+                                    top ? b->out_top_probs + (size_t)i * b->top_k : NULL);
+        if (st != PIE_OK) {
+            char why[PIE_ROW_ERROR_SIZE];
+            snprintf(why, sizeof(why), "%s", pie_last_error());
+            st = pie_set_error(st, "output %d: %s", i, why);
+            if (!b->out_status) return st;
+            b->out_tokens[i] = -1;
+        }
+        if (b->out_status) b->out_status[i] = st;
+        if (b->out_status && b->out_errors)
+            snprintf(b->out_errors + (size_t)i * PIE_ROW_ERROR_SIZE, PIE_ROW_ERROR_SIZE, "%s", st ? pie_last_error() : "");
+    }
+    return PIE_OK;
+}
+
 int32_t pie_forward(pie_model *m, const pie_batch *b) {
     if (!m) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "model is NULL");
     int32_t st = pie_plan_build(m, b);
     if (st != PIE_OK) return st;
 
-    const size_t n_nodes = graph_nodes(m, m->plan.n_requests, m->plan.n_runs);
+    const pie_plan *p = &m->plan;
+    const size_t n_nodes = graph_nodes(m, p->n_requests, p->n_runs, p->token_layout.n_pieces + p->output_layout.n_pieces);
     if (n_nodes > m->graph_cap && (st = reserve_graph(m, n_nodes + n_nodes / 2)) != PIE_OK) return st;
 
     /* host room for the sampled rows' logits, unless the caller's buffer takes them */
@@ -331,15 +375,7 @@ int32_t pie_forward(pie_model *m, const pie_batch *b) {
         if (b->return_flags & PIE_RETURN_HIDDEN)
             ggml_backend_tensor_get(g.hidden, b->out_hidden, 0, sizeof(float) * (size_t)n_out * (size_t)m->hp.n_embd);
 
-        const int32_t words = (n_vocab + 31) / 32;
-        const bool top = b->return_flags & PIE_RETURN_TOP_K;
-        for (int32_t i = 0; i < n_out && st == PIE_OK; i++) {
-            st = pie_sample_row(m->sampler, logits + (size_t)i * n_vocab, n_vocab,
-                                b->logit_masks ? b->logit_masks + (size_t)i * words : NULL, &b->samplers[i],
-                                &b->out_tokens[i], (b->return_flags & PIE_RETURN_LOGPROB) ? &b->out_logprobs[i] : NULL,
-                                top ? b->top_k : 0, top ? b->out_top_ids + (size_t)i * b->top_k : NULL,
-                                top ? b->out_top_probs + (size_t)i * b->top_k : NULL);
-        }
+        st = sample_rows(m, b, logits);
     }
     ggml_free(g.ctx);
     return st;

@@ -41,8 +41,11 @@ typedef struct {
     int32_t n_rot;           /* rotary dims per head                                           */
     int32_t rope_mode;       /* GGML_ROPE_TYPE_NEOX or 0 (normal)                               */
     float   rope_base;       /* global layers                                                  */
-    float   rope_scale;      /* 1 / linear scaling factor, global layers                       */
-    float   rope_base_swa;   /* sliding-window layers                                          */
+    float   rope_scale;      /* 1 / scaling factor, global layers                              */
+    float   rope_base_swa;   /* sliding-window layers (unscaled)                               */
+    float   rope_ext_factor; /* YaRN: 1, else 0 (ggml_rope_ext's ext_factor)                   */
+    float   rope_attn_factor;/* ggml_rope_ext's attn_factor                                    */
+    int32_t rope_n_ctx_orig; /* the context YaRN extends (ggml_rope_ext's n_ctx_orig)          */
     float   rms_eps;
     float   attn_scale;      /* multiplies Q.K                                                 */
     float   embd_scale;      /* multiplies token embeddings (gemma: sqrt(n_embd))              */
@@ -87,6 +90,32 @@ typedef struct {
 } pie_kv_pool;
 
 /* ------------------------------------------------------------------------------------------ */
+/* Batch invariance of matrix products                                                        */
+/* ------------------------------------------------------------------------------------------ */
+
+/* ggml's CPU backend picks a matrix product's kernel by the number of columns (token rows) it
+ * multiplies, and its kernels sum in different orders, so a token's values would depend on how
+ * many other tokens share its batch. Within one kernel every column is summed on its own. So a
+ * request's rows always take the kernel its own size picks: the rows of a request with at least
+ * PIE_WIDE_ROWS tokens ("wide") go through products of at least that many columns, the others
+ * ("narrow") through products few enough for vec_dot, ggml's column-by-column kernel (see
+ * pie_matmul). 16: ggml's tiled k-quant kernel starts at 8 columns but beats vec_dot from ~16.
+ * A layout lists the rows a product multiplies as spans of one kind, in order. */
+#define PIE_WIDE_ROWS 16
+
+typedef struct {
+    int32_t start, len;
+    bool    wide;
+} pie_span;
+
+typedef struct {
+    int32_t   n_spans;
+    int32_t   n_pieces; /* the most products one weight takes over these rows (pie_matmul)   */
+    pie_span *spans;
+    size_t    cap;
+} pie_layout;
+
+/* ------------------------------------------------------------------------------------------ */
 /* Plan: a validated batch turned into graph inputs (host scratch, grown on demand)            */
 /* ------------------------------------------------------------------------------------------ */
 
@@ -128,11 +157,19 @@ typedef struct {
     ggml_fp16_t *mask;       /* [n_mask] per request [n_q, n_kv]: 0 = attend, -inf = hidden   */
     ggml_fp16_t *mask_swa;   /* [n_mask] the same with the sliding window applied             */
     int32_t *out_rows;       /* [n_outputs]                                                    */
+    pie_layout token_layout; /* the batch's rows by request size                               */
+    pie_layout output_layout;/* the sampled rows by how many rows their request samples        */
+    int32_t *out_req;        /* [n_outputs] the request of each sampled row                    */
+    int32_t *req_outputs;    /* [n_requests] rows each request samples                         */
+    float   *zeros;          /* [model->pad_width] zeros for the graph's zeros input           */
     /* capacities */
-    size_t cap_reqs, cap_tokens, cap_runs, cap_gather, cap_mask, cap_mask_swa, cap_out;
+    size_t cap_reqs, cap_tokens, cap_runs, cap_gather, cap_mask, cap_mask_swa, cap_out, cap_out_req, cap_req_outputs;
     /* validation scratch */
     int32_t *page_stamp;     /* [n_pages] last request that listed the page                    */
-    uint8_t *slot_used;      /* [n_pages * page_size] written by this batch                    */
+    int32_t *slot_writer;    /* [n_pages * page_size] the request (+ 1) writing the slot in this
+                                batch, 0 for none (all 0 between batches)                      */
+    int64_t *marked;         /* [max_batch_tokens] the slots slot_writer marks, to unmark       */
+    int32_t  n_marked;
 } pie_plan;
 
 /* ------------------------------------------------------------------------------------------ */
@@ -153,6 +190,10 @@ struct pie_model {
     size_t  map_size;
     int64_t n_params;
     int64_t weight_bytes;
+    int64_t pad_width;  /* widest input of a matrix whose one-column products get a zero second
+                           column (pie_kernel_switch == 2); 0 when there is none              */
+    int32_t split_cols; /* most columns of a narrow piece of a split product (pie_kernel_switch
+                           - 1, the least over the matrices it splits); 0 when none splits   */
 
     /* compute */
     ggml_backend_dev_t    dev;
@@ -193,6 +234,10 @@ typedef struct {
     struct ggml_tensor *mask;       /* F16 [n_mask]                                            */
     struct ggml_tensor *mask_swa;   /* F16 [n_mask], NULL when no window hides anything        */
     struct ggml_tensor *out_rows;   /* I32 [n_outputs]                                         */
+    struct ggml_tensor *zeros;      /* F32 [model->pad_width] zeros, for pie_matmul; NULL until
+                                       a product needs them                                    */
+    const pie_layout   *layout;     /* the rows products multiply now: the batch's tokens, after
+                                       pie_select_outputs the sampled rows                     */
     struct ggml_tensor *hidden;     /* F32 [n_embd, n_outputs] result: after the output norm   */
     struct ggml_tensor *logits;     /* F32 [n_vocab, n_outputs] result, NULL without plan->head */
 } pie_graph;
@@ -232,6 +277,9 @@ void    pie_build_gemma3(pie_graph *g);
  * The pie_gguf_* readers accept any integer / float storage and return false when absent. */
 bool    pie_gguf_int(const struct gguf_context *gguf, const char *key, int64_t *out);
 bool    pie_gguf_float(const struct gguf_context *gguf, const char *key, float *out);
+/* A float key that must be finite and > 0 (>= 0 with allow_zero): PIE_ERR_FORMAT naming it
+ * otherwise; *out keeps its value when the key is absent. */
+int32_t pie_gguf_positive(const struct gguf_context *gguf, const char *key, bool allow_zero, float *out);
 int32_t pie_load_weights(pie_model *model, const char *path);
 void    pie_free_weights(pie_model *model);
 
@@ -254,6 +302,8 @@ struct ggml_tensor *pie_attention(pie_graph *g, int il, struct ggml_tensor *q, s
                                   struct ggml_tensor *v, float kq_scale);
 struct ggml_tensor *pie_linear(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *b,
                                struct ggml_tensor *x);
+struct ggml_tensor *pie_matmul(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *x);
+int32_t pie_kernel_switch(enum ggml_type type);
 void pie_graph_finish(pie_graph *g, struct ggml_tensor *x);
 
 #endif /* PIE_INTERNAL_H */

@@ -1,11 +1,12 @@
 /*
  * loader.c — GGUF file -> hyper-parameters + weight tensors on the chosen device.
  *
- * Steps: check the file (exists, magic, not truncated), parse metadata with ggml's gguf API
- * (tensor data not read yet), pick the architecture, read hyper-parameters, bind and
- * shape-check every tensor the graph uses, then place the data: on a host device the file is
- * mapped and the tensors point into the mapping (plain CPU buffer type, no copy); otherwise the
- * tensors are allocated on the device and filled from the file.
+ * Steps: open the file once (every later read goes through that descriptor) and check it
+ * (regular file, magic, not truncated), parse metadata with ggml's gguf API (tensor data not read
+ * yet), pick the architecture, read and range-check hyper-parameters, bind and shape-check every
+ * tensor the graph uses and check each matrix's type, then place the data: on a host device the
+ * file is mapped and the tensors point into the mapping (plain CPU buffer type, no copy);
+ * otherwise the tensors are allocated on the device and filled from the file.
  * Weights stay in the type the file stores them in (no dequantize on load).
  */
 #include "internal.h"
@@ -13,12 +14,14 @@
 #include "ggml-alloc.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 /* ------------------------------------------------------------------------------------------ */
 /* Metadata helpers (integer keys may be stored with any integer type)                         */
@@ -62,48 +65,100 @@ static const char *akey(const pie_hparams *hp, const char *suffix) {
     return buf;
 }
 
-static int32_t require_int(const struct gguf_context *g, const pie_hparams *hp, const char *suffix,
-                           int32_t *out) {
+/* An integer key in 1 .. INT32_MAX: `fallback` when absent (0 = required). */
+static int32_t read_count(const struct gguf_context *g, const pie_hparams *hp, const char *suffix, int32_t fallback,
+                          int32_t *out) {
     int64_t v;
     const char *key = akey(hp, suffix);
-    if (!pie_gguf_int(g, key, &v)) return pie_set_error(PIE_ERR_FORMAT, "missing metadata key '%s'", key);
+    if (!pie_gguf_int(g, key, &v)) {
+        if (fallback <= 0) return pie_set_error(PIE_ERR_FORMAT, "missing metadata key '%s'", key);
+        *out = fallback;
+        return PIE_OK;
+    }
     if (v <= 0 || v > INT32_MAX) return pie_set_error(PIE_ERR_FORMAT, "metadata key '%s' has bad value %lld", key, (long long)v);
     *out = (int32_t)v;
+    return PIE_OK;
+}
+
+int32_t pie_gguf_positive(const struct gguf_context *g, const char *key, bool allow_zero, float *out) {
+    float v;
+    if (!pie_gguf_float(g, key, &v)) return PIE_OK;
+    if (!isfinite(v) || v < 0.0f || (v == 0.0f && !allow_zero))
+        return pie_set_error(PIE_ERR_FORMAT, "metadata key '%s' is %g; it must be finite and %s 0", key, (double)v,
+                             allow_zero ? ">=" : ">");
+    *out = v;
+    return PIE_OK;
+}
+
+/*
+ * RoPE scaling, read as llama.cpp reads it: rope.scaling.type "none", "linear" (the default) or
+ * "yarn"; rope.scaling.factor (or the older rope.scale_linear; 0 = none); for YaRN the original
+ * context length (rope.scaling.original_context_length, default the trained one), an extension
+ * factor of 1 and an attention factor that cancels the magnitude scaling ggml's YaRN applies
+ * (llama_context's constructor); rope.scaling.attn_factor multiplies it in every case.
+ * Sliding-window layers rotate unscaled but share the extension and attention factors.
+ */
+static int32_t load_rope_scaling(pie_hparams *hp, const struct gguf_context *g) {
+    const char *type = "linear";
+    const int64_t id = gguf_find_key(g, akey(hp, "rope.scaling.type"));
+    if (id >= 0) {
+        if (gguf_get_kv_type(g, id) != GGUF_TYPE_STRING)
+            return pie_set_error(PIE_ERR_FORMAT, "metadata key '%s' must be a string", akey(hp, "rope.scaling.type"));
+        type = gguf_get_val_str(g, id);
+    }
+    float factor = 0.0f, attn_factor = 1.0f;
+    int32_t st;
+    if ((st = pie_gguf_positive(g, akey(hp, "rope.scale_linear"), true, &factor)) ||
+        (st = pie_gguf_positive(g, akey(hp, "rope.scaling.factor"), true, &factor)) ||
+        (st = pie_gguf_positive(g, akey(hp, "rope.scaling.attn_factor"), false, &attn_factor)) ||
+        (st = read_count(g, hp, "rope.scaling.original_context_length", hp->n_ctx_train, &hp->rope_n_ctx_orig)))
+        return st;
+    hp->rope_scale = factor == 0.0f ? 1.0f : 1.0f / factor;
+    hp->rope_ext_factor = 0.0f;
+    hp->rope_attn_factor = attn_factor;
+    if (strcmp(type, "none") == 0) {
+        hp->rope_scale = 1.0f;
+    } else if (strcmp(type, "yarn") == 0) {
+        const float f = 1.0f / hp->rope_scale;
+        hp->rope_ext_factor = 1.0f;
+        hp->rope_attn_factor = attn_factor * (f <= 1.0f ? 1.0f : 0.1f * logf(f) + 1.0f) / (1.0f + 0.1f * logf(f));
+    } else if (strcmp(type, "linear") != 0) {
+        return pie_set_error(PIE_ERR_UNSUPPORTED, "RoPE scaling type '%s' is not supported (supported: none, linear, yarn)", type);
+    }
     return PIE_OK;
 }
 
 /* Reads the keys every supported family shares; arch hooks adjust the rest. */
 static int32_t load_hparams(pie_hparams *hp, const struct gguf_context *g) {
     int32_t st;
-    if ((st = require_int(g, hp, "embedding_length", &hp->n_embd)) ||
-        (st = require_int(g, hp, "block_count", &hp->n_layer)) ||
-        (st = require_int(g, hp, "feed_forward_length", &hp->n_ff)) ||
-        (st = require_int(g, hp, "attention.head_count", &hp->n_head)))
+    if ((st = read_count(g, hp, "embedding_length", 0, &hp->n_embd)) ||
+        (st = read_count(g, hp, "block_count", 0, &hp->n_layer)) ||
+        (st = read_count(g, hp, "feed_forward_length", 0, &hp->n_ff)) ||
+        (st = read_count(g, hp, "attention.head_count", 0, &hp->n_head)))
         return st;
     if (hp->n_layer > PIE_MAX_LAYERS)
         return pie_set_error(PIE_ERR_UNSUPPORTED, "%d layers; this driver supports at most %d", hp->n_layer, PIE_MAX_LAYERS);
 
-    int64_t v;
-    hp->n_ctx_train = pie_gguf_int(g, akey(hp, "context_length"), &v) ? (int32_t)v : 4096;
-    hp->n_head_kv   = pie_gguf_int(g, akey(hp, "attention.head_count_kv"), &v) ? (int32_t)v : hp->n_head;
-    hp->head_dim    = pie_gguf_int(g, akey(hp, "attention.key_length"), &v) ? (int32_t)v : hp->n_embd / hp->n_head;
-    hp->head_dim_v  = pie_gguf_int(g, akey(hp, "attention.value_length"), &v) ? (int32_t)v : hp->n_embd / hp->n_head;
-    hp->n_rot       = pie_gguf_int(g, akey(hp, "rope.dimension_count"), &v) ? (int32_t)v : hp->head_dim;
-    if (hp->n_head_kv <= 0 || hp->n_head % hp->n_head_kv != 0)
+    if ((st = read_count(g, hp, "context_length", 4096, &hp->n_ctx_train)) ||
+        (st = read_count(g, hp, "attention.head_count_kv", hp->n_head, &hp->n_head_kv)) ||
+        (st = read_count(g, hp, "attention.key_length", hp->n_embd / hp->n_head, &hp->head_dim)) ||
+        (st = read_count(g, hp, "attention.value_length", hp->n_embd / hp->n_head, &hp->head_dim_v)) ||
+        (st = read_count(g, hp, "rope.dimension_count", hp->head_dim, &hp->n_rot)))
+        return st;
+    if (hp->n_head % hp->n_head_kv != 0)
         return pie_set_error(PIE_ERR_FORMAT, "head_count %d is not a multiple of head_count_kv %d", hp->n_head, hp->n_head_kv);
-    if (hp->head_dim <= 0 || hp->head_dim_v <= 0 || hp->n_rot <= 0 || hp->n_rot > hp->head_dim || hp->n_rot % 2)
+    if (hp->n_rot > hp->head_dim || hp->n_rot % 2)
         return pie_set_error(PIE_ERR_FORMAT, "bad head sizes: key_length %d, value_length %d, rope dims %d",
                              hp->head_dim, hp->head_dim_v, hp->n_rot);
 
     hp->rope_mode = hp->arch->rope_mode;
     hp->rope_base = 10000.0f;
-    pie_gguf_float(g, akey(hp, "rope.freq_base"), &hp->rope_base);
-    float factor = 0.0f;
-    if (!pie_gguf_float(g, akey(hp, "rope.scaling.factor"), &factor)) pie_gguf_float(g, akey(hp, "rope.scale_linear"), &factor);
-    hp->rope_scale = factor == 0.0f ? 1.0f : 1.0f / factor;
     hp->rope_base_swa = 10000.0f;
     hp->rms_eps = 1e-6f;
-    pie_gguf_float(g, akey(hp, "attention.layer_norm_rms_epsilon"), &hp->rms_eps);
+    if ((st = pie_gguf_positive(g, akey(hp, "rope.freq_base"), false, &hp->rope_base)) ||
+        (st = pie_gguf_positive(g, akey(hp, "attention.layer_norm_rms_epsilon"), true, &hp->rms_eps)) ||
+        (st = load_rope_scaling(hp, g)))
+        return st;
     hp->attn_scale = 1.0f / sqrtf((float)hp->head_dim);
     hp->embd_scale = 1.0f;
     hp->logit_softcap = 0.0f;
@@ -188,15 +243,69 @@ static int32_t bind_weights(struct ggml_context *meta, pie_hparams *hp, pie_weig
     return PIE_OK;
 }
 
+/* The weight types ggml's CPU backend can multiply (those with a vec_dot kernel). The CPU runs
+ * any op the device lacks, so every weight must be one of these; other types (integers, f64,
+ * q8_1, q8_k) would reach a ggml abort in the middle of a forward pass. */
+static bool cpu_multiplies(enum ggml_type t) {
+    switch (t) {
+        case GGML_TYPE_F32: case GGML_TYPE_F16: case GGML_TYPE_BF16:
+        case GGML_TYPE_Q1_0: case GGML_TYPE_Q2_0: case GGML_TYPE_Q4_0: case GGML_TYPE_Q4_1:
+        case GGML_TYPE_Q5_0: case GGML_TYPE_Q5_1: case GGML_TYPE_Q8_0:
+        case GGML_TYPE_Q2_K: case GGML_TYPE_Q3_K: case GGML_TYPE_Q4_K: case GGML_TYPE_Q5_K: case GGML_TYPE_Q6_K:
+        case GGML_TYPE_IQ1_S: case GGML_TYPE_IQ1_M: case GGML_TYPE_IQ2_XXS: case GGML_TYPE_IQ2_XS:
+        case GGML_TYPE_IQ2_S: case GGML_TYPE_IQ3_XXS: case GGML_TYPE_IQ3_S: case GGML_TYPE_IQ4_NL:
+        case GGML_TYPE_IQ4_XS: case GGML_TYPE_TQ1_0: case GGML_TYPE_TQ2_0: case GGML_TYPE_MXFP4: case GGML_TYPE_NVFP4:
+            return true;
+        default:
+            return false;
+    }
+}
+
+/* Checks that the device can multiply `w` (off the CPU, the device itself is asked), and notes
+ * how pie_matmul treats its products (the zero column's size, the narrow pieces' width). */
+static int32_t check_matrix(pie_model *m, const struct ggml_tensor *w) {
+    if (!cpu_multiplies(w->type))
+        return pie_set_error(PIE_ERR_UNSUPPORTED, "tensor '%s' has type %s, which ggml cannot multiply; "
+                             "use a float or quantized (q*, iq*, tq*) weight type", w->name, ggml_type_name(w->type));
+    if (ggml_backend_dev_type(m->dev) != GGML_BACKEND_DEVICE_TYPE_CPU) {
+        struct ggml_init_params ip = { .mem_size = 4 * ggml_tensor_overhead(), .mem_buffer = NULL, .no_alloc = true };
+        struct ggml_context *ctx = ggml_init(ip);
+        if (!ctx) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot check tensor '%s'", w->name);
+        struct ggml_tensor *x = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, w->ne[0], 1);
+        const bool ok = ggml_backend_dev_supports_op(m->dev, ggml_mul_mat(ctx, (struct ggml_tensor *)w, x));
+        ggml_free(ctx);
+        if (!ok)
+            return pie_set_error(PIE_ERR_UNSUPPORTED, "tensor '%s' has type %s, which %s cannot multiply", w->name,
+                                 ggml_type_name(w->type), ggml_backend_dev_name(m->dev));
+    }
+    const int32_t k = pie_kernel_switch(w->type);
+    if (k == 2 && w->ne[0] > m->pad_width) m->pad_width = w->ne[0];
+    if (k > 2 && (m->split_cols == 0 || k - 1 < m->split_cols)) m->split_cols = k - 1;
+    return PIE_OK;
+}
+
+/* Every matrix the graph multiplies (or, for the embeddings, reads rows of). */
+static int32_t check_matrices(pie_model *m) {
+    const pie_weights *w = &m->w;
+    m->pad_width = 0;
+    m->split_cols = 0;
+    int32_t st;
+    if ((st = check_matrix(m, w->tok_embd)) || (st = check_matrix(m, w->output))) return st;
+    for (int il = 0; il < m->hp.n_layer; il++) {
+        const pie_layer *L = &w->layers[il];
+        const struct ggml_tensor *mats[] = { L->wq, L->wk, L->wv, L->wo, L->ffn_gate, L->ffn_up, L->ffn_down };
+        for (size_t i = 0; i < sizeof(mats) / sizeof(mats[0]); i++)
+            if ((st = check_matrix(m, mats[i])) != PIE_OK) return st;
+    }
+    return PIE_OK;
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* Placing the data                                                                           */
 /* ------------------------------------------------------------------------------------------ */
 
-static int32_t place_mapped(pie_model *m, const struct gguf_context *g, const char *path, size_t file_size) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return pie_set_error(PIE_ERR_IO, "cannot open '%s': %s", path, strerror(errno));
+static int32_t place_mapped(pie_model *m, const struct gguf_context *g, FILE *f, const char *path, size_t file_size) {
     void *addr = mmap(NULL, file_size, PROT_READ, MAP_PRIVATE, fileno(f), 0);
-    fclose(f);
     if (addr == MAP_FAILED) return pie_set_error(PIE_ERR_IO, "cannot map '%s': %s", path, strerror(errno));
     m->map_addr = addr;
     m->map_size = file_size;
@@ -213,7 +322,7 @@ static int32_t place_mapped(pie_model *m, const struct gguf_context *g, const ch
     return PIE_OK;
 }
 
-static int32_t place_copied(pie_model *m, const struct gguf_context *g, const char *path) {
+static int32_t place_copied(pie_model *m, const struct gguf_context *g, FILE *f, const char *path) {
     ggml_backend_buffer_type_t buft = ggml_backend_dev_buffer_type(m->dev);
     m->buf_w = ggml_backend_alloc_ctx_tensors_from_buft(m->ctx_w, buft);
     if (!m->buf_w)
@@ -222,8 +331,6 @@ static int32_t place_copied(pie_model *m, const struct gguf_context *g, const ch
                              ggml_backend_dev_name(m->dev));
     ggml_backend_buffer_set_usage(m->buf_w, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
 
-    FILE *f = fopen(path, "rb");
-    if (!f) return pie_set_error(PIE_ERR_IO, "cannot open '%s': %s", path, strerror(errno));
     size_t cap = 0;
     void *tmp = NULL;
     int32_t st = PIE_OK;
@@ -243,7 +350,6 @@ static int32_t place_copied(pie_model *m, const struct gguf_context *g, const ch
             ggml_backend_tensor_set(t, tmp, 0, nb);
     }
     free(tmp);
-    fclose(f);
     return st;
 }
 
@@ -251,31 +357,55 @@ static int32_t place_copied(pie_model *m, const struct gguf_context *g, const ch
 /* Entry point                                                                                */
 /* ------------------------------------------------------------------------------------------ */
 
-static int32_t check_file(const char *path, size_t *out_size) {
+/* Opens the file once: everything after reads this descriptor (metadata, mapping, tensor
+ * data), so a file replaced at the path while it loads cannot mix two files. */
+static int32_t open_model(const char *path, FILE **out_f, size_t *out_size) {
+    /* O_NONBLOCK: opening a FIFO must not wait for a writer; regular files ignore it */
+    const int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) return pie_set_error(PIE_ERR_IO, "cannot open '%s': %s", path, strerror(errno));
     struct stat sb;
-    if (stat(path, &sb) != 0) return pie_set_error(PIE_ERR_IO, "cannot open '%s': %s", path, strerror(errno));
-    if (!S_ISREG(sb.st_mode)) return pie_set_error(PIE_ERR_IO, "'%s' is not a regular file", path);
-    FILE *f = fopen(path, "rb");
-    if (!f) return pie_set_error(PIE_ERR_IO, "cannot open '%s': %s", path, strerror(errno));
+    if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
+        const int32_t st = fstat(fd, &sb) != 0 ? pie_set_error(PIE_ERR_IO, "cannot stat '%s': %s", path, strerror(errno))
+                                               : pie_set_error(PIE_ERR_IO, "'%s' is not a regular file", path);
+        close(fd);
+        return st;
+    }
+    FILE *f = fdopen(fd, "rb");
+    if (!f) {
+        const int32_t st = pie_set_error(PIE_ERR_IO, "cannot read '%s': %s", path, strerror(errno));
+        close(fd);
+        return st;
+    }
     char magic[4] = {0};
-    size_t n = fread(magic, 1, 4, f);
-    fclose(f);
-    if (n < 4 || memcmp(magic, "GGUF", 4) != 0)
-        return pie_set_error(PIE_ERR_FORMAT, "'%s' is not a GGUF file (bad magic)", path);
+    int32_t st = PIE_OK;
+    if (fread(magic, 1, 4, f) < 4 || memcmp(magic, "GGUF", 4) != 0)
+        st = pie_set_error(PIE_ERR_FORMAT, "'%s' is not a GGUF file (bad magic)", path);
+    else if (fseeko(f, 0, SEEK_SET) != 0) st = pie_set_error(PIE_ERR_IO, "cannot read '%s': %s", path, strerror(errno));
+    if (st != PIE_OK) {
+        fclose(f);
+        return st;
+    }
+    *out_f = f;
     *out_size = (size_t)sb.st_size;
     return PIE_OK;
 }
 
 int32_t pie_load_weights(pie_model *m, const char *path) {
+    FILE *f = NULL;
     size_t file_size = 0;
-    int32_t st = check_file(path, &file_size);
+    int32_t st = open_model(path, &f, &file_size);
     if (st != PIE_OK) return st;
 
     struct ggml_context *meta = NULL;
     struct gguf_init_params gp = { .no_alloc = true, .ctx = &meta };
-    struct gguf_context *g = gguf_init_from_file(path, gp);
-    if (!g) return pie_set_error(PIE_ERR_FORMAT, "'%s' is a corrupt or truncated GGUF file (metadata unreadable)", path);
+    struct gguf_context *g = gguf_init_from_file_ptr(f, gp);
+    if (!g) {
+        fclose(f);
+        return pie_set_error(PIE_ERR_FORMAT, "'%s' is a corrupt or truncated GGUF file (metadata unreadable)", path);
+    }
     m->ctx_w = meta;
+    pie_log(PIE_LOG_DEBUG, "read the metadata of '%s': %lld keys, %lld tensors", path, (long long)gguf_get_n_kv(g),
+            (long long)gguf_get_n_tensors(g));
 
     /* every tensor's data must lie inside the file */
     const size_t off = gguf_get_data_offset(g);
@@ -302,7 +432,7 @@ int32_t pie_load_weights(pie_model *m, const char *path) {
         goto done;
     }
     if ((st = load_hparams(&m->hp, g)) != PIE_OK) goto done;
-    if ((st = bind_weights(meta, &m->hp, &m->w)) != PIE_OK) goto done;
+    if ((st = bind_weights(meta, &m->hp, &m->w)) != PIE_OK || (st = check_matrices(m)) != PIE_OK) goto done;
 
     m->n_params = 0;
     m->weight_bytes = 0;
@@ -314,14 +444,15 @@ int32_t pie_load_weights(pie_model *m, const char *path) {
     /* Mapping needs a host device and the data aligned the way ggml's CPU buffer expects. */
     bool host = ggml_backend_buft_is_host(ggml_backend_dev_buffer_type(m->dev));
     if (m->params.use_mmap && host && off % 32 == 0)
-        st = place_mapped(m, g, path, file_size);
+        st = place_mapped(m, g, f, path, file_size);
     else
-        st = place_copied(m, g, path);
+        st = place_copied(m, g, f, path);
     if (st == PIE_OK)
         pie_log(PIE_LOG_INFO, "loaded %s '%s': %d layers, %d vocab, %.1f MiB of weights (%s)", arch, m->hp.name,
                 m->hp.n_layer, m->hp.n_vocab, m->weight_bytes / 1048576.0, m->map_addr ? "mapped" : "copied");
 done:
     gguf_free(g);
+    fclose(f);
     return st;
 }
 

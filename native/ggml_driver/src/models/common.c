@@ -27,6 +27,8 @@ void pie_graph_begin(pie_graph *g) {
     g->mask        = input(g, GGML_TYPE_F16, p->n_mask, "mask");         /* [n_mask]    */
     g->mask_swa    = p->any_swa_mask ? input(g, GGML_TYPE_F16, p->n_mask, "mask_swa") : NULL;
     g->out_rows    = input(g, GGML_TYPE_I32, g->n_outputs, "out_rows");  /* [n_outputs] */
+    g->zeros       = NULL; /* created by the first product that needs it */
+    g->layout      = &p->token_layout;
 }
 
 /* Names an intermediate tensor as llama.cpp's graph callback does: "<name>-<layer>", or the
@@ -53,31 +55,103 @@ struct ggml_tensor *pie_norm(pie_graph *g, struct ggml_tensor *x, struct ggml_te
     return ggml_mul(g->ctx, x, w);
 }
 
+/* Joins tensors along one dimension as they come, like a binary counter (equal-sized neighbours
+ * first), so each element is copied O(log n) times. */
+typedef struct {
+    struct ggml_tensor *parts[64];
+    int n, count, dim;
+} pie_joiner;
+
+static void join_push(struct ggml_context *ctx, pie_joiner *j, struct ggml_tensor *t) {
+    j->parts[j->n++] = t;
+    for (int c = ++j->count; (c & 1) == 0 && j->n > 1; c >>= 1, j->n--)
+        j->parts[j->n - 2] = ggml_concat(ctx, j->parts[j->n - 2], j->parts[j->n - 1], j->dim);
+}
+
+static struct ggml_tensor *join_finish(struct ggml_context *ctx, pie_joiner *j) {
+    for (; j->n > 1; j->n--) j->parts[j->n - 2] = ggml_concat(ctx, j->parts[j->n - 2], j->parts[j->n - 1], j->dim);
+    return j->parts[0];
+}
+
+/*
+ * From how many columns ggml's CPU backend multiplies a weight of this type with a kernel other
+ * than vec_dot (1: never, or with the very same sums). Read from ggml-cpu's mul_mat:
+ *   k-quants and most i-quants: the tiled kernels (ggml-cpu/tiled, x86) from 8 columns;
+ *   f32, f16, bf16, iq4_nl: llamafile's sgemm from 2 columns (ARM: f32 from 4, f16 from 8);
+ *   q8_0, q4_0, q5_0: sgemm from 2 columns too, but on x86 it adds the same integer lanes with the
+ *     same float operations in the same order as vec_dot does (tinyBLAS_Q0_AVX against the
+ *     AVX2 vec_dot kernels): the same values either way;
+ *   every other type: vec_dot at any count.
+ * tests/test_driver_invariance.py checks each type it can write for exact batch invariance.
+ */
+int32_t pie_kernel_switch(enum ggml_type type) {
+    switch (type) {
+        case GGML_TYPE_Q2_K: case GGML_TYPE_Q3_K: case GGML_TYPE_Q4_K: case GGML_TYPE_Q5_K: case GGML_TYPE_Q6_K:
+        case GGML_TYPE_IQ4_XS: case GGML_TYPE_IQ2_XXS: case GGML_TYPE_IQ2_XS: case GGML_TYPE_IQ2_S:
+        case GGML_TYPE_IQ3_XXS: case GGML_TYPE_IQ3_S: case GGML_TYPE_IQ1_S: case GGML_TYPE_IQ1_M:
+            return 8;
+#if defined(__x86_64__) || defined(_M_X64)
+        case GGML_TYPE_F32: case GGML_TYPE_F16: case GGML_TYPE_BF16: case GGML_TYPE_IQ4_NL:
+            return 2;
+#else
+        case GGML_TYPE_F32: return 4;
+        case GGML_TYPE_F16: return 8;
+        case GGML_TYPE_Q8_0: case GGML_TYPE_Q4_0: case GGML_TYPE_Q5_0: case GGML_TYPE_IQ4_NL:
+            return 2;
+#endif
+        default:
+            return 1;
+    }
+}
+
+/*
+ * w x for x: [ne0, n], the rows of g->layout, such that every column takes the kernel its own
+ * request picks (see PIE_WIDE_ROWS), whatever else is in the batch:
+ *   a type that never switches kernels: one product;
+ *   a type that switches at 2 columns: one product, a lone column paired with a zero column
+ *     (so every column takes the many-column kernel: cheap, a product is rarely one column);
+ *   a type that switches later (k-quants): wide spans as whole products (>= PIE_WIDE_ROWS
+ *     columns), narrow spans in products of fewer columns than the switch (vec_dot), joined.
+ */
+struct ggml_tensor *pie_matmul(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *x) {
+    struct ggml_context *ctx = g->ctx;
+    const int64_t k = pie_kernel_switch(w->type), n = x->ne[1];
+    const pie_layout *l = g->layout;
+    if (k == 1 || (k == 2 && n >= 2) || (k > 2 && l->n_spans == 1 && (l->spans[0].wide || n < k)))
+        return ggml_mul_mat(ctx, w, x);
+    if (k == 2) {
+        if (!g->zeros) g->zeros = input(g, GGML_TYPE_F32, g->model->pad_width, "zeros");
+        struct ggml_tensor *zero = ggml_view_2d(ctx, g->zeros, x->ne[0], 1, x->nb[1], 0);
+        struct ggml_tensor *y = ggml_mul_mat(ctx, w, ggml_concat(ctx, x, zero, 1));
+        return ggml_view_2d(ctx, y, y->ne[0], 1, y->nb[1], 0);
+    }
+    pie_joiner j = { .dim = 1 };
+    for (int32_t i = 0; i < l->n_spans; i++) {
+        const pie_span *s = &l->spans[i];
+        const int64_t step = s->wide ? s->len : g->model->split_cols;
+        for (int64_t c = s->start; c < s->start + s->len; c += step) {
+            const int64_t cols = s->start + s->len - c < step ? s->start + s->len - c : step;
+            join_push(ctx, &j, ggml_mul_mat(ctx, w, ggml_view_2d(ctx, x, x->ne[0], cols, x->nb[1], x->nb[1] * (size_t)c)));
+        }
+    }
+    return join_finish(ctx, &j);
+}
+
 struct ggml_tensor *pie_linear(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *b, struct ggml_tensor *x) {
-    x = ggml_mul_mat(g->ctx, w, x);
+    x = pie_matmul(g, w, x);
     return b ? ggml_add(g->ctx, x, b) : x;
 }
 
-/* x: [head_dim, n_heads, n_tokens], rotated at the batch's explicit positions. Sliding-window
- * layers use their own base and no scaling (as llama.cpp does). */
+/* x: [head_dim, n_heads, n_tokens], rotated at the batch's explicit positions, scaled as the
+ * file says (linear or YaRN, see load_rope_scaling in loader.c). Sliding-window layers use their
+ * own base and no scaling factor (as llama.cpp does); YaRN's beta_fast 32 and beta_slow 1 are
+ * llama.cpp's. */
 struct ggml_tensor *pie_rope(pie_graph *g, struct ggml_tensor *x, int il) {
     const pie_hparams *hp = &g->model->hp;
     const bool swa = hp->is_swa[il];
-    return ggml_rope_ext(g->ctx, x, g->positions, g->model->w.rope_freqs, hp->n_rot, hp->rope_mode, hp->n_ctx_train,
-                         swa ? hp->rope_base_swa : hp->rope_base, swa ? 1.0f : hp->rope_scale,
-                         0.0f /* ext_factor */, 1.0f /* attn_factor */, 32.0f /* beta_fast */, 1.0f /* beta_slow */);
-}
-
-/* Joins parts[0..n) along dim in order, pairwise by rounds so each row is copied log2(n)
- * times at most; overwrites parts. */
-static struct ggml_tensor *concat_all(struct ggml_context *ctx, struct ggml_tensor **parts, int n, int dim) {
-    while (n > 1) {
-        int k = 0;
-        for (int i = 0; i + 1 < n; i += 2) parts[k++] = ggml_concat(ctx, parts[i], parts[i + 1], dim);
-        if (n % 2) parts[k++] = parts[n - 1];
-        n = k;
-    }
-    return parts[0];
+    return ggml_rope_ext(g->ctx, x, g->positions, g->model->w.rope_freqs, hp->n_rot, hp->rope_mode, hp->rope_n_ctx_orig,
+                         swa ? hp->rope_base_swa : hp->rope_base, swa ? 1.0f : hp->rope_scale, hp->rope_ext_factor,
+                         hp->rope_attn_factor, 32.0f, 1.0f);
 }
 
 /* Request r's K or V as [width_head, n_kv, n_head_kv], on the pool's own f16/q8_0 values
@@ -96,11 +170,11 @@ static struct ggml_tensor *request_kv(pie_graph *g, struct ggml_tensor *pool, co
     struct ggml_tensor *kv; /* [head * hkv, n_kv] (or [head * hkv, 1, n_kv]) */
     if (q->n_runs > 1) {
         /* rows along dim 2: ggml's concat splits dim 2 between threads */
-        struct ggml_tensor *parts[PIE_MAX_KV_RUNS];
+        pie_joiner j = { .dim = 2 };
         for (int32_t i = 0; i < q->n_runs; i++)
-            parts[i] = ggml_view_3d(ctx, pool, pool->ne[0], 1, run[i].len, pool->nb[1], pool->nb[1],
-                                    pool->nb[1] * (size_t)run[i].start); /* [head * hkv, 1, len] */
-        kv = concat_all(ctx, parts, q->n_runs, 2);
+            join_push(ctx, &j, ggml_view_3d(ctx, pool, pool->ne[0], 1, run[i].len, pool->nb[1], pool->nb[1],
+                                            pool->nb[1] * (size_t)run[i].start)); /* [head * hkv, 1, len] */
+        kv = join_finish(ctx, &j);
     } else {
         struct ggml_tensor *rows = ggml_view_1d(ctx, g->gather_rows, q->n_kv, sizeof(int32_t) * (size_t)q->gather_off);
         kv = ggml_cast(ctx, ggml_get_rows(ctx, pool, rows), pool->type);
@@ -132,9 +206,7 @@ struct ggml_tensor *pie_attention(pie_graph *g, int il, struct ggml_tensor *q, s
     struct ggml_tensor *vp = ggml_set_rows(ctx, m->kv.v[il], ggml_reshape_2d(ctx, v, hp->head_dim_v * hkv, nt), g->write_rows);
     struct ggml_tensor *mask = hp->is_swa[il] && g->mask_swa ? g->mask_swa : g->mask;
 
-    /* per-request results, merged pairwise (a balanced tree keeps the copying O(n log n)) */
-    struct ggml_tensor *parts[64];
-    int n_parts = 0;
+    pie_joiner joined = { .dim = 2 }; /* per-request results [head_dim_v, n_head, n_q] */
     for (int32_t r = 0; r < p->n_requests; r++) {
         const pie_plan_req *rq = &p->reqs[r];
         struct ggml_tensor *qr = ggml_view_3d(ctx, q, hp->head_dim, hp->n_head, rq->n_q, q->nb[1], q->nb[2], q->nb[2] * (size_t)rq->q0);
@@ -144,20 +216,15 @@ struct ggml_tensor *pie_attention(pie_graph *g, int il, struct ggml_tensor *q, s
         struct ggml_tensor *out = ggml_flash_attn_ext(ctx, qr, request_kv(g, kp, rq, hp->head_dim),
                                                       request_kv(g, vp, rq, hp->head_dim_v), mr, kq_scale, 0.0f, 0.0f);
         ggml_prec_set_acc(out, GGML_PREC_F32); /* out: [head_dim_v, n_head, n_q] */
-        /* merge like a binary counter: equal-sized neighbours first */
-        parts[n_parts++] = out;
-        for (int32_t c = r + 1; (c & 1) == 0 && n_parts > 1; c >>= 1, n_parts--)
-            parts[n_parts - 2] = ggml_concat(ctx, parts[n_parts - 2], parts[n_parts - 1], 2);
+        join_push(ctx, &joined, out);
     }
-    while (n_parts > 1) {
-        parts[n_parts - 2] = ggml_concat(ctx, parts[n_parts - 2], parts[n_parts - 1], 2);
-        n_parts--;
-    }
-    return ggml_reshape_2d(ctx, parts[0], hp->head_dim_v * hp->n_head, nt);
+    return ggml_reshape_2d(ctx, join_finish(ctx, &joined), hp->head_dim_v * hp->n_head, nt);
 }
 
-/* Keeps only the rows the batch samples: [n, n_tokens] -> [n, n_outputs] */
+/* Keeps only the rows the batch samples: [n, n_tokens] -> [n, n_outputs]; products from
+ * here on multiply the sampled rows. */
 struct ggml_tensor *pie_select_outputs(pie_graph *g, struct ggml_tensor *x) {
+    g->layout = &g->plan->output_layout;
     return ggml_get_rows(g->ctx, x, g->out_rows);
 }
 
@@ -170,7 +237,7 @@ void pie_graph_finish(pie_graph *g, struct ggml_tensor *x) {
     ggml_set_output(g->hidden);
     ggml_build_forward_expand(g->gf, g->hidden);
     if (!g->plan->head) return;
-    struct ggml_tensor *logits = ggml_mul_mat(g->ctx, m->w.output, g->hidden);
+    struct ggml_tensor *logits = pie_matmul(g, m->w.output, g->hidden);
     const float cap = m->hp.logit_softcap;
     if (cap > 0.0f) logits = ggml_scale(g->ctx, ggml_tanh(g->ctx, ggml_scale(g->ctx, logits, 1.0f / cap)), cap);
     g->logits = pie_name(logits, "result_output", -1);

@@ -13,13 +13,14 @@ int32_t pie_gemma3_hparams(pie_hparams *hp, const struct gguf_context *g) {
     hp->embd_scale = sqrtf((float)hp->n_embd);
     /* the 27B model scales by the embedding width per head, the others by head_dim */
     if (hp->n_layer == 62) hp->attn_scale = 1.0f / sqrtf((float)(hp->n_embd / hp->n_head));
-    pie_gguf_float(g, "gemma3.final_logit_softcapping", &hp->logit_softcap);
+    int32_t st = pie_gguf_positive(g, "gemma3.final_logit_softcapping", true, &hp->logit_softcap);
+    if (st != PIE_OK) return st;
 
     int64_t window = 0;
     if (!pie_gguf_int(g, "gemma3.attention.sliding_window", &window) || window <= 0) return PIE_OK;
     if (window > INT32_MAX) return pie_set_error(PIE_ERR_FORMAT, "gemma3.attention.sliding_window %lld is too large", (long long)window);
     hp->sliding_window = (int32_t)window;
-    pie_gguf_float(g, "gemma3.rope.freq_base_swa", &hp->rope_base_swa);
+    if ((st = pie_gguf_positive(g, "gemma3.rope.freq_base_swa", false, &hp->rope_base_swa)) != PIE_OK) return st;
 
     /* pattern: an array of per-layer flags, or n (every n-th layer global), default 6 */
     int64_t id = gguf_find_key(g, "gemma3.attention.sliding_window_pattern");
@@ -70,8 +71,8 @@ void pie_build_gemma3(pie_graph *g) {
         x = pie_name(ggml_add(ctx, x, cur), "sa_out", il);
 
         cur = pie_name(pie_norm(g, x, L->ffn_norm), "ffn_norm", il);
-        cur = ggml_geglu_split(ctx, ggml_mul_mat(ctx, L->ffn_gate, cur), ggml_mul_mat(ctx, L->ffn_up, cur)); /* [n_ff, n] */
-        cur = pie_name(ggml_mul_mat(ctx, L->ffn_down, cur), "ffn_out", il);
+        cur = ggml_geglu_split(ctx, pie_matmul(g, L->ffn_gate, cur), pie_matmul(g, L->ffn_up, cur)); /* [n_ff, n] */
+        cur = pie_name(pie_matmul(g, L->ffn_down, cur), "ffn_out", il);
         cur = pie_name(pie_norm(g, cur, L->ffn_post_norm), "ffn_post_norm", il);
         x = pie_name(ggml_add(ctx, x, cur), "l_out", il);
     }

@@ -40,8 +40,8 @@ void pie_build_llama(pie_graph *g) {
         x = pie_name(ggml_add(ctx, x, cur), "ffn_inp", il);
 
         cur = pie_name(pie_norm(g, x, L->ffn_norm), "ffn_norm", il);
-        cur = ggml_swiglu_split(ctx, ggml_mul_mat(ctx, L->ffn_gate, cur), ggml_mul_mat(ctx, L->ffn_up, cur)); /* [n_ff, n] */
-        cur = pie_name(ggml_mul_mat(ctx, L->ffn_down, cur), "ffn_out", il);
+        cur = ggml_swiglu_split(ctx, pie_matmul(g, L->ffn_gate, cur), pie_matmul(g, L->ffn_up, cur)); /* [n_ff, n] */
+        cur = pie_name(pie_matmul(g, L->ffn_down, cur), "ffn_out", il);
         x = pie_name(ggml_add(ctx, x, cur), "l_out", il);
     }
     pie_graph_finish(g, x);
