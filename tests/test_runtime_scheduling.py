@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pie_local.driver.fake import FakeDriver
-from pie_local.driver.types import DriverParams
+from pie_local.driver.types import DriverError, DriverParams
 from pie_local.runtime import Engine, InferletCancelled, Limits, OutOfPagesError, WallTimeExceeded
 from runtime_helpers import fake_engine
 
@@ -466,3 +466,18 @@ async def test_a_task_cancelled_while_its_pass_runs_gives_back_every_page():
                     break
                 await asyncio.sleep(0.05)
             assert engine.pool.n_used == 0, delay
+
+
+async def test_a_row_that_cannot_be_sampled_fails_only_its_request():
+    # a NaN in one row's logits (FakeDriver: a poisoned token in its view) fails that request;
+    # the others of the same batch get their tokens
+    engine, driver = make_engine(nan_tokens=[ord("!") + 5])
+    async with engine:
+        good, bad = engine.context(), engine.context()
+        good.fill("fine")
+        bad.fill("oops!")
+        results = await step_all([good, bad])
+        assert isinstance(results[0], str), results[0]
+        assert isinstance(results[1], DriverError) and "NaN" in str(results[1]), results[1]
+        assert max(b["n_requests"] for b in driver.stats.batches) == 2  # they really were one batch
+        assert bad.kv_len == 0 and engine.pool.n_used == good.n_pages

@@ -291,6 +291,7 @@ class Scheduler:
             kv_last_page_len=i32([kv - (n - 1) * ps for kv, n in zip(kv_lens, n_pages)]),
             output_rows=i32(rows), samplers=samplers, top_k=max(c.req.top_k for c in chunks),
             return_logprobs=True, return_logits=any(c.req.want_logits for c in chunks),
+            rows_fail_alone=True,
         )
         if has_masks:
             batch.mask_indptr, batch.mask_runs = i32(mask_indptr), i32(mask_runs)
@@ -359,11 +360,14 @@ class Scheduler:
 
 
 def _outcomes(result: ForwardResult, chunks: list[_Chunk]) -> list[Outcome]:
-    """Where each chunk's output rows lie in the batch result: (result, first row)."""
+    """Where each chunk's output rows lie in the batch result: (result, first row), or the error of
+    a row that could not be sampled (it fails its own request only)."""
     out, first = [], 0
     for c in chunks:
-        out.append((result, first))
-        first += sum(1 for row in c.req.output_rows if c.start <= row < c.start + c.n)
+        n = sum(1 for row in c.req.output_rows if c.start <= row < c.start + c.n)
+        error = next((e for e in result.row_errors[first : first + n] if e is not None), None)
+        out.append(error if error is not None else (result, first))
+        first += n
     return out
 
 
