@@ -105,7 +105,9 @@ def test_ps_cli_lists_other_processes(capsys):
     assert "text-completion" in out and str(os.getpid()) in out and "running" in out
     assert main(["ps", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data[0]["inferlets"][0]["tokens"] == 5
+    assert data["engines"][0]["inferlets"][0]["tokens"] == 5
+    assert data["runs"][0]["tokens"] == 5 and data["runs"][0]["inferlet"] == "text-completion"
+    assert data["server"] is None  # no pie-local server runs
 
 
 async def test_ps_sees_an_inferlet_running_in_another_process(tmp_path, isolated_home):
