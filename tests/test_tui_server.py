@@ -163,3 +163,37 @@ async def test_a_tui_and_a_script_generate_at_once_on_one_model():
         assert model["stats"]["max_batch_requests"] == 2  # they generated in the same forward passes
     (session,) = store.list()
     assert store.get(session.id).messages[-1].content == "You said hello."
+
+
+def test_the_tui_command_attaches_when_a_server_runs_and_embeds_an_engine_otherwise(monkeypatch, tmp_path):
+    from server_helpers import serve_process
+
+    from pie_local.cli import main, tui
+
+    backends: list[Backend] = []
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    monkeypatch.setattr(tui, "native_stderr_to", lambda path: contextlib.nullcontext())
+    monkeypatch.setattr(PieApp, "run", lambda app: backends.append(app.backend))
+    assert main(["tui"]) == 0
+    with serve_process(tmp_path, fake_delay=0.0) as (record, _):
+        monkeypatch.setenv("PIE_LOCAL_HOME", str(tmp_path))
+        assert main(["tui"]) == 0
+        assert main(["tui", "--local"]) == 0
+    assert main(["tui", "--server", "http://127.0.0.1:9"]) == 0  # named: attached, whether it answers or not
+    none, found, local, named = backends
+    assert none.server is None and local.server is None  # no server runs / --local: an engine of its own
+    assert found.server.address == f"127.0.0.1:{record.port}" and named.server.address == "127.0.0.1:9"
+
+
+async def test_a_server_that_does_not_answer_is_said_and_a_message_to_it_is_an_error():
+    store = SessionStore()
+    new_session(store, model=MODEL)
+    app = attached_app("http://127.0.0.1:9", store, start_mode="sessions")  # nothing listens on port 9
+    async with app.run_test(size=(100, 24)) as pilot:
+        assert "server 127.0.0.1:9 (not answering) · no model loaded" in status(app)
+        await send(pilot, app, "hello")
+        (note,) = list(app._notifications)
+        assert "cannot reach the pie-local server at http://127.0.0.1:9" in note.message
+        assert "pie-local serve" in note.message  # the fix
+    assert [m.role for m in store.get(store.list()[0].id).messages] == ["user"]
