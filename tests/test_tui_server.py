@@ -82,6 +82,10 @@ async def test_a_session_generates_on_the_server_and_resumes_from_its_prefix_cac
             await wait_until(pilot, lambda: f"model {MODEL}" in status(app), what="model in the status bar")
             await send(pilot, app, "again")
             second = info_text(app)
+            await pilot.press("ctrl+r")  # the same prompt again: all of it but a partial page is cached
+            await wait_until(pilot, lambda: "waiting" not in info_text(app), what="regenerate started")
+            await wait_until(pilot, lambda: turn_over(app), what="regenerated")
+            third = info_text(app)
             assert app.backend.engine is None  # nothing loaded in the TUI's process
         assert not app._notifications, [n.message for n in app._notifications]
         assert len(engines) == 1 and [m["name"] for m in (await stats(url))["models"]] == [MODEL]
@@ -92,6 +96,7 @@ async def test_a_session_generates_on_the_server_and_resumes_from_its_prefix_cac
     assert "TTFT" in first and "prefilled" in first and "resumed" not in first
     reused = int(second.split("resumed ")[1].split(" ")[0])  # the first turn's pages, from the server's cache
     assert reused >= session.messages[1].prefix_tokens - 3  # all but a partial page (4 tokens a page)
+    assert int(third.split("resumed ")[1].split(" ")[0]) >= session.messages[3].prefix_tokens - 3
 
 
 async def test_escape_cancels_a_reply_on_the_server_and_frees_its_pages():
