@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from package_env import package_env
 from server_helpers import fake_engine, serve_process
 
@@ -29,7 +28,7 @@ EXPECTED = "a" * 8  # what the fake server's model says to a text completion of 
 def server(tmp_path_factory):
     """One FakeDriver server for the module, in its own data directory."""
     home = tmp_path_factory.mktemp("fake_serve_home")
-    with serve_process(home, fake_delay=0.005) as (record, proc):
+    with serve_process(home, fake_delay=0.005) as (record, _):
         yield record, home
 
 
@@ -197,7 +196,7 @@ def test_ctrl_c_cancels_the_run_on_the_server(server):
     try:
         run = wait_for_run(record, "text-completion", before)
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
         assert proc.returncode == 130 and "interrupted" in err
         assert next(r for r in server_runs(record) if r["id"] == run["id"])["state"] == "cancelled"
     finally:

@@ -7,11 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from textual.widgets import DataTable, Static
-
 from fake_serve import echo_rule, resolve
 from server_helpers import fake_engine, never_ends, serving
 from test_tui_sessions import info_text, new_session, send, turn_over
+from textual.widgets import DataTable, Static
 from tui_support import wait_until
 
 from pie_local.server import Client

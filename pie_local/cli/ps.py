@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--json", action="store_true",
                         help='print one JSON object: {"server": ..., "runs": [...], "engines": [...]}')
-    parser.add_argument("--all", action="store_true", help="also list the server's finished runs (it keeps the last 256)")
+    parser.add_argument("--all", action="store_true",
+                        help="also list the server's finished runs (it keeps the last 256)")
     add_target_arguments(parser)
 
 
@@ -101,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
               str(r["pages"] if r["pages"] is not None else "-"), _elapsed(r, now), r["model"]) for r in runs]
     print_table(("PID", "ID", "INFERLET", "STATE", "TOKENS", "PAGES", "ELAPSED", "MODEL"), table)
     if not runs:
-        where = ([f"the server at {server['url']}"] if server else []) + ([f"{len(engines)} engine(s)"] if engines else [])
+        where = [f"the server at {server['url']}"] if server else []
+        where += [f"{len(engines)} engine(s)"] if engines else []
         print(f"({' and '.join(where)}: no inferlet running)")
     elif server is not None:
         print(f"runs on the server at {server['url']} (pid {server['pid']}): `pie-local stop ID` cancels one")

@@ -20,8 +20,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from pie_local.tui.backend import (ChatTurn, InferletRow, ModelRow, MonitorSnapshot, finish_turn,
-                                   inferlet_args)
+from pie_local.tui.backend import ChatTurn, InferletRow, ModelRow, MonitorSnapshot, finish_turn, inferlet_args
 from pie_local.tui.sessions_store import Session
 
 log = logging.getLogger("pie_local.tui")
