@@ -131,6 +131,13 @@ def test_model_errors_come_from_the_server_without_traceback(with_server, local_
     assert local_engines == []
 
 
+def test_a_model_file_goes_to_the_server_as_an_absolute_path(with_server, tmp_path, monkeypatch, capsys):
+    (tmp_path / "mine.gguf").write_bytes(b"GGUF")
+    monkeypatch.chdir(tmp_path)  # the server has a cwd of its own
+    assert main(["run", "text-completion", "--model", "mine.gguf", "--", "--prompt", "x"]) == 1
+    assert f"model '{tmp_path / 'mine.gguf'}' is not available" in capsys.readouterr().err
+
+
 def test_chat_reads_piped_turns_through_the_server(with_server, local_engines, monkeypatch, capsys):
     before = {r["id"] for r in server_runs(with_server)}
     monkeypatch.setattr(sys, "stdin", io.StringIO("first\n\nsecond\n/exit\nnever sent\n"))

@@ -131,7 +131,7 @@ class Client:
         closes the connection, which cancels the generation on the server. An error the server
         sends inside the stream raises ClientError with the stream's status (200).
         """
-        body = {"model": model or "default", "messages": messages, **params, "stream": True,
+        body = {"model": _model_ref(model or "default"), "messages": messages, **params, "stream": True,
                 "stream_options": {"include_usage": True}}
         try:
             async with self._http.stream("POST", "/v1/chat/completions", json=body,
@@ -160,9 +160,7 @@ class Client:
             name = str(Path(name).expanduser().resolve())  # the server reads it from its own filesystem
         body: dict[str, Any] = {"inferlet": name, "args": args or {}}
         if model is not None:
-            if Path(model).expanduser().is_file():  # a .gguf path: the server resolves it from its own cwd
-                model = str(Path(model).expanduser().resolve())
-            body["model"] = model
+            body["model"] = _model_ref(model)
         return RemoteInferlet(self, await self.request("POST", "/v1/pie/runs", json=body))
 
     async def get(self, run_id: str) -> RemoteInferlet:
@@ -291,6 +289,12 @@ class RemoteInferlet:
 
     def __repr__(self) -> str:
         return f"RemoteInferlet(id={self.id!r}, name={self.name!r}, state={self.state!r})"
+
+
+def _model_ref(model: str) -> str:
+    """A model name as it is, a model file as an absolute path (the server has its own cwd)."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_file() else model
 
 
 def _error(status: int, content: bytes) -> ClientError:
