@@ -69,12 +69,17 @@ async def serving(config: Any, manager: Any = None) -> AsyncIterator[str]:
         sock.close()
 
 
+FAKE_SERVE = Path(__file__).with_name("fake_serve.py")
+
+
 @contextlib.contextmanager
-def serve_process(home: Path, *args: str, timeout: float = 120.0) -> Iterator[Any]:
+def serve_process(home: Path, *args: str, timeout: float = 120.0, fake_delay: float | None = None) -> Iterator[Any]:
     """`pie-local serve --port 0 ARGS` as a subprocess with its own data directory; yields its
-    ServerRecord once it is ready, stops it (SIGTERM) at the end."""
+    ServerRecord once it is ready, stops it (SIGTERM) at the end. With ``fake_delay`` (seconds per
+    forward pass) the server runs FakeDriver engines (tests/fake_serve.py) instead of models."""
     log = open(home / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "pie_local", "serve", "--port", "0", *args],
+    program = ["-m", "pie_local", "serve"] if fake_delay is None else [str(FAKE_SERVE), "--delay", str(fake_delay)]
+    proc = subprocess.Popen([sys.executable, *program, "--port", "0", *args],
                             env=package_env(PIE_LOCAL_HOME=str(home)), stdout=log, stderr=subprocess.STDOUT,
                             cwd=home)  # not the source tree: CI runs the installed package
     record_file = home / "server.json"

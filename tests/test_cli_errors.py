@@ -64,3 +64,19 @@ def test_explain_maps_each_kind_of_failure() -> None:
     mine = UserError("boom", "do this")
     assert explain(mine) is mine and str(mine) == "boom\nFix: do this"
     assert explain(ValueError("odd")) is None and explain(KeyError("k")) is None  # bugs: not explained
+
+
+def test_explain_maps_a_servers_answers() -> None:
+    from pie_local.server.client import ClientError, ServerNotFound
+
+    key = explain(ClientError(401, "missing or wrong API key", "invalid_api_key"))
+    assert key.message.startswith("the server wants an API key") and "PIE_LOCAL_API_KEY" in key.fix
+    assert "--local" in explain(ClientError(403, "inferlet: local clients only", "inferlet_file_forbidden")).fix
+    assert "retry" in explain(ClientError(503, "the KV cache is full", "out_of_kv_pages")).fix
+    args = explain(ClientError(400, "args: bad", "invalid_value", "args"))
+    assert isinstance(args, UsageError) and args.exit_code == 2
+    missing = explain(ClientError(404, "model 'x' is not available: pull it", "model_not_found"))
+    assert missing.message == "model 'x' is not available: pull it" and missing.exit_code == 1
+    assert explain(ClientError(500, "boom", "internal_error")).message == "the server failed: boom"
+    gone = explain(ServerNotFound("cannot reach the pie-local server at http://127.0.0.1:1"))
+    assert "pie-local serve" in gone.fix and "--local" in gone.fix

@@ -67,6 +67,26 @@ async def test_publisher_refreshes_and_removes_its_file():
     assert ps_registry.read_all() == []
 
 
+async def test_engines_of_one_process_have_a_file_each():
+    """A server holds one engine per loaded model: each is listed, and one stopping leaves the others."""
+    first, second = _Engine(), _Engine()
+    second.model_name = "other"
+    a = ps_registry.PsPublisher(first, interval=0.01)
+    b = ps_registry.PsPublisher(second, interval=0.01)
+    a.start()
+    b.start()
+    await asyncio.sleep(0.05)
+    entries = ps_registry.read_all()
+    assert [(e["pid"], e["model"]) for e in entries] == [(os.getpid(), "toy"), (os.getpid(), "other")]
+    assert len(list(ps_registry.run_dir().glob("*.json"))) == 2
+    await a.stop()
+    assert [e["model"] for e in ps_registry.read_all()] == ["other"]
+    await asyncio.sleep(0.05)  # b keeps refreshing its own file, never a's
+    assert [e["model"] for e in ps_registry.read_all()] == ["other"]
+    await b.stop()
+    assert ps_registry.read_all() == []
+
+
 def test_ps_cli_lists_other_processes(capsys):
     import argparse
 
@@ -85,28 +105,29 @@ def test_ps_cli_lists_other_processes(capsys):
     assert "text-completion" in out and str(os.getpid()) in out and "running" in out
     assert main(["ps", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data[0]["inferlets"][0]["tokens"] == 5
+    assert data["engines"][0]["inferlets"][0]["tokens"] == 5
+    assert data["runs"][0]["tokens"] == 5 and data["runs"][0]["inferlet"] == "text-completion"
+    assert data["server"] is None  # no pie-local server runs
 
 
 async def test_ps_sees_an_inferlet_running_in_another_process(tmp_path, isolated_home):
-    """A child process runs an engine with a blocked inferlet; this process lists it."""
+    """A child process runs an engine with a blocked inferlet; this process lists it (the engine
+    publishes it within a second)."""
     script = tmp_path / "engine_proc.py"
     script.write_text(
         "import asyncio, sys\n"
         "from pie_local.driver.fake import FakeChatTemplate, FakeDriver\n"
         "from pie_local.runtime.engine import Engine\n"
-        "from pie_local.runtime.ps_registry import PsPublisher\n"
         "async def waiter(rt, args):\n"
         "    ctx = rt.context(); ctx.fill('hello'); await ctx.flush()\n"
         "    await rt.receive()\n"
         "async def main():\n"
         "    driver = FakeDriver()\n"
         "    async with Engine(driver=driver, tokenizer=driver.tokenizer, chat_template=FakeChatTemplate()) as engine:\n"
-        "        pub = PsPublisher(engine, interval=0.05); pub.start()\n"
         "        handle = engine.launch(waiter)\n"
         "        print('ready', flush=True)\n"
         "        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)\n"
-        "        await handle.send('stop'); await handle.result(); await pub.stop()\n"
+        "        await handle.send('stop'); await handle.result()\n"
         "asyncio.run(main())\n"
     )
     env = package_env(PIE_LOCAL_HOME=str(isolated_home))

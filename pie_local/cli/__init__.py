@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "run": "run",
     "chat": "chat",
     "ps": "ps",
+    "stop": "stop",
     "bench": "bench",
     "doctor": "doctor",
     "serve": "serve",

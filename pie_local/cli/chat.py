@@ -1,7 +1,8 @@
 """Chat with a model in the terminal, replies streamed as they are generated.
 
 Type a message and press Enter; /exit or Ctrl-D ends the chat. Stdin may be a pipe: each line is
-one user turn and only the replies are printed, one per line.
+one user turn and only the replies are printed, one per line. When a pie-local server runs, the
+chat runs there (--local: always in this process; --server URL: that server).
 
 examples:
   pie-local chat
@@ -67,21 +68,19 @@ class LineReader:
 
 
 async def _chat(args: argparse.Namespace) -> int:
-    from pie_local.cli.run import make_engine
+    from pie_local.cli.target import describe_failure, open_target
     from pie_local.inferlets.chat import TURN_END
     from pie_local.present.problems import UserError
 
     interactive = sys.stdin.isatty()
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
-    engine = make_engine(args)
-    await engine.start()
-    reader = LineReader(interactive)
-    try:
-        handle = engine.launch("chat", {"system": args.system, "max_tokens": args.max_tokens,
-                                        "temperature": args.temperature, "seed": args.seed})
+    async with open_target(args) as target:
+        reader = LineReader(interactive)
+        handle = await target.launch("chat", {"system": args.system, "max_tokens": args.max_tokens,
+                                              "temperature": args.temperature, "seed": args.seed})
         if interactive:
-            print(f"chatting with {engine.model_name} — /exit or Ctrl-D to quit", file=sys.stderr)
+            print(f"chatting with {target.label} — /exit or Ctrl-D to quit", file=sys.stderr)
         stream = handle.messages()
         while True:
             line = await reader.readline()
@@ -101,11 +100,10 @@ async def _chat(args: argparse.Namespace) -> int:
                 break
             sys.stdout.write("\n")
             sys.stdout.flush()
+        await stream.aclose()
         try:
             await handle.result()
         except Exception as exc:  # noqa: BLE001 — the inferlet's error, shown without a traceback
             print(file=sys.stderr)  # the error goes below a partial reply, not after it
-            raise UserError(f"chat failed: {type(exc).__name__}: {exc}") from exc
+            raise UserError(f"chat failed: {describe_failure(exc)}") from exc
         return 0
-    finally:
-        await engine.stop()

@@ -2,6 +2,8 @@
 
 Everything after `--` goes to the inferlet as `--key value` arguments. Streamed text goes to
 stdout as it is generated (nothing else does, so output can be piped); other messages go to stderr.
+When a pie-local server runs (`pie-local serve`), the inferlet runs there, on the model it holds;
+otherwise this command loads the model itself. --local always does; --server URL names a server.
 
 examples:
   pie-local run --list
@@ -11,6 +13,7 @@ examples:
   pie-local run react-agent --json -- --prompt 'What is 17 * 23?' --tools calculator
   pie-local run ./my_inferlet.py -- --text hello
   pie-local run text-completion -- --prompt "$(cat notes.txt)" | tee summary.txt
+  pie-local run text-completion --local -- --prompt 'Hi'     # never the server
 """
 
 from __future__ import annotations
@@ -32,8 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    from pie_local.cli.target import add_target_arguments
+
     parser.add_argument("--model", "-m", default=None, help="model name or .gguf path (default: the default model)")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: physical cores)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads of a model loaded here (default: physical cores; a server has its own)")
+    add_target_arguments(parser)
 
 
 def split_remainder(rest: list[str]) -> tuple[list[str], list[str]]:
@@ -119,19 +126,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace, spec, parsed) -> int:
+    from pie_local.cli.target import describe_failure, open_target
     from pie_local.present.problems import UserError
 
-    engine = make_engine(args)
-    await engine.start()
-    try:
-        handle = engine.launch(spec, parsed)
+    async with open_target(args) as target:
+        handle = await target.launch(spec, parsed)
         text: list[str] = []
         data: list[Any] = []
         async for msg in handle.messages():
             if msg.kind == "text":
                 text.append(msg.data)
                 if not args.json and not _write(msg.data):
-                    handle.cancel()  # the reader went away (`| head`): stop generating
+                    await target.cancel(handle)  # the reader went away (`| head`): stop generating
                     return 0
             else:
                 data.append(msg.data)
@@ -142,9 +148,9 @@ async def _run(args: argparse.Namespace, spec, parsed) -> int:
         except Exception as exc:  # noqa: BLE001 — the inferlet's error, shown without a traceback
             if text and not args.json:
                 sys.stdout.write("\n")
-            raise UserError(f"inferlet {spec.name!r} failed: {type(exc).__name__}: {exc}") from exc
+            raise UserError(f"inferlet {spec.name!r} failed: {describe_failure(exc)}") from exc
         if args.json:
-            print(json.dumps({"inferlet": spec.name, "model": engine.model_name, "text": "".join(text),
+            print(json.dumps({"inferlet": spec.name, "model": target.model_name, "text": "".join(text),
                               "result": result, "messages": data, "tokens": handle.tokens,
                               "elapsed_s": round(handle.elapsed, 3)}, default=str, ensure_ascii=False))
         elif not text and result is not None:
@@ -152,5 +158,3 @@ async def _run(args: argparse.Namespace, spec, parsed) -> int:
         elif text and sys.stdout.isatty():
             sys.stdout.write("\n")
         return 0
-    finally:
-        await engine.stop()

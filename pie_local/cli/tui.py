@@ -1,9 +1,14 @@
 """Open the terminal UI: chat sessions, models, and a live monitor of the engine.
 
+When a pie-local server runs, the TUI attaches to it (its status bar says `server HOST:PORT`):
+sessions generate there and the monitor shows every client's runs. Otherwise it loads the model
+itself. --local always does; --server URL attaches to that server.
+
 examples:
   pie-local                      # same as `pie-local tui`
   pie-local tui
   pie-local tui --model gemma3-270m --screen sessions
+  pie-local tui --local
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="default model for new sessions (installed name or .gguf path)")
     parser.add_argument("--screen", choices=SCREENS, help="screen to open first (default: sessions, or models "
                         "when no model is installed)")
+    from pie_local.cli.target import add_target_arguments
+
+    add_target_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,11 +37,14 @@ def run(args: argparse.Namespace) -> int:
 
         raise UserError("the TUI needs an interactive terminal", "for scripts use `pie-local run` or `pie-local chat`")
     from pie_local import paths
+    from pie_local.cli.target import server_client
     from pie_local.tui.app import PieApp
+    from pie_local.tui.backend import Backend
 
+    backend = Backend(server=server_client(args))
     log_path = paths.home() / "logs" / "tui-stderr.log"
     with native_stderr_to(log_path):
-        PieApp(default_model=args.model, start_mode=args.screen).run()
+        PieApp(backend=backend, default_model=args.model, start_mode=args.screen).run()
     return 0
 
 

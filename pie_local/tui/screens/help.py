@@ -33,6 +33,11 @@ HELP = """\
 Sessions are stored on disk with their KV cache: reopening a chat continues from the saved KV
 instead of reading the whole history again (see the time to first token under the chat).
 The model loads the first time a session needs it. Driver and llama.cpp logs go to the logs screen.
+
+When a pie-local server runs (`pie-local serve`), the TUI attaches to it and the status bar says
+`server HOST:PORT`: sessions generate on the server's model, which every client shares, and the
+monitor shows every client's runs. The server keeps the KV cache then: a session's history is
+resumed from its prefix cache instead of a saved snapshot. `pie-local tui --local` never attaches.
 """
 
 

@@ -1,4 +1,5 @@
-"""Monitor: running inferlets and the engine's KV pages, throughput and prefix hits, live."""
+"""Monitor: running inferlets and the engine's KV pages, throughput and prefix hits, live (attached
+to a server: every client's runs and the server's numbers)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from textual.containers import Grid, Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Label, Sparkline, Static
 
+from pie_local.present.problems import UserError
 from pie_local.tui.backend import MonitorSnapshot
 from pie_local.tui.widgets.status_bar import StatusBar
 
@@ -78,11 +80,17 @@ class MonitorScreen(Screen):
             return None
         return str(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
 
-    def action_cancel_inferlet(self) -> None:
+    async def action_cancel_inferlet(self) -> None:
         inferlet_id = self._selected_id()
         if inferlet_id is None:
             self.app.notify("No inferlet is running.", severity="warning")
-        elif self.app.backend.cancel_inferlet(inferlet_id):
+            return
+        try:
+            cancelled = await self.app.backend.cancel_inferlet(inferlet_id)
+        except UserError as exc:
+            self.app.report_error(exc)
+            return
+        if cancelled:
             self.app.notify(f"Cancelled inferlet {inferlet_id}.")
         else:
             self.app.notify(f"Inferlet {inferlet_id} has already finished.", severity="warning")

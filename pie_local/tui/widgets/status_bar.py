@@ -1,4 +1,5 @@
-"""The status line at the bottom of every screen: loaded model, memory, tokens/s, inferlets."""
+"""The status line at the bottom of every screen: the server it is attached to (if any), loaded
+model, memory, tokens/s, inferlets."""
 
 from __future__ import annotations
 
@@ -28,11 +29,12 @@ class StatusBar(Static):
         if backend is None:
             return
         snap = backend.monitor()
+        where = f"server {snap.server} · " if snap.server else ""
         if snap.model is None:
-            self.update("no model loaded · it loads when a session needs it")
+            self.update(f"{where}no model loaded · it loads when a session needs it")
             return
         running = sum(1 for r in snap.inferlets if r.state == "running")
         self.update(
-            f"model {snap.model} · mem {human_size(snap.memory_bytes)} · "
+            f"{where}model {snap.model} · mem {human_size(snap.memory_bytes)} · "
             f"{snap.tokens_per_s:.1f} tok/s · {running} running"
         )
