@@ -13,7 +13,7 @@ import pytest
 from pie_local.driver.types import DriverParams
 from pie_local.runtime import Engine, EngineConfig, InferletCancelled, Limits, Param, WallTimeExceeded
 
-pytestmark = [pytest.mark.slow, pytest.mark.real_driver]
+pytestmark = [pytest.mark.slow, pytest.mark.real_driver, pytest.mark.timeout(900)]
 
 N_INFERLETS = 200
 MAX_RUNNING = 16

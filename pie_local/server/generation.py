@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Sequence
 
@@ -20,6 +21,19 @@ from pie_local.server.errors import APIError, busy, invalid
 from pie_local.server.schema import GenerationRequest, ToolSpec
 
 _SEED_STRIDE = 1 << 32  # fork i samples step s with seed + i * stride + s: streams never overlap
+
+
+# Pages promised to the requests running on each engine: a request is admitted only when the pages
+# its prompt and max_tokens can take are free beyond those, so an admitted request never runs out
+# of KV midway (and one that cannot fit gets its 503 at once).
+_admitted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> its running Jobs
+
+
+def pages_needed(n_prompt: int, max_tokens: int, n_choices: int, page_size: int) -> int:
+    """Upper bound of the pages one prompt sampled ``n_choices`` times can hold: the prompt's full
+    pages once (the forks share them), the rest once per choice."""
+    shared = n_prompt // page_size
+    return shared + n_choices * (math.ceil((n_prompt + max_tokens) / page_size) - shared)
 
 
 def context_limit(engine: Any) -> int:
@@ -90,6 +104,7 @@ class Job:
         self.stop = list(stop)
         self.constraint = constraint
         self._prompts: list[_Prompt] = []
+        self.promised = 0  # KV pages this request may still take (see _admitted)
         limit = context_limit(engine)
         try:
             for p in prompts:
@@ -108,11 +123,30 @@ class Job:
                                            f"{want} more were asked for (max_tokens)")
                 self._prompts[-1].n_tokens = n
             self.max_tokens = [req.max_tokens or limit - p.n_tokens for p in self._prompts]
+            self._promise_pages()
         except BaseException:
             self.release()
             raise
 
+    def _promise_pages(self) -> None:
+        pool = self.engine.pool
+        need = sum(pages_needed(p.n_tokens, m, self.req.n, pool.page_size)
+                   for p, m in zip(self._prompts, self.max_tokens))
+        need = min(need, pool.n_pages)  # a request bigger than the pool runs alone and may stop early
+        running = _admitted.setdefault(self.engine, set())
+        still_promised = sum(max(job.promised - job.pages_held(), 0) for job in running)
+        room = pool.n_free - still_promised
+        if need > room:
+            raise busy(f"the KV cache is full: this request needs up to {need} pages, {max(room, 0)} are free; "
+                       "retry shortly")
+        self.promised = need
+        running.add(self)
+
+    def pages_held(self) -> int:
+        return sum(ctx.n_pages for p in self._prompts for ctx in p.forks)
+
     def release(self) -> None:
+        _admitted.get(self.engine, set()).discard(self)
         for p in self._prompts:
             for ctx in p.forks:
                 ctx.release()
