@@ -19,7 +19,7 @@ _RUNTIME_NAMES = (
 )
 _CONSTRAINT_NAMES = ("JsonSchema", "Regex", "Grammar", "AllOf")
 
-__all__ = ["__version__", *_RUNTIME_NAMES, *_CONSTRAINT_NAMES, "Tool"]
+__all__ = ["__version__", *_RUNTIME_NAMES, *_CONSTRAINT_NAMES, "Tool", "McpServer"]
 
 
 def __getattr__(name: str) -> Any:
@@ -35,4 +35,8 @@ def __getattr__(name: str) -> Any:
         from pie_local.runtime.tools import Tool
 
         return Tool
+    if name == "McpServer":
+        from pie_local.runtime.mcp import McpServer
+
+        return McpServer
     raise AttributeError(f"module 'pie_local' has no attribute {name!r}")
