@@ -19,7 +19,7 @@ _RUNTIME_NAMES = (
 )
 _CONSTRAINT_NAMES = ("JsonSchema", "Regex", "Grammar", "AllOf", "Triggered")
 
-__all__ = ["__version__", *_RUNTIME_NAMES, *_CONSTRAINT_NAMES, "Tool", "Client"]
+__all__ = ["__version__", *_RUNTIME_NAMES, *_CONSTRAINT_NAMES, "Tool", "Client", "McpServer"]
 
 
 def __getattr__(name: str) -> Any:
@@ -39,4 +39,8 @@ def __getattr__(name: str) -> Any:
         from pie_local.server.client import Client
 
         return Client
+    if name == "McpServer":
+        from pie_local.runtime.mcp import McpServer
+
+        return McpServer
     raise AttributeError(f"module 'pie_local' has no attribute {name!r}")

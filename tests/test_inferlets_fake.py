@@ -272,6 +272,24 @@ async def test_json_output_cut_off_is_an_error(engine):
         await engine.run("json-output", {"prompt": "x", "schema": "{nope"})
 
 
+async def test_json_output_options_and_what_was_relaxed(engine, tmp_path):
+    schema = {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2,
+                                                        "uniqueItems": True}},
+              "required": ["tags"], "additionalProperties": False}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    value, streamed, data, _ = await run_collect(engine, "json-output", {"prompt": "x", "schema": str(path),
+                                                                        "temperature": 1.0, "seed": 0})
+    assert set(value) == {"tags"} and streamed.startswith('{"tags":[')
+    [relaxed] = data
+    assert relaxed["event"] == "relaxed" and relaxed["keywords"] == ["uniqueItems"] and relaxed["warnings"]
+    with pytest.raises(ValueError, match="uniqueItems"):
+        await engine.run("json-output", {"prompt": "x", "schema": f"@{path}", "lenient": False})
+    _, spaced, _, _ = await run_collect(engine, "json-output", {"prompt": "x", "schema": str(path), "seed": 0,
+                                                               "temperature": 1.0, "key_separator": ": "})
+    assert spaced.startswith('{"tags": [')
+
+
 CALL = '{"name":"calculator","arguments":{"expression":"17*23"}}'
 FINAL = '{"name":"final_answer","arguments":{"answer":"391"}}'
 

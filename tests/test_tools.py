@@ -14,6 +14,7 @@ import pytest
 
 from pie_local.models.chat_template import ChatTemplate
 from pie_local.models.tokenizer import Tokenizer
+from pie_local.runtime.constraints import JsonSchema
 from pie_local.runtime.tools import (Tool, ToolCall, ToolError, as_tools, call_tool, parse_tool_calls,
                                      tool_call_constraint, tool_call_schema)
 from test_constraints import random_generate
@@ -141,6 +142,20 @@ def test_tool_call_schema_is_a_union_of_the_tools() -> None:
         jsonschema.validate({"name": "add", "arguments": {"city": "x"}}, schema)
     with pytest.raises(ToolError, match="no tools"):
         tool_call_schema([])
+
+
+def test_call_schema_embeds_references_and_closes_open_objects() -> None:
+    """Parameters as pydantic and MCP servers write them: $defs/$ref, objects open to extra keys."""
+    point = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+    move = Tool("move", "Move.", {"type": "object", "$defs": {"P": point}, "properties": {"to": {"$ref": "#/$defs/P"}},
+                                  "required": ["to"]}, fn=lambda to: to)
+    schema = tool_call_schema([move, *as_tools([add])])
+    jsonschema.validate({"name": "move", "arguments": {"to": {"x": 1}}}, schema)
+    for bad in ({"to": {"x": 1, "y": 2}}, {"to": {"x": 1}, "speed": 3}, {"to": {"x": "1"}}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({"name": "move", "arguments": bad}, schema)
+    JsonSchema(schema, lenient=False)  # llguidance follows the moved references too
+    assert move.parameters["$defs"]["P"] == point  # the tool's own schema is left as it was
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ examples:
   pie-local run text-completion -- --help
   pie-local run best-of-n --model qwen2.5-0.5b -- --prompt 'Q: 12*7=' --n 8
   pie-local run react-agent --json -- --prompt 'What is 17 * 23?' --tools calculator
+  pie-local run react-agent -- --prompt 'What is 2 + 40?' --mcp 'python my_mcp_server.py'
+  pie-local run json-output -- --schema person.json --prompt 'Ada Lovelace, 36' --no-lenient
   pie-local run ./my_inferlet.py -- --text hello
   pie-local run text-completion -- --prompt "$(cat notes.txt)" | tee summary.txt
   pie-local run text-completion --local -- --prompt 'Hi'     # never the server

@@ -1,25 +1,35 @@
 """A ReAct agent: Thought / Action / Observation steps in one context. Each action is generated
 under a JSON-schema constraint (a call to one of the tools, or the final answer), so even a small
 base model writes a parseable call; the tool runs inline and its observation is appended to the
-same KV (no re-prefill). Tools: a calculator and a file lookup confined to one directory."""
+same KV (no re-prefill). Tools: a calculator, a file lookup confined to one directory, and the
+tools of any MCP servers given (started from a command, or reached by URL; closed at the end).
+
+    pie-local run react-agent -- --prompt 'What is 17 * 23?' --mcp 'python my_server.py'
+"""
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import math
 import operator
 from pathlib import Path
 
 from pie_local import JsonSchema, Param, SamplingParams, Tool
+from pie_local.runtime.mcp import McpServer
 from pie_local.runtime.tools import tool_call_schema
 
 NAME = "react-agent"
-DESCRIPTION = "ReAct agent with a calculator and file lookup; tool calls are schema-constrained."
+DESCRIPTION = "ReAct agent with a calculator, file lookup and MCP servers' tools; tool calls are schema-constrained."
 PARAMETERS = {
     "prompt": Param(str, required=True, help="the question to answer"),
-    "tools": Param(str, default="calculator,lookup_file", help="comma-separated tools to offer"),
+    "tools": Param(str, default=None, help="comma-separated tools to offer (default: calculator, lookup_file and "
+                                           "every tool of the MCP servers)"),
     "files": Param(str, default=".", help="directory lookup_file may read from"),
+    "mcp": Param(str, default=None, help="MCP servers to start and use (stdio), commands separated by ';', "
+                                         "e.g. 'python server.py'"),
+    "mcp_url": Param(str, default=None, help="MCP servers to use over streamable HTTP, URLs separated by ';'"),
     "max_steps": Param(int, default=4, help="actions at most before a final answer is forced"),
     "min_calls": Param(int, default=1, help="the first this many actions must be tool calls"),
     "thoughts": Param(bool, default=True, help="let the model write a Thought line before each action"),
@@ -99,7 +109,7 @@ FINAL = "final_answer"
 def action_schema(tools: list[Tool], allow_final: bool) -> dict:
     """One action: a call to one of ``tools``, or (when allowed) the final answer."""
     for tool in tools:  # keep calls short enough to always finish within the action budget
-        for prop in tool.parameters["properties"].values():
+        for prop in tool.parameters.get("properties", {}).values():
             if prop.get("type") == "string":
                 prop.setdefault("maxLength", 80)
     options = []
@@ -118,7 +128,7 @@ def action_schema(tools: list[Tool], allow_final: bool) -> dict:
 def header(tools: list[Tool], question: str) -> str:
     lines = ["Answer the question by using tools. Each action is one JSON object on one line.", "Tools:"]
     for t in tools:
-        lines.append(f"- {t.name}: {t.description} Arguments: {json.dumps(t.parameters['properties'])}")
+        lines.append(f"- {t.name}: {t.description} Arguments: {json.dumps(t.parameters.get('properties', {}))}")
     lines.append(f'- {FINAL}: Give the answer. Arguments: {{"answer": "..."}}')
     lines += ["", "Question: What is 3 + 4?",
               "Thought: I should add the numbers.",
@@ -131,14 +141,31 @@ def header(tools: list[Tool], question: str) -> str:
 
 # ---------------------------------------------------------------------------------- the agent
 
+def mcp_servers(args) -> list[McpServer]:
+    commands = [McpServer.parse(c) for c in (args.mcp or "").split(";") if c.strip()]
+    return commands + [McpServer.http(u.strip()) for u in (args.mcp_url or "").split(";") if u.strip()]
+
+
 async def main(rt, args):
     available = {"calculator": Tool.from_function(calculator),
                  "lookup_file": Tool.from_function(make_lookup_file(Path(args.files)))}
-    names = [n.strip() for n in args.tools.split(",") if n.strip()]
-    unknown = [n for n in names if n not in available]
-    if unknown or not names:
-        raise ValueError(f"unknown tools {unknown}; available: {', '.join(available)}")
-    tools = [available[n] for n in names]
+    async with contextlib.AsyncExitStack() as servers:  # MCP servers close when the agent ends
+        for server in mcp_servers(args):
+            await servers.enter_async_context(server)
+            tools = await server.tools()
+            for tool in tools:
+                if tool.name in available:
+                    raise ValueError(f"two tools are named {tool.name!r} (one from MCP server {server.label!r})")
+                available[tool.name] = tool
+            rt.send({"event": "mcp_server", "server": server.label, "tools": [t.name for t in tools]})
+        names = [n.strip() for n in args.tools.split(",") if n.strip()] if args.tools else list(available)
+        unknown = [n for n in names if n not in available]
+        if unknown or not names:
+            raise ValueError(f"unknown tools {unknown}; available: {', '.join(available)}")
+        return await run_agent(rt, args, [available[n] for n in names])
+
+
+async def run_agent(rt, args, tools: list[Tool]) -> dict:
     sampling = SamplingParams(temperature=args.temperature, seed=args.seed)
     ctx = rt.context()
     ctx.fill(header(tools, args.prompt))

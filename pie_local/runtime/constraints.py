@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from abc import ABC, abstractmethod
 from typing import Any
 
 import numpy as np
+
+from pie_local.runtime.json_keys import KeyTracker, VocabQuotes, clear, vocab_quotes
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +207,9 @@ class GrammarConstraint(Constraint):
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(llg_grammar)
         if is_error:
             raise ConstraintError(f"invalid {self.kind}: {messages[0]}")
+        self.warnings: list[str] = list(messages)  # what llguidance ignored or approximated
+        for warning in self.warnings:
+            log.debug("%s: %s", self.kind, warning)
 
     def bind(self, tokenizer: Any) -> MatcherState:
         import llguidance
@@ -212,8 +218,6 @@ class GrammarConstraint(Constraint):
         matcher = llguidance.LLMatcher(llg_tok, self.llg_grammar, log_level=0)
         if matcher.is_error():
             raise ConstraintError(f"invalid {self.kind}: {matcher.get_error()}")
-        for warning in matcher.get_grammar_warnings():
-            log.warning("%s: %s", self.kind, warning)
         return MatcherState(matcher, llg_tok.vocab_size, tokenizer, self.kind)
 
     def __repr__(self) -> str:
@@ -222,11 +226,28 @@ class GrammarConstraint(Constraint):
 
 
 class JsonSchema(GrammarConstraint):
-    """Output is one JSON value valid under `schema` (a dict or its JSON text)."""
+    """Output is one JSON value valid under `schema` (a dict or its JSON text).
+
+    The options are llguidance's JSON compile options (they override the schema's own
+    "x-guidance"), with defaults under which most real-world schemas compile:
+
+    - `lenient`: keywords llguidance does not implement (`uniqueItems`, `dependencies`, `not`,
+      `if`/`then`/`else`, `propertyNames`, `contains`, unknown `format`s, look-around regexes)
+      are ignored instead of failing the schema. `relaxed` names the ones this schema used, and
+      `warnings` has llguidance's messages: output may break only those keywords.
+    - `coerce_one_of`: `oneOf` is enforced as `anyOf` where llguidance cannot prove them equal
+      (then "oneOf" is in `relaxed`: a value may match more than one branch).
+    - `unique_keys`: no object repeats a key. The grammar alone repeats none of `properties`,
+      but keys allowed by `additionalProperties`/`patternProperties` could repeat.
+    - `whitespace_flexible` (compact JSON unless set), `whitespace_pattern`, `item_separator`,
+      `key_separator` (regexes): the layout between tokens.
+    """
 
     kind = "JSON schema"
 
-    def __init__(self, schema: dict | str, *, whitespace_flexible: bool = False) -> None:
+    def __init__(self, schema: dict | str, *, lenient: bool = True, coerce_one_of: bool = True,
+                 unique_keys: bool = True, whitespace_flexible: bool = False, whitespace_pattern: str | None = None,
+                 item_separator: str | None = None, key_separator: str | None = None) -> None:
         import llguidance
 
         if isinstance(schema, str):
@@ -237,13 +258,198 @@ class JsonSchema(GrammarConstraint):
         if not isinstance(schema, dict):
             raise ConstraintError(f"invalid JSON schema: expected an object, got {type(schema).__name__}")
         self.schema = schema
+        self.unique_keys = unique_keys
+        # Compact separators unless asked: fewer tokens, and small models do not ramble in spaces.
+        options: dict[str, Any] = {"lenient": lenient, "coerce_one_of": coerce_one_of,
+                                   "whitespace_flexible": whitespace_flexible}
+        for name, value in (("whitespace_pattern", whitespace_pattern), ("item_separator", item_separator),
+                            ("key_separator", key_separator)):
+            if value is not None:
+                options[name] = value
+        dropped: list[str] = []
+        compiled = _without_lookaround(schema, dropped) if lenient else schema
         try:
-            # Compact separators unless asked: fewer tokens, and small models do not ramble in spaces.
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(
-                schema, overrides={"whitespace_flexible": whitespace_flexible})
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(compiled, overrides=options)
         except ValueError as e:
             raise ConstraintError(f"invalid JSON schema: {e}") from None
         super().__init__(grammar, json.dumps(schema))
+        self.warnings = dropped + self.warnings
+        self.relaxed: tuple[str, ...] = _relaxed_keywords(self.warnings)
+
+    def bind(self, tokenizer: Any) -> MatcherState:
+        state = super().bind(tokenizer)
+        if not self.unique_keys:
+            return state
+        return JsonState(state, vocab_quotes(_llg_tokenizer(tokenizer)))
+
+
+class JsonState(MatcherState):
+    """A JSON schema's state that also keeps each object's keys unique (`runtime/json_keys.py`).
+
+    When an object's schema allows only a few keys and the grammar would let one be written
+    again, a key could start that can only end as a repeat; a short look-ahead through the
+    grammar drops such tokens too, so a step never finds every token forbidden. Every token must
+    come through advance(): the key tracker reads the text from them.
+    """
+
+    many = 64  # more tokens than this may start a key: the object allows too many keys to run out
+    lookahead = 64  # grammar states one step may try before assuming an unused key can follow
+
+    def __init__(self, base: MatcherState, vocab: VocabQuotes, tracker: KeyTracker | None = None,
+                 pieces: list[bytes] | None = None) -> None:
+        super().__init__(base._matcher, base.n_vocab, base._owner, base._description)
+        self._vocab = vocab
+        self._tracker = tracker or KeyTracker()
+        self._pieces = pieces or []  # the bytes of each advanced token, to replay after a rollback
+
+    def mask(self) -> np.ndarray:
+        out = self._mask_without_repeats()
+        tracker = self._tracker
+        obj = tracker.current_object()
+        if tracker.choosing_key() and obj.bounded is not False:
+            # Named keys come first, free ones may follow: once many tokens could start a key, the
+            # object's keys cannot run out.
+            obj.bounded = _count(out) <= self.many
+        if tracker.may_run_out():
+            budget = [self.lookahead]
+            for token in self._key_starts(out):
+                if self._may_repeat_after(token) and not self._unused_key_after(token, budget):
+                    clear(out, token)
+        if not out.any():
+            raise ConstraintError(f"{self._description}: every token allowed here would repeat a key of its object")
+        return out
+
+    def advance(self, token_id: int) -> None:
+        token_id = int(token_id)
+        piece = self._vocab.pieces[token_id] if 0 <= token_id < len(self._vocab.pieces) else b""
+        if self._tracker.repeats_key(piece):
+            raise ConstraintError(f"{self._description}: token {token_id} would repeat a key of its object")
+        super().advance(token_id)
+        self._tracker.feed(piece)
+        self._pieces.append(piece)
+
+    def fork(self) -> JsonState:
+        return JsonState(super().fork(), self._vocab, self._tracker.copy(), list(self._pieces))
+
+    def rollback(self, n_tokens: int) -> None:
+        super().rollback(n_tokens)
+        del self._pieces[len(self._pieces) - n_tokens:]
+        self._tracker = KeyTracker()
+        self._tracker.feed(b"".join(self._pieces))
+
+    def _mask_without_repeats(self) -> np.ndarray:
+        out = super().mask()
+        self._tracker.drop_repeats(out, self._vocab)
+        return out
+
+    def _key_starts(self, mask: np.ndarray) -> list[int]:
+        """Allowed tokens after which a new key of an object that may run out of keys is chosen."""
+        tracker, vocab = self._tracker, self._vocab
+        if tracker.choosing_key():
+            candidates = allowed_tokens(mask).tolist() if _count(mask) <= self.many else []
+        else:  # a comma starts the next member (from inside a string value, after its closing quote)
+            candidates = (vocab.commas_after_quote if tracker.in_string else vocab.commas).allowed(mask)
+        starts = []
+        for token in candidates:
+            after = tracker.after(vocab.pieces[token])
+            if after.choosing_key() and after.object_has_keys() and after.current_object().bounded is not False:
+                starts.append(token)
+        return starts
+
+    def _may_repeat_after(self, token: int) -> bool:
+        """Would the grammar accept, after `token`, a key its object already has? (Else nothing
+        after it is dropped for repeating, and the grammar alone never leads nowhere.) Learned
+        once per object and key where the token leaves the key's start."""
+        after = self._tracker.after(self._vocab.pieces[token])
+        written = after.key_so_far()
+        obj = after.current_object()
+        known = self._tracker.object_at(after.depth) if written in (b"", b'"') else None
+        for key in obj.keys:
+            if known is not None and key in known.repeatable:
+                if known.repeatable[key]:
+                    return True
+                continue
+            whole = json.dumps(key, ensure_ascii=False).encode()
+            if not whole.startswith(written):
+                continue
+            rest = self._vocab.tokenize(whole[len(written):])
+            accepted = self._matcher.validate_tokens([token] + rest) == 1 + len(rest)
+            if known is not None:
+                known.repeatable[key] = accepted
+            if accepted:
+                return True
+        return False
+
+    def _unused_key_after(self, token: int, budget: list[int]) -> bool:
+        """Can the key being chosen still end as one its object does not have, after `token`?"""
+        child = self.fork()
+        child.advance(token)
+        out = child._mask_without_repeats()
+        if _count(out) > self.many:
+            return True
+        tokens = allowed_tokens(out).tolist()
+        if any(not child._tracker.after(self._vocab.pieces[t]).choosing_key() for t in tokens):
+            return True  # one ends the key (repeats were dropped)
+        for t in tokens:
+            if budget[0] <= 0:
+                return True  # out of look-ahead: assume so
+            budget[0] -= 1
+            if child._unused_key_after(t, budget):
+                return True
+        return False
+
+
+def _count(mask: np.ndarray) -> int:
+    """Allowed tokens in a mask (exactly up to a few hundred; at least that many otherwise)."""
+    words = np.flatnonzero(mask)
+    if len(words) > 256:
+        return len(words)
+    return int(np.unpackbits(mask[words].view(np.uint8)).sum())
+
+
+_LOOKAROUND = re.compile(r"\(\?<?[=!]")
+_VALUES = frozenset({"enum", "const", "default", "examples"})  # data, not schemas: never rewritten
+
+
+def _without_lookaround(node: Any, dropped: list[str]) -> Any:
+    """The schema without the look-around regexes llguidance cannot compile (lenient mode): such a
+    `pattern` is ignored, and such a `patternProperties` entry too (its keys then fall under
+    `additionalProperties`). Each one dropped is described in `dropped`."""
+    if isinstance(node, list):
+        return [_without_lookaround(item, dropped) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _VALUES:
+            out[key] = value
+        elif key == "pattern" and isinstance(value, str) and _LOOKAROUND.search(value):
+            dropped.append(f"pattern: {value!r} uses look-around, which cannot be enforced; ignored")
+        elif key == "patternProperties" and isinstance(value, dict):
+            out[key] = {}
+            for regex, sub in value.items():
+                if _LOOKAROUND.search(regex):
+                    dropped.append(f"patternProperties: {regex!r} uses look-around, which cannot be enforced; ignored")
+                else:
+                    out[key][regex] = _without_lookaround(sub, dropped)
+        else:
+            out[key] = _without_lookaround(value, dropped)
+    return out
+
+
+def _relaxed_keywords(warnings: list[str]) -> tuple[str, ...]:
+    """The schema keywords named by llguidance's lenient-mode warnings (and our own), sorted."""
+    names: set[str] = set()
+    for warning in warnings:
+        if match := re.match(r"Unimplemented keys: (\[[^\]]*\])", warning):
+            names.update(json.loads(match.group(1)))
+        elif warning.startswith("oneOf "):
+            names.add("oneOf")
+        elif warning.startswith("Unknown format"):
+            names.add("format")
+        elif match := re.match(r"(pattern|patternProperties): ", warning):
+            names.add(match.group(1))
+    return tuple(sorted(names))
 
 
 class Regex(GrammarConstraint):

@@ -318,13 +318,79 @@ async def call_tool(tools: Sequence[Tool], call: ToolCall) -> ToolResult:
 
 
 def tool_call_schema(tools: Sequence[Tool], arguments_key: str = "arguments") -> dict[str, Any]:
-    """JSON schema of one call: {"name": <one tool>, "<arguments_key>": <that tool's arguments>}."""
+    """JSON schema of one call: {"name": <one tool>, "<arguments_key>": <that tool's arguments>}.
+    An object that lists its properties and says nothing of others (as pydantic and MCP servers
+    write them) is closed here: a forced call writes only the arguments a tool declares."""
     if not tools:
         raise ToolError("no tools to call")
+    defs: dict[str, Any] = {}
     options = [{"type": "object",
-                "properties": {"name": {"const": t.name}, arguments_key: t.parameters},
+                "properties": {"name": {"const": t.name}, arguments_key: _embedded(t, defs)},
                 "required": ["name", arguments_key], "additionalProperties": False} for t in tools]
-    return options[0] if len(options) == 1 else {"anyOf": options}
+    schema = options[0] if len(options) == 1 else {"anyOf": options}
+    return {**schema, "$defs": defs} if defs else schema
+
+
+_DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples"})  # values, not schemas
+
+
+def _embedded(tool: Tool, defs: dict[str, Any]) -> dict[str, Any]:
+    """A tool's parameters as a part of the call's schema. Parameters with references of their own
+    ("$ref": "#/$defs/Point", as pydantic and MCP servers write them) move to the call schema's
+    $defs under the tool's name, their references rewritten to point there."""
+    parameters = _closed(tool.parameters)
+    if not _has_local_ref(parameters):
+        return parameters
+    pointer = "#/$defs/" + tool.name.replace("~", "~0").replace("/", "~1")
+    defs[tool.name] = _rebased(parameters, pointer)
+    return {"$ref": pointer}
+
+
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMAS = ("items", "additionalItems", "additionalProperties", "not", "if", "then", "else", "contains")
+
+
+def _closed(schema: Any) -> Any:
+    """A copy of a schema where objects with properties and no word on others allow no others."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: _closed(sub) for name, sub in out[key].items()}
+    for key in _SCHEMA_LISTS + _SUBSCHEMAS:
+        if isinstance(out.get(key), list):
+            out[key] = [_closed(sub) for sub in out[key]]
+        elif key in out:
+            out[key] = _closed(out[key])
+    if "properties" in out and not {"additionalProperties", "patternProperties", "unevaluatedProperties"} & set(out):
+        out["additionalProperties"] = False
+    return out
+
+
+def _has_local_ref(node: Any) -> bool:
+    if isinstance(node, list):
+        return any(_has_local_ref(item) for item in node)
+    if not isinstance(node, dict):
+        return False
+    return any((key == "$ref" and isinstance(value, str) and value.startswith("#"))
+               or (key not in _DATA_KEYWORDS and _has_local_ref(value)) for key, value in node.items())
+
+
+def _rebased(node: Any, pointer: str) -> Any:
+    """A copy of a schema whose local references ("#...") resolve under `pointer`."""
+    if isinstance(node, list):
+        return [_rebased(item, pointer) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            out[key] = pointer + value[1:]
+        else:
+            out[key] = value if key in _DATA_KEYWORDS else _rebased(value, pointer)
+    return out
 
 
 def tool_call_constraint(tools: Sequence[Tool], tool_format: str = "json") -> Constraint:
