@@ -78,7 +78,8 @@ def unpublish(pid: int | None = None, engine: int = 0) -> None:
     entry_path(pid, engine).unlink(missing_ok=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (the server record checks its owner the same way)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -100,7 +101,7 @@ def read_all(now: float | None = None) -> list[dict]:
             path.unlink(missing_ok=True)  # half-written by a foreign tool or unreadable: drop it
             continue
         fresh = now - float(snapshot.get("updated_at", 0)) <= STALE_AFTER_S
-        if not _pid_alive(pid) or not fresh:
+        if not pid_alive(pid) or not fresh:
             path.unlink(missing_ok=True)
             continue
         entries.append({**snapshot, "pid": pid, "engine": engine})

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pie_local import paths
+from pie_local.runtime.ps_registry import pid_alive
 
 
 @dataclass(frozen=True)
@@ -74,11 +75,4 @@ def _load(path: Path) -> ServerRecord | None:
         return None
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
     return True
