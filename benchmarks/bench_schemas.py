@@ -38,10 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="model name or .gguf path (default: the default model)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: physical cores)")
     parser.add_argument("--strict", action="store_true", help="compile with lenient=False, coerce_one_of=False")
+    parser.add_argument("--repeated-keys", action="store_true",
+                        help="unique_keys=False: the grammar alone (to see what the key check costs)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
 
     options = {"lenient": False, "coerce_one_of": False} if args.strict else {}
+    if args.repeated_keys:
+        options["unique_keys"] = False
     compiled = compile_cases(load_cases(args.data), **options)
     picked = sample(compiled, args.per_collection, args.seed)
     if args.random:

@@ -14,6 +14,7 @@ once, and a step reads only the allowed tokens with enough quotes to reach a key
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from dataclasses import dataclass, field
@@ -123,7 +124,8 @@ class ObjectKeys:
     # Only few tokens could start its keys so far (named keys): they might all get used. None: no key seen
     # yet; False once many could (free keys), for good.
     bounded: bool | None = None
-    repeatable: dict[str, bool] = field(default_factory=dict)  # key -> the grammar would accept it again
+    # key -> the grammar would accept it again (shared by the versions of this object as keys are added)
+    repeatable: dict[str, bool] = field(default_factory=dict)
 
     def copy(self) -> ObjectKeys:
         return ObjectKeys(set(self.keys), self.bounded, dict(self.repeatable))
@@ -144,25 +146,29 @@ class KeyTracker:
         self._key: bytearray | None = None  # the raw bytes of the key being written, while in a key
 
     def copy(self) -> KeyTracker:
+        """An independent copy (for a forked state)."""
+        return self._copy([None if f is None else f.copy() for f in self._frames])
+
+    def _copy(self, frames: list[ObjectKeys | None]) -> KeyTracker:
         other = KeyTracker()
-        other._frames = [None if f is None else f.copy() for f in self._frames]
+        other._frames = frames
         other._expect_key, other._in_string, other._escape = self._expect_key, self._in_string, self._escape
         other._key = None if self._key is None else bytearray(self._key)
         return other
 
     def feed(self, data: bytes) -> None:
         """Read generated text."""
-        self._scan(data)
+        self._scan(data, commit=True)
 
     def after(self, data: bytes) -> KeyTracker:
-        """A copy that has read `data`."""
-        other = self.copy()
-        other._scan(data)
+        """A copy that has read `data`, to look at (it shares the open objects this one has)."""
+        other = self._copy(list(self._frames))
+        other._scan(data, commit=True)
         return other
 
     def repeats_key(self, data: bytes) -> bool:
         """Would reading `data` complete a key that its object already has? Changes nothing."""
-        return b'"' in data and self.copy()._scan(data)
+        return b'"' in data and self._scan(data, commit=False)
 
     # ---- where the text is -----------------------------------------------------------------------
 
@@ -208,11 +214,19 @@ class KeyTracker:
     # ---- masks -----------------------------------------------------------------------------------
 
     def quotes_needed(self) -> int:
-        """The fewest quotes a token needs to complete a repeated key from here: the closing quote
-        of a key being written (1); the opening and closing quotes of a new key (2); the end of a
-        string value first (3). Two more when no open object has a key yet: one must be written first."""
-        base = 1 if self._key is not None else 3 if self._in_string else 2
-        return base if any(f is not None and f.keys for f in self._frames) else base + 2
+        """The fewest quotes a token needs to complete a repeated key from here. Inside a key: its
+        closing quote (1) if its object has keys, else that and a whole second key (3). Before a
+        key: a whole key (2), or, in an object with none yet, two (4) unless an outer object has
+        keys (the token may close this one and write one of those). Elsewhere: a whole key (2),
+        after the end of a string value (3), and two more when no open object has a key."""
+        has_keys = self.object_has_keys()
+        any_keys = any(f is not None and f.keys for f in self._frames)
+        if self._key is not None:
+            return 1 if has_keys else 3
+        if self._expect_key:
+            return 2 if any_keys else 4
+        base = 3 if self._in_string else 2
+        return base if any_keys else base + 2
 
     def drop_repeats(self, mask: np.ndarray, vocab: VocabQuotes) -> None:
         """Clear, in place, the bits of `mask` whose token would complete a repeated key."""
@@ -234,10 +248,16 @@ class KeyTracker:
         for token in repeats:
             clear(mask, token)
 
-    def _scan(self, data: bytes) -> bool:
-        """Read `data`; True if it completed a key that its object already had."""
-        frames, key = self._frames, self._key
+    def _scan(self, data: bytes, commit: bool) -> bool:
+        """Read `data`; True if it completes a key that its object already has. The objects open
+        before it are never changed in place (a key it adds to one replaces that object), and
+        without `commit` nothing is kept: a check needs no copy."""
+        frames = self._frames
+        depth = len(frames)  # frames[:depth] are still open
+        opened: list[ObjectKeys | None] = []  # what `data` opens, innermost last
+        added: dict[int, set[str]] = {}  # keys `data` gives frames[i]
         in_string, escape, expect_key = self._in_string, self._escape, self._expect_key
+        key = self._key if commit or self._key is None else bytearray(self._key)
         repeated = False
         for byte in data:
             if in_string:
@@ -248,27 +268,39 @@ class KeyTracker:
                     continue
                 in_string = False
                 if key is not None:
-                    name, keys = _key_text(bytes(key)), frames[-1].keys
-                    repeated = repeated or name in keys
-                    keys.add(name)
+                    name = _key_text(bytes(key))
+                    if opened:
+                        repeated = repeated or name in opened[-1].keys
+                        opened[-1].keys.add(name)
+                    else:
+                        extra = added.setdefault(depth - 1, set())
+                        repeated = repeated or name in frames[depth - 1].keys or name in extra
+                        extra.add(name)
                     key = None
             elif byte == QUOTE:
                 in_string, escape = True, False
                 key = bytearray() if expect_key else None
                 expect_key = False
             elif byte == OPEN_OBJECT:
-                frames.append(ObjectKeys())
+                opened.append(ObjectKeys())
                 expect_key = True
             elif byte == OPEN_ARRAY:
-                frames.append(None)
+                opened.append(None)
                 expect_key = False
             elif byte in CLOSERS:
-                if frames:
-                    frames.pop()
+                if opened:
+                    opened.pop()
+                elif depth:
+                    depth -= 1
                 expect_key = False
             elif byte == COMMA:
-                expect_key = bool(frames) and frames[-1] is not None
-        self._in_string, self._escape, self._expect_key, self._key = in_string, escape, expect_key, key
+                expect_key = (opened[-1] if opened else frames[depth - 1] if depth else None) is not None
+        if commit:
+            for i, names in added.items():
+                if i < depth:
+                    frames[i] = dataclasses.replace(frames[i], keys=frames[i].keys | names)
+            frames[depth:] = opened
+            self._in_string, self._escape, self._expect_key, self._key = in_string, escape, expect_key, key
         return repeated
 
 
