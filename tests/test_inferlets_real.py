@@ -152,3 +152,19 @@ async def test_prefix_cache_snapshot_survives_an_engine_restart(model_path):
     assert first["reused"] is False and second["reused"] is True
     assert second["text"] == first["text"] and len(first["text"]) > 5
     assert second_tokens < first_tokens - first["prefix_tokens"] + 8  # the prefix was not prefilled again
+
+
+async def test_attention_sink_beyond_the_sliding_window_equals_dropped_pages(model_path):
+    """The same with a window wider than Gemma 3's 512-token sliding window: its sliding layers and
+    the program's mask both hide KV, and dropping the pages nobody sees changes nothing."""
+    from pie_local.driver.types import DriverParams
+    from pie_local.runtime.engine import Engine, EngineConfig
+
+    args = {"prompt": "The history of the printing press. " * 80, "max_tokens": 40, "sink": 4, "window": 530}
+    outs = {}
+    for drop in (True, False):
+        config = EngineConfig(driver=DriverParams(n_threads=2, n_pages=96, page_size=16))
+        async with Engine(str(model_path), config) as engine:
+            outs[drop] = await engine.run("attention-sink", {**args, "drop_pages": drop})
+    assert outs[True]["pages_dropped"] > 0 and outs[True]["kv_tokens"] < outs[False]["kv_tokens"]
+    assert outs[True]["token_ids"] == outs[False]["token_ids"]

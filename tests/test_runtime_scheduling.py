@@ -481,3 +481,27 @@ async def test_a_row_that_cannot_be_sampled_fails_only_its_request():
         assert isinstance(results[1], DriverError) and "NaN" in str(results[1]), results[1]
         assert max(b["n_requests"] for b in driver.stats.batches) == 2  # they really were one batch
         assert bad.kv_len == 0 and engine.pool.n_used == good.n_pages
+
+
+async def test_the_scheduler_keeps_each_batch_within_max_batch_kv():
+    # two contexts of 40 tokens of KV each: together they exceed the driver's 48-row budget, so
+    # every step runs them in separate batches instead of sending a batch the driver would refuse
+    class Recording(FakeDriver):  # every batch the scheduler sends, refused ones included
+        sent: list[int] = []
+
+        def forward(self, batch):
+            self.sent.append(batch.n_requests)
+            return super().forward(batch)
+
+    driver = Recording(DriverParams(page_size=PS, n_pages=64, max_batch_tokens=64, max_batch_kv=48))
+    engine = fake_engine(driver)
+    async with engine:
+        contexts = [engine.context(), engine.context()]
+        for i, ctx in enumerate(contexts):
+            ctx.fill(f"{i}" * 39)
+            await ctx.flush()
+        start = len(driver.sent)
+        results = await asyncio.gather(*(c.generate(max_tokens=4) for c in contexts))
+        assert all(isinstance(r, str) for r in results)
+        steps = driver.sent[start:]
+        assert len(steps) >= 8 and set(steps) == {1}, steps
