@@ -74,13 +74,10 @@ class McpServer:
         if not isinstance(transport, str):  # stdio: choose where the server's stderr goes
             transport = stdio_client(transport, errlog=self.errlog or sys.stderr)
         stack = AsyncExitStack()
-        try:
+        try:  # a client that fails to open has closed what it opened
             self._client = await stack.enter_async_context(Client(transport, read_timeout_seconds=self.timeout))
-        except BaseException as e:
-            await stack.aclose()
-            if isinstance(e, Exception):
-                raise ConnectionError(f"cannot open MCP server {self.label!r}: {_describe(e)}") from e
-            raise
+        except Exception as e:
+            raise ConnectionError(f"cannot open MCP server {self.label!r}: {_describe(e)}") from e
         self._stack = stack
         return self
 
