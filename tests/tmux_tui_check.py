@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -28,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from package_env import package_env
+from server_helpers import serve_process
 
 WIDTH, HEIGHT = 100, 30
 
@@ -131,35 +133,19 @@ def check(timeout: float = 120.0, keep_home: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def server(home: str, env: dict[str, str], timeout: float) -> Iterator[dict]:
-    """`pie-local serve --port 0 --model gemma3-270m` in ``home``; yields its record (server.json)."""
-    record = Path(home) / "server.json"
-    log = open(Path(home) / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "pie_local", "serve", "--port", "0", "--model", "gemma3-270m",
-                             "--threads", "2", "--pages", "128"], env={**os.environ, **env}, cwd=home,
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + timeout
-        while not record.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise CheckFailed(f"serve did not start (exit {proc.poll()}):\n{Path(log.name).read_text()}")
-            time.sleep(0.1)
-        yield json.loads(record.read_text())
+def server(home: str, timeout: float) -> Iterator[dict]:
+    """`pie-local serve --model gemma3-270m` in ``home`` (tests/server_helpers.py starts and stops
+    it); yields its record, and fails the check if the server died while the TUI used it."""
+    with serve_process(Path(home), "--model", "gemma3-270m", "--threads", "2", "--pages", "128",
+                       timeout=timeout) as (record, proc):
+        yield dataclasses.asdict(record)
         if proc.poll() is not None:
             raise CheckFailed(f"the server stopped with the TUI (exit {proc.returncode})")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def check_attached(timeout: float = 120.0, keep_home: bool = False) -> None:
     """A server on the starter model first; the TUI attaches to it and generates there."""
-    with tui_session(keep_home) as (tmux, env, home), server(home, env, timeout) as record:
+    with tui_session(keep_home) as (tmux, env, home), server(home, timeout) as record:
         tmux.start(f"{shlex.quote(sys.executable)} -m pie_local", env, cwd=home)
         address = f"127.0.0.1:{record['port']}"
         wait_for(tmux, f"server {address}", 60, "attached to the server")
