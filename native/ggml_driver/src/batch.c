@@ -297,9 +297,8 @@ int32_t pie_plan_build(pie_model *m, const pie_batch *b) {
         return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot grow batch scratch");
 
     /* layout: how each request reads its KV (runs or gathered rows), where its mask block goes.
-     * Runs are views of the pool and cost at most one f16 copy; a gather converts every row to
-     * f32 and back in every layer. Quantized pools always gather: concat copies whole elements. */
-    const int32_t max_runs = ggml_is_quantized(m->kv.type) ? 1 : PIE_MAX_KV_RUNS;
+     * Runs are views of the pool and cost at most one row copy; a gather converts every row to
+     * f32 and back in every layer. */
     int64_t n_mask = 0, n_gather = 0, n_runs = 0;
     for (int32_t r = 0; r < nr; r++) {
         pie_plan_req *q = &p->reqs[r];
@@ -310,7 +309,7 @@ int32_t pie_plan_build(pie_model *m, const pie_batch *b) {
         q->n_kv = (n_pages - 1) * ps + b->kv_last_page_len[r];
         q->n_runs = 1;
         for (int32_t i = 1; i < n_pages; i++) q->n_runs += pages[i] != pages[i - 1] + 1;
-        if (q->n_runs > max_runs) q->n_runs = 0;
+        if (q->n_runs > PIE_MAX_KV_RUNS) q->n_runs = 0;
         q->run_off = (int32_t)n_runs;
         q->gather_off = (int32_t)n_gather;
         n_runs += q->n_runs;

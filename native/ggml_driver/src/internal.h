@@ -119,7 +119,7 @@ typedef struct {
 /* Plan: a validated batch turned into graph inputs (host scratch, grown on demand)            */
 /* ------------------------------------------------------------------------------------------ */
 
-/* Most runs of consecutive pages a request's KV is joined from (views + concat) before the
+/* Most runs of consecutive pages a request's KV is copied together from (row copies) before the
  * plan gathers its rows instead. */
 #define PIE_MAX_KV_RUNS 8
 
@@ -134,7 +134,7 @@ typedef struct {
     int32_t q0, n_q;       /* its tokens: batch rows q0 .. q0 + n_q                          */
     int32_t n_kv;          /* its KV length after this pass                                   */
     int32_t n_runs;        /* > 0: its KV is runs[run_off ..] in order (one run: a view of the
-                              pool; more: views joined by concat, an f16 copy);
+                              pool; more: the runs copied into one tensor);
                               0: its rows are gathered from gather_rows[gather_off ..]         */
     int32_t run_off;
     int32_t gather_off;

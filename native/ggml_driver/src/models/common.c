@@ -158,7 +158,7 @@ struct ggml_tensor *pie_rope(pie_graph *g, struct ggml_tensor *x, int il) {
  * whichever way it is read, so attention runs the same kernels on the same values and page
  * placement never changes a result:
  *   one run of consecutive pages: a view of the pool (no copy);
- *   a few runs: views joined by concat into [width_head * n_head_kv, 1, n_kv] (one f16 copy);
+ *   a few runs: copied into one contiguous tensor (row memcpy, any pool type);
  *   otherwise: rows gathered (get_rows yields F32) and cast back to the pool's type (lossless). */
 static struct ggml_tensor *request_kv(pie_graph *g, struct ggml_tensor *pool, const pie_plan_req *q, int64_t head) {
     struct ggml_context *ctx = g->ctx;
@@ -167,14 +167,23 @@ static struct ggml_tensor *request_kv(pie_graph *g, struct ggml_tensor *pool, co
     if (q->n_runs == 1)
         return ggml_view_3d(ctx, pool, head, q->n_kv, hkv, pool->nb[1], ggml_row_size(pool->type, head),
                             pool->nb[1] * (size_t)run->start);
-    struct ggml_tensor *kv; /* [head * hkv, n_kv] (or [head * hkv, 1, n_kv]) */
+    struct ggml_tensor *kv; /* [head * hkv, n_kv] */
     if (q->n_runs > 1) {
-        /* rows along dim 2: ggml's concat splits dim 2 between threads */
-        pie_joiner j = { .dim = 2 };
-        for (int32_t i = 0; i < q->n_runs; i++)
-            join_push(ctx, &j, ggml_view_3d(ctx, pool, pool->ne[0], 1, run[i].len, pool->nb[1], pool->nb[1],
-                                            pool->nb[1] * (size_t)run[i].start)); /* [head * hkv, 1, len] */
-        kv = join_finish(ctx, &j);
+        /* The destination starts as a copy of the n_kv pool rows from run 0 on (run 0 is then in
+         * place), the later runs are copied over its tail. ggml's f16 concat goes element by
+         * element (3x slower for a forked stream's decode step); these copies are row memcpys.
+         * Each copy is put in the graph now, so it runs before the attention that reads kv. */
+        const size_t row = pool->nb[1];
+        int64_t base = run[0].start, at = run[0].len;
+        int32_t first = 1;
+        if (base + q->n_kv > pool->ne[1]) base = 0, at = 0, first = 0; /* the window would pass the pool's end */
+        kv = ggml_cont(ctx, ggml_view_2d(ctx, pool, pool->ne[0], q->n_kv, row, row * (size_t)base));
+        for (int32_t i = first; i < q->n_runs; i++) {
+            struct ggml_tensor *src = ggml_view_2d(ctx, pool, pool->ne[0], run[i].len, row, row * (size_t)run[i].start);
+            struct ggml_tensor *dst = ggml_view_2d(ctx, kv, kv->ne[0], run[i].len, kv->nb[1], kv->nb[1] * (size_t)at);
+            ggml_build_forward_expand(g->gf, ggml_cpy(ctx, src, dst));
+            at += run[i].len;
+        }
     } else {
         struct ggml_tensor *rows = ggml_view_1d(ctx, g->gather_rows, q->n_kv, sizeof(int32_t) * (size_t)q->gather_off);
         kv = ggml_cast(ctx, ggml_get_rows(ctx, pool, rows), pool->type);
