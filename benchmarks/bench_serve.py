@@ -287,7 +287,8 @@ def format_report(report: dict) -> str:
         return f"{m['median']:.2f} ({m['min']:.2f}-{m['max']:.2f})"
 
     for name, s in report["servers"].items():
-        lines.append(f"{name:<26} {s['prompt_tokens_median']:>6.0f} {cell(s['requests_per_s']):>16} "
+        prompt = f"{s['prompt_tokens_median']:.0f}" if s["prompt_tokens_median"] else "n/a"  # not in its usage
+        lines.append(f"{name:<26} {prompt:>6} {cell(s['requests_per_s']):>16} "
                      f"{cell(s['tokens_per_s']):>20} "
                      f"{cell(s['ttft_p50']):>20} {cell(s['ttft_p95']):>20}")
     if report.get("ratios"):
