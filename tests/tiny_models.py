@@ -93,9 +93,10 @@ DEFAULTS: dict[str, TinyConfig] = {
     "gemma3": TinyConfig(
         name="tiny-gemma3", n_layer=6, head_dim=32, rope_base=1_000_000.0, rms_eps=1e-6, sliding_window=8, tied=True
     ),
-    # LongRoPE over an original context of 128: the driver's default pools (and llama.cpp's
-    # n_ctx=256) are longer, so both take the long factors.
-    "phi3": TinyConfig(name="tiny-phi3", rope_orig_ctx=128, rope_attn_factor=1.19, longrope=True, fused_qkv=True),
+    # LongRoPE over an original context of 64: the tests' pools (and llama.cpp's n_ctx, at least
+    # 256) are longer, so both take the long factors. Not named "...phi3...": llama.cpp
+    # then edits Phi-3's special tokens (<|endoftext|>, ...), which the tiny vocabulary lacks.
+    "phi3": TinyConfig(name="tiny-phi", rope_orig_ctx=64, rope_attn_factor=1.19, longrope=True, fused_qkv=True),
     "granite": TinyConfig(
         name="tiny-granite", logit_scale=2.0, residual_scale=0.5, embedding_scale=4.0, attention_scale=0.125
     ),
@@ -103,7 +104,9 @@ DEFAULTS: dict[str, TinyConfig] = {
     "olmo2": TinyConfig(name="tiny-olmo2", rope_base=500_000.0, rms_eps=1e-6),
     "mistral3": TinyConfig(
         name="tiny-mistral3", rope_base=1_000_000.0, rope_scaling="yarn", rope_factor=4.0, rope_orig_ctx=16,
-        yarn_log_mul=1.0, yarn_beta_fast=16.0, yarn_beta_slow=2.0, temperature_scale=0.1,
+        # YaRN's correction range [0.3, 0.05] instead of [32, 1]: at head_dim 16 and an original
+        # context of 16 both ends of it then move (dims 1..3 instead of 0..1)
+        yarn_log_mul=1.0, yarn_beta_fast=0.3, yarn_beta_slow=0.05, temperature_scale=0.1,
     ),
 }
 

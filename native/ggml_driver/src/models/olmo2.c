@@ -39,7 +39,7 @@ void pie_build_olmo2(pie_graph *g) {
         k = pie_name(pie_rope(g, k, il), "Kcur", il);
         v = pie_name(v, "Vcur", il);
         struct ggml_tensor *cur = pie_name(pie_attention(g, il, q, k, v, hp->attn_scale), "kqv_out", il);
-        cur = pie_linear(g, L->wo, NULL, cur); /* [n_embd, n_tokens] */
+        cur = pie_name(pie_linear(g, L->wo, NULL, cur), "attn_out", il); /* [n_embd, n_tokens] */
 
         if (il == hp->n_layer - 1) { /* only the sampled rows go on */
             cur = pie_select_outputs(g, cur);
