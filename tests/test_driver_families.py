@@ -67,6 +67,11 @@ VARIANTS = {
     "granite_ffn_bias": ("granite", {"ffn_bias": True}, None),
     "granite_no_rope": ("granite", {}, rope_off),
     "llama_fused_qkv": ("llama", {"fused_qkv": True}, None),
+    # LongRoPE asked for by rope.scaling.type in a Llama file (llama.cpp's other way to it)
+    "llama_longrope_type": ("llama", {"rope_scaling": "longrope", "longrope": True, "rope_orig_ctx": 64}, None),
+    # Gemma 3 with no global layer: the global mask is never read
+    "gemma3_every_layer_slides": ("gemma3", {},
+                                  lambda w: w.add_uint32("gemma3.attention.sliding_window_pattern", 0)),
     "mistral3_ffn_bias_q8": ("mistral3", {"ffn_bias": True, "quant": "q8_0"}, None),
 }
 
