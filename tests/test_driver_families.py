@@ -12,8 +12,9 @@ same values). Measured: every comparison here differs by exactly 0.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import gguf
 import numpy as np
@@ -155,63 +156,72 @@ def cut(tensor: str) -> Callable[[str, np.ndarray], np.ndarray]:
     return lambda name, t: t[:-1] if name == tensor else t
 
 
+@dataclass(frozen=True)
+class BadFile:
+    arch: str
+    status: str  # the DriverError status loading it gives
+    fragments: tuple[str, ...]  # parts of the message
+    overrides: dict[str, object] = field(default_factory=dict)  # write_tiny_gguf keywords
+    meta: Callable[[gguf.GGUFWriter], None] | None = None
+    tensors: Callable[[str, np.ndarray], np.ndarray | None] | None = None
+
+
 NAN, INF = float("nan"), float("inf")
-# name: (arch, writer overrides, metadata hook, tensor hook, status, fragments of the message)
+# A key the writer would write itself is switched off in overrides (0 = not written), then
+# written by the hook with the bad value.
 BAD_FILES = {
-    "granite_logit_scale_missing": ("granite", {"logit_scale": 0.0}, None, None, "format", ["granite.logit_scale"]),
-    "granite_logit_scale_zero": ("granite", {"logit_scale": 0.0}, put("granite.logit_scale", 0.0), None, "format",
-                                 ["granite.logit_scale", "> 0"]),
-    "granite_logit_scale_nan": ("granite", {"logit_scale": 0.0}, put("granite.logit_scale", NAN), None, "format",
-                                ["granite.logit_scale", "finite"]),
-    "granite_residual_negative": ("granite", {"residual_scale": 0.0}, put("granite.residual_scale", -0.5), None,
-                                  "format", ["granite.residual_scale"]),
-    "granite_embedding_inf": ("granite", {"embedding_scale": 0.0}, put("granite.embedding_scale", INF), None,
-                              "format", ["granite.embedding_scale"]),
-    "granite_attention_scale_nan": ("granite", {"attention_scale": 0.0}, put("granite.attention.scale", NAN), None,
-                                    "format", ["granite.attention.scale"]),
-    "granite_rope_switch_not_bool": ("granite", {}, put("granite.rope.scaling.finetuned", "no"), None, "format",
-                                     ["granite.rope.scaling.finetuned", "boolean"]),
-    "granite_vision_deepstack": ("granite", {}, put("granite.deepstack_mapping", 1.0), None, "unsupported",
-                                 ["deepstack"]),
-    "phi3_attn_factor_zero": ("phi3", {"rope_attn_factor": 0.0}, put("phi3.rope.scaling.attn_factor", 0.0), None,
-                              "format", ["phi3.rope.scaling.attn_factor"]),
-    "phi3_fused_qkv_shape": ("phi3", {}, None, cut("blk.1.attn_qkv.weight"), "format",
-                             ["blk.1.attn_qkv.weight", "shape"]),
-    "phi3_fused_gate_up_shape": ("phi3", {}, None, cut("blk.0.ffn_up.weight"), "format",
-                                 ["blk.0.ffn_up.weight", "shape"]),
-    "phi3_rope_factors_length": ("phi3", {}, None, cut("rope_factors_long.weight"), "format",
-                                 ["rope_factors_long.weight", "shape"]),
-    "olmo2_per_head_q_norm": ("olmo2", {}, None,
-                              lambda name, t: t[:16] if name == "blk.0.attn_q_norm.weight" else t, "format",
-                              ["blk.0.attn_q_norm.weight", "shape"]),
-    "olmo2_missing_post_norm": ("olmo2", {}, None,
-                                lambda name, t: None if name == "blk.1.post_ffw_norm.weight" else t, "format",
-                                ["blk.1.post_ffw_norm.weight", "missing"]),
-    "mistral3_temperature_nan": ("mistral3", {"temperature_scale": 0.0},
-                                 put("mistral3.attention.temperature_scale", NAN), None, "format",
-                                 ["mistral3.attention.temperature_scale"]),
-    "mistral3_temperature_negative": ("mistral3", {"temperature_scale": 0.0},
-                                      put("mistral3.attention.temperature_scale", -0.1), None, "format",
-                                      ["mistral3.attention.temperature_scale"]),
-    "mistral3_beta_fast_negative": ("mistral3", {"yarn_beta_fast": 0.0},
-                                    put("mistral3.rope.scaling.yarn_beta_fast", -32.0), None, "format",
-                                    ["mistral3.rope.scaling.yarn_beta_fast"]),
-    "mistral3_log_mul_inf": ("mistral3", {"yarn_log_mul": 0.0},
-                             put("mistral3.rope.scaling.yarn_log_multiplier", INF), None, "format",
-                             ["mistral3.rope.scaling.yarn_log_multiplier"]),
-    "mistral4_is_not_supported": ("llama", {"arch_name": "mistral4"}, None, None, "unsupported",
-                                  ["unsupported architecture 'mistral4'"]),
+    "granite_logit_scale_missing": BadFile("granite", "format", ("granite.logit_scale",), {"logit_scale": 0.0}),
+    "granite_logit_scale_zero": BadFile("granite", "format", ("granite.logit_scale", "> 0"), {"logit_scale": 0.0},
+                                        put("granite.logit_scale", 0.0)),
+    "granite_logit_scale_nan": BadFile("granite", "format", ("granite.logit_scale", "finite"), {"logit_scale": 0.0},
+                                       put("granite.logit_scale", NAN)),
+    "granite_residual_negative": BadFile("granite", "format", ("granite.residual_scale",), {"residual_scale": 0.0},
+                                         put("granite.residual_scale", -0.5)),
+    "granite_embedding_inf": BadFile("granite", "format", ("granite.embedding_scale",), {"embedding_scale": 0.0},
+                                     put("granite.embedding_scale", INF)),
+    "granite_attention_scale_nan": BadFile("granite", "format", ("granite.attention.scale",),
+                                           {"attention_scale": 0.0}, put("granite.attention.scale", NAN)),
+    "granite_rope_switch_not_bool": BadFile("granite", "format", ("granite.rope.scaling.finetuned", "boolean"),
+                                            meta=put("granite.rope.scaling.finetuned", "no")),
+    "granite_vision_deepstack": BadFile("granite", "unsupported", ("deepstack",),
+                                        meta=put("granite.deepstack_mapping", 1.0)),
+    "phi3_attn_factor_zero": BadFile("phi3", "format", ("phi3.rope.scaling.attn_factor",), {"rope_attn_factor": 0.0},
+                                     put("phi3.rope.scaling.attn_factor", 0.0)),
+    "phi3_fused_qkv_shape": BadFile("phi3", "format", ("blk.1.attn_qkv.weight", "shape"),
+                                    tensors=cut("blk.1.attn_qkv.weight")),
+    "phi3_fused_gate_up_shape": BadFile("phi3", "format", ("blk.0.ffn_up.weight", "shape"),
+                                        tensors=cut("blk.0.ffn_up.weight")),
+    "phi3_rope_factors_length": BadFile("phi3", "format", ("rope_factors_long.weight", "shape"),
+                                        tensors=cut("rope_factors_long.weight")),
+    "olmo2_per_head_q_norm": BadFile("olmo2", "format", ("blk.0.attn_q_norm.weight", "shape"),
+                                     tensors=lambda name, t: t[:16] if name == "blk.0.attn_q_norm.weight" else t),
+    "olmo2_missing_post_norm": BadFile("olmo2", "format", ("blk.1.post_ffw_norm.weight", "missing"),
+                                       tensors=lambda name, t: None if name == "blk.1.post_ffw_norm.weight" else t),
+    "mistral3_temperature_nan": BadFile("mistral3", "format", ("mistral3.attention.temperature_scale",),
+                                        {"temperature_scale": 0.0},
+                                        put("mistral3.attention.temperature_scale", NAN)),
+    "mistral3_temperature_negative": BadFile("mistral3", "format", ("mistral3.attention.temperature_scale",),
+                                             {"temperature_scale": 0.0},
+                                             put("mistral3.attention.temperature_scale", -0.1)),
+    "mistral3_beta_fast_negative": BadFile("mistral3", "format", ("mistral3.rope.scaling.yarn_beta_fast",),
+                                           {"yarn_beta_fast": 0.0},
+                                           put("mistral3.rope.scaling.yarn_beta_fast", -32.0)),
+    "mistral3_log_mul_inf": BadFile("mistral3", "format", ("mistral3.rope.scaling.yarn_log_multiplier",),
+                                    {"yarn_log_mul": 0.0}, put("mistral3.rope.scaling.yarn_log_multiplier", INF)),
+    "mistral4_is_not_supported": BadFile("llama", "unsupported", ("unsupported architecture 'mistral4'",),
+                                         {"arch_name": "mistral4"}),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_FILES))
 def test_bad_hyper_parameters_are_refused(tmp_path: Path, case: str) -> None:
-    arch, overrides, meta, tensors, status, fragments = BAD_FILES[case]
-    path = write_tiny_gguf(tmp_path / f"{case}.gguf", arch, metadata_hook=meta, tensor_hook=tensors, **overrides)
+    bad = BAD_FILES[case]
+    path = write_tiny_gguf(tmp_path / f"{case}.gguf", bad.arch, metadata_hook=bad.meta, tensor_hook=bad.tensors,
+                           **bad.overrides)  # type: ignore[arg-type]
     with pytest.raises(DriverError) as err:
         Driver(path, DriverParams(n_threads=1, page_size=PAGE, n_pages=8))
-    assert err.value.status == status, err.value
-    for fragment in fragments:
+    assert err.value.status == bad.status, err.value
+    for fragment in bad.fragments:
         assert fragment in err.value.message, err.value.message
 
 
