@@ -74,6 +74,8 @@ VARIANTS = {
     "gemma3_every_layer_slides": ("gemma3", {},
                                   lambda w: w.add_uint32("gemma3.attention.sliding_window_pattern", 0)),
     "mistral3_ffn_bias_q8": ("mistral3", {"ffn_bias": True, "quant": "q8_0"}, None),
+    # Phi-3 files may name a sliding window; llama.cpp ignores it for Phi-3, and so does the driver
+    "phi3_window_ignored": ("phi3", {"sliding_window": 8}, None),
 }
 
 
@@ -85,9 +87,9 @@ def test_family_variants_match_llama_cpp(tmp_path: Path, record_property, varian
     path = write_tiny_gguf(tmp_path / f"{variant}.gguf", arch, quant=quant, metadata_hook=hook, **overrides)
     got = one_request(path, TOKENS)
     compare(record_property, f"variant.{variant}", got, reference(path, TOKENS), EXACT)
-    if variant.startswith("olmo3"):
-        with Driver(path, DriverParams(n_threads=2, page_size=PAGE, n_pages=8)) as drv:
-            assert drv.info.sliding_window == 8
+    with Driver(path, DriverParams(n_threads=2, page_size=PAGE, n_pages=8)) as drv:
+        window = tiny_config(arch, **overrides).sliding_window
+        assert drv.info.sliding_window == (0 if arch == "phi3" else window)
 
 
 def test_longrope_factors_follow_the_context(tmp_path: Path, record_property) -> None:
