@@ -25,7 +25,8 @@ void pie_build_phi3(pie_graph *g) {
         v = pie_name(v, "Vcur", il);
         q = pie_name(ggml_scale(ctx, q, hp->attn_scale), "Qcur", il);
         cur = pie_name(pie_attention(g, il, q, k, v, 1.0f), "kqv_out", il); /* [n_head*head_dim_v, n] */
-        cur = pie_name(pie_linear(g, L->wo, L->bo, cur), "attn_out", il);  /* [n_embd, n_tokens] */
+        cur = pie_name(pie_linear(g, L->wo, NULL, cur), "attn_out", il); /* [n_embd, n_tokens]; llama.cpp
+                                                                             reads no output bias for Phi-3 */
 
         if (il == hp->n_layer - 1) { /* only the sampled rows go on */
             cur = pie_select_outputs(g, cur);
