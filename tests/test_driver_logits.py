@@ -235,6 +235,13 @@ TINY_CASES = [
     ("llama", "q4_0"),
     ("qwen2", "f16"),
     ("gemma3", "q8_0"),
+    ("phi3", "f32"),
+    ("granite", "f32"),
+    ("smollm3", "f32"),
+    ("olmo2", "f32"),
+    ("mistral3", "f32"),
+    ("phi3", "q8_0"),
+    ("olmo2", "f16"),
 ]
 
 

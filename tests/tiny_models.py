@@ -1,13 +1,18 @@
 """Tiny random-weight GGUF models for tests, written with the `gguf` package.
 
 ``write_tiny_gguf(path, arch)`` writes a complete, loadable model of a few hundred kilobytes for
-llama, qwen2, qwen3 or gemma3: full hyper-parameter metadata, a real vocabulary llama.cpp
+each architecture in ARCHES: full hyper-parameter metadata, a real vocabulary llama.cpp
 accepts (SentencePiece "llama" with byte fallback by default, or a GPT-2 style byte-level BPE
 with merges: ``vocab="bpe"``), and random weights scaled so activations
 stay O(1) (logits then differ clearly between tokens, which makes comparisons meaningful).
 The architectures differ where their graphs differ: qwen2 has QKV biases, qwen3 and gemma3 have
 QK norms and a head_dim that is not n_embd / n_head, gemma3 has post-norms, tied embeddings,
 and sliding-window layers (5 of every 6) with a small window so SWA matters in short tests.
+phi3 fuses Q|K|V and gate|up and carries LongRoPE factors and attention factor; granite sets
+its four multipliers; smollm3 has 4 layers, so the last one runs without RoPE; olmo2 has only
+post-norms and Q/K norms over the whole projection; mistral3 uses YaRN (its own beta range and
+log multiplier) over an original context of 16 and attention temperature, so both act within
+a short test.
 
 The ``write_*`` helpers at the end produce broken files for error-path tests.
 """
@@ -23,7 +28,7 @@ from typing import Callable
 import gguf
 import numpy as np
 
-ARCHES = ("llama", "qwen2", "qwen3", "gemma3")
+ARCHES = ("llama", "qwen2", "qwen3", "gemma3", "phi3", "granite", "smollm3", "olmo2", "mistral3")
 
 Q = gguf.GGMLQuantizationType
 QUANTS = {
@@ -58,12 +63,25 @@ class TinyConfig:
     n_ctx: int = 512
     rope_base: float = 10000.0
     rms_eps: float = 1e-5
-    sliding_window: int = 0  # gemma3 only
+    sliding_window: int = 0  # gemma3, olmo2 (OLMo 3)
     tied: bool = False  # no output.weight: the embedding doubles as the LM head
     name: str = ""
     rope_scaling: str = ""  # rope.scaling.type ("none", "linear", "yarn", anything); "" = not written
     rope_factor: float = 0.0  # rope.scaling.factor; 0 = not written
     rope_orig_ctx: int = 0  # rope.scaling.original_context_length; 0 = not written
+    rope_attn_factor: float = 0.0  # rope.scaling.attn_factor; 0 = not written
+    longrope: bool = False  # rope_factors_long / rope_factors_short tensors
+    fused_qkv: bool = False  # one attn_qkv matrix instead of attn_q, attn_k, attn_v
+    ffn_bias: bool = False  # ffn_gate / ffn_up / ffn_down biases
+    # granite's multipliers, mistral3's attention temperature and YaRN keys; 0 = not written
+    logit_scale: float = 0.0
+    residual_scale: float = 0.0
+    embedding_scale: float = 0.0
+    attention_scale: float = 0.0
+    temperature_scale: float = 0.0
+    yarn_log_mul: float = 0.0
+    yarn_beta_fast: float = 0.0
+    yarn_beta_slow: float = 0.0
 
 
 # Each architecture's defaults; anything can be overridden through write_tiny_gguf(**overrides).
@@ -74,6 +92,21 @@ DEFAULTS: dict[str, TinyConfig] = {
     # 6 layers: with llama.cpp's gemma3 pattern, layers 0-4 use the window, layer 5 is global.
     "gemma3": TinyConfig(
         name="tiny-gemma3", n_layer=6, head_dim=32, rope_base=1_000_000.0, rms_eps=1e-6, sliding_window=8, tied=True
+    ),
+    # LongRoPE over an original context of 64: the tests' pools (and llama.cpp's n_ctx, at least
+    # 256) are longer, so both take the long factors. Not named "...phi3...": llama.cpp
+    # then edits Phi-3's special tokens (<|endoftext|>, ...), which the tiny vocabulary lacks.
+    "phi3": TinyConfig(name="tiny-phi", rope_orig_ctx=64, rope_attn_factor=1.19, longrope=True, fused_qkv=True),
+    "granite": TinyConfig(
+        name="tiny-granite", logit_scale=2.0, residual_scale=0.5, embedding_scale=4.0, attention_scale=0.125
+    ),
+    "smollm3": TinyConfig(name="tiny-smollm3", n_layer=4, rope_base=5_000_000.0, rms_eps=1e-6, tied=True),
+    "olmo2": TinyConfig(name="tiny-olmo2", rope_base=500_000.0, rms_eps=1e-6),
+    "mistral3": TinyConfig(
+        name="tiny-mistral3", rope_base=1_000_000.0, rope_scaling="yarn", rope_factor=4.0, rope_orig_ctx=16,
+        # YaRN's correction range [0.3, 0.05] instead of [32, 1]: at head_dim 16 and an original
+        # context of 16 both ends of it then move (dims 1..3 instead of 0..1)
+        yarn_log_mul=1.0, yarn_beta_fast=0.3, yarn_beta_slow=0.05, temperature_scale=0.1,
     ),
 }
 
@@ -216,12 +249,20 @@ def _tensors(arch: str, cfg: TinyConfig, n_vocab: int, rng: np.random.Generator)
     }
     if not cfg.tied:
         out["output.weight"] = mat(n_vocab, cfg.n_embd)
+    if cfg.longrope:  # LongRoPE: long factors stretch the low frequencies, short ones barely
+        half = cfg.head_dim // 2
+        out["rope_factors_long.weight"] = np.linspace(1.0, 8.0, half).astype(np.float32)
+        out["rope_factors_short.weight"] = (1.0 + 0.05 * rng.random(half)).astype(np.float32)
     for i in range(cfg.n_layer):
         p = f"blk.{i}."
-        out[p + "attn_norm.weight"] = norm(cfg.n_embd)
-        out[p + "attn_q.weight"] = mat(q_dim, cfg.n_embd)
-        out[p + "attn_k.weight"] = mat(kv_dim, cfg.n_embd)
-        out[p + "attn_v.weight"] = mat(kv_dim, cfg.n_embd)
+        if arch != "olmo2":  # OLMo 2 has post-norms only
+            out[p + "attn_norm.weight"] = norm(cfg.n_embd)
+        if cfg.fused_qkv:
+            out[p + "attn_qkv.weight"] = mat(q_dim + 2 * kv_dim, cfg.n_embd)
+        else:
+            out[p + "attn_q.weight"] = mat(q_dim, cfg.n_embd)
+            out[p + "attn_k.weight"] = mat(kv_dim, cfg.n_embd)
+            out[p + "attn_v.weight"] = mat(kv_dim, cfg.n_embd)
         out[p + "attn_output.weight"] = mat(cfg.n_embd, q_dim)
         if arch == "qwen2":
             out[p + "attn_q.bias"] = bias(q_dim)
@@ -230,13 +271,24 @@ def _tensors(arch: str, cfg: TinyConfig, n_vocab: int, rng: np.random.Generator)
         if arch in ("qwen3", "gemma3"):
             out[p + "attn_q_norm.weight"] = norm(cfg.head_dim)
             out[p + "attn_k_norm.weight"] = norm(cfg.head_dim)
-        if arch == "gemma3":
+        if arch == "olmo2":  # over the whole projection, not per head
+            out[p + "attn_q_norm.weight"] = norm(q_dim)
+            out[p + "attn_k_norm.weight"] = norm(kv_dim)
+        if arch in ("gemma3", "olmo2"):
             out[p + "post_attention_norm.weight"] = norm(cfg.n_embd)
             out[p + "post_ffw_norm.weight"] = norm(cfg.n_embd)
-        out[p + "ffn_norm.weight"] = norm(cfg.n_embd)
-        out[p + "ffn_gate.weight"] = mat(cfg.n_ff, cfg.n_embd)
-        out[p + "ffn_up.weight"] = mat(cfg.n_ff, cfg.n_embd)
+        if arch != "olmo2":
+            out[p + "ffn_norm.weight"] = norm(cfg.n_embd)
+        if arch == "phi3":  # gate and up in one matrix, gate first
+            out[p + "ffn_up.weight"] = mat(2 * cfg.n_ff, cfg.n_embd)
+        else:
+            out[p + "ffn_gate.weight"] = mat(cfg.n_ff, cfg.n_embd)
+            out[p + "ffn_up.weight"] = mat(cfg.n_ff, cfg.n_embd)
         out[p + "ffn_down.weight"] = mat(cfg.n_embd, cfg.n_ff)
+        if cfg.ffn_bias:
+            out[p + "ffn_gate.bias"] = bias(cfg.n_ff)
+            out[p + "ffn_up.bias"] = bias(cfg.n_ff)
+            out[p + "ffn_down.bias"] = bias(cfg.n_embd)
     return out
 
 
@@ -288,7 +340,7 @@ def write_tiny_gguf(
     vocab: str = "spm",
     seed: int = 0,
     arch_name: str | None = None,
-    tensor_hook: Callable[[str, np.ndarray], np.ndarray] | None = None,
+    tensor_hook: Callable[[str, np.ndarray], np.ndarray | None] | None = None,
     vocab_hook: Callable[[TinyVocab], None] | None = None,
     metadata_hook: Callable[[gguf.GGUFWriter], None] | None = None,
     **overrides: object,
@@ -301,7 +353,7 @@ def write_tiny_gguf(
     overrides: fields of TinyConfig (n_embd, n_layer, head_dim, sliding_window, tied, ...).
     arch_name: write this as general.architecture instead of `arch` (for unknown-arch tests).
     tensor_hook: called as hook(name, float32 array) -> array to write (for broken-file tests); an
-    array of another dtype is written in that type.
+    array of another dtype is written in that type, None drops the tensor.
     vocab_hook: called with the TinyVocab before it is written, to edit it (broken vocabularies).
     metadata_hook: called with the writer after the standard keys, to add more.
     """
@@ -338,6 +390,20 @@ def write_tiny_gguf(
         w.add_rope_scaling_factor(cfg.rope_factor)
     if cfg.rope_orig_ctx:
         w.add_rope_scaling_orig_ctx_len(cfg.rope_orig_ctx)
+    optional_floats = (
+        (gguf.Keys.Rope.SCALING_ATTN_FACTOR, cfg.rope_attn_factor),
+        (gguf.Keys.Rope.SCALING_YARN_LOG_MUL, cfg.yarn_log_mul),
+        (gguf.Keys.Rope.SCALING_YARN_BETA_FAST, cfg.yarn_beta_fast),
+        (gguf.Keys.Rope.SCALING_YARN_BETA_SLOW, cfg.yarn_beta_slow),
+        (gguf.Keys.LLM.LOGIT_SCALE, cfg.logit_scale),
+        (gguf.Keys.LLM.RESIDUAL_SCALE, cfg.residual_scale),
+        (gguf.Keys.LLM.EMBEDDING_SCALE, cfg.embedding_scale),
+        (gguf.Keys.Attention.SCALE, cfg.attention_scale),
+        (gguf.Keys.Attention.TEMPERATURE_SCALE, cfg.temperature_scale),
+    )
+    for key, value in optional_floats:
+        if value:
+            w.add_float32(key.format(arch=name), value)
     w.add_layer_norm_rms_eps(cfg.rms_eps)
     w.add_vocab_size(n_vocab)
     if cfg.sliding_window:
@@ -351,6 +417,8 @@ def write_tiny_gguf(
     for tname, tensor in _tensors(arch, cfg, n_vocab, rng).items():
         if tensor_hook is not None:
             tensor = tensor_hook(tname, tensor)
+            if tensor is None:
+                continue
         data, qtype = _encode(tensor, QUANTS[quant])
         w.add_tensor(tname, data, raw_dtype=qtype)
 

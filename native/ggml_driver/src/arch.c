@@ -2,6 +2,8 @@
  * arch.c — the architectures the driver supports, in one table: the loader picks a row by
  * general.architecture (graph builder, RoPE mode, optional tensors it needs), and the list of
  * names is exported (pie_arch_count / pie_arch_name) so no other place has to repeat it.
+ * Names are llama.cpp's. Left out on purpose: "mistral4" (Mistral's MoE with DeepSeek-style
+ * latent attention) and every other MoE or non-transformer family.
  */
 #include "internal.h"
 
@@ -9,11 +11,22 @@
 #include <string.h>
 
 static const pie_arch archs[] = {
-    { .name = "llama",  .rope_mode = 0,                   .needs = 0,                 .build = pie_build_llama },
-    { .name = "qwen2",  .rope_mode = GGML_ROPE_TYPE_NEOX, .needs = PIE_NEED_QKV_BIAS, .build = pie_build_llama },
-    { .name = "qwen3",  .rope_mode = GGML_ROPE_TYPE_NEOX, .needs = PIE_NEED_QK_NORM,  .build = pie_build_llama },
-    { .name = "gemma3", .rope_mode = GGML_ROPE_TYPE_NEOX, .needs = PIE_NEED_QK_NORM | PIE_NEED_POST_NORMS,
+    { .name = "llama",    .rope_mode = 0,                   .needs = PIE_FFN_BIAS,      .build = pie_build_llama },
+    { .name = "qwen2",    .rope_mode = GGML_ROPE_TYPE_NEOX, .needs = PIE_NEED_QKV_BIAS, .build = pie_build_llama },
+    { .name = "qwen3",    .rope_mode = GGML_ROPE_TYPE_NEOX, .needs = PIE_NEED_QK_NORM,  .build = pie_build_llama },
+    { .name = "gemma3",   .rope_mode = GGML_ROPE_TYPE_NEOX, .needs = PIE_NEED_QK_NORM | PIE_NEED_POST_NORMS,
       .load_hparams = pie_gemma3_hparams, .build = pie_build_gemma3 },
+    { .name = "phi3",     .rope_mode = GGML_ROPE_TYPE_NEOX, .needs = PIE_FUSED_GATE_UP | PIE_LONGROPE,
+      .build = pie_build_phi3 },
+    { .name = "granite",  .rope_mode = 0,                   .needs = PIE_FFN_BIAS,
+      .load_hparams = pie_granite_hparams, .build = pie_build_llama },
+    { .name = "smollm3",  .rope_mode = 0,                   .needs = PIE_NO_ROPE_FACTORS,
+      .load_hparams = pie_smollm3_hparams, .build = pie_build_llama },
+    { .name = "olmo2",    .rope_mode = GGML_ROPE_TYPE_NEOX,
+      .needs = PIE_NEED_QK_NORM | PIE_QK_NORM_FULL | PIE_NEED_POST_NORMS | PIE_NO_PRE_NORMS | PIE_NO_ROPE_FACTORS,
+      .load_hparams = pie_olmo2_hparams, .build = pie_build_olmo2 },
+    { .name = "mistral3", .rope_mode = 0,                   .needs = PIE_FFN_BIAS | PIE_YARN_KEYS,
+      .load_hparams = pie_mistral3_hparams, .build = pie_build_llama },
 };
 enum { N_ARCHS = sizeof(archs) / sizeof(archs[0]) };
 

@@ -283,6 +283,19 @@ static int32_t plan_layouts(pie_plan *p, const pie_batch *b, int32_t split_cols)
     return PIE_OK;
 }
 
+/* Each token's Q scale for attention temperature (hp->attn_temp_scale), computed as llama.cpp
+ * computes it (in double, from the float position), so both engines scale by the same floats. */
+static int32_t plan_attn_temp(pie_plan *p, const pie_hparams *hp, const pie_batch *b) {
+    if (hp->attn_temp_scale == 0.0f) return PIE_OK;
+    if (!grow((void **)&p->attn_temp, &p->cap_attn_temp, (size_t)b->n_tokens, sizeof(float)))
+        return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot grow batch scratch");
+    for (int32_t t = 0; t < b->n_tokens; t++) {
+        const float pos = (float)b->positions[t];
+        p->attn_temp[t] = (float)(log(floor(pos / (float)hp->attn_temp_floor) + 1.0) * hp->attn_temp_scale + 1.0);
+    }
+    return PIE_OK;
+}
+
 int32_t pie_plan_build(pie_model *m, const pie_batch *b) {
     pie_plan *p = &m->plan;
     int32_t st = validate(m, b);
@@ -364,6 +377,7 @@ int32_t pie_plan_build(pie_model *m, const pie_batch *b) {
     }
     if (b->n_outputs > 0) memcpy(p->out_rows, b->output_rows, sizeof(int32_t) * (size_t)b->n_outputs);
     else p->out_rows[0] = nt - 1; /* nothing to sample: run the head on one row and discard it */
+    if ((st = plan_attn_temp(p, &m->hp, b)) != PIE_OK) return st;
     return plan_layouts(p, b, m->split_cols);
 }
 
@@ -380,6 +394,7 @@ void pie_plan_free(pie_plan *p) {
     free(p->out_req);
     free(p->req_outputs);
     free(p->zeros);
+    free(p->attn_temp);
     free(p->page_stamp);
     free(p->slot_writer);
     free(p->marked);

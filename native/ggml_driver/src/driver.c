@@ -253,17 +253,24 @@ int32_t pie_model_get_info(const pie_model *m, pie_model_info *out) {
 /* Forward                                                                                    */
 /* ------------------------------------------------------------------------------------------ */
 
+/* An input no node reads is left out of the graph and never allocated (positions when no layer
+ * rotates, the global mask when every layer slides): it gets no data either. */
+static void set_input(struct ggml_tensor *t, const void *data, size_t size) {
+    if (t && t->buffer) ggml_backend_tensor_set(t, data, 0, size);
+}
+
 static void upload_inputs(const pie_model *m, const pie_graph *g, const pie_batch *b) {
     const pie_plan *p = &m->plan;
     const size_t nt = (size_t)p->n_tokens, mask_bytes = sizeof(ggml_fp16_t) * (size_t)p->n_mask;
-    ggml_backend_tensor_set(g->tokens, b->tokens, 0, sizeof(int32_t) * nt);
-    ggml_backend_tensor_set(g->positions, b->positions, 0, sizeof(int32_t) * nt);
-    ggml_backend_tensor_set(g->write_rows, p->write_rows, 0, sizeof(int64_t) * nt);
-    if (g->gather_rows) ggml_backend_tensor_set(g->gather_rows, p->gather_rows, 0, sizeof(int32_t) * (size_t)p->n_gather);
-    ggml_backend_tensor_set(g->mask, p->mask, 0, mask_bytes);
-    if (g->mask_swa) ggml_backend_tensor_set(g->mask_swa, p->mask_swa, 0, mask_bytes);
-    ggml_backend_tensor_set(g->out_rows, p->out_rows, 0, sizeof(int32_t) * (size_t)p->n_outputs);
-    if (g->zeros) ggml_backend_tensor_set(g->zeros, p->zeros, 0, ggml_nbytes(g->zeros));
+    set_input(g->tokens, b->tokens, sizeof(int32_t) * nt);
+    set_input(g->positions, b->positions, sizeof(int32_t) * nt);
+    set_input(g->write_rows, p->write_rows, sizeof(int64_t) * nt);
+    set_input(g->gather_rows, p->gather_rows, sizeof(int32_t) * (size_t)p->n_gather);
+    set_input(g->mask, p->mask, mask_bytes);
+    set_input(g->mask_swa, p->mask_swa, mask_bytes);
+    set_input(g->out_rows, p->out_rows, sizeof(int32_t) * (size_t)p->n_outputs);
+    if (g->zeros) set_input(g->zeros, p->zeros, ggml_nbytes(g->zeros));
+    set_input(g->attn_temp, p->attn_temp, sizeof(float) * nt);
 }
 
 /* ggml_backend_sched's eval callback: offers each f32 node to the host's activation callback

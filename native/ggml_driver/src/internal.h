@@ -45,11 +45,24 @@ typedef struct {
     float   rope_base_swa;   /* sliding-window layers (unscaled)                               */
     float   rope_ext_factor; /* YaRN: 1, else 0 (ggml_rope_ext's ext_factor)                   */
     float   rope_attn_factor;/* ggml_rope_ext's attn_factor                                    */
+    float   rope_ext_factor_swa, rope_attn_factor_swa; /* the same for sliding-window layers    */
+    float   rope_beta_fast;  /* YaRN's correction range (ggml_rope_ext's beta_fast, beta_slow)  */
+    float   rope_beta_slow;
     int32_t rope_n_ctx_orig; /* the context YaRN extends (ggml_rope_ext's n_ctx_orig)          */
+    bool    longrope;        /* rope.scaling.type "longrope": per-context frequency factors     */
+    bool    no_rope[PIE_MAX_LAYERS]; /* layers whose Q and K are not rotated (SmolLM3, Granite) */
     float   rms_eps;
     float   attn_scale;      /* multiplies Q.K                                                 */
     float   embd_scale;      /* multiplies token embeddings (gemma: sqrt(n_embd))              */
+    bool    embd_scale_input;/* the scale is part of the input embedding "embd" (granite), not a
+                                step after it ("inp_scaled", gemma)                            */
+    float   residual_scale;  /* multiplies each block's output before the residual add (1 = off) */
+    float   logit_scale;     /* divides the logits (1 = off)                                   */
     float   logit_softcap;   /* 0 = off                                                        */
+    float   attn_temp_scale; /* Llama 4 style attention temperature: Q of the token at position p
+                                times 1 + attn_temp_scale * log(floor(p / attn_temp_floor) + 1);
+                                0 = off                                                        */
+    int32_t attn_temp_floor;
     int32_t sliding_window;  /* 0 = none                                                       */
     bool    is_swa[PIE_MAX_LAYERS];
 } pie_hparams;
@@ -60,15 +73,19 @@ typedef struct {
 
 typedef struct {
     struct ggml_tensor *attn_norm, *wq, *wk, *wv, *wo, *bq, *bk, *bv, *bo;
+    struct ggml_tensor *wqkv, *bqkv;  /* fused Q|K|V (then wq, wk, wv are NULL)                */
     struct ggml_tensor *q_norm, *k_norm, *attn_post_norm;
     struct ggml_tensor *ffn_norm, *ffn_gate, *ffn_up, *ffn_down, *ffn_post_norm;
+    struct ggml_tensor *ffn_gate_b, *ffn_up_b, *ffn_down_b;
+    /* ffn_gate NULL with PIE_FUSED_GATE_UP: ffn_up is [n_embd, 2 * n_ff], gate half first     */
 } pie_layer;
 
 typedef struct {
     struct ggml_tensor *tok_embd;    /* [n_embd, n_vocab]                                      */
     struct ggml_tensor *output_norm; /* [n_embd]                                               */
     struct ggml_tensor *output;      /* [n_embd, n_vocab], = tok_embd when tied                */
-    struct ggml_tensor *rope_freqs;  /* [n_rot/2] or NULL (llama 3.1 style frequency factors)  */
+    struct ggml_tensor *rope_freqs;  /* [n_rot/2] or NULL: frequency factors (llama 3.1 style, or
+                                        LongRoPE's long or short set, chosen at load)          */
     pie_layer layers[PIE_MAX_LAYERS];
 } pie_weights;
 
@@ -162,6 +179,8 @@ typedef struct {
     int32_t *out_req;        /* [n_outputs] the request of each sampled row                    */
     int32_t *req_outputs;    /* [n_requests] rows each request samples                         */
     float   *zeros;          /* [model->pad_width] zeros for the graph's zeros input           */
+    float   *attn_temp;      /* [cap_attn_temp] the graph's attn_temp input                    */
+    size_t   cap_attn_temp;
     /* capacities */
     size_t cap_reqs, cap_tokens, cap_runs, cap_gather, cap_mask, cap_mask_swa, cap_out, cap_out_req, cap_req_outputs;
     /* validation scratch */
@@ -236,6 +255,8 @@ typedef struct {
     struct ggml_tensor *out_rows;   /* I32 [n_outputs]                                         */
     struct ggml_tensor *zeros;      /* F32 [model->pad_width] zeros, for pie_matmul; NULL until
                                        a product needs them                                    */
+    struct ggml_tensor *attn_temp;  /* F32 [1, 1, n_tokens] per-token Q scale (hp.attn_temp_scale),
+                                       NULL until a builder asks (pie_attn_temperature)         */
     const pie_layout   *layout;     /* the rows products multiply now: the batch's tokens, after
                                        pie_select_outputs the sampled rows                     */
     struct ggml_tensor *hidden;     /* F32 [n_embd, n_outputs] result: after the output norm   */
@@ -254,8 +275,15 @@ struct pie_arch {
 
 enum {
     PIE_NEED_QKV_BIAS   = 1 << 0,
-    PIE_NEED_QK_NORM    = 1 << 1,
-    PIE_NEED_POST_NORMS = 1 << 2,
+    PIE_NEED_QK_NORM    = 1 << 1,  /* per-head RMS norm of Q and K ([head_dim] weights)       */
+    PIE_NEED_POST_NORMS = 1 << 2,  /* post_attention_norm, post_ffw_norm                       */
+    PIE_QK_NORM_FULL    = 1 << 3,  /* with PIE_NEED_QK_NORM: over the whole projection (OLMo 2) */
+    PIE_NO_PRE_NORMS    = 1 << 4,  /* no attn_norm / ffn_norm (OLMo 2)                         */
+    PIE_FUSED_GATE_UP   = 1 << 5,  /* ffn_up holds gate and up (Phi-3)                         */
+    PIE_FFN_BIAS        = 1 << 6,  /* optional FFN biases, used when present                   */
+    PIE_LONGROPE        = 1 << 7,  /* rope_factors_long/short whatever rope.scaling.type says    */
+    PIE_NO_ROPE_FACTORS = 1 << 8,  /* the graph rotates without frequency factors               */
+    PIE_YARN_KEYS       = 1 << 9,  /* reads rope.scaling.yarn_beta_fast/slow, yarn_log_multiplier */
 };
 
 /* arch.c: the row named `name`, or NULL; the names as "llama, qwen2, ..." (for messages) */
@@ -264,8 +292,14 @@ void pie_arch_list(char *buf, size_t size);
 
 /* models/<family>.c: the builders and hooks arch.c lists */
 void    pie_build_llama(pie_graph *g);
+int32_t pie_granite_hparams(pie_hparams *hp, const struct gguf_context *gguf);
+int32_t pie_smollm3_hparams(pie_hparams *hp, const struct gguf_context *gguf);
+int32_t pie_mistral3_hparams(pie_hparams *hp, const struct gguf_context *gguf);
 int32_t pie_gemma3_hparams(pie_hparams *hp, const struct gguf_context *gguf);
 void    pie_build_gemma3(pie_graph *g);
+void    pie_build_phi3(pie_graph *g);
+int32_t pie_olmo2_hparams(pie_hparams *hp, const struct gguf_context *gguf);
+void    pie_build_olmo2(pie_graph *g);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Internal API between the driver's files                                                    */
@@ -280,6 +314,10 @@ bool    pie_gguf_float(const struct gguf_context *gguf, const char *key, float *
 /* A float key that must be finite and > 0 (>= 0 with allow_zero): PIE_ERR_FORMAT naming it
  * otherwise; *out keeps its value when the key is absent. */
 int32_t pie_gguf_positive(const struct gguf_context *gguf, const char *key, bool allow_zero, float *out);
+/* "<arch>.attention.sliding_window" and its layer pattern (an array of per-layer booleans, or n:
+ * every n-th layer global, default_pattern when absent), as llama.cpp's load_swa_pattern reads
+ * them; no window or a window of 0 leaves every layer global. */
+int32_t pie_load_swa(pie_hparams *hp, const struct gguf_context *gguf, int64_t default_pattern);
 int32_t pie_load_weights(pie_model *model, const char *path);
 void    pie_free_weights(pie_model *model);
 
@@ -298,6 +336,10 @@ struct ggml_tensor *pie_embed(pie_graph *g);
 struct ggml_tensor *pie_select_outputs(pie_graph *g, struct ggml_tensor *x);
 struct ggml_tensor *pie_norm(pie_graph *g, struct ggml_tensor *x, struct ggml_tensor *w);
 struct ggml_tensor *pie_rope(pie_graph *g, struct ggml_tensor *x, int il);
+void pie_qkv(pie_graph *g, const pie_layer *L, struct ggml_tensor *x, struct ggml_tensor **q,
+             struct ggml_tensor **k, struct ggml_tensor **v);
+struct ggml_tensor *pie_ffn_swiglu(pie_graph *g, const pie_layer *L, struct ggml_tensor *x);
+struct ggml_tensor *pie_attn_temperature(pie_graph *g);
 struct ggml_tensor *pie_attention(pie_graph *g, int il, struct ggml_tensor *q, struct ggml_tensor *k,
                                   struct ggml_tensor *v, float kq_scale);
 struct ggml_tensor *pie_linear(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *b,

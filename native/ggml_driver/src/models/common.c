@@ -28,6 +28,7 @@ void pie_graph_begin(pie_graph *g) {
     g->mask_swa    = p->any_swa_mask ? input(g, GGML_TYPE_F16, p->n_mask, "mask_swa") : NULL;
     g->out_rows    = input(g, GGML_TYPE_I32, g->n_outputs, "out_rows");  /* [n_outputs] */
     g->zeros       = NULL; /* created by the first product that needs it */
+    g->attn_temp   = NULL; /* created by the first layer that needs it */
     g->layout      = &p->token_layout;
 }
 
@@ -41,12 +42,15 @@ struct ggml_tensor *pie_name(struct ggml_tensor *t, const char *name, int il) {
     return t;
 }
 
-/* Token embeddings, scaled: [n_embd, n_tokens] */
+/* Token embeddings, scaled: [n_embd, n_tokens]. The scaled tensor is "embd" where llama.cpp
+ * scales inside its input embedding (Granite), "inp_scaled" where it scales after (Gemma). */
 struct ggml_tensor *pie_embed(pie_graph *g) {
-    const pie_model *m = g->model;
-    struct ggml_tensor *x = pie_name(ggml_get_rows(g->ctx, m->w.tok_embd, g->tokens), "embd", -1);
-    if (m->hp.embd_scale != 1.0f) x = pie_name(ggml_scale(g->ctx, x, m->hp.embd_scale), "inp_scaled", -1);
-    return x;
+    const pie_hparams *hp = &g->model->hp;
+    struct ggml_tensor *x = ggml_get_rows(g->ctx, g->model->w.tok_embd, g->tokens);
+    if (hp->embd_scale == 1.0f) return pie_name(x, "embd", -1);
+    if (hp->embd_scale_input) return pie_name(ggml_scale(g->ctx, x, hp->embd_scale), "embd", -1);
+    x = pie_name(x, "embd", -1);
+    return pie_name(ggml_scale(g->ctx, x, hp->embd_scale), "inp_scaled", -1);
 }
 
 /* RMS norm over ne0, times the weight (broadcast over the other dims). */
@@ -144,14 +148,60 @@ struct ggml_tensor *pie_linear(pie_graph *g, struct ggml_tensor *w, struct ggml_
 
 /* x: [head_dim, n_heads, n_tokens], rotated at the batch's explicit positions, scaled as the
  * file says (linear or YaRN, see load_rope_scaling in loader.c). Sliding-window layers use their
- * own base and no scaling factor (as llama.cpp does); YaRN's beta_fast 32 and beta_slow 1 are
- * llama.cpp's. */
+ * own base and no scaling factor (as llama.cpp does), and the extension and attention factors
+ * their family gives them. Layers without RoPE (hp->no_rope) return x as it is. */
 struct ggml_tensor *pie_rope(pie_graph *g, struct ggml_tensor *x, int il) {
     const pie_hparams *hp = &g->model->hp;
+    if (hp->no_rope[il]) return x;
     const bool swa = hp->is_swa[il];
     return ggml_rope_ext(g->ctx, x, g->positions, g->model->w.rope_freqs, hp->n_rot, hp->rope_mode, hp->rope_n_ctx_orig,
-                         swa ? hp->rope_base_swa : hp->rope_base, swa ? 1.0f : hp->rope_scale, hp->rope_ext_factor,
-                         hp->rope_attn_factor, 32.0f, 1.0f);
+                         swa ? hp->rope_base_swa : hp->rope_base, swa ? 1.0f : hp->rope_scale,
+                         swa ? hp->rope_ext_factor_swa : hp->rope_ext_factor,
+                         swa ? hp->rope_attn_factor_swa : hp->rope_attn_factor, hp->rope_beta_fast, hp->rope_beta_slow);
+}
+
+/* Q, K and V of x [n_embd, n_tokens] as [head_dim, n_head(_kv), n_tokens], from separate
+ * projections or one fused Q|K|V projection (then Q, K and V are views of its rows, and the
+ * biases are its own or the three separate ones, as llama.cpp's build_qkv takes them). */
+void pie_qkv(pie_graph *g, const pie_layer *L, struct ggml_tensor *x, struct ggml_tensor **q,
+             struct ggml_tensor **k, struct ggml_tensor **v) {
+    struct ggml_context *ctx = g->ctx;
+    const pie_hparams *hp = &g->model->hp;
+    const int64_t nt = x->ne[1], hd = hp->head_dim, hv = hp->head_dim_v;
+    if (!L->wqkv) {
+        *q = ggml_reshape_3d(ctx, pie_linear(g, L->wq, L->bq, x), hd, hp->n_head, nt);
+        *k = ggml_reshape_3d(ctx, pie_linear(g, L->wk, L->bk, x), hd, hp->n_head_kv, nt);
+        *v = ggml_reshape_3d(ctx, pie_linear(g, L->wv, L->bv, x), hv, hp->n_head_kv, nt);
+        return;
+    }
+    struct ggml_tensor *qkv = pie_linear(g, L->wqkv, L->bqkv, x); /* [Q + K + V, n_tokens] */
+    if (!L->bqkv && L->bq) qkv = ggml_add(ctx, qkv, ggml_concat(ctx, ggml_concat(ctx, L->bq, L->bk, 0), L->bv, 0));
+    const size_t es = ggml_element_size(qkv), nq = (size_t)(hd * hp->n_head), nk = (size_t)(hd * hp->n_head_kv);
+    *q = ggml_view_3d(ctx, qkv, hd, hp->n_head, nt, es * (size_t)hd, qkv->nb[1], 0);
+    *k = ggml_view_3d(ctx, qkv, hd, hp->n_head_kv, nt, es * (size_t)hd, qkv->nb[1], es * nq);
+    *v = ggml_view_3d(ctx, qkv, hv, hp->n_head_kv, nt, es * (size_t)hv, qkv->nb[1], es * (nq + nk));
+}
+
+/* SwiGLU feed-forward of x [n_embd, n] -> [n_embd, n]: separate gate and up projections, or one
+ * fused projection whose first half is the gate (Phi-3); biases where the file has them. */
+struct ggml_tensor *pie_ffn_swiglu(pie_graph *g, const pie_layer *L, struct ggml_tensor *x) {
+    struct ggml_tensor *cur;
+    if (L->ffn_gate)
+        cur = ggml_swiglu_split(g->ctx, pie_linear(g, L->ffn_gate, L->ffn_gate_b, x), pie_linear(g, L->ffn_up, L->ffn_up_b, x));
+    else
+        cur = ggml_swiglu(g->ctx, pie_linear(g, L->ffn_up, L->ffn_up_b, x)); /* [2 n_ff, n] -> [n_ff, n] */
+    return pie_linear(g, L->ffn_down, L->ffn_down_b, cur);
+}
+
+/* The per-token Q scale of attention temperature (hp->attn_temp_scale): F32 [1, 1, n_tokens],
+ * broadcast over a Q of [head_dim, n_head, n_tokens]; batch.c computes its values. */
+struct ggml_tensor *pie_attn_temperature(pie_graph *g) {
+    if (!g->attn_temp) {
+        g->attn_temp = ggml_new_tensor_3d(g->ctx, GGML_TYPE_F32, 1, 1, g->n_tokens);
+        pie_name(g->attn_temp, "inp_attn_scale", -1);
+        ggml_set_input(g->attn_temp);
+    }
+    return g->attn_temp;
 }
 
 /* Request r's K or V as [width_head, n_kv, n_head_kv], on the pool's own f16/q8_0 values
@@ -211,6 +261,9 @@ struct ggml_tensor *pie_attention(pie_graph *g, int il, struct ggml_tensor *q, s
 
     /* write: [width, n_tokens] rows into the flat pools; the results are views of the pools, and
      * reading through them orders every read after the write */
+    /* K and V may be views of a fused projection (a layer without RoPE keeps K as one) */
+    if (!ggml_is_contiguous(k)) k = ggml_cont(ctx, k);
+    if (!ggml_is_contiguous(v)) v = ggml_cont(ctx, v);
     struct ggml_tensor *kp = ggml_set_rows(ctx, m->kv.k[il], ggml_reshape_2d(ctx, k, hp->head_dim * hkv, nt), g->write_rows);
     struct ggml_tensor *vp = ggml_set_rows(ctx, m->kv.v[il], ggml_reshape_2d(ctx, v, hp->head_dim_v * hkv, nt), g->write_rows);
     struct ggml_tensor *mask = hp->is_swa[il] && g->mask_swa ? g->mask_swa : g->mask;
@@ -237,8 +290,8 @@ struct ggml_tensor *pie_select_outputs(pie_graph *g, struct ggml_tensor *x) {
     return ggml_get_rows(g->ctx, x, g->out_rows);
 }
 
-/* x: [n_embd, n_outputs] -> hidden (after the output norm) and logits [n_vocab, n_outputs].
- * A batch that samples nothing (a prefill chunk) stops at the hidden state: the LM head is the
+/* x: [n_embd, n_outputs] -> hidden (after the output norm) and logits [n_vocab, n_outputs],
+ * divided by the logit scale (Granite), then soft-capped (Gemma). A batch that samples nothing (a prefill chunk) stops at the hidden state: the LM head is the
  * largest matrix of a small model. */
 void pie_graph_finish(pie_graph *g, struct ggml_tensor *x) {
     const pie_model *m = g->model;
@@ -247,6 +300,7 @@ void pie_graph_finish(pie_graph *g, struct ggml_tensor *x) {
     ggml_build_forward_expand(g->gf, g->hidden);
     if (!g->plan->head) return;
     struct ggml_tensor *logits = pie_matmul(g, m->w.output, g->hidden);
+    if (m->hp.logit_scale != 1.0f) logits = ggml_scale(g->ctx, logits, 1.0f / m->hp.logit_scale);
     const float cap = m->hp.logit_softcap;
     if (cap > 0.0f) logits = ggml_scale(g->ctx, ggml_tanh(g->ctx, ggml_scale(g->ctx, logits, 1.0f / cap)), cap);
     g->logits = pie_name(logits, "result_output", -1);
