@@ -16,7 +16,7 @@ import pytest
 
 from pie_local.models.chat_template import ChatTemplate, ChatTemplateError
 from pie_local.models.tokenizer import Tokenizer
-from pie_local.models.tool_formats import CALL_STARTS, FORMATS, detect_tool_format, parse_tool_calls
+from pie_local.models.tool_formats import CALL_STARTS, FORMATS, ToolCall, detect_tool_format, parse_tool_calls
 from pie_local.runtime.constraints import allowed_tokens
 from pie_local.runtime.tools import Tool, as_tools, call_tool, tool_call_constraint
 from pie_local.server.tool_calls import CallSniffer, extract_calls
@@ -380,6 +380,52 @@ async def test_starter_model_writes_a_call_in_each_family_format(starter_gguf: P
         [call] = tmpl.parse_tool_calls(text)
         result = await call_tool(TOOLS, call)
         assert result.ok, (text, result.text)
+
+
+@pytest.mark.slow
+@pytest.mark.real_driver
+@pytest.mark.parametrize("family", ["mistral", "phi4", "harmony"])
+async def test_server_returns_and_streams_a_forced_call_in_the_family_format(starter_gguf: Path, family: str) -> None:
+    """/v1/chat/completions on the starter model under a family's template: the forced call comes
+    back as `tool_calls` (not as text with markers), streamed or not, the same greedy call."""
+    import httpx
+    from server_helpers import serving
+
+    from pie_local.driver.types import DriverParams
+    from pie_local.runtime.engine import Engine, EngineConfig
+    from pie_local.server.config import ServerConfig
+    from pie_local.server.manager import ModelManager
+
+    try:
+        from pie_local.driver import Driver  # noqa: F401
+    except Exception:
+        pytest.skip("the native driver is not built")
+    engine_config = EngineConfig(driver=DriverParams(n_threads=2, n_pages=128), chat_template=FAMILIES[family])
+    config = ServerConfig()
+    manager = ModelManager(config, resolve=lambda name: "starter",
+                           make_engine=lambda name: Engine(str(starter_gguf), engine_config))
+    body = {"model": "starter", "messages": [{"role": "user", "content": "Add 2 and 3."}], "max_tokens": 64,
+            "temperature": 0, "tools": [t.to_openai() for t in TOOLS], "tool_choice": "required"}
+    async with serving(config, manager) as url, httpx.AsyncClient(base_url=url, timeout=300) as client:
+        reply = await client.post("/v1/chat/completions", json=body)
+        assert reply.status_code == 200, reply.text
+        choice = reply.json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None, choice
+        [call] = choice["message"]["tool_calls"]
+        arguments = json.loads(call["function"]["arguments"])
+        assert (await call_tool(TOOLS, ToolCall(call["function"]["name"], arguments))).ok
+        if FORMATS[EXPECTED_FORMAT[family]].short_ids:
+            assert len(call["id"]) == 9
+
+        streamed = await client.post("/v1/chat/completions", json={**body, "stream": True})
+        events = [json.loads(line[6:]) for line in streamed.text.splitlines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+        deltas = [e["choices"][0] for e in events if e["choices"]]
+        assert deltas[-1]["finish_reason"] == "tool_calls"
+        assert not any(d["delta"].get("content") for d in deltas)  # the markers never reach the client as text
+        [part] = [tc for d in deltas for tc in d["delta"].get("tool_calls", [])]
+        assert part["function"]["name"] == call["function"]["name"]
+        assert json.loads(part["function"]["arguments"]) == arguments  # greedy: the same call
 
 
 def test_tool_objects_and_openai_dicts_render_the_same() -> None:

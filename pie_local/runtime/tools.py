@@ -444,7 +444,7 @@ def _call_lark(tools: Sequence[Tool], tool_format: str, m: Callable[[str], str])
         else:
             head = f'{m("<|channel|>")} "commentary to=functions."'
             between = f'" " {m("<|constrain|>")} "json" {m("<|message|>")}'
-        rules = [f"tool{i}: {json.dumps(t.name)} {between} %json {schema(_closed(t.parameters))}"
+        rules = [f"tool{i}: {json.dumps(t.name)} {between} args{i}\nargs{i}: %json {schema(_closed(t.parameters))}"
                  for i, t in enumerate(tools)]
         names = " | ".join(f"tool{i}" for i in range(len(tools)))
         return f"start: {head} ({names})\n" + "\n".join(rules) + "\n"
