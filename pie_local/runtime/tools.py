@@ -427,7 +427,8 @@ class ToolCallGrammar(Grammar):
             token = special_token(text)
             return json.dumps(text) if token is None else f"<[{token}]>"
 
-        return Grammar(_call_lark(self.tools, self.tool_format, marker)).bind(tokenizer)
+        lark = _call_lark(self.tools, self.tool_format, marker)
+        return super().bind(tokenizer) if lark == self.text else Grammar(lark).bind(tokenizer)
 
 
 def _call_lark(tools: Sequence[Tool], tool_format: str, m: Callable[[str], str]) -> str:
