@@ -356,6 +356,34 @@ async def test_markers_are_written_as_the_vocabs_special_tokens(marker_vocab: Pa
     assert (await call_tool(adder, call)).ok, shown
 
 
+@pytest.mark.real_driver
+@pytest.mark.parametrize("family", ["mistral", "phi4"])
+async def test_engine_keeps_its_templates_markers_in_generated_text(marker_vocab: Path, family: str) -> None:
+    """A tiny model whose vocab has the markers as control tokens, under the family's template: the
+    forced call is written with the marker tokens and the generated text shows them, so the
+    template's parser finds the call (without them Mistral's text would read `add{...}`)."""
+    from pie_local.driver.types import DriverParams
+    from pie_local.runtime.engine import Engine, EngineConfig
+    from pie_local.runtime.sampling import SamplingParams
+
+    try:
+        from pie_local.driver import Driver  # noqa: F401
+    except Exception:
+        pytest.skip("the native driver is not built")
+    adder = as_tools([add])
+    config = EngineConfig(driver=DriverParams(n_threads=2, n_pages=32), chat_template=FAMILIES[family])
+    async with Engine(str(marker_vocab), config) as engine:
+        markers = {engine.tokenizer.special_token(m) for m in engine.chat_template.text_markers} - {None}
+        async with engine.context() as ctx:
+            ctx.fill(engine.chat_template.render([{"role": "user", "content": "add"}], tools=adder))
+            text = await ctx.generate(SamplingParams(seed=3, temperature=1.0), max_tokens=200,
+                                      constrain=tool_call_constraint(adder, engine.chat_template.tool_format))
+        assert markers & set(text.token_ids), text
+        assert text.startswith(FIRST[EXPECTED_FORMAT[family]]), text
+        [call] = engine.chat_template.parse_tool_calls(text)
+        assert (await call_tool(adder, call)).ok, text
+
+
 # ---- the starter model, end to end ------------------------------------------------------------------
 
 @pytest.mark.slow
