@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from pie_local import paths
-from pie_local.models.errors import CorruptGGUFError, GGUFError
+from pie_local.models.errors import CorruptGGUFError, GGUFError, UnsupportedArchitectureError
 from pie_local.models.gguf_info import (
     ArrayInfo,
     GGUFHeader,
@@ -109,6 +109,25 @@ def check_model(path: str | os.PathLike[str]) -> None:
             _check_tensors(read_gguf_header(part))
 
     _remembered("model", parts[0], run)
+
+
+def supported_architectures() -> tuple[str, ...] | None:
+    """The architectures the native driver runs, or None without a usable driver (its own error,
+    with the fix, comes when a model is loaded)."""
+    from pie_local.driver import supported_architectures as from_driver
+
+    try:
+        return from_driver()
+    except RuntimeError:  # DriverNotFound, AbiMismatch
+        return None
+
+
+def check_architecture(path: str | os.PathLike[str], arch: str) -> None:
+    """UnsupportedArchitectureError, naming the architecture and the supported ones, for a model
+    the driver would refuse to load."""
+    supported = supported_architectures()
+    if supported is not None and arch not in supported:
+        raise UnsupportedArchitectureError(path, arch, supported)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -121,6 +121,8 @@ class Engine:
 
             self._chat_template = ChatTemplate.for_model(self.model_path, self._arch or self._driver.info.arch,
                                                          self._template_override, tokenizer=self._tokenizer)
+            # the template's tool-call markers stay in generated text, where the call parser finds them
+            self._tokenizer.keep_in_text(self._chat_template.text_markers)
 
     @property
     def driver(self) -> ModelDriver:
