@@ -31,6 +31,9 @@ TOKENS = [1, 300, 301, 302, 303, 304, 305]
 OUTPUTS = [2, 6]
 
 # What each family names per layer, besides the tensors all of them name.
+# Routed experts (llama.cpp's build_moe_ffn names; ffn_moe_topk is I32, not collected):
+MOE = {"ffn_inp", "ffn_moe_logits", "ffn_moe_probs", "ffn_moe_weights", "ffn_moe_up", "ffn_moe_gate", "ffn_moe_swiglu",
+       "ffn_moe_down", "ffn_moe_weighted", "ffn_moe_out"}  # fmt: skip
 EVERY_LAYER = {"attn_norm", "Qcur", "Kcur", "Vcur", "kqv_out", "attn_out", "ffn_norm", "ffn_out", "l_out"}
 FAMILY_LAYER = {
     "llama": {"ffn_inp"},
@@ -42,17 +45,28 @@ FAMILY_LAYER = {
     "smollm3": {"ffn_inp"},
     "olmo2": {"Qcur_normed", "Kcur_normed", "attn_post_norm", "ffn_inp"},
     "mistral3": {"Qcur_attn_temp_scaled", "ffn_inp"},
+    "qwen2moe": MOE | {"ffn_shexp_gate_inp", "ffn_shexp_gate", "ffn_shexp"},
+    "qwen3moe": MOE | {"Qcur_normed", "Kcur_normed", "ffn_moe_weights_norm"},
+    "olmoe": MOE | {"Qcur_normed", "Kcur_normed"},
+    "gpt-oss": (MOE - {"ffn_moe_swiglu"}) | {"attn_post_norm", "ffn_moe_weights_softmax", "ffn_moe_up_biased",
+                                            "ffn_moe_gate_biased", "ffn_moe_swiglu_oai", "ffn_moe_down_biased"},
 }
 NO_PRE_NORMS = {"olmo2"}
+# Routed experts end in ffn_moe_out (qwen2moe adds its shared expert into ffn_out); gpt-oss
+# normalises the FFN input with its post-attention norm.
+NOT_NAMED = {"qwen3moe": {"ffn_out"}, "olmoe": {"ffn_out"}, "gpt-oss": {"ffn_out", "ffn_norm"}}
+# gpt-oss's last layer runs over every row (the sampled ones are kept after it), as in llama.cpp
+LAST_LAYER_ALL_ROWS = {"gpt-oss"}
 # Named once for the whole graph besides embd, result_norm and result_output (llama.cpp names
 # OLMo 2's FFN post-norm without its layer).
 FAMILY_GLOBAL = {"gemma3": {"inp_scaled"}, "olmo2": {"ffn_post_norm"}}
 # llama.cpp names the attention output after its projection for these only
-NAMES_ATTN_OUT = {"llama", "granite", "smollm3", "mistral3"}
+NAMES_ATTN_OUT = {"llama", "granite", "smollm3", "mistral3", "gpt-oss"}
 
 
 def expected_names(arch: str, n_layer: int) -> set[str]:
-    per_layer = EVERY_LAYER - ({"attn_norm", "ffn_norm"} if arch in NO_PRE_NORMS else set()) | FAMILY_LAYER[arch]
+    per_layer = EVERY_LAYER - ({"attn_norm", "ffn_norm"} if arch in NO_PRE_NORMS else set()) - NOT_NAMED.get(arch, set())
+    per_layer |= FAMILY_LAYER[arch]
     names = {f"{name}-{il}" for name in per_layer for il in range(n_layer)}
     return names | {"embd", "result_norm", "result_output"} | FAMILY_GLOBAL.get(arch, set())
 
@@ -84,7 +98,8 @@ def test_every_layer_is_named_and_the_last_one_gives_the_logits(tmp_path_factory
         assert acts["Kcur-0"].shape == acts["Vcur-0"].shape == (n, cfg.n_head_kv, cfg.head_dim)
         assert acts["kqv_out-0"].shape == (n, cfg.n_head * cfg.head_dim)
         assert acts["l_out-0"].shape == (n, cfg.n_embd)
-        assert acts[f"l_out-{last}"].shape == (len(OUTPUTS), cfg.n_embd)  # only the sampled rows
+        last_rows = n if arch in LAST_LAYER_ALL_ROWS else len(OUTPUTS)  # else only the sampled rows
+        assert acts[f"l_out-{last}"].shape == (last_rows, cfg.n_embd)
         # the final layer's output, normed and through the head, is what forward returned
         assert np.array_equal(acts["result_norm"], res.hidden)
         assert np.array_equal(acts["result_output"], res.logits)

@@ -2,8 +2,8 @@
 llama.cpp on tiny models: the variants test_driver_logits.py does not cover (LongRoPE's factors
 chosen by context, OLMo 3's sliding window, FFN biases, a fused Q|K|V in a Llama file, Granite
 without RoPE), greedy text, and files with bad hyper-parameters, each refused with a message
-that names the key or tensor. A Mixtral-style Llama file (experts instead of one FFN) is refused
-as mixture-of-experts, not as a file missing its FFN.
+that names the key or tensor. (Mixture-of-experts files, a Mixtral-style Llama among them:
+test_driver_moe.py.)
 
 Tolerance against llama.cpp: zero, as in test_driver_logits.py's tiny models (one request per
 pass and passes of fewer than 8 rows or at least 16, so both engines pick the same kernels on the
@@ -225,32 +225,3 @@ def test_bad_hyper_parameters_are_refused(tmp_path: Path, case: str) -> None:
     assert err.value.status == bad.status, err.value
     for fragment in bad.fragments:
         assert fragment in err.value.message, err.value.message
-
-
-def test_mixtral_style_llama_is_refused_as_mixture_of_experts(tmp_path: Path) -> None:
-    """A Llama file whose layers route between experts (ffn_gate_inp, ffn_*_exps) and have no
-    dense FFN: llama.cpp loads it, the driver says it is mixture-of-experts (not "ffn_gate is
-    missing")."""
-    cfg, n_expert = tiny_config("llama"), 4
-    rng = np.random.default_rng(1)
-
-    def experts(w: gguf.GGUFWriter) -> None:
-        w.add_expert_count(n_expert)
-        w.add_expert_used_count(2)
-        for il in range(cfg.n_layer):
-            p = f"blk.{il}."
-            w.add_tensor(p + "ffn_gate_inp.weight", rng.standard_normal((n_expert, cfg.n_embd)).astype(np.float32))
-            for name, shape in (("gate", (cfg.n_ff, cfg.n_embd)), ("up", (cfg.n_ff, cfg.n_embd)),
-                                ("down", (cfg.n_embd, cfg.n_ff))):
-                w.add_tensor(p + f"ffn_{name}_exps.weight",
-                             (0.1 * rng.standard_normal((n_expert, *shape))).astype(np.float32))
-
-    dense = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
-    path = write_tiny_gguf(tmp_path / "moe.gguf", "llama", metadata_hook=experts,
-                           tensor_hook=lambda name, t: None if name.endswith(dense) else t)
-    with LlamaRef(path, n_ctx=64) as ref:
-        assert np.all(np.isfinite(ref.logits([1, 300, 301])))
-    with pytest.raises(DriverError) as err:
-        Driver(path, DriverParams(n_threads=1, page_size=PAGE, n_pages=8))
-    assert err.value.status == "unsupported"
-    assert "mixture-of-experts" in err.value.message and "blk.0.ffn_gate_inp.weight" in err.value.message

@@ -12,7 +12,11 @@ phi3 fuses Q|K|V and gate|up and carries LongRoPE factors and attention factor; 
 its four multipliers; smollm3 has 4 layers, so the last one runs without RoPE; olmo2 has only
 post-norms and Q/K norms over the whole projection; mistral3 uses YaRN (its own beta range and
 log multiplier) over an original context of 16 and attention temperature, so both act within
-a short test.
+a short test. The mixtures of experts (qwen2moe, qwen3moe, olmoe, gpt-oss, and a Mixtral-style
+llama: ``write_tiny_gguf(path, "llama", **MIXTRAL)``) have 4 experts of which each token uses 2,
+routed by a router steep enough that tokens pick different experts; qwen2moe adds a shared
+expert, olmoe Q/K norms over whole rows, gpt-oss biases, attention sinks, a sliding window on
+every other layer, YaRN and MXFP4 experts.
 
 The ``write_*`` helpers at the end produce broken files for error-path tests.
 """
@@ -28,7 +32,8 @@ from typing import Callable
 import gguf
 import numpy as np
 
-ARCHES = ("llama", "qwen2", "qwen3", "gemma3", "phi3", "granite", "smollm3", "olmo2", "mistral3")
+ARCHES = ("llama", "qwen2", "qwen3", "gemma3", "phi3", "granite", "smollm3", "olmo2", "mistral3", "qwen2moe",
+          "qwen3moe", "olmoe", "gpt-oss")
 
 Q = gguf.GGMLQuantizationType
 QUANTS = {
@@ -48,8 +53,9 @@ QUANTS = {
     "q6_k": Q.Q6_K,
     "iq4_nl": Q.IQ4_NL,
     "iq4_xs": Q.IQ4_XS,
+    "mxfp4": Q.MXFP4,
 }
-_BY_GGML = {Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS}
+_BY_GGML = {Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS, Q.MXFP4}
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,12 @@ class TinyConfig:
     yarn_log_mul: float = 0.0
     yarn_beta_fast: float = 0.0
     yarn_beta_slow: float = 0.0
+    # mixture of experts (0 = a dense FFN); for llama, experts make a Mixtral-style file
+    n_expert: int = 0  # expert_count
+    n_expert_used: int = 0  # expert_used_count
+    n_ff_exp: int = 0  # expert_feed_forward_length (0 = not written; experts are then n_ff wide)
+    n_ff_shexp: int = 0  # qwen2moe's shared expert: expert_shared_feed_forward_length
+    expert_quant: str = ""  # the experts' weight type (a key of QUANTS); "" = write_tiny_gguf's quant
 
 
 # Each architecture's defaults; anything can be overridden through write_tiny_gguf(**overrides).
@@ -108,7 +120,27 @@ DEFAULTS: dict[str, TinyConfig] = {
         # context of 16 both ends of it then move (dims 1..3 instead of 0..1)
         yarn_log_mul=1.0, yarn_beta_fast=0.3, yarn_beta_slow=0.05, temperature_scale=0.1,
     ),
+    # 4 experts, 2 used per token; qwen2moe's Q and output are n_embd wide (llama.cpp's shapes)
+    "qwen2moe": TinyConfig(
+        name="tiny-qwen2moe", rope_base=1_000_000.0, rms_eps=1e-6, n_expert=4, n_expert_used=2, n_ff_exp=32,
+        n_ff_shexp=96,
+    ),
+    "qwen3moe": TinyConfig(
+        name="tiny-qwen3moe", head_dim=32, rope_base=1_000_000.0, rms_eps=1e-6, n_expert=4, n_expert_used=2,
+        n_ff_exp=64,
+    ),
+    # llama.cpp's OLMoE: Q, K and V n_embd wide (no GQA), experts n_ff wide
+    "olmoe": TinyConfig(name="tiny-olmoe", n_head_kv=4, n_ff=64, n_expert=4, n_expert_used=2),
+    # gpt-oss: sliding window on every other layer, YaRN (factor 4 over 128 positions), biases,
+    # attention sinks, MXFP4 experts (as OpenAI ships them)
+    "gpt-oss": TinyConfig(
+        name="tiny-gpt-oss", rope_base=150_000.0, sliding_window=8, rope_scaling="yarn", rope_factor=4.0,
+        rope_orig_ctx=128, n_expert=4, n_expert_used=2, n_ff_exp=64, expert_quant="mxfp4",
+    ),
 }
+
+# Mixtral: a llama file with experts (write_tiny_gguf(path, "llama", **MIXTRAL)).
+MIXTRAL = {"n_expert": 4, "n_expert_used": 2, "n_ff": 64}
 
 # ---------------------------------------------------------------------------------------------
 # Vocabularies
@@ -264,14 +296,20 @@ def _tensors(arch: str, cfg: TinyConfig, n_vocab: int, rng: np.random.Generator)
             out[p + "attn_k.weight"] = mat(kv_dim, cfg.n_embd)
             out[p + "attn_v.weight"] = mat(kv_dim, cfg.n_embd)
         out[p + "attn_output.weight"] = mat(cfg.n_embd, q_dim)
-        if arch == "qwen2":
+        if arch in ("qwen2", "qwen2moe", "gpt-oss"):
             out[p + "attn_q.bias"] = bias(q_dim)
             out[p + "attn_k.bias"] = bias(kv_dim)
             out[p + "attn_v.bias"] = bias(kv_dim)
-        if arch in ("qwen3", "gemma3"):
+        if arch == "gpt-oss":
+            out[p + "attn_output.bias"] = bias(cfg.n_embd)
+            out[p + "attn_sinks.weight"] = (1.0 + rng.standard_normal(cfg.n_head)).astype(np.float32)
+            out[p + "post_attention_norm.weight"] = norm(cfg.n_embd)  # gpt-oss's FFN norm
+            out.update(_experts(arch, cfg, p, mat, bias))
+            continue
+        if arch in ("qwen3", "gemma3", "qwen3moe"):
             out[p + "attn_q_norm.weight"] = norm(cfg.head_dim)
             out[p + "attn_k_norm.weight"] = norm(cfg.head_dim)
-        if arch == "olmo2":  # over the whole projection, not per head
+        if arch in ("olmo2", "olmoe"):  # over the whole projection, not per head
             out[p + "attn_q_norm.weight"] = norm(q_dim)
             out[p + "attn_k_norm.weight"] = norm(kv_dim)
         if arch in ("gemma3", "olmo2"):
@@ -279,6 +317,9 @@ def _tensors(arch: str, cfg: TinyConfig, n_vocab: int, rng: np.random.Generator)
             out[p + "post_ffw_norm.weight"] = norm(cfg.n_embd)
         if arch != "olmo2":
             out[p + "ffn_norm.weight"] = norm(cfg.n_embd)
+        if cfg.n_expert:
+            out.update(_experts(arch, cfg, p, mat, bias))
+            continue
         if arch == "phi3":  # gate and up in one matrix, gate first
             out[p + "ffn_up.weight"] = mat(2 * cfg.n_ff, cfg.n_embd)
         else:
@@ -292,6 +333,33 @@ def _tensors(arch: str, cfg: TinyConfig, n_vocab: int, rng: np.random.Generator)
     return out
 
 
+def _experts(arch: str, cfg: TinyConfig, p: str, mat: Callable, bias: Callable) -> dict[str, np.ndarray]:
+    """One layer's router, experts (numpy [n_expert, out, in]), qwen2moe's shared expert and
+    gpt-oss's biases (numpy [n_expert, out])."""
+    ff = cfg.n_ff_exp or cfg.n_ff
+
+    def experts(n_out: int, n_in: int) -> np.ndarray:
+        return np.stack([mat(n_out, n_in) for _ in range(cfg.n_expert)])
+
+    # a router 3x steeper than the weights: the experts' probabilities differ clearly per token
+    out = {p + "ffn_gate_inp.weight": 3.0 * mat(cfg.n_expert, cfg.n_embd),
+           p + "ffn_gate_exps.weight": experts(ff, cfg.n_embd),
+           p + "ffn_up_exps.weight": experts(ff, cfg.n_embd),
+           p + "ffn_down_exps.weight": experts(cfg.n_embd, ff)}  # fmt: skip
+    if arch == "gpt-oss":
+        out[p + "ffn_gate_inp.bias"] = bias(cfg.n_expert)
+        out[p + "ffn_gate_exps.bias"] = np.stack([bias(ff) for _ in range(cfg.n_expert)])
+        out[p + "ffn_up_exps.bias"] = np.stack([bias(ff) for _ in range(cfg.n_expert)])
+        out[p + "ffn_down_exps.bias"] = np.stack([bias(cfg.n_embd) for _ in range(cfg.n_expert)])
+    if arch == "qwen2moe":
+        sh = cfg.n_ff_shexp or cfg.n_ff
+        out[p + "ffn_gate_inp_shexp.weight"] = mat(1, cfg.n_embd)[0]
+        out[p + "ffn_gate_shexp.weight"] = mat(sh, cfg.n_embd)
+        out[p + "ffn_up_shexp.weight"] = mat(sh, cfg.n_embd)
+        out[p + "ffn_down_shexp.weight"] = mat(cfg.n_embd, sh)
+    return out
+
+
 def _ggml_quantize(tensor: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     """uint8 [rows, row bytes]: `tensor` quantized by ggml_quantize_chunk of the ggml that
     llama-cpp-python ships (the very code llama.cpp's quantize tool runs)."""
@@ -302,9 +370,10 @@ def _ggml_quantize(tensor: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.n
     lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     src = np.ascontiguousarray(tensor, dtype=np.float32)
-    rows, n = src.shape
+    n = src.shape[-1]
+    rows = src.size // n  # a 3-D tensor (experts) is quantized as its rows
     block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
-    out = np.zeros((rows, n // block * block_bytes), dtype=np.uint8)
+    out = np.zeros((*src.shape[:-1], n // block * block_bytes), dtype=np.uint8)
     written = lib.ggml_quantize_chunk(int(qtype), src.ctypes.data, out.ctypes.data, 0, rows, n, None)
     assert written == out.nbytes, (written, out.nbytes)
     return out
@@ -408,6 +477,13 @@ def write_tiny_gguf(
     w.add_vocab_size(n_vocab)
     if cfg.sliding_window:
         w.add_sliding_window(cfg.sliding_window)
+    if cfg.n_expert:
+        w.add_expert_count(cfg.n_expert)
+        w.add_expert_used_count(cfg.n_expert_used)
+    if cfg.n_ff_exp:
+        w.add_expert_feed_forward_length(cfg.n_ff_exp)
+    if cfg.n_ff_shexp:
+        w.add_expert_shared_feed_forward_length(cfg.n_ff_shexp)
     w.add_file_type(int(gguf.LlamaFileType.ALL_F32) if quant == "f32" else int(gguf.LlamaFileType.MOSTLY_F16))
 
     _write_vocab(w, v)
@@ -419,7 +495,12 @@ def write_tiny_gguf(
             tensor = tensor_hook(tname, tensor)
             if tensor is None:
                 continue
-        data, qtype = _encode(tensor, QUANTS[quant])
+        want = QUANTS[quant]
+        if tname.endswith(".bias"):  # gpt-oss's 2-D expert biases stay f32 like the others
+            want = Q.F32
+        elif "_exps." in tname and cfg.expert_quant:
+            want = QUANTS[cfg.expert_quant]
+        data, qtype = _encode(tensor, want)
         w.add_tensor(tname, data, raw_dtype=qtype)
 
     w.write_header_to_file()

@@ -11,7 +11,9 @@
 #include <string.h>
 
 static const pie_arch archs[] = {
-    { .name = "llama",    .rope_mode = 0,                   .needs = PIE_FFN_BIAS,      .build = pie_build_llama },
+    /* llama: a Mixtral-style file (expert_count > 0) routes its FFN through experts */
+    { .name = "llama",    .rope_mode = 0,                   .needs = PIE_FFN_BIAS | PIE_ALLOW_EXPERTS | PIE_MOE_NORM_WEIGHTS,
+      .build = pie_build_llama },
     { .name = "qwen2",    .rope_mode = GGML_ROPE_TYPE_NEOX, .needs = PIE_NEED_QKV_BIAS, .build = pie_build_llama },
     { .name = "qwen3",    .rope_mode = GGML_ROPE_TYPE_NEOX, .needs = PIE_NEED_QK_NORM,  .build = pie_build_llama },
     { .name = "gemma3",   .rope_mode = GGML_ROPE_TYPE_NEOX, .needs = PIE_NEED_QK_NORM | PIE_NEED_POST_NORMS,
@@ -27,6 +29,15 @@ static const pie_arch archs[] = {
       .load_hparams = pie_olmo2_hparams, .build = pie_build_olmo2 },
     { .name = "mistral3", .rope_mode = 0,                   .needs = PIE_FFN_BIAS | PIE_YARN_KEYS,
       .load_hparams = pie_mistral3_hparams, .build = pie_build_llama },
+    { .name = "qwen2moe", .rope_mode = GGML_ROPE_TYPE_NEOX, .needs = PIE_NEED_EXPERTS | PIE_NEED_SHARED_EXPERT,
+      .load_hparams = pie_qwen_moe_hparams, .build = pie_build_llama },
+    { .name = "qwen3moe", .rope_mode = GGML_ROPE_TYPE_NEOX,
+      .needs = PIE_NEED_QK_NORM | PIE_NEED_EXPERTS | PIE_MOE_NORM_WEIGHTS,
+      .load_hparams = pie_qwen_moe_hparams, .build = pie_build_llama },
+    { .name = "olmoe",    .rope_mode = GGML_ROPE_TYPE_NEOX, .needs = PIE_NEED_QK_NORM | PIE_QK_NORM_FULL | PIE_NEED_EXPERTS,
+      .build = pie_build_olmoe },
+    { .name = "gpt-oss",  .rope_mode = GGML_ROPE_TYPE_NEOX, .needs = PIE_NEED_EXPERTS | PIE_NEED_OAI_MOE,
+      .load_hparams = pie_gpt_oss_hparams, .build = pie_build_gpt_oss },
 };
 enum { N_ARCHS = sizeof(archs) / sizeof(archs[0]) };
 

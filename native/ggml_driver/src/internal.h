@@ -19,6 +19,7 @@
 #include <stdbool.h>
 
 #define PIE_MAX_LAYERS 256
+#define PIE_MAX_EXPERTS 1024 /* llama.cpp's limit */
 
 /* ------------------------------------------------------------------------------------------ */
 /* Hyper-parameters                                                                           */
@@ -42,7 +43,8 @@ typedef struct {
     int32_t rope_mode;       /* GGML_ROPE_TYPE_NEOX or 0 (normal)                               */
     float   rope_base;       /* global layers                                                  */
     float   rope_scale;      /* 1 / scaling factor, global layers                              */
-    float   rope_base_swa;   /* sliding-window layers (unscaled)                               */
+    float   rope_base_swa;   /* sliding-window layers                                          */
+    float   rope_scale_swa;  /* sliding-window layers' 1 / factor (1: unscaled but for gpt-oss)  */
     float   rope_ext_factor; /* YaRN: 1, else 0 (ggml_rope_ext's ext_factor)                   */
     float   rope_attn_factor;/* ggml_rope_ext's attn_factor                                    */
     float   rope_ext_factor_swa, rope_attn_factor_swa; /* the same for sliding-window layers    */
@@ -65,6 +67,11 @@ typedef struct {
     int32_t attn_temp_floor;
     int32_t sliding_window;  /* 0 = none                                                       */
     bool    is_swa[PIE_MAX_LAYERS];
+    /* mixture of experts (0 experts = a dense FFN; see models/moe.c) */
+    int32_t n_expert;        /* experts per MoE layer                                          */
+    int32_t n_expert_used;   /* experts each token is routed to (top-k)                        */
+    int32_t n_ff_exp;        /* hidden width of one expert                                     */
+    int32_t n_ff_shexp;      /* hidden width of the shared expert (qwen2moe)                   */
 } pie_hparams;
 
 /* ------------------------------------------------------------------------------------------ */
@@ -78,6 +85,14 @@ typedef struct {
     struct ggml_tensor *ffn_norm, *ffn_gate, *ffn_up, *ffn_down, *ffn_post_norm;
     struct ggml_tensor *ffn_gate_b, *ffn_up_b, *ffn_down_b;
     /* ffn_gate NULL with PIE_FUSED_GATE_UP: ffn_up is [n_embd, 2 * n_ff], gate half first     */
+    /* mixture of experts: router [n_embd, n_expert]; experts gate/up [n_embd, n_ff_exp, n_expert],
+     * down [n_ff_exp, n_embd, n_expert]; shared expert (gate_inp_shexp [n_embd]) */
+    struct ggml_tensor *ffn_gate_inp, *ffn_gate_exps, *ffn_up_exps, *ffn_down_exps;
+    struct ggml_tensor *ffn_gate_inp_shexp, *ffn_gate_shexp, *ffn_up_shexp, *ffn_down_shexp;
+    /* gpt-oss: biases of router [n_expert] and experts (gate/up [n_ff_exp, n_expert], down
+     * [n_embd, n_expert]); attention sinks [n_head] */
+    struct ggml_tensor *ffn_gate_inp_b, *ffn_gate_exps_b, *ffn_up_exps_b, *ffn_down_exps_b;
+    struct ggml_tensor *attn_sinks;
 } pie_layer;
 
 typedef struct {
@@ -117,6 +132,8 @@ typedef struct {
  * PIE_WIDE_ROWS tokens ("wide") go through products of at least that many columns, the others
  * ("narrow") through products few enough for vec_dot, ggml's column-by-column kernel (see
  * pie_matmul). 16: ggml's tiled k-quant kernel starts at 8 columns but beats vec_dot from ~16.
+ * Expert products (mul_mat_id) switch per expert, by the rows the whole product sends it: there
+ * a wide request's rows are multiplied on their own (pie_matmul_id).
  * A layout lists the rows a product multiplies as spans of one kind, in order. */
 #define PIE_WIDE_ROWS 16
 
@@ -284,6 +301,14 @@ enum {
     PIE_LONGROPE        = 1 << 7,  /* rope_factors_long/short whatever rope.scaling.type says    */
     PIE_NO_ROPE_FACTORS = 1 << 8,  /* the graph rotates without frequency factors               */
     PIE_YARN_KEYS       = 1 << 9,  /* reads rope.scaling.yarn_beta_fast/slow, yarn_log_multiplier */
+    /* mixture of experts (models/moe.c) */
+    PIE_NEED_EXPERTS       = 1 << 10, /* every layer's FFN is a mixture of experts             */
+    PIE_NEED_SHARED_EXPERT = 1 << 11, /* ... plus a shared expert behind a sigmoid gate          */
+    PIE_MOE_NORM_WEIGHTS   = 1 << 12, /* the top-k routing weights are renormalised to sum to 1  */
+    PIE_ALLOW_EXPERTS      = 1 << 13, /* experts when the file has them (expert_count > 0)      */
+    PIE_NEED_OAI_MOE       = 1 << 14, /* gpt-oss: attention sinks, the post-attention norm as the
+                                         FFN norm, biased router and experts, softmax over the
+                                         chosen experts, swiglu_oai                             */
 };
 
 /* arch.c: the row named `name`, or NULL; the names as "llama, qwen2, ..." (for messages) */
@@ -300,6 +325,10 @@ void    pie_build_gemma3(pie_graph *g);
 void    pie_build_phi3(pie_graph *g);
 int32_t pie_olmo2_hparams(pie_hparams *hp, const struct gguf_context *gguf);
 void    pie_build_olmo2(pie_graph *g);
+int32_t pie_qwen_moe_hparams(pie_hparams *hp, const struct gguf_context *gguf);
+void    pie_build_olmoe(pie_graph *g);
+int32_t pie_gpt_oss_hparams(pie_hparams *hp, const struct gguf_context *gguf);
+void    pie_build_gpt_oss(pie_graph *g);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Internal API between the driver's files                                                    */
@@ -314,6 +343,9 @@ bool    pie_gguf_float(const struct gguf_context *gguf, const char *key, float *
 /* A float key that must be finite and > 0 (>= 0 with allow_zero): PIE_ERR_FORMAT naming it
  * otherwise; *out keeps its value when the key is absent. */
 int32_t pie_gguf_positive(const struct gguf_context *gguf, const char *key, bool allow_zero, float *out);
+/* An integer key that may be absent (*out untouched); PIE_ERR_UNSUPPORTED naming it when it holds
+ * something else (a string, a per-layer array). */
+int32_t pie_gguf_int_opt(const struct gguf_context *gguf, const char *key, int64_t *out);
 /* "<arch>.attention.sliding_window" and its layer pattern (an array of per-layer booleans, or n:
  * every n-th layer global, default_pattern when absent), as llama.cpp's load_swa_pattern reads
  * them; no window or a window of 0 leaves every layer global. */
@@ -346,6 +378,12 @@ struct ggml_tensor *pie_linear(pie_graph *g, struct ggml_tensor *w, struct ggml_
                                struct ggml_tensor *x);
 struct ggml_tensor *pie_matmul(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *x);
 int32_t pie_kernel_switch(enum ggml_type type);
+struct ggml_tensor *pie_matmul_id(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *x, struct ggml_tensor *ids);
+int32_t pie_kernel_switch_id(enum ggml_type type);
 void pie_graph_finish(pie_graph *g, struct ggml_tensor *x);
+
+/* models/moe.c: the feed-forward block (SwiGLU, or routed experts when the layer has a router);
+ * x: [n_embd, n] after the FFN norm -> [n_embd, n] */
+struct ggml_tensor *pie_ffn(pie_graph *g, const pie_layer *L, struct ggml_tensor *x, int il);
 
 #endif /* PIE_INTERNAL_H */

@@ -58,6 +58,13 @@ bool pie_gguf_float(const struct gguf_context *g, const char *key, float *out) {
     }
 }
 
+int32_t pie_gguf_int_opt(const struct gguf_context *g, const char *key, int64_t *out) {
+    if (gguf_find_key(g, key) >= 0 && !pie_gguf_int(g, key, out))
+        return pie_set_error(PIE_ERR_UNSUPPORTED, "metadata key '%s' must be one integer (per-layer arrays are not "
+                             "supported)", key);
+    return PIE_OK;
+}
+
 /* "<arch>.<suffix>" */
 static const char *akey(const pie_hparams *hp, const char *suffix) {
     static _Thread_local char buf[160];
@@ -173,6 +180,40 @@ int32_t pie_load_swa(pie_hparams *hp, const struct gguf_context *g, int64_t defa
     return PIE_OK;
 }
 
+/*
+ * Mixture of experts, for the families that have them: expert_count (absent or 0: a dense FFN,
+ * which families that only come with experts reject) and expert_used_count, 1 .. expert_count
+ * when there are experts. An expert's width defaults to feed_forward_length (the qwen MoE and
+ * gpt-oss hooks read their own keys). Other families ignore these keys, as llama.cpp does.
+ */
+static int32_t load_experts(pie_hparams *hp, const struct gguf_context *g) {
+    int64_t n_exp = 0, n_used = 0;
+    hp->n_expert = hp->n_expert_used = hp->n_ff_shexp = 0;
+    hp->n_ff_exp = hp->n_ff;
+    if (!(hp->arch->needs & (PIE_NEED_EXPERTS | PIE_ALLOW_EXPERTS))) return PIE_OK; /* dense: keys ignored */
+    char used_key[160];
+    snprintf(used_key, sizeof(used_key), "%s", akey(hp, "expert_used_count"));
+    const bool has_used = gguf_find_key(g, used_key) >= 0;
+    int32_t st;
+    if ((st = pie_gguf_int_opt(g, used_key, &n_used)) || (st = pie_gguf_int_opt(g, akey(hp, "expert_count"), &n_exp)))
+        return st;
+    if (n_exp < 0 || n_exp > PIE_MAX_EXPERTS)
+        return pie_set_error(PIE_ERR_FORMAT, "metadata key '%s' is %lld; it must be 0 .. %d", akey(hp, "expert_count"),
+                             (long long)n_exp, PIE_MAX_EXPERTS);
+    if (n_exp == 0 && (hp->arch->needs & PIE_NEED_EXPERTS))
+        return pie_set_error(PIE_ERR_FORMAT, "metadata key '%s' is missing or 0, but %s is a mixture-of-experts "
+                             "architecture", akey(hp, "expert_count"), hp->arch->name);
+    if (n_exp == 0 && has_used && n_used != 0)
+        return pie_set_error(PIE_ERR_FORMAT, "metadata key '%s' is %lld but the model has no experts (%s is 0 or "
+                             "missing)", used_key, (long long)n_used, akey(hp, "expert_count"));
+    if (n_exp > 0 && (n_used < 1 || n_used > n_exp))
+        return pie_set_error(PIE_ERR_FORMAT, "metadata key '%s' is %lld%s; it must be 1 .. %s (%lld)", used_key,
+                             (long long)n_used, has_used ? "" : " (missing)", akey(hp, "expert_count"), (long long)n_exp);
+    hp->n_expert = (int32_t)n_exp;
+    hp->n_expert_used = (int32_t)n_used;
+    return PIE_OK;
+}
+
 /* Reads the keys every supported family shares; arch hooks adjust the rest. */
 static int32_t load_hparams(pie_hparams *hp, const struct gguf_context *g) {
     int32_t st;
@@ -199,6 +240,7 @@ static int32_t load_hparams(pie_hparams *hp, const struct gguf_context *g) {
     hp->rope_mode = hp->arch->rope_mode;
     hp->rope_base = 10000.0f;
     hp->rope_base_swa = 10000.0f;
+    hp->rope_scale_swa = 1.0f;
     hp->rms_eps = 1e-6f;
     if ((st = pie_gguf_positive(g, akey(hp, "rope.freq_base"), false, &hp->rope_base)) ||
         (st = pie_gguf_positive(g, akey(hp, "attention.layer_norm_rms_epsilon"), true, &hp->rms_eps)) ||
@@ -220,6 +262,7 @@ static int32_t load_hparams(pie_hparams *hp, const struct gguf_context *g) {
     if (id >= 0 && gguf_get_kv_type(g, id) == GGUF_TYPE_STRING)
         snprintf(hp->name, sizeof(hp->name), "%s", gguf_get_val_str(g, id));
 
+    if ((st = load_experts(hp, g)) != PIE_OK) return st;
     return hp->arch->load_hparams ? hp->arch->load_hparams(hp, g) : PIE_OK;
 }
 
@@ -247,6 +290,64 @@ static int32_t bind(struct ggml_context *meta, const char *name, int64_t ne0, in
     return PIE_OK;
 }
 
+/* A 3-D tensor of per-expert matrices [ne0, ne1, ne2]. */
+static int32_t bind3(struct ggml_context *meta, const char *name, int64_t ne0, int64_t ne1, int64_t ne2,
+                     struct ggml_tensor **out) {
+    struct ggml_tensor *t = ggml_get_tensor(meta, name);
+    *out = t;
+    if (!t) return pie_set_error(PIE_ERR_FORMAT, "tensor '%s' is missing", name);
+    if (t->ne[0] != ne0 || t->ne[1] != ne1 || t->ne[2] != ne2 || t->ne[3] != 1)
+        return pie_set_error(PIE_ERR_FORMAT,
+                             "tensor '%s' has shape [%lld, %lld, %lld, %lld] but the hyper-parameters need [%lld, %lld, %lld]",
+                             name, (long long)t->ne[0], (long long)t->ne[1], (long long)t->ne[2], (long long)t->ne[3],
+                             (long long)ne0, (long long)ne1, (long long)ne2);
+    return PIE_OK;
+}
+
+/* A layer's experts: router, per-expert gate/up/down, gpt-oss's biases, and the shared expert
+ * where the family has one. */
+static int32_t bind_experts(struct ggml_context *meta, const pie_hparams *hp, int il, pie_layer *L) {
+    const int64_t E = hp->n_embd, X = hp->n_expert, F = hp->n_ff_exp, S = hp->n_ff_shexp;
+    char n[96];
+    int32_t st;
+#define NAME(suffix) snprintf(n, sizeof(n), "blk.%d." suffix, il)
+    NAME("ffn_gate_inp.weight");
+    if ((st = bind(meta, n, E, X, true, &L->ffn_gate_inp)) != PIE_OK) return st;
+    NAME("ffn_gate_exps.weight");
+    if ((st = bind3(meta, n, E, F, X, &L->ffn_gate_exps)) != PIE_OK) return st;
+    NAME("ffn_up_exps.weight");
+    if ((st = bind3(meta, n, E, F, X, &L->ffn_up_exps)) != PIE_OK) return st;
+    NAME("ffn_down_exps.weight");
+    if ((st = bind3(meta, n, F, E, X, &L->ffn_down_exps)) != PIE_OK) return st;
+    if (hp->arch->needs & PIE_NEED_OAI_MOE) { /* biases: the router's, then per expert (rows) */
+        NAME("ffn_gate_inp.bias");
+        if ((st = bind(meta, n, X, 0, true, &L->ffn_gate_inp_b)) != PIE_OK) return st;
+        struct { struct ggml_tensor **t; const char *suffix; int64_t ne0; } b[] = {
+            { &L->ffn_gate_exps_b, "ffn_gate_exps.bias", F },
+            { &L->ffn_up_exps_b,   "ffn_up_exps.bias",   F },
+            { &L->ffn_down_exps_b, "ffn_down_exps.bias", E },
+        };
+        for (size_t i = 0; i < sizeof(b) / sizeof(b[0]); i++) {
+            snprintf(n, sizeof(n), "blk.%d.%s", il, b[i].suffix);
+            if ((st = bind(meta, n, b[i].ne0, X, true, b[i].t)) != PIE_OK) return st;
+            if ((*b[i].t)->type != GGML_TYPE_F32) /* added to f32 rows (add_id) */
+                return pie_set_error(PIE_ERR_UNSUPPORTED, "tensor '%s' is %s; expert biases must be f32", n,
+                                     ggml_type_name((*b[i].t)->type));
+        }
+    }
+    if (!(hp->arch->needs & PIE_NEED_SHARED_EXPERT)) return PIE_OK;
+    NAME("ffn_gate_inp_shexp.weight");
+    if ((st = bind(meta, n, E, 0, true, &L->ffn_gate_inp_shexp)) != PIE_OK) return st;
+    NAME("ffn_gate_shexp.weight");
+    if ((st = bind(meta, n, E, S, true, &L->ffn_gate_shexp)) != PIE_OK) return st;
+    NAME("ffn_up_shexp.weight");
+    if ((st = bind(meta, n, E, S, true, &L->ffn_up_shexp)) != PIE_OK) return st;
+    NAME("ffn_down_shexp.weight");
+    if ((st = bind(meta, n, S, E, true, &L->ffn_down_shexp)) != PIE_OK) return st;
+#undef NAME
+    return PIE_OK;
+}
+
 static int32_t bind_layer(struct ggml_context *meta, const pie_hparams *hp, int il, pie_layer *L) {
     const int64_t E = hp->n_embd, Q = (int64_t)hp->n_head * hp->head_dim;
     const int64_t K = (int64_t)hp->n_head_kv * hp->head_dim, V = (int64_t)hp->n_head_kv * hp->head_dim_v;
@@ -254,17 +355,12 @@ static int32_t bind_layer(struct ggml_context *meta, const pie_hparams *hp, int 
     const uint32_t needs = hp->arch->needs;
     const bool post = needs & PIE_NEED_POST_NORMS, qkn = needs & PIE_NEED_QK_NORM, pre = !(needs & PIE_NO_PRE_NORMS);
     const bool full = needs & PIE_QK_NORM_FULL, ffn_bias = needs & PIE_FFN_BIAS;
+    const bool dense = hp->n_expert == 0, oai = needs & PIE_NEED_OAI_MOE;
     char n[96];
     int32_t st;
 #define BIND(field, suffix, ne0, ne1, req)                                        \
     snprintf(n, sizeof(n), "blk.%d." suffix, il);                                 \
     if ((st = bind(meta, n, ne0, ne1, req, &L->field)) != PIE_OK) return st;
-    /* mixture-of-experts layers have a router instead of one FFN */
-    snprintf(n, sizeof(n), "blk.%d.ffn_gate_inp.weight", il);
-    if (ggml_get_tensor(meta, n))
-        return pie_set_error(PIE_ERR_UNSUPPORTED, "mixture-of-experts layers (tensor '%s') are not supported; "
-                             "this driver runs dense FFN layers only", n);
-
     if (pre) { BIND(attn_norm, "attn_norm.weight", E, 0, true) }
     /* Q, K, V: one fused projection (as llama.cpp, for every family) or three */
     BIND(wqkv, "attn_qkv.weight", E, Q + K + V, false)
@@ -287,8 +383,13 @@ static int32_t bind_layer(struct ggml_context *meta, const pie_hparams *hp, int 
     BIND(bo, "attn_output.bias", E, 0, false)
     BIND(q_norm, "attn_q_norm.weight", full ? Q : hp->head_dim, 0, qkn)
     BIND(k_norm, "attn_k_norm.weight", full ? K : hp->head_dim, 0, qkn)
-    BIND(attn_post_norm, "post_attention_norm.weight", E, 0, post)
-    if (pre) { BIND(ffn_norm, "ffn_norm.weight", E, 0, true) }
+    BIND(attn_post_norm, "post_attention_norm.weight", E, 0, post || oai)
+    if (oai) { BIND(attn_sinks, "attn_sinks.weight", hp->n_head, 0, true) }
+    if (pre && !oai) { BIND(ffn_norm, "ffn_norm.weight", E, 0, true) } /* gpt-oss: attn_post_norm */
+    if (!dense) {
+        BIND(ffn_post_norm, "post_ffw_norm.weight", E, 0, post)
+        return bind_experts(meta, hp, il, L);
+    }
     if (needs & PIE_FUSED_GATE_UP) {
         BIND(ffn_up, "ffn_up.weight", E, 2 * F, true) /* gate half, then up half */
     } else {
@@ -388,6 +489,29 @@ static int32_t check_matrix(pie_model *m, const struct ggml_tensor *w) {
     return PIE_OK;
 }
 
+/* Checks that the device can multiply the per-expert matrices `w` (mul_mat_id), and notes the
+ * narrow pieces' width pie_matmul_id splits their products into. */
+static int32_t check_experts(pie_model *m, const struct ggml_tensor *w) {
+    if (!cpu_multiplies(w->type))
+        return pie_set_error(PIE_ERR_UNSUPPORTED, "tensor '%s' has type %s, which ggml cannot multiply; "
+                             "use a float or quantized (q*, iq*, tq*, mxfp4) weight type", w->name, ggml_type_name(w->type));
+    if (ggml_backend_dev_type(m->dev) != GGML_BACKEND_DEVICE_TYPE_CPU) {
+        struct ggml_init_params ip = { .mem_size = 4 * ggml_tensor_overhead(), .mem_buffer = NULL, .no_alloc = true };
+        struct ggml_context *ctx = ggml_init(ip);
+        if (!ctx) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot check tensor '%s'", w->name);
+        struct ggml_tensor *x = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, w->ne[0], 1, 1);
+        struct ggml_tensor *ids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, m->hp.n_expert_used, 1);
+        const bool ok = ggml_backend_dev_supports_op(m->dev, ggml_mul_mat_id(ctx, (struct ggml_tensor *)w, x, ids));
+        ggml_free(ctx);
+        if (!ok)
+            return pie_set_error(PIE_ERR_UNSUPPORTED, "tensor '%s' has type %s, which %s cannot multiply per expert",
+                                 w->name, ggml_type_name(w->type), ggml_backend_dev_name(m->dev));
+    }
+    const int32_t k = pie_kernel_switch_id(w->type);
+    if (k > 1 && (m->split_cols == 0 || k - 1 < m->split_cols)) m->split_cols = k - 1;
+    return PIE_OK;
+}
+
 /* Every matrix the graph multiplies (or, for the embeddings, reads rows of). */
 static int32_t check_matrices(pie_model *m) {
     const pie_weights *w = &m->w;
@@ -397,9 +521,14 @@ static int32_t check_matrices(pie_model *m) {
     if ((st = check_matrix(m, w->tok_embd)) || (st = check_matrix(m, w->output))) return st;
     for (int il = 0; il < m->hp.n_layer; il++) {
         const pie_layer *L = &w->layers[il];
-        const struct ggml_tensor *mats[] = { L->wqkv, L->wq, L->wk, L->wv, L->wo, L->ffn_gate, L->ffn_up, L->ffn_down };
+        const struct ggml_tensor *mats[] = { L->wqkv, L->wq, L->wk, L->wv, L->wo, L->ffn_gate, L->ffn_up, L->ffn_down,
+                                             L->ffn_gate_inp, L->ffn_gate_inp_shexp, L->ffn_gate_shexp,
+                                             L->ffn_up_shexp, L->ffn_down_shexp };
         for (size_t i = 0; i < sizeof(mats) / sizeof(mats[0]); i++)
             if (mats[i] && (st = check_matrix(m, mats[i])) != PIE_OK) return st;
+        const struct ggml_tensor *exps[] = { L->ffn_gate_exps, L->ffn_up_exps, L->ffn_down_exps };
+        for (size_t i = 0; i < sizeof(exps) / sizeof(exps[0]); i++)
+            if (exps[i] && (st = check_experts(m, exps[i])) != PIE_OK) return st;
     }
     return PIE_OK;
 }

@@ -141,6 +141,70 @@ struct ggml_tensor *pie_matmul(pie_graph *g, struct ggml_tensor *w, struct ggml_
     return join_finish(ctx, &j);
 }
 
+/*
+ * The expert products (mul_mat_id) pick their kernel per expert, by how many rows of the whole
+ * product that expert receives: ggml-cpu's tiled kernel (k-quants and most i-quants, x86) from 8
+ * rows, vec_dot below; every other type always takes vec_dot (mul_mat_id has no sgemm path).
+ * Returns that switch (1: never switches).
+ */
+int32_t pie_kernel_switch_id(enum ggml_type type) {
+    switch (type) {
+        case GGML_TYPE_Q2_K: case GGML_TYPE_Q3_K: case GGML_TYPE_Q4_K: case GGML_TYPE_Q5_K: case GGML_TYPE_Q6_K:
+        case GGML_TYPE_IQ4_XS: case GGML_TYPE_IQ2_XXS: case GGML_TYPE_IQ2_XS: case GGML_TYPE_IQ2_S:
+        case GGML_TYPE_IQ3_XXS: case GGML_TYPE_IQ3_S: case GGML_TYPE_IQ1_S: case GGML_TYPE_IQ1_M:
+            return 8;
+        default:
+            return 1;
+    }
+}
+
+/* The request a row of g->layout belongs to. */
+static int32_t row_request(const pie_graph *g, int64_t row) {
+    const pie_plan *p = g->plan;
+    if (g->layout == &p->output_layout) return p->n_outputs > 0 && p->out_req ? p->out_req[row] : 0;
+    int32_t lo = 0, hi = p->n_requests - 1;
+    while (lo < hi) {
+        const int32_t mid = (lo + hi + 1) / 2;
+        if (p->reqs[mid].q0 <= row) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
+/*
+ * Expert products w[ids] x, batch-invariant like pie_matmul:
+ *   w:   [ne0, n_out, n_expert]    x: [ne0, n_x, n]  (n_x 1: every expert reads the same row)
+ *   ids: [n_used, n] I32           ->   [n_out, n_used, n]
+ * An expert's kernel depends on how many rows of the product it gets (pie_kernel_switch_id), so
+ * with a type that switches, the rows of a wide request go through products of their own (what
+ * an expert gets then depends on that request alone) and narrow spans through products of fewer
+ * rows than the switch (vec_dot for every expert). Other types: one product.
+ */
+struct ggml_tensor *pie_matmul_id(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *x, struct ggml_tensor *ids) {
+    struct ggml_context *ctx = g->ctx;
+    const pie_layout *l = g->layout;
+    if (pie_kernel_switch_id(w->type) == 1 || (l->n_spans == 1 && !l->spans[0].wide && x->ne[2] <= g->model->split_cols))
+        return ggml_mul_mat_id(ctx, w, x, ids);
+    pie_joiner j = { .dim = 2 };
+    for (int32_t i = 0; i < l->n_spans; i++) {
+        const pie_span *s = &l->spans[i];
+        const int64_t end = s->start + s->len;
+        for (int64_t c = s->start, next; c < end; c = next) {
+            if (s->wide) { /* up to the next request */
+                const int32_t r = row_request(g, c);
+                for (next = c + 1; next < end && row_request(g, next) == r; next++) {}
+            } else {
+                next = c + g->model->split_cols < end ? c + g->model->split_cols : end;
+            }
+            const int64_t cols = next - c;
+            struct ggml_tensor *xs = ggml_view_3d(ctx, x, x->ne[0], x->ne[1], cols, x->nb[1], x->nb[2], x->nb[2] * (size_t)c);
+            struct ggml_tensor *is = ggml_view_2d(ctx, ids, ids->ne[0], cols, ids->nb[1], ids->nb[1] * (size_t)c);
+            join_push(ctx, &j, ggml_mul_mat_id(ctx, w, xs, is));
+        }
+    }
+    return join_finish(ctx, &j);
+}
+
 struct ggml_tensor *pie_linear(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *b, struct ggml_tensor *x) {
     x = pie_matmul(g, w, x);
     return b ? ggml_add(g->ctx, x, b) : x;
@@ -148,14 +212,14 @@ struct ggml_tensor *pie_linear(pie_graph *g, struct ggml_tensor *w, struct ggml_
 
 /* x: [head_dim, n_heads, n_tokens], rotated at the batch's explicit positions, scaled as the
  * file says (linear or YaRN, see load_rope_scaling in loader.c). Sliding-window layers use their
- * own base and no scaling factor (as llama.cpp does), and the extension and attention factors
- * their family gives them. Layers without RoPE (hp->no_rope) return x as it is. */
+ * own base and scaling factor (unscaled but for gpt-oss, as llama.cpp does), and the extension
+ * and attention factors their family gives them. Layers without RoPE (hp->no_rope) return x as it is. */
 struct ggml_tensor *pie_rope(pie_graph *g, struct ggml_tensor *x, int il) {
     const pie_hparams *hp = &g->model->hp;
     if (hp->no_rope[il]) return x;
     const bool swa = hp->is_swa[il];
     return ggml_rope_ext(g->ctx, x, g->positions, g->model->w.rope_freqs, hp->n_rot, hp->rope_mode, hp->rope_n_ctx_orig,
-                         swa ? hp->rope_base_swa : hp->rope_base, swa ? 1.0f : hp->rope_scale,
+                         swa ? hp->rope_base_swa : hp->rope_base, swa ? hp->rope_scale_swa : hp->rope_scale,
                          swa ? hp->rope_ext_factor_swa : hp->rope_ext_factor,
                          swa ? hp->rope_attn_factor_swa : hp->rope_attn_factor, hp->rope_beta_fast, hp->rope_beta_slow);
 }
@@ -277,6 +341,7 @@ struct ggml_tensor *pie_attention(pie_graph *g, int il, struct ggml_tensor *q, s
                                               sizeof(ggml_fp16_t) * (size_t)rq->mask_off); /* [n_kv, n_q] */
         struct ggml_tensor *out = ggml_flash_attn_ext(ctx, qr, request_kv(g, kp, rq, hp->head_dim),
                                                       request_kv(g, vp, rq, hp->head_dim_v), mr, kq_scale, 0.0f, 0.0f);
+        if (m->w.layers[il].attn_sinks) ggml_flash_attn_ext_add_sinks(out, m->w.layers[il].attn_sinks); /* gpt-oss */
         ggml_prec_set_acc(out, GGML_PREC_F32); /* out: [head_dim_v, n_head, n_q] */
         join_push(ctx, &joined, out);
     }

@@ -1,7 +1,8 @@
 /*
  * llama.c — the Llama family and its relatives (Llama 2/3, Mistral, SmolLM 2/3, TinyLlama,
- * Qwen2, Qwen3, Granite 3, Mistral 3): pre-norm blocks with RMS norm, RoPE, grouped-query
- * attention, SwiGLU FFN. What differs between them comes from the table in arch.c and the
+ * Qwen2, Qwen3, Granite 3, Mistral 3, and the mixtures of experts Mixtral, Qwen2-MoE and
+ * Qwen3-MoE): pre-norm blocks with RMS norm, RoPE, grouped-query attention, a SwiGLU FFN or
+ * routed experts (moe.c). What differs between them comes from the table in arch.c and the
  * hyper-parameters its hooks read: the RoPE mode (llama rotates adjacent pairs, qwen halves),
  * QKV biases (qwen2; used whenever the file has them), a per-head RMS norm on Q and K before
  * RoPE (qwen3), layers without RoPE (SmolLM3), Granite's embedding, residual, attention and
@@ -99,7 +100,7 @@ void pie_build_llama(pie_graph *g) {
         x = pie_name(ggml_add(ctx, x, cur), "ffn_inp", il);
 
         cur = pie_name(pie_norm(g, x, L->ffn_norm), "ffn_norm", il);
-        cur = pie_name(pie_ffn_swiglu(g, L, cur), "ffn_out", il); /* [n_embd, n] */
+        cur = pie_ffn(g, L, cur, il); /* [n_embd, n]: SwiGLU, or experts when the layer has a router */
         if (hp->residual_scale != 1.0f) cur = ggml_scale(ctx, cur, hp->residual_scale);
         x = pie_name(ggml_add(ctx, x, cur), "l_out", il);
     }
