@@ -294,7 +294,7 @@ enum {
     PIE_NEED_QKV_BIAS   = 1 << 0,
     PIE_NEED_QK_NORM    = 1 << 1,  /* per-head RMS norm of Q and K ([head_dim] weights)       */
     PIE_NEED_POST_NORMS = 1 << 2,  /* post_attention_norm, post_ffw_norm                       */
-    PIE_QK_NORM_FULL    = 1 << 3,  /* with PIE_NEED_QK_NORM: over the whole projection (OLMo 2) */
+    PIE_QK_NORM_FULL    = 1 << 3,  /* with PIE_NEED_QK_NORM: over the whole projection (OLMo 2, OLMoE) */
     PIE_NO_PRE_NORMS    = 1 << 4,  /* no attn_norm / ffn_norm (OLMo 2)                         */
     PIE_FUSED_GATE_UP   = 1 << 5,  /* ffn_up holds gate and up (Phi-3)                         */
     PIE_FFN_BIAS        = 1 << 6,  /* optional FFN biases, used when present                   */
