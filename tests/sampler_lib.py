@@ -15,8 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 NATIVE = ROOT / "native" / "ggml_driver"
 
 # native/ggml_driver/CMakeLists.txt compiles sampler.c with these (plus -march=native when ggml
-# itself was built for the native CPU); OpenMP samples the rows of pie_sample_rows in parallel.
+# itself was built for the native CPU; -fno-tree-pre is GCC's); OpenMP samples the rows of
+# pie_sample_rows in parallel.
+CC = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 CFLAGS = ["-std=c11", "-O3", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp", "-Wall", "-Wextra", "-Werror"]
+if CC and "clang" not in Path(CC).resolve().name:
+    CFLAGS.append("-fno-tree-pre")
 
 
 class Sampler(ctypes.Structure):
@@ -32,11 +36,10 @@ class Sampler(ctypes.Structure):
 
 def build(out: Path, *, source: Path = NATIVE, cflags: list[str] | None = None) -> Path:
     """Compiles `source`/src/sampler.c and status.c into the shared library `out`."""
-    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
+    if CC is None:
         raise FileNotFoundError("no C compiler to build the sampler library")
     subprocess.run(
-        [cc, *(CFLAGS if cflags is None else cflags), "-shared", "-fPIC", f"-I{source / 'include'}",
+        [CC, *(CFLAGS if cflags is None else cflags), "-shared", "-fPIC", f"-I{source / 'include'}",
          f"-I{source / 'src'}", str(source / "src" / "sampler.c"), str(source / "src" / "status.c"),
          "-o", str(out), "-lm"],
         check=True,

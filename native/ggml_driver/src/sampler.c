@@ -219,7 +219,7 @@ static float row_max(const float *x, int32_t n) {
 }
 
 /* Greedy without a mask: the lowest id holding the largest finite logit, -1 when none is finite.
- * One vectorized max over the finite values, then a scan that stops at the first match. */
+ * One vectorized max over the finite values, then a search that stops at the first match. */
 static int32_t argmax_finite(const float *x, int32_t n) {
     float acc[LANES];
     for (int j = 0; j < LANES; j++) acc[j] = -INFINITY;
@@ -233,7 +233,12 @@ static int32_t argmax_finite(const float *x, int32_t n) {
     for (int j = 0; j < LANES; j++) mx = acc[j] > mx ? acc[j] : mx;
     for (; i < n; i++) mx = x[i] > mx && x[i] < INFINITY ? x[i] : mx;
     if (mx == -INFINITY) return -1;
-    for (i = 0; x[i] != mx; i++) {}
+    for (i = 0; i + LANES <= n; i += LANES) { /* the first block holding it, then its position */
+        int hit = 0;
+        for (int j = 0; j < LANES; j++) hit |= x[i + j] == mx;
+        if (hit) break;
+    }
+    for (; x[i] != mx; i++) {}
     return i;
 }
 
@@ -304,49 +309,45 @@ static inline bool allowed(const uint32_t *mask, int32_t id, float logit) {
     return isfinite(logit);
 }
 
+/* y[j] = x[j] when token base + j is a candidate (allowed and finite), else -inf; a full block. */
+static inline void block_values(const float *x, const uint32_t *mask_words, float *y) {
+    for (int j = 0; j < BLOCK; j++) y[j] = fabsf(x[j]) < INFINITY ? x[j] : -INFINITY;
+    if (mask_words)
+        for (int j = 0; j < BLOCK; j++) y[j] = (mask_words[j >> 5] >> (j & 31)) & 1u ? y[j] : -INFINITY;
+}
+
+/* The partial last block as block_values would see it (ids n - len .. n - 1). */
+static void tail_values(const float *x, int32_t base, int32_t len, const uint32_t *mask, float *y) {
+    for (int32_t j = 0; j < len; j++) y[j] = allowed(mask, base + j, x[base + j]) ? x[base + j] : -INFINITY;
+    for (int32_t j = len; j < BLOCK; j++) y[j] = -INFINITY;
+}
+
 /* What the scan of a row found about its candidates. */
 typedef struct {
-    int32_t count;  /* candidates                                  */
-    float   lo, hi; /* smallest and largest candidate logit        */
+    float hi;   /* largest candidate logit, -inf when there is no candidate */
+    float amax; /* largest |candidate logit|                              */
 } row_scan;
 
-/* One pass over a row: the candidate count and extremes, and in block_max[b] the largest
- * candidate logit of ids [64b, 64b+64) (-inf when the block has none). */
+/* One pass over a row: the largest candidate logit and magnitude, and in block_max[b] the
+ * largest candidate logit of ids [64b, 64b+64) (-inf when the block has none). */
 static row_scan scan_candidates(const float *x, int32_t n, const uint32_t *mask, float *block_max) {
-    row_scan r = { 0, INFINITY, -INFINITY };
-    int32_t  b = 0;
-    for (; (b + 1) * BLOCK <= n; b++) {
-        const float *xb = x + (size_t)b * BLOCK;
-        const uint32_t w[2] = { mask ? mask[2 * b] : ~0u, mask ? mask[2 * b + 1] : ~0u };
-        float   hi[LANES], lo[LANES];
-        int32_t cnt[LANES];
-        for (int j = 0; j < LANES; j++) hi[j] = -INFINITY, lo[j] = INFINITY, cnt[j] = 0;
-        for (int g = 0; g < BLOCK / LANES; g++) {
-            const uint32_t bits = w[g / 2] >> (16 * (g % 2));
+    row_scan r = { -INFINITY, 0.0f };
+    float    y[BLOCK];
+    for (int32_t b = 0; b * BLOCK < n; b++) {
+        if ((b + 1) * BLOCK <= n) block_values(x + (size_t)b * BLOCK, mask ? mask + 2 * (size_t)b : NULL, y);
+        else tail_values(x, b * BLOCK, n - b * BLOCK, mask, y);
+        float hi[LANES], am[LANES];
+        for (int j = 0; j < LANES; j++) hi[j] = -INFINITY, am[j] = 0.0f;
+        for (int g = 0; g < BLOCK; g += LANES)
             for (int j = 0; j < LANES; j++) {
-                const float v  = xb[g * LANES + j];
-                const int   ok = (int)((bits >> j) & 1u) & (fabsf(v) < INFINITY);
-                hi[j] = ok && v > hi[j] ? v : hi[j];
-                lo[j] = ok && v < lo[j] ? v : lo[j];
-                cnt[j] += ok;
+                const float v = y[g + j], a = fabsf(v) < INFINITY ? fabsf(v) : 0.0f;
+                hi[j] = v > hi[j] ? v : hi[j];
+                am[j] = a > am[j] ? a : am[j];
             }
-        }
         float bh = -INFINITY;
         for (int j = 0; j < LANES; j++) {
             bh = hi[j] > bh ? hi[j] : bh;
-            r.lo = lo[j] < r.lo ? lo[j] : r.lo;
-            r.count += cnt[j];
-        }
-        block_max[b] = bh;
-        r.hi = bh > r.hi ? bh : r.hi;
-    }
-    if (b * BLOCK < n) { /* the partial last block */
-        float bh = -INFINITY;
-        for (int32_t i = b * BLOCK; i < n; i++) {
-            if (!allowed(mask, i, x[i])) continue;
-            bh = x[i] > bh ? x[i] : bh;
-            r.lo = x[i] < r.lo ? x[i] : r.lo;
-            r.count++;
+            r.amax = am[j] > r.amax ? am[j] : r.amax;
         }
         block_max[b] = bh;
         r.hi = bh > r.hi ? bh : r.hi;
@@ -359,36 +360,21 @@ static row_scan scan_candidates(const float *x, int32_t n, const uint32_t *mask,
  * double: eight lanes in a block, then the blocks in order. */
 static double block_masses(const float *x, int32_t n, const uint32_t *mask, const float *block_max,
                            float inv_t, float mxs, double *block_sum) {
-    double  z = 0.0;
-    int32_t b = 0;
-    for (; (b + 1) * BLOCK <= n; b++) {
+    double z = 0.0;
+    float  y[BLOCK], e[BLOCK];
+    for (int32_t b = 0; b * BLOCK < n; b++) {
         double s = 0.0;
         if (block_max[b] > -INFINITY) {
-            const float *xb = x + (size_t)b * BLOCK;
-            const uint32_t w[2] = { mask ? mask[2 * b] : ~0u, mask ? mask[2 * b + 1] : ~0u };
-            float e[BLOCK];
-            for (int g = 0; g < BLOCK / LANES; g++) {
-                const uint32_t bits = w[g / 2] >> (16 * (g % 2));
-                for (int j = 0; j < LANES; j++) {
-                    const float v  = xb[g * LANES + j];
-                    const int   ok = (int)((bits >> j) & 1u) & (fabsf(v) < INFINITY);
-                    /* a masked-out logit may lie above the max, or overflow: never exponentiate it */
-                    const float t  = exp_nonpos(ok ? v * inv_t - mxs : -87.0f);
-                    e[g * LANES + j] = ok ? t : 0.0f;
-                }
-            }
+            if ((b + 1) * BLOCK <= n) block_values(x + (size_t)b * BLOCK, mask ? mask + 2 * (size_t)b : NULL, y);
+            else tail_values(x, b * BLOCK, n - b * BLOCK, mask, y);
+            /* non-candidates are -inf: exp_nonpos clamps them harmlessly, then they count 0 */
+            for (int j = 0; j < BLOCK; j++) e[j] = exp_nonpos(y[j] * inv_t - mxs);
+            for (int j = 0; j < BLOCK; j++) e[j] = y[j] > -INFINITY ? e[j] : 0.0f;
             double acc[8] = { 0 };
             for (int i = 0; i < BLOCK; i += 8)
                 for (int j = 0; j < 8; j++) acc[j] += (double)e[i + j];
             s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
         }
-        block_sum[b] = s;
-        z += s;
-    }
-    if (b * BLOCK < n) {
-        double s = 0.0;
-        for (int32_t i = b * BLOCK; i < n; i++)
-            if (allowed(mask, i, x[i])) s += exp_nonpos(x[i] * inv_t - mxs);
         block_sum[b] = s;
         z += s;
     }
@@ -528,7 +514,6 @@ typedef struct {
     const uint32_t *mask;  /* or NULL                                                */
     float           inv_t; /* 1 / temperature                                        */
     float           mxs;   /* largest candidate value (largest logit * inv_t)         */
-    row_scan        scan;
     worker_scratch *w;     /* block_max filled by the scan                           */
 } row_ctx;
 
@@ -551,23 +536,37 @@ static int32_t reference_draw(const row_ctx *r, const pie_sampler *p) {
  * mass) by twice that. Doubled again for margin and the roundings of the products. */
 static double sum_slack(int32_t n, double z) { return (8.0 * n + 256.0) * 0x1p-53 * z; }
 
-/* top_k < count: the k best candidates by a block-skipping heap (same set and order as the
- * reference's selection, which is unique), then the reference filters over those k. */
+/* What a fast path returns instead of a token. */
+#define UNDECIDED (-2) /* a rounding margin was too thin: the reference decides            */
+#define NO_TOP_K  (-3) /* top_k keeps every candidate: the other filters run over them all */
+
+/* top_k: the k best candidates by a block-skipping heap (same set and order as the reference's
+ * selection, which is unique), then the reference filters over those k. When there are no more
+ * than k candidates, the reference applies no top_k (and keeps id order): NO_TOP_K. */
 static int32_t fast_top_k(const row_ctx *r, const pie_sampler *p) {
     cand *h = r->w->c;
     const int32_t k = p->top_k;
+    if (k > HEAP_MAX) return UNDECIDED;
     int32_t filled = 0, i = 0;
     for (; i < r->n && filled < k; i++)
         if (allowed(r->mask, i, r->x[i])) h[filled++] = (cand){ r->x[i] * r->inv_t, i };
+    if (filled < k) return NO_TOP_K;
     for (int32_t j = k / 2 - 1; j >= 0; j--) heap_sift_down(h, k, j);
+    bool more = false; /* a candidate beyond the first k */
     for (; i < r->n && i % BLOCK; i++)
-        if (allowed(r->mask, i, r->x[i])) heap_offer(h, k, r->x[i] * r->inv_t, i);
+        if (allowed(r->mask, i, r->x[i])) {
+            more = true;
+            heap_offer(h, k, r->x[i] * r->inv_t, i);
+        }
     for (; i < r->n; i += BLOCK) {
-        if (r->w->block_max[i / BLOCK] * r->inv_t <= h[0].val) continue; /* -inf: no candidate */
+        const float top = r->w->block_max[i / BLOCK]; /* -inf: no candidate */
+        more |= top > -INFINITY;
+        if (top * r->inv_t <= h[0].val) continue;
         const int32_t end = r->n - i < BLOCK ? r->n : i + BLOCK;
         for (int32_t j = i; j < end; j++)
             if (allowed(r->mask, j, r->x[j])) heap_offer(h, k, r->x[j] * r->inv_t, j);
     }
+    if (!more) return NO_TOP_K;
     qsort(h, (size_t)k, sizeof(cand), cmp_best_first);
     return filter_and_draw(h, k, p);
 }
@@ -598,7 +597,7 @@ static int32_t fast_min_p(const row_ctx *r, const pie_sampler *p) {
 /* top_p without top_k: the total mass from the block sums, then only candidates within `cut` of
  * the max are collected and sorted, with cut widened until they hold the target mass. The cut
  * (where the prefix reaches top_p * mass) must clear the target by the sums' slack on both
- * sides, else the reference decides. Returns -2 for "undecided". */
+ * sides, else the reference decides. Returns UNDECIDED when unsure. */
 static int32_t fast_top_p(const row_ctx *r, const pie_sampler *p) {
     const double z      = block_masses(r->x, r->n, r->mask, r->w->block_max, r->inv_t, r->mxs, r->w->block_sum);
     const double target = (double)p->top_p * z;
@@ -612,7 +611,7 @@ static int32_t fast_top_p(const row_ctx *r, const pie_sampler *p) {
         if (mass < target + slack && !all) continue; /* the nucleus may reach further */
         double at, before;
         const int32_t keep = sorted_prefix(c, n, r->mxs, target, &at, &before);
-        if (!(at >= target + slack && before < target - slack)) return -2;
+        if (!(at >= target + slack && before < target - slack)) return UNDECIDED;
         if (p->min_p > 0.0f) return draw(c, min_p_filter(c, keep, p->min_p), p->seed);
         return draw(c, keep, p->seed);
     }
@@ -620,7 +619,7 @@ static int32_t fast_top_p(const row_ctx *r, const pie_sampler *p) {
 
 /* Temperature alone: the reference walks every candidate in id order until the cumulative mass
  * passes u * z. The block sums find the block, one block is walked; both the draw point and the
- * cumulative masses around the chosen token must clear the slack. Returns -2 for "undecided". */
+ * cumulative masses around the chosen token must clear the slack. Returns UNDECIDED when unsure. */
 static int32_t fast_plain(const row_ctx *r, const pie_sampler *p) {
     const double *bs    = r->w->block_sum;
     const double  z     = block_masses(r->x, r->n, r->mask, r->w->block_max, r->inv_t, r->mxs, r->w->block_sum);
@@ -630,39 +629,34 @@ static int32_t fast_plain(const row_ctx *r, const pie_sampler *p) {
     int32_t b   = 0;
     const int32_t nb = n_blocks(r->n);
     while (b < nb && !(u < cum + bs[b])) cum += bs[b++];
-    if (b == nb) return -2;
+    if (b == nb) return UNDECIDED;
     const int32_t end = r->n - b * BLOCK < BLOCK ? r->n : (b + 1) * BLOCK;
     for (int32_t i = b * BLOCK; i < end; i++) {
         if (!allowed(r->mask, i, r->x[i])) continue;
         const double before = cum;
         cum += exp_nonpos(r->x[i] * r->inv_t - r->mxs);
-        if (u < cum) return cum - u > slack && u - before >= slack ? i : -2;
+        if (u < cum) return cum - u > slack && u - before >= slack ? i : UNDECIDED;
     }
-    return -2;
+    return UNDECIDED;
 }
 
 /* A row with temperature > 0; token, or -1 when no candidate. */
 static int32_t sample_tempered(worker_scratch *w, const float *x, int32_t n, const uint32_t *mask,
                                const pie_sampler *p) {
     row_ctx r = { .x = x, .n = n, .mask = mask, .inv_t = 1.0f / p->temperature, .w = w };
-    r.scan = scan_candidates(x, n, mask, w->block_max);
-    if (r.scan.count == 0) return -1;
+    const row_scan scan = scan_candidates(x, n, mask, w->block_max);
+    if (scan.hi == -INFINITY) return -1;
     /* A temperature so small that logit / temperature overflows is greedy in the limit. */
-    if (!isfinite(r.scan.hi * r.inv_t) || !isfinite(r.scan.lo * r.inv_t))
-        return mask ? argmax_masked(x, n, mask) : argmax_finite(x, n);
-    r.mxs = r.scan.hi * r.inv_t; /* multiplying by inv_t > 0 keeps the order: the max's value */
+    if (!isfinite(scan.amax * r.inv_t)) return mask ? argmax_masked(x, n, mask) : argmax_finite(x, n);
+    r.mxs = scan.hi * r.inv_t; /* multiplying by inv_t > 0 keeps the order: the max's value */
 
-    int32_t token = -2;
-    if (p->top_k > 0 && p->top_k < r.scan.count) {
-        if (p->top_k <= HEAP_MAX) token = fast_top_k(&r, p);
-    } else if (p->top_p < 1.0f) {
-        token = fast_top_p(&r, p);
-    } else if (p->min_p > 0.0f) {
-        token = fast_min_p(&r, p);
-    } else {
-        token = fast_plain(&r, p);
+    int32_t token = p->top_k > 0 ? fast_top_k(&r, p) : NO_TOP_K;
+    if (token == NO_TOP_K) {
+        if (p->top_p < 1.0f) token = fast_top_p(&r, p);
+        else if (p->min_p > 0.0f) token = fast_min_p(&r, p);
+        else token = fast_plain(&r, p);
     }
-    return token == -2 ? reference_draw(&r, p) : token;
+    return token == UNDECIDED ? reference_draw(&r, p) : token;
 }
 
 static int32_t check_params(const pie_sampler *p, int32_t n_vocab, int32_t top_k_out) {
