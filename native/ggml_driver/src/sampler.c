@@ -219,27 +219,27 @@ static float row_max(const float *x, int32_t n) {
 }
 
 /* Greedy without a mask: the lowest id holding the largest finite logit, -1 when none is finite.
- * One vectorized max over the finite values, then a search that stops at the first match. */
+ * One vectorized pass: each lane keeps its first maximum and where it was; ties across lanes go to
+ * the lower id, and the tail (higher ids) must be strictly larger. */
 static int32_t argmax_finite(const float *x, int32_t n) {
-    float acc[LANES];
-    for (int j = 0; j < LANES; j++) acc[j] = -INFINITY;
+    float   acc[LANES];
+    int32_t at[LANES];
+    for (int j = 0; j < LANES; j++) acc[j] = -INFINITY, at[j] = -1;
     int32_t i = 0;
     for (; i + LANES <= n; i += LANES)
         for (int j = 0; j < LANES; j++) {
-            const float v = x[i + j];
-            acc[j] = v > acc[j] && v < INFINITY ? v : acc[j];
+            const float v    = x[i + j];
+            const int   more = v > acc[j] && v < INFINITY; /* NaN: false */
+            acc[j] = more ? v : acc[j];
+            at[j]  = more ? i + j : at[j];
         }
-    float mx = -INFINITY;
-    for (int j = 0; j < LANES; j++) mx = acc[j] > mx ? acc[j] : mx;
-    for (; i < n; i++) mx = x[i] > mx && x[i] < INFINITY ? x[i] : mx;
-    if (mx == -INFINITY) return -1;
-    for (i = 0; i + LANES <= n; i += LANES) { /* the first block holding it, then its position */
-        int hit = 0;
-        for (int j = 0; j < LANES; j++) hit |= x[i + j] == mx;
-        if (hit) break;
-    }
-    for (; x[i] != mx; i++) {}
-    return i;
+    float   mx   = -INFINITY;
+    int32_t best = -1;
+    for (int j = 0; j < LANES; j++)
+        if (acc[j] > mx || (acc[j] == mx && at[j] < best)) mx = acc[j], best = at[j];
+    for (; i < n; i++)
+        if (x[i] > mx && x[i] < INFINITY) mx = x[i], best = i;
+    return mx == -INFINITY ? -1 : best;
 }
 
 /* Greedy under a bitmask: whole words of 32 ids, empty words skipped; strict > keeps the lowest
