@@ -71,3 +71,17 @@ def test_rows_sampled_in_parallel_draw_the_same_tokens(model: Path) -> None:
     np.testing.assert_array_equal(one.logprobs, two.logprobs)
     np.testing.assert_array_equal(one.top_ids, two.top_ids)
     assert len(set(one.tokens.tolist())) > 20  # the rows really sampled different tokens
+
+
+@pytest.mark.slow
+def test_starter_logits_do_not_depend_on_the_thread_count(starter_gguf: Path) -> None:
+    # "auto" may change the count between passes: it must never change a result
+    prompt = [2] + list(range(1000, 1100))
+    logits = []
+    for threads in (1, 2):
+        with Driver(starter_gguf, DriverParams(n_threads=threads, page_size=32, n_pages=64)) as drv:
+            prefill = drv.forward(build_batch([Req(prompt, [0, 1, 2, 3], len(prompt))], 32))
+            streams = [Req(prompt[:39] + [7 + s], [8 + 4 * s, 9 + 4 * s], 40) for s in range(8)]
+            logits.append((prefill.logits, drv.forward(build_batch(streams, 32)).logits))
+    np.testing.assert_array_equal(logits[0][0], logits[1][0])
+    np.testing.assert_array_equal(logits[0][1], logits[1][1])
