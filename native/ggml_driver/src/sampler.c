@@ -15,18 +15,19 @@
  * `reference_draw` does exactly that over a materialised candidate array. With a 262k vocabulary
  * that array, its sums and its sorting cost milliseconds a row, so each sampler shape has a fast
  * path that reaches the same token without it:
- *   - one vectorized scan gives the candidate count, the extreme logits and the max of every
+ *   - one vectorized scan gives the largest candidate logit (and magnitude) and the max of every
  *     block of 64 ids, so later passes skip blocks that cannot hold a kept token;
  *   - top_k: a bounded heap that skips blocks whose max cannot enter it;
  *   - min_p alone: collect the tokens above the threshold (usually a few blocks);
  *   - top_p: the total mass from one vectorized pass, then only the tokens above a threshold
  *     that provably holds enough mass are collected and sorted (the nucleus, not the vocabulary);
  *   - temperature alone: block sums locate the drawn token, one block is walked.
- * The reference sums the mass one term after another in double; the fast paths sum it in a
- * different order, which differs from the reference by at most ~4 n 2^-53 of the total. A fast
- * path therefore only answers when every comparison it made (the top-p cut, the drawn token's
- * cumulative bounds) clears that bound with margin; otherwise (about once in 10^4 rows on a 262k
- * vocabulary) the row falls back to reference_draw. Same seed, same logits: same token.
+ * Every term is the same float as the reference's (same operations, no fused multiply-add). The
+ * reference adds the terms one after another in double; the fast paths add them in another order,
+ * which can differ by a few n 2^-53 of the total (sum_slack). A fast path therefore only answers
+ * when every comparison it made (the top-p cut, the drawn token's cumulative bounds) clears that
+ * bound; otherwise (about once in 10^4 rows on a 262k vocabulary) the row falls back to
+ * reference_draw. Same seed, same logits: same token (tests/test_sampler_exact.py).
  */
 #include "sampler.h"
 #include "status.h"
@@ -40,7 +41,7 @@
 
 #define LANES 16    /* independent accumulators: a multiple of every SIMD width up to 512 bits */
 #define BLOCK 64    /* ids per block of the scan: two mask words, four lane groups             */
-#define HEAP_MAX 4096 /* top_k up to this uses the block-skipping heap, above it quickselect   */
+#define HEAP_MAX 4096 /* top_k up to this uses the block-skipping heap, above it the reference */
 
 /* ------------------------------------------------------------------------------------------ */
 /* Scratch                                                                                    */
