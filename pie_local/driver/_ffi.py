@@ -125,6 +125,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "pie_model_load": (C.c_int32, [C.c_char_p, C.POINTER(ModelParams), C.POINTER(C.c_void_p)]),
     "pie_model_free": (None, [C.c_void_p]),
     "pie_model_get_info": (C.c_int32, [C.c_void_p, C.POINTER(ModelInfo)]),
+    "pie_model_threads": (C.c_int32, [C.c_void_p]),
     "pie_forward": (C.c_int32, [C.c_void_p, C.POINTER(Batch)]),
     "pie_copy_pages": (C.c_int32, [C.c_void_p, C.c_int32, _i32p, _i32p]),
     "pie_read_pages": (C.c_int32, [C.c_void_p, C.c_int32, _i32p, C.c_void_p, C.c_size_t]),

@@ -84,6 +84,12 @@ class Driver:
     def info(self) -> ModelInfo:
         return self._info
 
+    @property
+    def threads(self) -> int:
+        """CPU threads the next forward pass runs (with n_threads <= 0 it follows the load)."""
+        with self._lock:
+            return int(self._lib.pie_model_threads(self._handle)) if self._handle else 0
+
     def close(self) -> None:
         with self._lock:
             if self._handle:

@@ -45,28 +45,6 @@ pie_model_params pie_model_default_params(void) {
     return p;
 }
 
-/* Physical cores: distinct (package, core) pairs in /proc/cpuinfo, else online CPUs. */
-static int physical_cores(void) {
-    FILE *f = fopen("/proc/cpuinfo", "r");
-    int pairs[1024][2], n = 0, pkg = 0;
-    if (f) {
-        char line[256];
-        while (fgets(line, sizeof(line), f)) {
-            int v;
-            if (sscanf(line, "physical id : %d", &v) == 1) pkg = v;
-            else if (sscanf(line, "core id : %d", &v) == 1) {
-                bool seen = false;
-                for (int i = 0; i < n && !seen; i++) seen = pairs[i][0] == pkg && pairs[i][1] == v;
-                if (!seen && n < 1024) { pairs[n][0] = pkg; pairs[n][1] = v; n++; }
-            }
-        }
-        fclose(f);
-    }
-    if (n > 0) return n;
-    long online = sysconf(_SC_NPROCESSORS_ONLN);
-    return online > 0 ? (int)online : 1;
-}
-
 static bool name_matches(const char *want, const char *have) {
     for (; *want && *have; want++, have++)
         if (tolower((unsigned char)*want) != tolower((unsigned char)*have)) return false;
@@ -104,15 +82,16 @@ static int32_t pick_device(const char *want, ggml_backend_dev_t *out) {
     return pie_set_error(PIE_ERR_UNSUPPORTED, "device '%s' not found (this ggml build has: %s)", want, list);
 }
 
-/* The CPU threads to run: n_threads, or all physical cores for <= 0, at most one per online CPU.
+/* The CPU threads to run: "auto" (n_threads <= 0) the cores this process may use, adapted to the
+ * load while it runs (threads.h); an explicit count as given, but at most one per online CPU.
  * More would only slow a pass down (ggml's workers spin while they wait for each other), and
  * ggml aborts when it cannot create a thread; so a count meant for a bigger machine runs on this
  * one with a warning rather than failing. */
 static int cpu_threads(int32_t n_threads) {
+    if (n_threads <= 0) return pie_threads_allowed();
     const long online = sysconf(_SC_NPROCESSORS_ONLN);
     int limit = online > 0 ? (int)online : 1;
     if (limit > GGML_MAX_N_THREADS) limit = GGML_MAX_N_THREADS;
-    if (n_threads <= 0) n_threads = physical_cores();
     if (n_threads <= limit) return n_threads;
     pie_log(PIE_LOG_WARN, "n_threads %d is more than the %d CPUs online; using %d", n_threads, limit, limit);
     return limit;
@@ -175,6 +154,8 @@ static int32_t init_compute(pie_model *m) {
         if (!m->backend_cpu) return pie_set_error(PIE_ERR_BACKEND, "cannot start the CPU backend");
     }
     const int threads = cpu_threads(m->params.n_threads);
+    /* only a graph on the CPU backend waits on its threads; a GPU's fallback ops keep the count */
+    pie_threads_init(&m->threads, threads, m->params.n_threads <= 0 && m->backend_cpu == m->backend);
     set_threads(m->backend_cpu, ggml_backend_get_device(m->backend_cpu), threads);
     int32_t st = reserve_graph(m, graph_nodes(m, 16, 16, 16));
     if (st != PIE_OK) return st;
@@ -186,7 +167,8 @@ static int32_t init_compute(pie_model *m) {
     if (!m->sampler || !m->plan.page_stamp || !m->plan.slot_writer || !m->plan.marked || !m->plan.zeros)
         return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate driver scratch");
     snprintf(m->backend_name, sizeof(m->backend_name), "%s", ggml_backend_dev_name(m->dev));
-    pie_log(PIE_LOG_INFO, "compute on %s (%s), %d threads", m->backend_name, ggml_backend_dev_description(m->dev), threads);
+    pie_log(PIE_LOG_INFO, "compute on %s (%s), %d threads%s", m->backend_name, ggml_backend_dev_description(m->dev),
+            threads, m->threads.adaptive ? " (auto: fewer while other processes load the CPUs)" : "");
     return PIE_OK;
 }
 
@@ -225,6 +207,8 @@ void pie_model_free(pie_model *m) {
     free(m->logits);
     free(m);
 }
+
+int32_t pie_model_threads(const pie_model *m) { return m ? m->threads.n : 0; }
 
 int32_t pie_model_get_info(const pie_model *m, pie_model_info *out) {
     if (!m || !out) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "model and out_info are required");
@@ -312,29 +296,36 @@ int32_t pie_set_activation_callback(pie_model *m, pie_activation_callback callba
     return PIE_OK;
 }
 
-/* Samples every output row. A row that fails fails alone when the caller takes per-row
- * statuses (b->out_status), else it fails the call; either way its message names the row. */
+/* Samples every output row, rows in parallel on the pass's threads. A row that fails fails alone
+ * when the caller takes per-row statuses (b->out_status), else it fails the call; either way its
+ * message names the row (sampled again on this thread: the workers' messages are their own). */
 static int32_t sample_rows(pie_model *m, const pie_batch *b, const float *logits) {
-    const int32_t n_vocab = m->hp.n_vocab, words = (n_vocab + 31) / 32;
+    const int32_t n_vocab = m->hp.n_vocab, words = (n_vocab + 31) / 32, n_out = b->n_outputs;
     const bool top = b->return_flags & PIE_RETURN_TOP_K;
-    for (int32_t i = 0; i < b->n_outputs; i++) {
-        int32_t st = pie_sample_row(m->sampler, logits + (size_t)i * n_vocab, n_vocab,
-                                    b->logit_masks ? b->logit_masks + (size_t)i * words : NULL, &b->samplers[i],
-                                    &b->out_tokens[i], (b->return_flags & PIE_RETURN_LOGPROB) ? &b->out_logprobs[i] : NULL,
-                                    top ? b->top_k : 0, top ? b->out_top_ids + (size_t)i * b->top_k : NULL,
-                                    top ? b->out_top_probs + (size_t)i * b->top_k : NULL);
-        if (st != PIE_OK) {
+    float *logprobs = (b->return_flags & PIE_RETURN_LOGPROB) ? b->out_logprobs : NULL;
+    int32_t *status = b->out_status ? b->out_status : malloc(sizeof(int32_t) * (size_t)n_out);
+    if (!status) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate row statuses for %d rows", n_out);
+    int32_t st = pie_sample_rows(m->sampler, m->threads.n, n_out, logits, n_vocab, b->logit_masks, b->samplers,
+                                 b->out_tokens, logprobs, top ? b->top_k : 0, top ? b->out_top_ids : NULL,
+                                 top ? b->out_top_probs : NULL, status);
+    for (int32_t i = 0; st == PIE_OK && i < n_out; i++) {
+        if (status[i] != PIE_OK) {
+            int32_t token;
+            pie_sample_row(m->sampler, logits + (size_t)i * n_vocab, n_vocab,
+                           b->logit_masks ? b->logit_masks + (size_t)i * words : NULL, &b->samplers[i], &token,
+                           NULL, top ? b->top_k : 0, top ? b->out_top_ids + (size_t)i * b->top_k : NULL,
+                           top ? b->out_top_probs + (size_t)i * b->top_k : NULL);
             char why[PIE_ROW_ERROR_SIZE];
             snprintf(why, sizeof(why), "%s", pie_last_error());
-            st = pie_set_error(st, "output %d: %s", i, why);
-            if (!b->out_status) return st;
+            status[i] = pie_set_error(status[i], "output %d: %s", i, why);
+            if (!b->out_status) st = status[i];
             b->out_tokens[i] = -1;
         }
-        if (b->out_status) b->out_status[i] = st;
         if (b->out_status && b->out_errors)
-            snprintf(b->out_errors + (size_t)i * PIE_ROW_ERROR_SIZE, PIE_ROW_ERROR_SIZE, "%s", st ? pie_last_error() : "");
+            snprintf(b->out_errors + (size_t)i * PIE_ROW_ERROR_SIZE, PIE_ROW_ERROR_SIZE, "%s", status[i] ? pie_last_error() : "");
     }
-    return PIE_OK;
+    if (!b->out_status) free(status);
+    return st;
 }
 
 int32_t pie_forward(pie_model *m, const pie_batch *b) {
@@ -375,7 +366,13 @@ int32_t pie_forward(pie_model *m, const pie_batch *b) {
     }
     upload_inputs(m, &g, b);
     ggml_backend_sched_set_eval_callback(m->sched, m->activation_cb ? eval_activation : NULL, m);
-    if (ggml_backend_sched_graph_compute(m->sched, g.gf) != GGML_STATUS_SUCCESS) {
+    /* the thread count of this pass (auto: adapted to the load, see threads.h), and its time */
+    set_threads(m->backend_cpu, ggml_backend_get_device(m->backend_cpu),
+                pie_threads_begin(&m->threads, pie_threads_shape_key(p->n_tokens, n_out)));
+    const double t_compute = pie_threads_now();
+    const enum ggml_status computed = ggml_backend_sched_graph_compute(m->sched, g.gf);
+    pie_threads_end(&m->threads, pie_threads_now() - t_compute);
+    if (computed != GGML_STATUS_SUCCESS) {
         ggml_free(g.ctx);
         return pie_set_error(PIE_ERR_BACKEND, "the %s backend failed to compute the batch", m->backend_name);
     }

@@ -11,6 +11,7 @@
 #include "pie_driver.h"
 #include "sampler.h"
 #include "status.h"
+#include "threads.h"
 
 #include "ggml.h"
 #include "ggml-backend.h"
@@ -236,6 +237,7 @@ struct pie_model {
     ggml_backend_t        backend;      /* runs the graph                                       */
     ggml_backend_t        backend_cpu;  /* fallback for ops the device lacks (== backend on CPU) */
     ggml_backend_sched_t  sched;
+    pie_threads           threads;      /* CPU threads per pass, adapted under "auto"           */
     uint8_t *graph_meta;                /* tensor + graph metadata for one forward graph        */
     size_t   graph_meta_size;
     size_t   graph_cap;                 /* most graph nodes sched and graph_meta are sized for  */
