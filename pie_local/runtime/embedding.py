@@ -1,8 +1,9 @@
 """Embeddings: one vector per input, pooled from the model's final hidden states.
 
-    async with Engine("qwen3-embedding-0.6b") as engine:
+    async with Engine("path/to/an-embedding-model.gguf") as engine:   # or any model name
         e = await engine.embed("The capital of France is Paris")
         print(len(e.vector), e.n_tokens)
+        vectors = [x.vector for x in await engine.embed_many(["one", "two"], pooling="last")]
 
 Pooling is done here, as llama.cpp does it for decoder embedding models, over the hidden states
 the driver returns (after the output norm, llama.cpp's ``t_embd``):
