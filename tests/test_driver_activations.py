@@ -39,6 +39,7 @@ FAMILY_LAYER = {
     "llama": {"ffn_inp"},
     "qwen2": {"ffn_inp"},
     "qwen3": {"Qcur_normed", "Kcur_normed", "ffn_inp"},
+    "gemma2": {"attn_post_norm", "sa_out", "ffn_post_norm"},
     "gemma3": {"Qcur_normed", "Kcur_normed", "attn_post_norm", "sa_out", "ffn_post_norm"},
     "phi3": set(),
     "granite": {"ffn_inp"},
@@ -59,7 +60,7 @@ NOT_NAMED = {"qwen3moe": {"ffn_out"}, "olmoe": {"ffn_out"}, "gpt-oss": {"ffn_out
 LAST_LAYER_ALL_ROWS = {"gpt-oss"}
 # Named once for the whole graph besides embd, result_norm and result_output (llama.cpp names
 # OLMo 2's FFN post-norm without its layer).
-FAMILY_GLOBAL = {"gemma3": {"inp_scaled"}, "olmo2": {"ffn_post_norm"}}
+FAMILY_GLOBAL = {"gemma2": {"inp_scaled"}, "gemma3": {"inp_scaled"}, "olmo2": {"ffn_post_norm"}}
 # llama.cpp names the attention output after its projection for these only
 NAMES_ATTN_OUT = {"llama", "granite", "smollm3", "mistral3", "gpt-oss"}
 
@@ -133,6 +134,8 @@ def compare_with_llama_cpp(path, arch: str, tokens: list[int], fused_qkv: bool =
     unnamed = set() if arch in NAMES_ATTN_OUT else {f"attn_out-{il}" for il in range(n_layer)}
     if fused_qkv:  # llama.cpp's V is then a strided view of the projection, which it does not hand out
         unnamed |= {f"Vcur-{il}" for il in range(n_layer)}
+    if arch == "gemma2":  # llama.cpp names gemma2's FFN post-norm without its layer (we name each)
+        unnamed |= {f"ffn_post_norm-{il}" for il in range(n_layer)}
     assert set(theirs) == expected_names(arch, n_layer) - unnamed
     diffs = {}
     for name, want in theirs.items():

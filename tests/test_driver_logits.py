@@ -231,9 +231,11 @@ TINY_CASES = [
     ("llama", "f32"),
     ("qwen2", "f32"),
     ("qwen3", "f32"),
+    ("gemma2", "f32"),
     ("gemma3", "f32"),
     ("llama", "q4_0"),
     ("qwen2", "f16"),
+    ("gemma2", "q8_0"),
     ("gemma3", "q8_0"),
     ("phi3", "f32"),
     ("granite", "f32"),
@@ -268,7 +270,7 @@ def test_tiny_model_logits_match(tmp_path_factory, record_property, arch: str, q
     ):
         n_vocab = drv.info.n_vocab
         assert n_vocab == ref.n_vocab and drv.info.arch == arch
-        if arch in ("gemma3", "gpt-oss"):
+        if arch in ("gemma2", "gemma3", "gpt-oss"):
             assert drv.info.sliding_window == 8
         a = [1] + rng.integers(3, n_vocab, 29).tolist()  # 30 tokens: well past the window of 8
         b = [1] + rng.integers(3, n_vocab, 11).tolist()

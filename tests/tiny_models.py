@@ -12,7 +12,9 @@ phi3 fuses Q|K|V and gate|up and carries LongRoPE factors and attention factor; 
 its four multipliers; smollm3 has 4 layers, so the last one runs without RoPE; olmo2 has only
 post-norms and Q/K norms over the whole projection; mistral3 uses YaRN (its own beta range and
 log multiplier) over an original context of 16 and attention temperature, so both act within
-a short test. The mixtures of experts (qwen2moe, qwen3moe, olmoe, gpt-oss, and a Mixtral-style
+a short test. gemma2 has post-norms, tied embeddings and every other layer sliding over a
+window of 8, and caps its attention and final logits with caps small enough to change the
+results of random weights. The mixtures of experts (qwen2moe, qwen3moe, olmoe, gpt-oss, and a Mixtral-style
 llama: ``write_tiny_gguf(path, "llama", **MIXTRAL)``) have 4 experts of which each token uses 2,
 routed by a router steep enough that tokens pick different experts; qwen2moe adds a shared
 expert, olmoe Q/K norms over whole rows, gpt-oss biases, attention sinks, a sliding window on
@@ -32,8 +34,8 @@ from typing import Callable
 import gguf
 import numpy as np
 
-ARCHES = ("llama", "qwen2", "qwen3", "gemma3", "phi3", "granite", "smollm3", "olmo2", "mistral3", "qwen2moe",
-          "qwen3moe", "olmoe", "gpt-oss")
+ARCHES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "granite", "smollm3", "olmo2", "mistral3",
+          "qwen2moe", "qwen3moe", "olmoe", "gpt-oss")
 
 Q = gguf.GGMLQuantizationType
 QUANTS = {
@@ -69,7 +71,9 @@ class TinyConfig:
     n_ctx: int = 512
     rope_base: float = 10000.0
     rms_eps: float = 1e-5
-    sliding_window: int = 0  # gemma3, olmo2 (OLMo 3)
+    sliding_window: int = 0  # gemma2, gemma3, olmo2 (OLMo 3)
+    attn_softcap: float = 0.0  # gemma2: attn_logit_softcapping; 0 = not written
+    final_softcap: float = 0.0  # gemma2: final_logit_softcapping; 0 = not written
     tied: bool = False  # no output.weight: the embedding doubles as the LM head
     name: str = ""
     rope_scaling: str = ""  # rope.scaling.type ("none", "linear", "yarn", anything); "" = not written
@@ -101,6 +105,11 @@ DEFAULTS: dict[str, TinyConfig] = {
     "llama": TinyConfig(name="tiny-llama"),
     "qwen2": TinyConfig(name="tiny-qwen2", rope_base=1_000_000.0, rms_eps=1e-6),
     "qwen3": TinyConfig(name="tiny-qwen3", head_dim=32, rope_base=1_000_000.0, rms_eps=1e-6),
+    # 4 layers: with llama.cpp's gemma2 pattern, layers 0 and 2 use the window, 1 and 3 are global.
+    "gemma2": TinyConfig(
+        name="tiny-gemma2", n_layer=4, head_dim=32, rms_eps=1e-6, sliding_window=8, tied=True, attn_softcap=1.5,
+        final_softcap=4.0,
+    ),
     # 6 layers: with llama.cpp's gemma3 pattern, layers 0-4 use the window, layer 5 is global.
     "gemma3": TinyConfig(
         name="tiny-gemma3", n_layer=6, head_dim=32, rope_base=1_000_000.0, rms_eps=1e-6, sliding_window=8, tied=True
@@ -312,7 +321,7 @@ def _tensors(arch: str, cfg: TinyConfig, n_vocab: int, rng: np.random.Generator)
         if arch in ("olmo2", "olmoe"):  # over the whole projection, not per head
             out[p + "attn_q_norm.weight"] = norm(q_dim)
             out[p + "attn_k_norm.weight"] = norm(kv_dim)
-        if arch in ("gemma3", "olmo2"):
+        if arch in ("gemma2", "gemma3", "olmo2"):
             out[p + "post_attention_norm.weight"] = norm(cfg.n_embd)
             out[p + "post_ffw_norm.weight"] = norm(cfg.n_embd)
         if arch != "olmo2":
@@ -484,6 +493,10 @@ def write_tiny_gguf(
         w.add_expert_feed_forward_length(cfg.n_ff_exp)
     if cfg.n_ff_shexp:
         w.add_expert_shared_feed_forward_length(cfg.n_ff_shexp)
+    if cfg.attn_softcap:
+        w.add_attn_logit_softcapping(cfg.attn_softcap)
+    if cfg.final_softcap:
+        w.add_final_logit_softcapping(cfg.final_softcap)
     w.add_file_type(int(gguf.LlamaFileType.ALL_F32) if quant == "f32" else int(gguf.LlamaFileType.MOSTLY_F16))
 
     _write_vocab(w, v)

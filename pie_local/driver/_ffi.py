@@ -24,6 +24,7 @@ RETURN_LOGPROB = 1 << 0
 RETURN_TOP_K = 1 << 1
 RETURN_LOGITS = 1 << 2
 RETURN_HIDDEN = 1 << 3
+RETURN_HIDDEN_ONLY = 1 << 4
 ROW_ERROR_SIZE = 160  # PIE_ROW_ERROR_SIZE: bytes of one row's message in out_errors
 
 LOG_CALLBACK = C.CFUNCTYPE(None, C.c_int32, C.c_char_p, C.c_void_p)

@@ -211,6 +211,8 @@ class Driver:
             flags |= _ffi.RETURN_HIDDEN
             res.hidden = np.zeros((n_out, info.n_embd), dtype=np.float32)
             b.out_hidden = _ptr(res.hidden, C.c_float)
+        if batch.hidden_only:
+            flags |= _ffi.RETURN_HIDDEN_ONLY
         b.return_flags = flags
         status = np.zeros(max(n_out, 1), dtype=np.int32)  # pie_batch.out_status: rows fail alone
         errors = C.create_string_buffer(max(n_out, 1) * _ffi.ROW_ERROR_SIZE)

@@ -133,6 +133,7 @@ class ForwardBatch:
     return_logprobs: bool = True
     return_logits: bool = False
     return_hidden: bool = False
+    hidden_only: bool = False  # with return_hidden alone: stop at the hidden states (no LM head, nothing sampled)
     rows_fail_alone: bool = False  # a row that cannot be sampled fails alone (ForwardResult.row_errors), not the call
 
     @property

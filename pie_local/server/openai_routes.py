@@ -1,4 +1,4 @@
-"""The OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions.
+"""The OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings.
 
 Each handler checks the request (schema.py), borrows the model's engine from the manager,
 builds a `Job` (generation.py) and formats its choices as OpenAI does, streamed over SSE
@@ -15,9 +15,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from pie_local.server.embeddings import embed_request
 from pie_local.server.errors import APIError, invalid
 from pie_local.server.generation import Choice, Delta, Finished, Job, finite
-from pie_local.server.schema import ChatRequest, CompletionRequest, parse_chat, parse_completion, read_json
+from pie_local.server.schema import (ChatRequest, CompletionRequest, parse_chat, parse_completion, parse_embedding,
+                                    read_json)
 from pie_local.server.streaming import sse_response, until_disconnect
 from pie_local.server.tool_calls import CallSniffer, call_json, extract_calls, forced_call_constraint
 
@@ -281,9 +283,24 @@ async def _completion_chunks(job: Job, req: CompletionRequest, reply: _Reply, to
         yield reply.wrap([], usage=job.usage().to_json())
 
 
+# ---- /v1/embeddings ---------------------------------------------------------------------------------
+
+
+async def embeddings(request: Request) -> JSONResponse:
+    req = parse_embedding(await read_json(request))
+    manager = request.app.state.manager
+    lease = await _borrow(request, req.model)
+    try:
+        body = await until_disconnect(request, embed_request(lease.engine, req, lease.name))
+    finally:
+        manager.release(lease)
+    return JSONResponse(body)
+
+
 ROUTES = [
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/v1/models/{model:path}", get_model, methods=["GET"]),
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/embeddings", embeddings, methods=["POST"]),
 ]

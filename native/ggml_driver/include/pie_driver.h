@@ -163,6 +163,10 @@ enum {
     PIE_RETURN_LOGITS  = 1 << 2, /* out_logits[i*n_vocab ...], raw (before bitmask)             */
     PIE_RETURN_HIDDEN  = 1 << 3, /* out_hidden[i*n_embd ...], final hidden state after the
                                     output norm                                                 */
+    PIE_RETURN_HIDDEN_ONLY = 1 << 4, /* with PIE_RETURN_HIDDEN (embeddings): the pass stops at the
+                                    hidden state: no LM head, nothing sampled (samplers and
+                                    out_tokens may be NULL and are not read or written); no other
+                                    flag and no logit_masks                                     */
 };
 
 /*

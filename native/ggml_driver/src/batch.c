@@ -135,18 +135,25 @@ static int32_t check_outputs(const pie_model *m, const pie_batch *b) {
     if (n < 0) return BAD("n_outputs is %d", n);
     if (n > m->params.max_batch_tokens) return BAD("batch has %d outputs; max_batch_tokens is %d", n, m->params.max_batch_tokens);
     if (n == 0) return PIE_OK;
-    if (!b->output_rows || !b->samplers || !b->out_tokens) return BAD("output_rows, samplers and out_tokens are required when n_outputs > 0");
+    const uint32_t f = b->return_flags;
+    const bool hidden_only = f & PIE_RETURN_HIDDEN_ONLY;
+    if (hidden_only && (f != (PIE_RETURN_HIDDEN | PIE_RETURN_HIDDEN_ONLY) || b->logit_masks))
+        return BAD("PIE_RETURN_HIDDEN_ONLY goes with PIE_RETURN_HIDDEN alone (no other flag, no logit_masks)");
+    if (!b->output_rows) return BAD("output_rows is required when n_outputs > 0");
+    if (!hidden_only && (!b->samplers || !b->out_tokens))
+        return BAD("output_rows, samplers and out_tokens are required when n_outputs > 0");
     for (int32_t i = 0; i < n; i++) {
         if (b->output_rows[i] < 0 || b->output_rows[i] >= b->n_tokens)
             return BAD("output %d: row %d out of range (batch has %d tokens)", i, b->output_rows[i], b->n_tokens);
+        if (hidden_only) continue;
         const pie_sampler *s = &b->samplers[i];
         if (!isfinite(s->temperature)) return BAD("output %d: sampler temperature must be finite (got %g)", i, s->temperature);
         if (s->top_k < 0) return BAD("output %d: sampler top_k must be >= 0 (got %d)", i, s->top_k);
         if (!(s->top_p > 0.0f && s->top_p <= 1.0f)) return BAD("output %d: sampler top_p must be in (0, 1] (got %g)", i, s->top_p);
         if (!(s->min_p >= 0.0f && s->min_p <= 1.0f)) return BAD("output %d: sampler min_p must be in [0, 1] (got %g)", i, s->min_p);
     }
-    const uint32_t f = b->return_flags;
-    if (f & ~(uint32_t)(PIE_RETURN_LOGPROB | PIE_RETURN_TOP_K | PIE_RETURN_LOGITS | PIE_RETURN_HIDDEN))
+    if (f & ~(uint32_t)(PIE_RETURN_LOGPROB | PIE_RETURN_TOP_K | PIE_RETURN_LOGITS | PIE_RETURN_HIDDEN |
+                        PIE_RETURN_HIDDEN_ONLY))
         return BAD("unknown return_flags bits 0x%x", f);
     if ((f & PIE_RETURN_LOGPROB) && !b->out_logprobs) return BAD("PIE_RETURN_LOGPROB needs out_logprobs");
     if ((f & PIE_RETURN_LOGITS) && !b->out_logits) return BAD("PIE_RETURN_LOGITS needs out_logits");
@@ -338,7 +345,7 @@ int32_t pie_plan_build(pie_model *m, const pie_batch *b) {
     p->n_tokens = nt;
     p->n_requests = nr;
     p->n_outputs = n_out;
-    p->head = b->n_outputs > 0;
+    p->head = b->n_outputs > 0 && !(b->return_flags & PIE_RETURN_HIDDEN_ONLY);
     p->n_runs = (int32_t)n_runs;
     p->n_gather = (int32_t)n_gather;
     p->n_mask = n_mask;

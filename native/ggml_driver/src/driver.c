@@ -337,10 +337,11 @@ int32_t pie_forward(pie_model *m, const pie_batch *b) {
     const size_t n_nodes = graph_nodes(m, p->n_requests, p->n_runs, p->token_layout.n_pieces + p->output_layout.n_pieces);
     if (n_nodes > m->graph_cap && (st = reserve_graph(m, n_nodes + n_nodes / 2)) != PIE_OK) return st;
 
-    /* host room for the sampled rows' logits, unless the caller's buffer takes them */
+    /* host room for the sampled rows' logits, unless the caller's buffer takes them or the pass
+     * stops at the hidden state */
     const int32_t n_out = b->n_outputs, n_vocab = m->hp.n_vocab;
     float *logits = b->out_logits;
-    if (!(b->return_flags & PIE_RETURN_LOGITS)) {
+    if (m->plan.head && !(b->return_flags & PIE_RETURN_LOGITS)) {
         const size_t need = (size_t)n_out * (size_t)n_vocab;
         if (need > m->logits_cap) {
             float *grown = realloc(m->logits, need * sizeof(float));
@@ -378,11 +379,12 @@ int32_t pie_forward(pie_model *m, const pie_batch *b) {
     }
 
     if (n_out > 0) {
-        ggml_backend_tensor_get(g.logits, logits, 0, sizeof(float) * (size_t)n_out * (size_t)n_vocab);
         if (b->return_flags & PIE_RETURN_HIDDEN)
             ggml_backend_tensor_get(g.hidden, b->out_hidden, 0, sizeof(float) * (size_t)n_out * (size_t)m->hp.n_embd);
-
-        st = sample_rows(m, b, logits);
+        if (m->plan.head) {
+            ggml_backend_tensor_get(g.logits, logits, 0, sizeof(float) * (size_t)n_out * (size_t)n_vocab);
+            st = sample_rows(m, b, logits);
+        }
     }
     ggml_free(g.ctx);
     return st;

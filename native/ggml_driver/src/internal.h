@@ -45,7 +45,7 @@ typedef struct {
     float   rope_base;       /* global layers                                                  */
     float   rope_scale;      /* 1 / scaling factor, global layers                              */
     float   rope_base_swa;   /* sliding-window layers                                          */
-    float   rope_scale_swa;  /* sliding-window layers' 1 / factor (1: unscaled but for gpt-oss)  */
+    float   rope_scale_swa;  /* sliding-window layers' 1 / factor (1: unscaled unless the family scales them: gemma2, gpt-oss) */
     float   rope_ext_factor; /* YaRN: 1, else 0 (ggml_rope_ext's ext_factor)                   */
     float   rope_attn_factor;/* ggml_rope_ext's attn_factor                                    */
     float   rope_ext_factor_swa, rope_attn_factor_swa; /* the same for sliding-window layers    */
@@ -62,6 +62,7 @@ typedef struct {
     float   residual_scale;  /* multiplies each block's output before the residual add (1 = off) */
     float   logit_scale;     /* divides the logits (1 = off)                                   */
     float   logit_softcap;   /* 0 = off                                                        */
+    float   attn_softcap;    /* caps Q.K (cap * tanh(x / cap)) before the softmax; 0 = off     */
     float   attn_temp_scale; /* Llama 4 style attention temperature: Q of the token at position p
                                 times 1 + attn_temp_scale * log(floor(p / attn_temp_floor) + 1);
                                 0 = off                                                        */
@@ -322,8 +323,9 @@ void    pie_build_llama(pie_graph *g);
 int32_t pie_granite_hparams(pie_hparams *hp, const struct gguf_context *gguf);
 int32_t pie_smollm3_hparams(pie_hparams *hp, const struct gguf_context *gguf);
 int32_t pie_mistral3_hparams(pie_hparams *hp, const struct gguf_context *gguf);
+int32_t pie_gemma2_hparams(pie_hparams *hp, const struct gguf_context *gguf);
 int32_t pie_gemma3_hparams(pie_hparams *hp, const struct gguf_context *gguf);
-void    pie_build_gemma3(pie_graph *g);
+void    pie_build_gemma(pie_graph *g); /* gemma2, gemma3 */
 void    pie_build_phi3(pie_graph *g);
 int32_t pie_olmo2_hparams(pie_hparams *hp, const struct gguf_context *gguf);
 void    pie_build_olmo2(pie_graph *g);
@@ -348,10 +350,10 @@ int32_t pie_gguf_positive(const struct gguf_context *gguf, const char *key, bool
 /* An integer key that may be absent (*out untouched); PIE_ERR_UNSUPPORTED naming it when it holds
  * something else (a string, a per-layer array). */
 int32_t pie_gguf_int_opt(const struct gguf_context *gguf, const char *key, int64_t *out);
-/* "<arch>.attention.sliding_window" and its layer pattern (an array of per-layer booleans, or n:
- * every n-th layer global, default_pattern when absent), as llama.cpp's load_swa_pattern reads
- * them; no window or a window of 0 leaves every layer global. */
-int32_t pie_load_swa(pie_hparams *hp, const struct gguf_context *gguf, int64_t default_pattern);
+/* "<arch>.attention.sliding_window" (default_window when absent) and its layer pattern (an array
+ * of per-layer booleans, or n: every n-th layer global, default_pattern when absent), as
+ * llama.cpp's load_swa_pattern reads them; no window or a window of 0 leaves every layer global. */
+int32_t pie_load_swa(pie_hparams *hp, const struct gguf_context *gguf, int64_t default_window, int64_t default_pattern);
 int32_t pie_load_weights(pie_model *model, const char *path);
 void    pie_free_weights(pie_model *model);
 

@@ -156,9 +156,10 @@ static int32_t load_rope_scaling(pie_hparams *hp, const struct gguf_context *g) 
     return PIE_OK;
 }
 
-int32_t pie_load_swa(pie_hparams *hp, const struct gguf_context *g, int64_t default_pattern) {
-    int64_t window = 0;
-    if (!pie_gguf_int(g, akey(hp, "attention.sliding_window"), &window) || window <= 0) return PIE_OK;
+int32_t pie_load_swa(pie_hparams *hp, const struct gguf_context *g, int64_t default_window, int64_t default_pattern) {
+    int64_t window = default_window;
+    pie_gguf_int(g, akey(hp, "attention.sliding_window"), &window);
+    if (window <= 0) return PIE_OK;
     if (window > INT32_MAX)
         return pie_set_error(PIE_ERR_FORMAT, "%s %lld is too large", akey(hp, "attention.sliding_window"), (long long)window);
     hp->sliding_window = (int32_t)window;
@@ -252,6 +253,7 @@ static int32_t load_hparams(pie_hparams *hp, const struct gguf_context *g) {
     hp->residual_scale = 1.0f;
     hp->logit_scale = 1.0f;
     hp->logit_softcap = 0.0f;
+    hp->attn_softcap = 0.0f;
     hp->attn_temp_scale = 0.0f;
     hp->attn_temp_floor = hp->rope_n_ctx_orig;
     hp->sliding_window = 0;

@@ -212,8 +212,9 @@ struct ggml_tensor *pie_linear(pie_graph *g, struct ggml_tensor *w, struct ggml_
 
 /* x: [head_dim, n_heads, n_tokens], rotated at the batch's explicit positions, scaled as the
  * file says (linear or YaRN, see load_rope_scaling in loader.c). Sliding-window layers use their
- * own base and scaling factor (unscaled but for gpt-oss, as llama.cpp does), and the extension
- * and attention factors their family gives them. Layers without RoPE (hp->no_rope) return x as it is. */
+ * own base and scaling factor (unscaled unless the family says otherwise, as llama.cpp does), and
+ * the extension and attention factors their family gives them. Layers without RoPE (hp->no_rope)
+ * return x as it is. */
 struct ggml_tensor *pie_rope(pie_graph *g, struct ggml_tensor *x, int il) {
     const pie_hparams *hp = &g->model->hp;
     if (hp->no_rope[il]) return x;
@@ -312,7 +313,10 @@ static struct ggml_tensor *request_kv(pie_graph *g, struct ggml_tensor *pool, co
  *   v: [head_dim_v, n_head_kv, n_tokens]
  * The new K/V rows of every request go into the pool at write_rows in one op; then each request
  * attends over its own KV under its own mask block (causal, custom BRLE, sliding window), and
- * the per-request results are concatenated back in batch order. kq_scale multiplies Q.K.
+ * the per-request results are concatenated back in batch order. kq_scale multiplies Q.K; a
+ * family's attention softcap (gemma2) caps the scaled Q.K inside the same fused kernel
+ * (ggml_flash_attn_ext's logit_softcap: cap * tanh(x / cap) before the softmax), so the other
+ * families, with a cap of 0, run exactly the kernel they ran before.
  * Returns [head_dim_v * n_head, n_tokens].
  */
 struct ggml_tensor *pie_attention(pie_graph *g, int il, struct ggml_tensor *q, struct ggml_tensor *k,
@@ -340,7 +344,8 @@ struct ggml_tensor *pie_attention(pie_graph *g, int il, struct ggml_tensor *q, s
         struct ggml_tensor *mr = ggml_view_2d(ctx, mask, rq->n_kv, rq->n_q, sizeof(ggml_fp16_t) * (size_t)rq->n_kv,
                                               sizeof(ggml_fp16_t) * (size_t)rq->mask_off); /* [n_kv, n_q] */
         struct ggml_tensor *out = ggml_flash_attn_ext(ctx, qr, request_kv(g, kp, rq, hp->head_dim),
-                                                      request_kv(g, vp, rq, hp->head_dim_v), mr, kq_scale, 0.0f, 0.0f);
+                                                      request_kv(g, vp, rq, hp->head_dim_v), mr, kq_scale, 0.0f,
+                                                      hp->attn_softcap);
         if (m->w.layers[il].attn_sinks) ggml_flash_attn_ext_add_sinks(out, m->w.layers[il].attn_sinks); /* gpt-oss */
         ggml_prec_set_acc(out, GGML_PREC_F32); /* out: [head_dim_v, n_head, n_q] */
         join_push(ctx, &joined, out);

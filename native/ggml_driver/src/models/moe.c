@@ -195,7 +195,7 @@ int32_t pie_gpt_oss_hparams(pie_hparams *hp, const struct gguf_context *g) {
     snprintf(key, sizeof(key), "%s.rope.freq_base_swa", hp->arch->name);
     if ((st = pie_gguf_positive(g, key, false, &hp->rope_base_swa)) != PIE_OK) return st;
     /* every other layer slides by default */
-    if ((st = pie_load_swa(hp, g, 2)) != PIE_OK) return st;
+    if ((st = pie_load_swa(hp, g, 0, 2)) != PIE_OK) return st;
     if (hp->sliding_window == 0)
         return pie_set_error(PIE_ERR_FORMAT, "metadata key '%s.attention.sliding_window' is missing or 0", hp->arch->name);
     return PIE_OK;

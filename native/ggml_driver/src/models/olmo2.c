@@ -8,7 +8,7 @@
 #include "../internal.h"
 
 int32_t pie_olmo2_hparams(pie_hparams *hp, const struct gguf_context *g) {
-    int32_t st = pie_load_swa(hp, g, 4);
+    int32_t st = pie_load_swa(hp, g, 0, 4);
     if (st != PIE_OK) return st;
     /* llama.cpp's graph rotates window layers with the global base, no scaling, no YaRN */
     hp->rope_base_swa = hp->rope_base;
