@@ -47,6 +47,7 @@ NEIGHBOURS = [
     Neighbours(chunks=(2,)),  # 6 + 2 = 8 rows: ggml's tiled k-quant kernel from here on
     Neighbours(decodes=3, chunks=(7, 9)),
     Neighbours(chunks=(16,), sample_all=True),
+    Neighbours(chunks=(17,), sample_all=True),  # a wide neighbour of 17 rows: repacked q4_k's gemm groups of 4
     Neighbours(decodes=9, chunks=(40, 3), sample_all=True, first=True),
 ]
 
