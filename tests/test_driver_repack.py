@@ -13,17 +13,14 @@ Batch invariance with repacked weights: tests/test_driver_invariance.py.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import platform
 import zlib
 from pathlib import Path
 
 import gguf
-import llama_cpp
 import numpy as np
 import pytest
-from driver_helpers import SeqState, build_batch, log_softmax, tiny_gguf
+from driver_helpers import SeqState, build_batch, log_softmax, repacked_types, tiny_gguf
 from llama_ref import LlamaRef
 
 from pie_local.bench.machine import extra_bufts_safe
@@ -37,18 +34,6 @@ SAFE, WHY = extra_bufts_safe()
 needs_extra_bufts = pytest.mark.skipif(not SAFE, reason=f"llama.cpp's extra buffer types are unsafe here: {WHY}")
 
 MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-
-
-def repacked_types() -> set[str] | None:
-    """The weight types ggml's repack kernels take on this machine (ggml-cpu/repack.cpp,
-    ggml_repack_get_optimal_repack_type): x86 with AVX2 q4_0, q4_K, iq4_nl and mxfp4, with
-    AVX-512 q2_K too. None elsewhere (not checked by count there)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return None
-    cpu = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"))
-    if not cpu.ggml_cpu_has_avx2():
-        return None
-    return {"Q4_0", "Q4_K", "IQ4_NL", "MXFP4"} | ({"Q2_K"} if cpu.ggml_cpu_has_avx512() else set())
 
 
 def expected_repacked(path: Path) -> int | None:
