@@ -4,9 +4,11 @@
  * Steps: open the file once (every later read goes through that descriptor) and check it
  * (regular file, magic, not truncated), parse metadata with ggml's gguf API (tensor data not read
  * yet), pick the architecture, read and range-check hyper-parameters, bind and shape-check every
- * tensor the graph uses and check each matrix's type, then place the data: on a host device the
- * file is mapped and the tensors point into the mapping (plain CPU buffer type, no copy);
- * otherwise the tensors are allocated on the device and filled from the file.
+ * tensor the graph uses and check each matrix's type, then place the data: on the CPU the
+ * matrices ggml's CPU_REPACK kernels take are first copied into a buffer of that type (repacked,
+ * see place_repacked); then on a host device the file is mapped and the other tensors point into
+ * the mapping (plain CPU buffer type, no copy); otherwise the tensors are allocated on the device
+ * and filled from the file.
  * Weights stay in the type the file stores them in (no dequantize on load).
  */
 #include "internal.h"
@@ -423,7 +425,7 @@ static int32_t place_repacked(pie_model *m, const struct gguf_context *g, FILE *
     size_t total = 0;
     const size_t align = ggml_backend_buft_get_alignment(buft);
     for (int i = 0; i < n; i++) {
-        if (!repack_supports(m, buft, mats[i])) continue;
+        if (!mats[i] || !repack_supports(m, buft, mats[i])) continue;
         mats[kept++] = mats[i];
         total += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, mats[i]), align);
     }
