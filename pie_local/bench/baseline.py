@@ -29,7 +29,9 @@ from pie_local.llama_logs import route_llama_logs
 class LlamaSide:
     """One llama.cpp context with room for ``n_seq`` sequences in a unified KV cache."""
 
-    def __init__(self, path: Path, threads: int, n_ctx: int, n_seq: int, n_batch: int, extra_bufts: bool = False) -> None:
+    def __init__(
+        self, path: Path, threads: int, n_ctx: int, n_seq: int, n_batch: int, extra_bufts: bool = False
+    ) -> None:
         """extra_bufts: llama.cpp's extra buffer types (repacked weights), only where
         machine.extra_bufts_safe() allows (ggml's AMX one faults where the OS refuses AMX)."""
         import llama_cpp
