@@ -370,8 +370,8 @@ static ggml_backend_buffer_type_t repack_buft(const pie_model *m, const char **w
     if (!m->params.repack) { *why = "the repack option is off"; return NULL; }
     if (ggml_backend_dev_type(m->dev) != GGML_BACKEND_DEVICE_TYPE_CPU) { *why = "the weights are not on the CPU"; return NULL; }
     ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(m->dev);
-    ggml_backend_dev_get_extra_bufts_t extra =
-        reg ? (ggml_backend_dev_get_extra_bufts_t)ggml_backend_reg_get_proc_address(reg, "ggml_backend_dev_get_extra_bufts") : NULL;
+    void *proc = reg ? ggml_backend_reg_get_proc_address(reg, "ggml_backend_dev_get_extra_bufts") : NULL;
+    ggml_backend_dev_get_extra_bufts_t extra = (ggml_backend_dev_get_extra_bufts_t)proc;
     for (ggml_backend_buffer_type_t *b = extra ? extra(m->dev) : NULL; b && *b; b++)
         if (strcmp(ggml_backend_buft_name(*b), "CPU_REPACK") == 0) return *b;
     *why = "this ggml build has no CPU_REPACK buffer type";
