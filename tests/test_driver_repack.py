@@ -117,14 +117,19 @@ def test_probe_repacks_the_supported_matrices(tmp_path_factory, caplog, quant: s
 
 
 def test_embedding_and_tied_head_stay_in_place(tmp_path_factory) -> None:
-    """gemma3 ties its head to the embedding, which get_rows reads: only the layers' matrices move."""
+    """gemma3 ties its head to the embedding, which get_rows reads: only the layers' matrices
+    move. The file mapped or read into memory, the other weights land where they did."""
     path = tiny_gguf(tmp_path_factory, "gemma3", "q4_0", **WIDE)
-    with Driver(path, DriverParams(n_threads=2, page_size=PAGE, n_pages=8)) as drv:
-        if repacked_types() is not None:
-            assert drv.info.n_repacked == 7 * drv.info.n_layer == expected_repacked(path)
-        seq = SeqState(range(4), PAGE)
-        logits = drv.forward(build_batch([seq.req([1, 5, 9, 300], outputs="all")], PAGE)).logits
-        assert np.all(np.isfinite(logits)) and np.ptp(logits[-1]) > 1.0
+    got = []
+    for use_mmap in (True, False):
+        params = DriverParams(n_threads=2, page_size=PAGE, n_pages=8, use_mmap=use_mmap)
+        with Driver(path, params) as drv:
+            if repacked_types() is not None:
+                assert drv.info.n_repacked == 7 * drv.info.n_layer == expected_repacked(path)
+            seq = SeqState(range(4), PAGE)
+            got.append(drv.forward(build_batch([seq.req([1, 5, 9, 300], outputs="all")], PAGE)).logits)
+    assert np.all(np.isfinite(got[0])) and np.ptp(got[0][-1]) > 1.0
+    assert np.array_equal(got[0], got[1])
 
 
 # ---------------------------------------------------------------------------------------------
