@@ -163,3 +163,20 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, arch: str, quant: str = 
         out = tmp_path_factory.mktemp("tiny") / f"{name}.gguf"
         _tiny_files[key] = write_tiny_gguf(out, arch, quant=quant, **overrides)
     return _tiny_files[key]
+
+
+def repacked_types() -> set[str] | None:
+    """The weight types ggml's repack kernels take on this machine (ggml-cpu/repack.cpp,
+    ggml_repack_get_optimal_repack_type): x86 with AVX2 q4_0, q4_K, iq4_nl and mxfp4, with
+    AVX-512 q2_K too. None elsewhere (not checked by count there)."""
+    import ctypes
+    import platform
+
+    import llama_cpp
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    cpu = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"))
+    if not cpu.ggml_cpu_has_avx2():
+        return None
+    return {"Q4_0", "Q4_K", "IQ4_NL", "MXFP4"} | ({"Q2_K"} if cpu.ggml_cpu_has_avx512() else set())

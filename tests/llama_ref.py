@@ -2,8 +2,10 @@
 
 Tests compare the pie driver's logits with these; benchmarks/bench_driver.py uses the same
 setup as its baseline. Weights stay in the plain CPU buffer type (``use_extra_bufts = False``:
-ggml's AMX buffer type crashes on CPUs that advertise AMX inside VMs that do not enable it),
-and llama.cpp's logs go to Python logging instead of stderr.
+ggml's AMX buffer type crashes on CPUs that advertise AMX inside VMs that do not enable it)
+unless ``extra_bufts=True`` asks for llama.cpp's extra buffer types (CPU_REPACK), which callers
+do only where ``pie_local.bench.machine.extra_bufts_safe()`` allows; llama.cpp's logs go to
+Python logging instead of stderr.
 """
 
 from __future__ import annotations
@@ -73,15 +75,17 @@ class LlamaRef:
         embeddings: bool = False,
         pooling: int = 0,
         capture: Collection[str] = (),
+        extra_bufts: bool = False,
     ) -> None:
         """flash_attn None lets llama.cpp choose (its default); kv_type "f16" or "q8_0";
         embeddings=True makes hidden() available (final hidden state after the output norm), and with
         pooling (llama_pooling_type: 1 mean, 2 cls, 3 last) pooled(), llama.cpp's own pooling;
         capture: names of llama.cpp's intermediate tensors ("l_out-0", ...) that each decode
-        stores in ``activations`` (float32, numpy order: tokens first)."""
+        stores in ``activations`` (float32, numpy order: tokens first); extra_bufts=True loads
+        the weights the way llama.cpp does by default (repacked where its CPU kernels take them)."""
         _init_backend()
         mparams = llama_cpp.llama_model_default_params()
-        mparams.use_extra_bufts = False
+        mparams.use_extra_bufts = extra_bufts
         mparams.n_gpu_layers = 0
         self.model = llama_cpp.llama_model_load_from_file(str(Path(path)).encode(), mparams)
         if not self.model:

@@ -109,3 +109,16 @@ def test_runtime_benchmark_runs_end_to_end_with_the_same_work_on_both_sides(star
     assert rows["tool_loop"]["pie_tokens"] > 0 and rows["tool_loop"]["llama_cpp_tokens"] > 0
     assert report["overhead"]["steps"] == 4
     assert "tool_loop" in format_runtime_report(report)
+
+
+def test_amx_probe_allows_extra_bufts_only_where_amx_cannot_fault(monkeypatch) -> None:
+    from pie_local.bench import machine
+
+    monkeypatch.setattr(machine, "_cpu_flags", lambda: {"avx2", "avx512f"})
+    assert machine.extra_bufts_safe() == (True, "the CPU advertises no AMX")
+    monkeypatch.setattr(machine, "_cpu_flags", lambda: {"avx2", "amx_tile", "amx_int8"})
+    monkeypatch.setattr(machine, "_amx_usable", lambda: False)
+    safe, why = machine.extra_bufts_safe()
+    assert not safe and "refuses" in why
+    monkeypatch.setattr(machine, "_amx_usable", lambda: True)
+    assert machine.extra_bufts_safe()[0]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from driver_helpers import Req, SeqState, build_batch, tiny_gguf
+from driver_helpers import Req, SeqState, build_batch, repacked_types, tiny_gguf
 
 from pie_local.driver import Driver, DriverParams
 
@@ -28,6 +28,11 @@ PAGE = 8
 WEIGHT_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
                 "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs"]  # fmt: skip
 WIDE = {"n_embd": 256, "n_ff": 512, "head_dim": 64}
+
+
+def repacked_here(quant: str) -> bool:
+    types = repacked_types()
+    return types is not None and quant.upper() in types
 
 
 @dataclass
@@ -47,6 +52,7 @@ NEIGHBOURS = [
     Neighbours(chunks=(2,)),  # 6 + 2 = 8 rows: ggml's tiled k-quant kernel from here on
     Neighbours(decodes=3, chunks=(7, 9)),
     Neighbours(chunks=(16,), sample_all=True),
+    Neighbours(chunks=(17,), sample_all=True),  # a wide neighbour of 17 rows: repacked q4_k's gemm groups of 4
     Neighbours(decodes=9, chunks=(40, 3), sample_all=True, first=True),
 ]
 
@@ -112,10 +118,20 @@ def assert_invariant(driver: Driver, prompt_len: int, seed: int, neighbours: lis
             )
 
 
-@pytest.mark.parametrize("quant", WEIGHT_TYPES)
-def test_tiny_model_requests_do_not_depend_on_their_batch(tmp_path_factory, quant: str) -> None:
-    params = DriverParams(n_threads=2, page_size=PAGE, n_pages=160, max_batch_tokens=256)
+# Types ggml's CPU_REPACK kernels take on x86 (q2_k with AVX-512): with repack on (the default)
+# their products run gemv/gemm, which differ for q4_k and q2_k; they are checked off as well.
+REPACKABLE = ["q4_0", "q4_k", "iq4_nl", "q2_k"]
+CASES = [(q, True) for q in WEIGHT_TYPES] + [(q, False) for q in REPACKABLE]
+
+
+@pytest.mark.parametrize(("quant", "repack"), CASES, ids=[f"{q}-{'repack' if r else 'plain'}" for q, r in CASES])
+def test_tiny_model_requests_do_not_depend_on_their_batch(tmp_path_factory, quant: str, repack: bool) -> None:
+    params = DriverParams(n_threads=2, page_size=PAGE, n_pages=160, max_batch_tokens=256, repack=repack)
     with Driver(tiny_gguf(tmp_path_factory, "llama", quant, **WIDE), params) as driver:
+        if not repack or quant not in REPACKABLE:
+            assert driver.info.n_repacked == 0
+        elif repacked_here(quant):
+            assert driver.info.n_repacked == 7 * driver.info.n_layer  # every layer matrix (the head has 561 rows)
         assert_invariant(driver, 6, seed=1)  # a narrow request: fewer rows than ggml's switches
         assert_invariant(driver, 20, seed=2)  # a wide one: many-column kernels for its rows
 

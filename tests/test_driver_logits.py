@@ -8,7 +8,8 @@ whenever it brings fewer than 8 or at least 16 rows to a pass, and its logits ma
 in a batch or not: those comparisons have tolerance 0, and a request's error in a mixed batch is
 reported for that request. Only a prompt split into other chunks than llama.cpp's (8..15-token
 chunks, or sums in another order) differs by rounding, which Gemma 3 amplifies; those tests keep
-measured tolerances, each with its reason.
+measured tolerances, each with its reason. The driver loads plain weights here (repack off), as
+the reference does; repacked weights against llama.cpp's: test_driver_repack.py.
 
 Each comparison records max/mean |diff|, the largest per-row KL(ref || driver) and top-1
 agreement (``pytest -rA`` prints them, ``--junitxml`` stores them as properties).
@@ -86,7 +87,7 @@ PAGE = 16
 
 @pytest.fixture(scope="module")
 def starter(starter_gguf):
-    params = DriverParams(n_threads=2, page_size=PAGE, n_pages=96, max_batch_tokens=512)
+    params = DriverParams(n_threads=2, page_size=PAGE, n_pages=96, max_batch_tokens=512, repack=False)
     with Driver(starter_gguf, params) as driver:
         yield driver
 
@@ -266,7 +267,7 @@ def test_tiny_model_logits_match(tmp_path_factory, record_property, arch: str, q
     rng = np.random.default_rng(zlib.crc32(f"{arch}-{quant}".encode()))
     with (
         LlamaRef(path, n_ctx=256, n_seq_max=2) as ref,
-        Driver(path, DriverParams(n_threads=2, page_size=page, n_pages=32)) as drv,
+        Driver(path, DriverParams(n_threads=2, page_size=page, n_pages=32, repack=False)) as drv,
     ):
         n_vocab = drv.info.n_vocab
         assert n_vocab == ref.n_vocab and drv.info.arch == arch

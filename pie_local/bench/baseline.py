@@ -1,10 +1,11 @@
 """The llama.cpp side of both benchmarks, through llama-cpp-python.
 
 Driver benchmark: its low-level API (`LlamaSide`), one `llama_decode` per step, tokens picked by
-numpy argmax over the returned logits. Runtime benchmark: its high-level `Llama` with a prompt
-cache, requests one after another, the way its users write them. Either way the weights load
-with use_extra_bufts = False (ggml's AMX weight repacking crashes on CPUs that advertise AMX
-inside VMs that do not enable it), and llama.cpp's logs go to Python logging as pie-local's do.
+numpy argmax over the returned logits, weights loaded with llama.cpp's extra buffer types
+(repacked) where the caller's AMX probe allows. Runtime benchmark: its high-level `Llama` with a
+prompt cache, requests one after another, the way its users write them, with use_extra_bufts =
+False (ggml's AMX weight repacking crashes on CPUs that advertise AMX inside VMs that do not
+enable it). llama.cpp's logs go to Python logging as pie-local's do.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ class LlamaSide:
 
     def __init__(self, path: Path, threads: int, n_ctx: int, n_seq: int, n_batch: int, *,
                  extra_bufts: bool = False) -> None:
-        """extra_bufts: ggml's extra weight buffer types (CPU repacking, AMX where the CPU has it)."""
+        """extra_bufts: llama.cpp's extra buffer types (repacked weights), only where
+        machine.extra_bufts_safe() allows (ggml's AMX one faults where the OS refuses AMX)."""
         import llama_cpp
 
         self.ll = llama_cpp
@@ -78,10 +80,11 @@ class LlamaSide:
 
 
 def bench_llama(
-    path: Path, threads: int, n_prefill: int, n_decode: int, n_streams: int, n_stream_tokens: int
+    path: Path, threads: int, n_prefill: int, n_decode: int, n_streams: int, n_stream_tokens: int,
+    extra_bufts: bool = False,
 ) -> dict[str, float]:
     n_ctx = max(n_prefill, 16 + n_decode) + n_streams * (16 + n_stream_tokens) + 64
-    side = LlamaSide(path, threads, n_ctx, max(n_streams, 1), max(n_prefill, 16 * n_streams, 64))
+    side = LlamaSide(path, threads, n_ctx, max(n_streams, 1), max(n_prefill, 16 * n_streams, 64), extra_bufts=extra_bufts)
     try:
         prompt = driver_prompt(n_prefill, side.n_vocab)
         short = prompt[:16]

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 from pie_local.bench.baseline import LlamaSide
 from pie_local.bench.driver import PieSide, starter_model
-from pie_local.bench.machine import cpu_has_amx, threads_or_cores
+from pie_local.bench.machine import extra_bufts_safe, threads_or_cores
 from pie_local.bench.report import tok_per_s
 from pie_local.bench.workloads import driver_prompt
 
@@ -118,7 +118,7 @@ def run_busy_bench(model: str | None = None, *, threads: int = 0, rounds: int = 
     """Every side idle and busy, interleaved over `rounds`; tok/s summaries and busy / idle."""
     threads = threads_or_cores(threads)
     path = Path(model) if model else starter_model()
-    extra_bufts = not cpu_has_amx()
+    extra_bufts, _ = extra_bufts_safe()
     sides: dict[str, Decoder] = {}
     try:
         sides["pie auto"] = PieDecoder(path, 0, tokens)

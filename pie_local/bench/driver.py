@@ -10,14 +10,17 @@ Both sides pick tokens greedily (pie in C inside the forward call, llama.cpp wit
 over the returned logits) so the token streams are real generations. Each side is warmed up by
 one pass first (page the mapped weights in, size compute buffers).
 
-llama.cpp runs through llama-cpp-python's low-level API with use_extra_bufts = False (ggml's AMX
-weight buffer crashes on CPUs that advertise AMX inside VMs that do not enable it) and its logs
-routed to Python logging the way pie-local routes them; its side lives in baseline.py.
+Each side at its best: llama.cpp through llama-cpp-python's low-level API with its extra buffer
+types (repacked weights) wherever machine.extra_bufts_safe() finds AMX absent or usable (ggml's
+AMX weight buffer crashes on CPUs that advertise AMX inside VMs that do not enable it), pie with
+its CPU_REPACK weights (DriverParams.repack); --plain loads both without. llama.cpp's logs go to
+Python logging the way pie-local routes them; its side lives in baseline.py.
 
 usage (the script in benchmarks/ and `pie-local bench --only driver` both run this module):
   python benchmarks/bench_driver.py                    # starter model, physical cores
   python benchmarks/bench_driver.py --threads 8 --json
   python benchmarks/bench_driver.py --model path/to/model.gguf --streams 4
+  python benchmarks/bench_driver.py --plain            # both sides with plain (not repacked) weights
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Any
 
 from pie_local.bench.baseline import bench_llama
 from pie_local.bench.batches import Request, forward_batch
-from pie_local.bench.machine import threads_or_cores
+from pie_local.bench.machine import extra_bufts_safe, threads_or_cores
 from pie_local.bench.report import driver_report, format_driver_table, tok_per_s
 from pie_local.bench.workloads import driver_prompt
 
@@ -47,10 +50,11 @@ def starter_model() -> Path:
 class PieSide:
     """The native driver with a page pool split evenly between streams."""
 
-    def __init__(self, path: Path, threads: int, page_size: int, n_pages: int) -> None:
+    def __init__(self, path: Path, threads: int, page_size: int, n_pages: int, repack: bool = True) -> None:
         from pie_local.driver import Driver, DriverParams
 
-        self.driver = Driver(path, DriverParams(n_threads=threads, page_size=page_size, n_pages=n_pages))
+        self.driver = Driver(path, DriverParams(n_threads=threads, page_size=page_size, n_pages=n_pages, repack=repack))
+        self.n_repacked = self.driver.info.n_repacked
         self.page_size = page_size
         self.n_vocab = self.driver.info.n_vocab
 
@@ -67,11 +71,12 @@ class PieSide:
 
 
 def bench_pie(
-    path: Path, threads: int, n_prefill: int, n_decode: int, n_streams: int, n_stream_tokens: int
+    path: Path, threads: int, n_prefill: int, n_decode: int, n_streams: int, n_stream_tokens: int,
+    repack: bool = True,
 ) -> dict[str, float]:
     page_size = 32
     per_stream = (max(n_prefill, 16 + n_decode, 16 + n_stream_tokens) + page_size - 1) // page_size + 1
-    side = PieSide(path, threads, page_size, per_stream * max(n_streams, 1))
+    side = PieSide(path, threads, page_size, per_stream * max(n_streams, 1), repack)
     try:
         prompt = driver_prompt(n_prefill, side.n_vocab)
         short = prompt[:16]
@@ -92,9 +97,10 @@ def bench_pie(
         for kv in range(17, 17 + n_stream_tokens):
             toks = side.forward([([toks[s]], side.pages(s, kv, per_stream), kv) for s in range(n_streams)])
         multi = tok_per_s(n_streams * n_stream_tokens, time.perf_counter() - t)
+        n_repacked = side.n_repacked
     finally:
         side.close()
-    return {"prefill": prefill, "decode": decode, "decode_multi": multi}
+    return {"prefill": prefill, "decode": decode, "decode_multi": multi, "n_repacked": n_repacked}
 
 
 # ---------------------------------------------------------------- entry points
@@ -107,19 +113,29 @@ def run_driver_bench(
     decode: int = 128,
     streams: int = 8,
     stream_tokens: int = 64,
+    plain: bool = False,
 ) -> dict[str, Any]:
     """Runs every workload on both sides; returns tok/s per side and pie/llama.cpp ratios.
-    threads <= 0 means the machine's physical cores, for both sides."""
+    threads <= 0 means the machine's physical cores, for both sides. Each side repacks its
+    weights (llama.cpp only where the AMX probe allows) unless `plain`."""
     threads = threads_or_cores(threads)
     path = Path(model) if model else starter_model()
-    pie = bench_pie(path, threads, prefill, decode, streams, stream_tokens)
-    llama = bench_llama(path, threads, prefill, decode, streams, stream_tokens)
+    safe, why = extra_bufts_safe()
+    extra = safe and not plain
+    pie = bench_pie(path, threads, prefill, decode, streams, stream_tokens, repack=not plain)
+    n_repacked = int(pie.pop("n_repacked"))
+    llama = bench_llama(path, threads, prefill, decode, streams, stream_tokens, extra_bufts=extra)
     workloads = {
         "prefill": f"{prefill}-token prompt, one pass",
         "decode": f"1 stream x {decode} tokens",
         "decode_multi": f"{streams} streams x {stream_tokens} tokens, batched per step",
     }
-    return driver_report(str(path), threads, workloads, pie, llama)
+    weights = {
+        "pie": f"repack on ({n_repacked} matrices repacked)" if not plain else "plain (--plain)",
+        "llama_cpp": "extra buffer types on" if extra else f"plain ({'--plain' if plain else why})",
+        "amx_probe": why,
+    }
+    return driver_report(str(path), threads, workloads, pie, llama, weights)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode", type=int, default=128, help="single-stream tokens (default 128)")
     parser.add_argument("--streams", type=int, default=8, help="concurrent streams (default 8)")
     parser.add_argument("--stream-tokens", type=int, default=64, help="tokens per stream (default 64)")
+    parser.add_argument("--plain", action="store_true", help="both sides without repacked weights")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if min(args.prefill, args.decode, args.streams, args.stream_tokens) < 1:
@@ -140,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no such file: {args.model}")
     result = run_driver_bench(
         args.model, threads=args.threads, prefill=args.prefill, decode=args.decode,
-        streams=args.streams, stream_tokens=args.stream_tokens,
+        streams=args.streams, stream_tokens=args.stream_tokens, plain=args.plain,
     )  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2))

@@ -30,10 +30,44 @@ def threads_or_cores(n_threads: int) -> int:
     return n_threads if n_threads > 0 else physical_cores()
 
 
-def cpu_has_amx() -> bool:
-    """Whether the CPU advertises AMX (ggml's AMX weight buffer type would be used, and it crashes
-    in VMs that advertise AMX without enabling it)."""
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (Linux), None where that cannot be read."""
     try:
-        return "amx_tile" in Path("/proc/cpuinfo").read_text()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.partition(":")[2].split())
     except OSError:
+        pass
+    return None
+
+
+def _amx_usable() -> bool:
+    """Whether this process may use AMX tiles: Linux grants the XTILEDATA state on request
+    (arch_prctl ARCH_REQ_XCOMP_PERM), and refuses where the kernel or the hypervisor did not
+    enable it, the case in which ggml's AMX buffer type faults."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return False
+    sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata = 158, 0x1023, 18
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) == 0
+
+
+def extra_bufts_safe() -> tuple[bool, str]:
+    """Whether llama.cpp may load weights with its extra buffer types (use_extra_bufts): ggml's
+    AMX buffer type is one of them where ggml was built for AMX, and it crashes on CPUs that
+    advertise AMX without the OS enabling it. Safe: no AMX flag, or AMX advertised and usable.
+    Returns (safe, the reason)."""
+    import platform
+
+    flags = _cpu_flags()
+    if flags is None:
+        x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+        return (not x86, "no AMX on this architecture" if not x86 else "CPU flags unreadable: AMX unknown")
+    if not any(f.startswith("amx") for f in flags):
+        return True, "the CPU advertises no AMX"
+    if _amx_usable():
+        return True, "the CPU advertises AMX and the OS grants it"
+    return False, "the CPU advertises AMX but the OS refuses it (ggml's AMX buffer type would fault)"

@@ -16,12 +16,13 @@ def tok_per_s(n_tokens: int, seconds: float) -> float:
 # ---------------------------------------------------------------- driver benchmark
 
 def driver_report(model: str, threads: int, workloads: dict[str, str], pie: dict[str, float],
-                  llama: dict[str, float]) -> dict[str, Any]:
-    """tok/s per side (``workloads``: name -> what it does), pie / llama.cpp ratios, and each
-    side's multi-stream over single-stream decode."""
+                  llama: dict[str, float], weights: dict[str, str] | None = None) -> dict[str, Any]:
+    """tok/s per side (``workloads``: name -> what it does), pie / llama.cpp ratios, each side's
+    multi-stream over single-stream decode, and how each side holds its weights."""
     return {
         "model": model,
         "threads": threads,
+        "weights": weights or {},
         "workloads": workloads,
         "pie": pie,
         "llama_cpp": llama,
@@ -32,8 +33,11 @@ def driver_report(model: str, threads: int, workloads: dict[str, str], pie: dict
 
 
 def format_driver_table(r: dict[str, Any]) -> str:
-    lines = [f"model {Path(r['model']).name}, {r['threads']} threads",
-             f"{'workload':<14}{'pie tok/s':>12}{'llama.cpp tok/s':>18}{'ratio':>8}   what"]
+    lines = [f"model {Path(r['model']).name}, {r['threads']} threads"]
+    w = r.get("weights") or {}
+    if w:
+        lines.append(f"weights: pie {w['pie']}; llama.cpp {w['llama_cpp']} (AMX probe: {w['amx_probe']})")
+    lines += [f"{'workload':<14}{'pie tok/s':>12}{'llama.cpp tok/s':>18}{'ratio':>8}   what"]
     for k, what in r["workloads"].items():
         lines.append(f"{k:<14}{r['pie'][k]:>12.1f}{r['llama_cpp'][k]:>18.1f}{r['ratio'][k]:>7.2f}x   {what}")
     lines.append(f"multi-stream / single-stream decode: pie {r['pie_multi_over_single']:.2f}x, "

@@ -146,7 +146,7 @@ def check_ggml() -> tuple[Check, Check]:
         cpu.status = "warn"
         cpu.fix = "no SIMD features in this ggml build: install a llama-cpp-python wheel built for this CPU"
     if any(f.startswith("AMX") for f in features):
-        cpu.detail += " (AMX: weights stay in the plain CPU buffer, see the AMX note in the docs)"
+        cpu.detail += " (AMX: never used for weights; ggml's AMX buffer type faults where the OS refuses AMX)"
     return ggml_check, cpu
 
 

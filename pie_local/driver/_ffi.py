@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ctypes as C
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 # pie_status
 OK = 0
@@ -45,6 +45,7 @@ class ModelParams(C.Structure):
         ("max_batch_tokens", C.c_int32),
         ("max_batch_kv", C.c_int32),
         ("use_mmap", C.c_int32),
+        ("repack", C.c_int32),
     ]
 
 
@@ -69,6 +70,7 @@ class ModelInfo(C.Structure):
         ("weight_bytes", C.c_int64),
         ("kv_bytes", C.c_int64),
         ("page_bytes", C.c_int64),
+        ("n_repacked", C.c_int32),
     ]
 
 

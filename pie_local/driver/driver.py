@@ -52,6 +52,7 @@ class Driver:
         cp.max_batch_tokens = p.max_batch_tokens
         cp.max_batch_kv = p.max_batch_kv
         cp.use_mmap = int(p.use_mmap)
+        cp.repack = int(p.repack)
         self._check(self._lib.pie_model_load(os.fsencode(os.fspath(path)), C.byref(cp), C.byref(self._handle)))
         raw = _ffi.ModelInfo()
         self._check(self._lib.pie_model_get_info(self._handle, C.byref(raw)))
@@ -76,6 +77,7 @@ class Driver:
             weight_bytes=raw.weight_bytes,
             kv_bytes=raw.kv_bytes,
             page_bytes=raw.page_bytes,
+            n_repacked=raw.n_repacked,
         )
 
     # -- lifecycle ------------------------------------------------------------------------------

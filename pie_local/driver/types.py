@@ -35,6 +35,7 @@ class DriverParams:
     max_batch_tokens: int = 512  # tokens per forward pass (the runtime chunks long prefills to this)
     max_batch_kv: int = 0  # KV rows one pass may attend over, summed over requests; 0: page_size * n_pages
     use_mmap: bool = True
+    repack: bool = True  # CPU: the matrices ggml's CPU_REPACK kernels take, stored for them (copied, not mapped)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class ModelInfo:
     weight_bytes: int
     kv_bytes: int
     page_bytes: int
+    n_repacked: int = 0  # weights stored for ggml's CPU_REPACK kernels (0: repack off)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a public struct or signature changes; the binding refuses a mismatch. */
-#define PIE_ABI_VERSION 3
+#define PIE_ABI_VERSION 4
 
 /* ------------------------------------------------------------------------------------------ */
 /* Status codes                                                                               */
@@ -99,6 +99,9 @@ typedef struct {
     int32_t max_batch_kv;     /* most KV rows one pie_forward may attend over, summed over its
                                  requests (default 0 = page_size * n_pages)                     */
     int32_t use_mmap;         /* map the file where the backend allows (default 1)             */
+    int32_t repack;           /* on the CPU, store the matrices ggml's CPU_REPACK kernels take
+                                 interleaved for them (copied, not mapped); the load probes each
+                                 weight and logs why repacking is on or off (default 1)       */
 } pie_model_params;
 
 PIE_API pie_model_params pie_model_default_params(void);
@@ -128,6 +131,7 @@ typedef struct {
     int64_t weight_bytes;
     int64_t kv_bytes;          /* all pages, all layers, K and V                                */
     int64_t page_bytes;        /* bytes of one page as read by pie_read_pages                  */
+    int32_t n_repacked;        /* weights stored for ggml's CPU_REPACK kernels (0: repack off)  */
 } pie_model_info;
 
 PIE_API int32_t pie_model_get_info(const pie_model *model, pie_model_info *out_info);

@@ -234,16 +234,17 @@ static int32_t fill_mask_row(ggml_fp16_t *row, ggml_fp16_t *row_swa, int64_t kv_
     return PIE_OK;
 }
 
-/* Appends rows start .. start + len of one kind to a layout (joining a span of the same kind
- * that ends there); false when out of memory. */
-static bool layout_add(pie_layout *l, int32_t start, int32_t len, bool wide) {
+/* Appends rows start .. start + len of request req to a layout (joining a span of the same kind
+ * that ends there; a wide one only when it is the same request's); false when out of memory. */
+static bool layout_add(pie_layout *l, int32_t start, int32_t len, bool wide, int32_t req) {
     pie_span *last = l->n_spans > 0 ? &l->spans[l->n_spans - 1] : NULL;
-    if (last && last->wide == wide && last->start + last->len == start) {
+    if (last && last->wide == wide && last->start + last->len == start && (!wide || last->req == req)) {
         last->len += len;
+        last->req = req;
         return true;
     }
     if (!grow((void **)&l->spans, &l->cap, (size_t)l->n_spans + 1, sizeof(pie_span))) return false;
-    l->spans[l->n_spans++] = (pie_span){ .start = start, .len = len, .wide = wide };
+    l->spans[l->n_spans++] = (pie_span){ .start = start, .len = len, .wide = wide, .req = req };
     return true;
 }
 
@@ -263,8 +264,8 @@ static int32_t plan_layouts(pie_plan *p, const pie_batch *b, int32_t split_cols)
     tl->n_spans = ol->n_spans = 0;
     bool ok = true;
     for (int32_t r = 0; r < b->n_requests && ok; r++)
-        ok = layout_add(tl, p->reqs[r].q0, p->reqs[r].n_q, p->reqs[r].n_q >= PIE_WIDE_ROWS);
-    if (ok && b->n_outputs == 0) ok = layout_add(ol, 0, 1, false); /* the dummy row */
+        ok = layout_add(tl, p->reqs[r].q0, p->reqs[r].n_q, p->reqs[r].n_q >= PIE_WIDE_ROWS, r);
+    if (ok && b->n_outputs == 0) ok = layout_add(ol, 0, 1, false, 0); /* the dummy row */
     if (ok && b->n_outputs > 0) {
         ok = grow((void **)&p->out_req, &p->cap_out_req, (size_t)b->n_outputs, sizeof(int32_t)) &&
              grow((void **)&p->req_outputs, &p->cap_req_outputs, (size_t)b->n_requests, sizeof(int32_t));
@@ -281,7 +282,7 @@ static int32_t plan_layouts(pie_plan *p, const pie_batch *b, int32_t split_cols)
                 p->req_outputs[lo]++;
             }
             for (int32_t i = 0; i < b->n_outputs && ok; i++)
-                ok = layout_add(ol, i, 1, p->req_outputs[p->out_req[i]] >= PIE_WIDE_ROWS);
+                ok = layout_add(ol, i, 1, p->req_outputs[p->out_req[i]] >= PIE_WIDE_ROWS, p->out_req[i]);
         }
     }
     if (!ok) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate the batch's row layout");

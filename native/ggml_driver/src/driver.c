@@ -42,6 +42,7 @@ pie_model_params pie_model_default_params(void) {
     p.max_batch_tokens = 512;
     p.max_batch_kv = 0;
     p.use_mmap = 1;
+    p.repack = 1;
     return p;
 }
 
@@ -233,6 +234,7 @@ int32_t pie_model_get_info(const pie_model *m, pie_model_info *out) {
     out->weight_bytes = m->weight_bytes;
     out->kv_bytes = m->kv.total_bytes;
     out->page_bytes = (int64_t)m->kv.page_bytes;
+    out->n_repacked = m->n_repacked;
     return PIE_OK;
 }
 

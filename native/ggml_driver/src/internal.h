@@ -136,12 +136,15 @@ typedef struct {
  * pie_matmul). 16: ggml's tiled k-quant kernel starts at 8 columns but beats vec_dot from ~16.
  * Expert products (mul_mat_id) switch per expert, by the rows the whole product sends it: there
  * a wide request's rows are multiplied on their own (pie_matmul_id).
- * A layout lists the rows a product multiplies as spans of one kind, in order. */
+ * A layout lists the rows a product multiplies as spans of one kind, in order; a wide span holds
+ * one request's rows (a repacked weight's gemm takes columns in groups of 4 from a product's
+ * first, so a wide request's product starts at its own first row, as when it is alone). */
 #define PIE_WIDE_ROWS 16
 
 typedef struct {
     int32_t start, len;
     bool    wide;
+    int32_t req;        /* the request of its last row; a wide span holds one request's rows */
 } pie_span;
 
 typedef struct {
@@ -224,14 +227,17 @@ struct pie_model {
     /* weights */
     struct ggml_context  *ctx_w;
     ggml_backend_buffer_t buf_w;
+    ggml_backend_buffer_t buf_repack; /* the weights stored for ggml's CPU_REPACK kernels, or NULL */
+    int32_t n_repacked;               /* tensors in buf_repack                                 */
     void   *map_addr;  /* mmap of the file when weights are used in place, else NULL          */
     size_t  map_size;
     int64_t n_params;
     int64_t weight_bytes;
     int64_t pad_width;  /* widest input of a matrix whose one-column products get a zero second
                            column (pie_kernel_switch == 2); 0 when there is none              */
-    int32_t split_cols; /* most columns of a narrow piece of a split product (pie_kernel_switch
-                           - 1, the least over the matrices it splits); 0 when none splits   */
+    int32_t split_cols; /* fewest columns of a narrow piece of a split product (pie_kernel_switch
+                           - 1, the least over the matrices it splits; sizes graphs); 0 when
+                           none splits                                                        */
 
     /* compute */
     ggml_backend_dev_t    dev;
@@ -340,7 +346,7 @@ void    pie_build_gpt_oss(pie_graph *g);
 
 /* status.c, log.c: pie_set_error and pie_log, declared in status.h (the sampler uses them too) */
 
-/* loader.c: fills hp, w, ctx_w, buf_w, map_*, n_params, weight_bytes; needs model->dev set.
+/* loader.c: fills hp, w, ctx_w, buf_w, buf_repack, map_*, n_params, weight_bytes; needs model->dev set.
  * The pie_gguf_* readers accept any integer / float storage and return false when absent. */
 bool    pie_gguf_int(const struct gguf_context *gguf, const char *key, int64_t *out);
 bool    pie_gguf_float(const struct gguf_context *gguf, const char *key, float *out);
@@ -381,7 +387,7 @@ struct ggml_tensor *pie_attention(pie_graph *g, int il, struct ggml_tensor *q, s
 struct ggml_tensor *pie_linear(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *b,
                                struct ggml_tensor *x);
 struct ggml_tensor *pie_matmul(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *x);
-int32_t pie_kernel_switch(enum ggml_type type);
+int32_t pie_kernel_switch(enum ggml_type type, bool repacked);
 struct ggml_tensor *pie_matmul_id(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *x, struct ggml_tensor *ids);
 int32_t pie_kernel_switch_id(enum ggml_type type);
 void pie_graph_finish(pie_graph *g, struct ggml_tensor *x);

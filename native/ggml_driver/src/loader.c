@@ -4,9 +4,11 @@
  * Steps: open the file once (every later read goes through that descriptor) and check it
  * (regular file, magic, not truncated), parse metadata with ggml's gguf API (tensor data not read
  * yet), pick the architecture, read and range-check hyper-parameters, bind and shape-check every
- * tensor the graph uses and check each matrix's type, then place the data: on a host device the
- * file is mapped and the tensors point into the mapping (plain CPU buffer type, no copy);
- * otherwise the tensors are allocated on the device and filled from the file.
+ * tensor the graph uses and check each matrix's type, then place the data: on the CPU the
+ * matrices ggml's CPU_REPACK kernels take are first copied into a buffer of that type (repacked,
+ * see place_repacked); then on a host device the file is mapped and the other tensors point into
+ * the mapping (plain CPU buffer type, no copy); otherwise the tensors are allocated on the device
+ * and filled from the file.
  * Weights stay in the type the file stores them in (no dequantize on load).
  */
 #include "internal.h"
@@ -485,7 +487,7 @@ static int32_t check_matrix(pie_model *m, const struct ggml_tensor *w) {
             return pie_set_error(PIE_ERR_UNSUPPORTED, "tensor '%s' has type %s, which %s cannot multiply", w->name,
                                  ggml_type_name(w->type), ggml_backend_dev_name(m->dev));
     }
-    const int32_t k = pie_kernel_switch(w->type);
+    const int32_t k = pie_kernel_switch(w->type, false);
     if (k == 2 && w->ne[0] > m->pad_width) m->pad_width = w->ne[0];
     if (k > 2 && (m->split_cols == 0 || k - 1 < m->split_cols)) m->split_cols = k - 1;
     return PIE_OK;
@@ -550,6 +552,7 @@ static int32_t place_mapped(pie_model *m, const struct gguf_context *g, FILE *f,
     m->buf_w = ggml_backend_cpu_buffer_from_ptr(base, file_size - off);
     if (!m->buf_w) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot wrap the mapped weights in a CPU buffer");
     for (struct ggml_tensor *t = ggml_get_first_tensor(m->ctx_w); t; t = ggml_get_next_tensor(m->ctx_w, t)) {
+        if (t->buffer) continue; /* repacked (place_repacked) */
         int64_t id = gguf_find_tensor(g, ggml_get_name(t));
         if (ggml_backend_tensor_alloc(m->buf_w, t, base + gguf_get_tensor_offset(g, id)) != GGML_STATUS_SUCCESS)
             return pie_set_error(PIE_ERR_FORMAT, "tensor '%s' does not fit in the file", ggml_get_name(t));
@@ -571,6 +574,7 @@ static int32_t place_copied(pie_model *m, const struct gguf_context *g, FILE *f,
     int32_t st = PIE_OK;
     const size_t off = gguf_get_data_offset(g);
     for (struct ggml_tensor *t = ggml_get_first_tensor(m->ctx_w); t && st == PIE_OK; t = ggml_get_next_tensor(m->ctx_w, t)) {
+        if (t->buffer != m->buf_w) continue; /* repacked (place_repacked) */
         size_t nb = ggml_nbytes(t);
         if (nb > cap) {
             free(tmp);
@@ -586,6 +590,127 @@ static int32_t place_copied(pie_model *m, const struct gguf_context *g, FILE *f,
     }
     free(tmp);
     return st;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Repacked weights: ggml's CPU_REPACK buffer type                                            */
+/* ------------------------------------------------------------------------------------------ */
+
+/* ggml's CPU backend can store some quantized matrices interleaved (Q4_K as q4_K_8x8, ...) and
+ * multiply them with its own gemv/gemm kernels (ggml-cpu/repack.cpp); that pays for every
+ * product, most for batches. Only that buffer type is taken, by name: never AMX's (it crashes on
+ * CPUs that advertise AMX inside VMs that do not enable it). NULL with the reason when there is
+ * none to take. */
+static ggml_backend_buffer_type_t repack_buft(const pie_model *m, const char **why) {
+    if (!m->params.repack) { *why = "the repack option is off"; return NULL; }
+    if (ggml_backend_dev_type(m->dev) != GGML_BACKEND_DEVICE_TYPE_CPU) { *why = "the weights are not on the CPU"; return NULL; }
+    ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(m->dev);
+    void *proc = reg ? ggml_backend_reg_get_proc_address(reg, "ggml_backend_dev_get_extra_bufts") : NULL;
+    ggml_backend_dev_get_extra_bufts_t extra = (ggml_backend_dev_get_extra_bufts_t)proc;
+    for (ggml_backend_buffer_type_t *b = extra ? extra(m->dev) : NULL; b && *b; b++)
+        if (strcmp(ggml_backend_buft_name(*b), "CPU_REPACK") == 0) return *b;
+    *why = "this ggml build has no CPU_REPACK buffer type";
+    return NULL;
+}
+
+/* The probe llama.cpp's loader makes: would the device multiply w ([ne0, ne1] @ [ne0, 512] f32)
+ * with w in that buffer type? The repack kernels decide by type, shape and CPU features. */
+static bool repack_supports(const pie_model *m, ggml_backend_buffer_type_t buft, struct ggml_tensor *w) {
+    struct ggml_init_params ip = { .mem_size = 4 * ggml_tensor_overhead(), .mem_buffer = NULL, .no_alloc = true };
+    struct ggml_context *ctx = ggml_init(ip);
+    ggml_backend_buffer_t probe = ctx ? ggml_backend_buft_alloc_buffer(buft, 0) : NULL;
+    bool ok = false;
+    if (probe) {
+        struct ggml_tensor *x = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, w->ne[0], 512);
+        w->buffer = probe;
+        ok = ggml_backend_dev_supports_op(m->dev, ggml_mul_mat(ctx, w, x));
+        w->buffer = NULL;
+        ggml_backend_buffer_free(probe);
+    }
+    if (ctx) ggml_free(ctx);
+    return ok;
+}
+
+/* Places the matrices the repack kernels support in a buffer of their own, repacked from the
+ * file's bytes (ggml_backend_tensor_set interleaves them; they cannot be used in place from a
+ * mapping). Only matrices the graph multiplies (src0 of ggml_mul_mat): not the token embedding,
+ * which get_rows reads, nor a head tied to it. Runs before place_mapped / place_copied, which
+ * then leave these tensors alone. */
+static int32_t place_repacked(pie_model *m, const struct gguf_context *g, FILE *f, const char *path) {
+    const char *why = NULL;
+    ggml_backend_buffer_type_t buft = repack_buft(m, &why);
+    if (!buft) {
+        pie_log(PIE_LOG_INFO, "repack off: %s", why);
+        return PIE_OK;
+    }
+    const pie_weights *w = &m->w;
+    enum { PER_LAYER = 7 };
+    struct ggml_tensor **mats = malloc(sizeof(*mats) * ((size_t)m->hp.n_layer * PER_LAYER + 1));
+    if (!mats) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot list the weights to repack");
+    int n = 0;
+    for (int il = 0; il < m->hp.n_layer; il++) {
+        const pie_layer *L = &w->layers[il];
+        struct ggml_tensor *layer[PER_LAYER] = { L->wq, L->wk, L->wv, L->wo, L->ffn_gate, L->ffn_up, L->ffn_down };
+        for (int i = 0; i < PER_LAYER; i++) mats[n++] = layer[i];
+    }
+    if (w->output != w->tok_embd) mats[n++] = w->output;
+
+    /* keep the supported ones; size their buffer */
+    int kept = 0;
+    size_t total = 0;
+    const size_t align = ggml_backend_buft_get_alignment(buft);
+    for (int i = 0; i < n; i++) {
+        if (!mats[i] || !repack_supports(m, buft, mats[i])) continue;
+        mats[kept++] = mats[i];
+        total += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, mats[i]), align);
+    }
+    if (kept == 0) {
+        pie_log(PIE_LOG_INFO, "repack off: ggml's CPU_REPACK kernels take none of this model's matrices on this CPU");
+        free(mats);
+        return PIE_OK;
+    }
+    m->buf_repack = ggml_backend_buft_alloc_buffer(buft, total);
+    if (!m->buf_repack) {
+        free(mats);
+        return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate %.1f MiB for the repacked weights (load with repack off "
+                             "to use them in place)", total / 1048576.0);
+    }
+    ggml_backend_buffer_set_usage(m->buf_repack, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+
+    uint8_t *at = ggml_backend_buffer_get_base(m->buf_repack), *tmp = NULL;
+    size_t cap = 0;
+    int32_t st = PIE_OK;
+    const size_t off = gguf_get_data_offset(g);
+    for (int i = 0; i < kept && st == PIE_OK; i++) {
+        struct ggml_tensor *t = mats[i];
+        const size_t nb = ggml_nbytes(t);
+        if (ggml_backend_tensor_alloc(m->buf_repack, t, at) != GGML_STATUS_SUCCESS) {
+            st = pie_set_error(PIE_ERR_BACKEND, "cannot place tensor '%s' in the repack buffer", ggml_get_name(t));
+            break;
+        }
+        at += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, t), align);
+        if (nb > cap) {
+            free(tmp);
+            tmp = malloc(nb);
+            cap = tmp ? nb : 0;
+            if (!tmp) { st = pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate %zu bytes to read '%s'", nb, ggml_get_name(t)); break; }
+        }
+        const int64_t id = gguf_find_tensor(g, ggml_get_name(t));
+        if (fseeko(f, (off_t)(off + gguf_get_tensor_offset(g, id)), SEEK_SET) != 0 || fread(tmp, 1, nb, f) != nb)
+            st = pie_set_error(PIE_ERR_IO, "short read of tensor '%s' from '%s'", ggml_get_name(t), path);
+        else
+            ggml_backend_tensor_set(t, tmp, 0, nb); /* repacks */
+        /* how pie_matmul splits products of it (see check_matrix) */
+        const int32_t k = pie_kernel_switch(t->type, true);
+        if (k > 2 && (m->split_cols == 0 || k - 1 < m->split_cols)) m->split_cols = k - 1;
+    }
+    free(tmp);
+    free(mats);
+    if (st != PIE_OK) return st;
+    m->n_repacked = kept;
+    pie_log(PIE_LOG_INFO, "repack on: %d of %d matrices (%.1f MiB) stored for ggml's CPU_REPACK kernels", kept, n,
+            total / 1048576.0);
+    return PIE_OK;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -679,6 +804,7 @@ int32_t pie_load_weights(pie_model *m, const char *path) {
 
     /* Mapping needs a host device and the data aligned the way ggml's CPU buffer expects. */
     bool host = ggml_backend_buft_is_host(ggml_backend_dev_buffer_type(m->dev));
+    if ((st = place_repacked(m, g, f, path)) != PIE_OK) goto done;
     if (m->params.use_mmap && host && off % 32 == 0)
         st = place_mapped(m, g, f, path, file_size);
     else
@@ -694,9 +820,11 @@ done:
 
 void pie_free_weights(pie_model *m) {
     if (m->buf_w) ggml_backend_buffer_free(m->buf_w);
+    if (m->buf_repack) ggml_backend_buffer_free(m->buf_repack);
     if (m->ctx_w) ggml_free(m->ctx_w);
     if (m->map_addr) munmap(m->map_addr, m->map_size);
     m->buf_w = NULL;
+    m->buf_repack = NULL;
     m->ctx_w = NULL;
     m->map_addr = NULL;
 }

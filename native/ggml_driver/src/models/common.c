@@ -86,9 +86,20 @@ static struct ggml_tensor *join_finish(struct ggml_context *ctx, pie_joiner *j) 
  *     same float operations in the same order as vec_dot does (tinyBLAS_Q0_AVX against the
  *     AVX2 vec_dot kernels): the same values either way;
  *   every other type: vec_dot at any count.
+ * A repacked weight (in the CPU_REPACK buffer, see place_repacked in loader.c) takes the repack
+ * kernels instead: a product quantizes its columns and multiplies them with gemm in whole groups
+ * of 4 from its first column, the rest one by one with gemv. On x86 the types whose columns are
+ * quantized to q8_0 (q4_0, iq4_nl, mxfp4) get the same values from both (1); the ones quantized
+ * to q8_K (q4_K, q2_K) do not, so their switch is 4. Elsewhere 4 for all (not measured there).
  * tests/test_driver_invariance.py checks each type it can write for exact batch invariance.
  */
-int32_t pie_kernel_switch(enum ggml_type type) {
+int32_t pie_kernel_switch(enum ggml_type type, bool repacked) {
+    if (repacked) {
+#if defined(__x86_64__) || defined(_M_X64)
+        if (type == GGML_TYPE_Q4_0 || type == GGML_TYPE_IQ4_NL || type == GGML_TYPE_MXFP4) return 1;
+#endif
+        return 4;
+    }
     switch (type) {
         case GGML_TYPE_Q2_K: case GGML_TYPE_Q3_K: case GGML_TYPE_Q4_K: case GGML_TYPE_Q5_K: case GGML_TYPE_Q6_K:
         case GGML_TYPE_IQ4_XS: case GGML_TYPE_IQ2_XXS: case GGML_TYPE_IQ2_XS: case GGML_TYPE_IQ2_S:
@@ -114,12 +125,14 @@ int32_t pie_kernel_switch(enum ggml_type type) {
  *   a type that never switches kernels: one product;
  *   a type that switches at 2 columns: one product, a lone column paired with a zero column
  *     (so every column takes the many-column kernel: cheap, a product is rarely one column);
- *   a type that switches later (k-quants): wide spans as whole products (>= PIE_WIDE_ROWS
- *     columns), narrow spans in products of fewer columns than the switch (vec_dot), joined.
+ *   a type that switches later (k-quants, repacked q4_K): each wide span (one request's rows) as
+ *     a product of its own (>= PIE_WIDE_ROWS columns: the same product as when the request is
+ *     alone), narrow spans in products of fewer columns than the switch (vec_dot, gemv), joined.
  */
 struct ggml_tensor *pie_matmul(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *x) {
     struct ggml_context *ctx = g->ctx;
-    const int64_t k = pie_kernel_switch(w->type), n = x->ne[1];
+    const bool repacked = w->buffer && w->buffer == g->model->buf_repack;
+    const int64_t k = pie_kernel_switch(w->type, repacked), n = x->ne[1];
     const pie_layout *l = g->layout;
     if (k == 1 || (k == 2 && n >= 2) || (k > 2 && l->n_spans == 1 && (l->spans[0].wide || n < k)))
         return ggml_mul_mat(ctx, w, x);
@@ -132,7 +145,7 @@ struct ggml_tensor *pie_matmul(pie_graph *g, struct ggml_tensor *w, struct ggml_
     pie_joiner j = { .dim = 1 };
     for (int32_t i = 0; i < l->n_spans; i++) {
         const pie_span *s = &l->spans[i];
-        const int64_t step = s->wide ? s->len : g->model->split_cols;
+        const int64_t step = s->wide ? s->len : k - 1;
         for (int64_t c = s->start; c < s->start + s->len; c += step) {
             const int64_t cols = s->start + s->len - c < step ? s->start + s->len - c : step;
             join_push(ctx, &j, ggml_mul_mat(ctx, w, ggml_view_2d(ctx, x, x->ne[0], cols, x->nb[1], x->nb[1] * (size_t)c)));
