@@ -60,16 +60,25 @@ def test_tool_prompt_offers_the_calculator_and_the_schema_admits_only_short_call
 
 
 def test_driver_report_ratios_and_table():
-    pie = {"prefill": 300.0, "decode": 50.0, "decode_multi": 200.0}
-    llama = {"prefill": 200.0, "decode": 40.0, "decode_multi": 80.0}
-    workloads = {k: f"what {k} does" for k in pie}
+    pie = [{"prefill": 300.0, "decode": 50.0, "decode_multi": 200.0},
+           {"prefill": 100.0, "decode": 50.0, "decode_multi": 200.0},
+           {"prefill": 330.0, "decode": 50.0, "decode_multi": 200.0}]
+    llama = [{"prefill": 200.0, "decode": 40.0, "decode_multi": 80.0},
+             {"prefill": 200.0, "decode": 40.0, "decode_multi": 80.0},
+             {"prefill": 110.0, "decode": 40.0, "decode_multi": 80.0}]
+    workloads = {k: f"what {k} does" for k in pie[0]}
     report = driver_report("/models/m.gguf", 4, workloads, pie, llama)
+    # ratios pair the sides round by round (3.0, 1.5, 0.5): their median, not a ratio of medians
     assert report["ratio"] == {"prefill": 1.5, "decode": 1.25, "decode_multi": 2.5}
+    assert report["ratio_spread"]["prefill"] == {"median": 1.5, "min": 0.5, "max": 3.0}
+    assert report["pie"]["prefill"] == 300.0 and report["pie_spread"]["prefill"]["min"] == 100.0
+    assert report["rounds"] == 3
     assert report["pie_multi_over_single"] == 4.0 and report["llama_cpp_multi_over_single"] == 2.0
     lines = format_driver_table(report).splitlines()
-    assert lines[0] == "model m.gguf, 4 threads"
-    assert lines[2].split() == ["prefill", "300.0", "200.0", "1.50x", "what", "prefill", "does"]
-    assert lines[-1] == "multi-stream / single-stream decode: pie 4.00x, llama.cpp 2.00x"
+    assert lines[0] == "model m.gguf, 4 threads, 3 round(s), median (min-max)"
+    assert lines[2].split() == ["prefill", "300.0", "(100.0-330.0)", "200.0", "(110.0-200.0)", "1.50", "(0.50-3.00)x",
+                                "what", "prefill", "does"]
+    assert lines[-1] == "multi-stream / single-stream decode (medians): pie 4.00x, llama.cpp 2.00x"
 
 
 def test_page_runs_and_threads():

@@ -114,17 +114,29 @@ def run_driver_bench(
     streams: int = 8,
     stream_tokens: int = 64,
     plain: bool = False,
+    rounds: int = 1,
 ) -> dict[str, Any]:
-    """Runs every workload on both sides; returns tok/s per side and pie/llama.cpp ratios.
-    threads <= 0 means the machine's physical cores, for both sides. Each side repacks its
-    weights (llama.cpp only where the AMX probe allows) unless `plain`."""
+    """Runs every workload on both sides, `rounds` times, the sides back to back in each round
+    and their order alternating; returns tok/s per side and pie/llama.cpp ratios (medians with
+    min-max). threads <= 0 means the machine's physical cores, for both sides. Each side
+    repacks its weights (llama.cpp only where the AMX probe allows) unless `plain`."""
     threads = threads_or_cores(threads)
     path = Path(model) if model else starter_model()
     safe, why = extra_bufts_safe()
     extra = safe and not plain
-    pie = bench_pie(path, threads, prefill, decode, streams, stream_tokens, repack=not plain)
-    n_repacked = int(pie.pop("n_repacked"))
-    llama = bench_llama(path, threads, prefill, decode, streams, stream_tokens, extra_bufts=extra)
+    pie: list[dict[str, float]] = []
+    llama: list[dict[str, float]] = []
+    n_repacked = 0
+    for r in range(rounds):
+        for side in ("pie", "llama") if r % 2 == 0 else ("llama", "pie"):
+            if side == "pie":
+                pie.append(bench_pie(path, threads, prefill, decode, streams, stream_tokens, repack=not plain))
+                n_repacked = int(pie[-1].pop("n_repacked"))
+            else:
+                llama.append(bench_llama(path, threads, prefill, decode, streams, stream_tokens, extra_bufts=extra))
+            print(f"[bench] round {r + 1}/{rounds} {side}: "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in (pie if side == "pie" else llama)[-1].items()),
+                  file=sys.stderr, flush=True)
     workloads = {
         "prefill": f"{prefill}-token prompt, one pass",
         "decode": f"1 stream x {decode} tokens",
@@ -147,9 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=8, help="concurrent streams (default 8)")
     parser.add_argument("--stream-tokens", type=int, default=64, help="tokens per stream (default 64)")
     parser.add_argument("--plain", action="store_true", help="both sides without repacked weights")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds, the sides' order alternating (default 5)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    if min(args.prefill, args.decode, args.streams, args.stream_tokens) < 1:
+    if min(args.prefill, args.decode, args.streams, args.stream_tokens, args.rounds) < 1:
         parser.error("every count must be >= 1")
     if args.prefill > 512:
         parser.error("--prefill is at most 512 (one forward pass of the driver's default batch)")
@@ -157,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no such file: {args.model}")
     result = run_driver_bench(
         args.model, threads=args.threads, prefill=args.prefill, decode=args.decode,
-        streams=args.streams, stream_tokens=args.stream_tokens, plain=args.plain,
+        streams=args.streams, stream_tokens=args.stream_tokens, plain=args.plain, rounds=args.rounds,
     )  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2))

@@ -5,6 +5,7 @@ The dicts are JSON-able (`--json` prints them as they are); the tables are for p
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -15,32 +16,52 @@ def tok_per_s(n_tokens: int, seconds: float) -> float:
 
 # ---------------------------------------------------------------- driver benchmark
 
-def driver_report(model: str, threads: int, workloads: dict[str, str], pie: dict[str, float],
-                  llama: dict[str, float], weights: dict[str, str] | None = None) -> dict[str, Any]:
-    """tok/s per side (``workloads``: name -> what it does), pie / llama.cpp ratios, each side's
-    multi-stream over single-stream decode, and how each side holds its weights."""
+def driver_report(model: str, threads: int, workloads: dict[str, str], pie: list[dict[str, float]],
+                  llama: list[dict[str, float]], weights: dict[str, str] | None = None) -> dict[str, Any]:
+    """tok/s per side from one dict per round (``workloads``: name -> what it does): each side's
+    median with min-max, the pie / llama.cpp ratio of each round (the sides ran back to back
+    in it) as median with min-max, each side's multi-stream over single-stream decode, and how
+    each side holds its weights."""
+
+    def spread(values: list[float]) -> dict[str, float]:
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+    ratios = {k: spread([p[k] / q[k] for p, q in zip(pie, llama)]) for k in workloads}
+    med = {side: {k: statistics.median(r[k] for r in runs) for k in workloads} for side, runs in
+           (("pie", pie), ("llama_cpp", llama))}
     return {
         "model": model,
         "threads": threads,
+        "rounds": len(pie),
         "weights": weights or {},
         "workloads": workloads,
-        "pie": pie,
-        "llama_cpp": llama,
-        "ratio": {k: pie[k] / llama[k] for k in pie},
-        "pie_multi_over_single": pie["decode_multi"] / pie["decode"],
-        "llama_cpp_multi_over_single": llama["decode_multi"] / llama["decode"],
+        "pie": med["pie"],
+        "llama_cpp": med["llama_cpp"],
+        "pie_spread": {k: spread([r[k] for r in pie]) for k in workloads},
+        "llama_cpp_spread": {k: spread([r[k] for r in llama]) for k in workloads},
+        "ratio": {k: v["median"] for k, v in ratios.items()},
+        "ratio_spread": ratios,
+        "pie_multi_over_single": med["pie"]["decode_multi"] / med["pie"]["decode"],
+        "llama_cpp_multi_over_single": med["llama_cpp"]["decode_multi"] / med["llama_cpp"]["decode"],
+        "per_round": {"pie": pie, "llama_cpp": llama},
     }
 
 
 def format_driver_table(r: dict[str, Any]) -> str:
-    lines = [f"model {Path(r['model']).name}, {r['threads']} threads"]
+    lines = [f"model {Path(r['model']).name}, {r['threads']} threads, {r['rounds']} round(s), "
+             "median (min-max)"]
     w = r.get("weights") or {}
     if w:
         lines.append(f"weights: pie {w['pie']}; llama.cpp {w['llama_cpp']} (AMX probe: {w['amx_probe']})")
-    lines += [f"{'workload':<14}{'pie tok/s':>12}{'llama.cpp tok/s':>18}{'ratio':>8}   what"]
+
+    def cell(m: dict[str, float], fmt: str) -> str:
+        return f"{m['median']:{fmt}} ({m['min']:{fmt}}-{m['max']:{fmt}})"
+
+    lines += [f"{'workload':<14}{'pie tok/s':>22}{'llama.cpp tok/s':>22}{'ratio':>20}   what"]
     for k, what in r["workloads"].items():
-        lines.append(f"{k:<14}{r['pie'][k]:>12.1f}{r['llama_cpp'][k]:>18.1f}{r['ratio'][k]:>7.2f}x   {what}")
-    lines.append(f"multi-stream / single-stream decode: pie {r['pie_multi_over_single']:.2f}x, "
+        lines.append(f"{k:<14}{cell(r['pie_spread'][k], '.1f'):>22}{cell(r['llama_cpp_spread'][k], '.1f'):>22}"
+                     f"{cell(r['ratio_spread'][k], '.2f') + 'x':>20}   {what}")
+    lines.append(f"multi-stream / single-stream decode (medians): pie {r['pie_multi_over_single']:.2f}x, "
                  f"llama.cpp {r['llama_cpp_multi_over_single']:.2f}x")
     return "\n".join(lines)
 

@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="threads for both engines (default: physical cores)")
     parser.add_argument("--quick", action="store_true", help="shorter prompts and generations (about a minute)")
     parser.add_argument("--only", choices=("driver", "runtime"), default=None, help="run only one of the benchmarks")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="driver benchmark rounds, the engines' order alternating (default 1; a comparison "
+                             "on a noisy machine wants 5 or more)")
     parser.add_argument("--json", action="store_true", help="print one JSON object with every number")
 
 
@@ -41,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
 
         progress("driver benchmark")
         sizes = dict(prefill=128, decode=32, streams=8, stream_tokens=16) if args.quick else {}
-        report["driver"] = run_driver_bench(resolve_model(args.model).path, threads=threads, **sizes)
+        report["driver"] = run_driver_bench(resolve_model(args.model).path, threads=threads,
+                                            rounds=max(1, args.rounds), **sizes)
         if not args.json:
             print(format_driver_table(report["driver"]), flush=True)
     if args.only in (None, "runtime"):
