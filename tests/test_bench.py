@@ -131,3 +131,18 @@ def test_amx_probe_allows_extra_bufts_only_where_amx_cannot_fault(monkeypatch) -
     assert not safe and "refuses" in why
     monkeypatch.setattr(machine, "_amx_usable", lambda: True)
     assert machine.extra_bufts_safe()[0]
+
+
+@pytest.mark.real_driver
+@pytest.mark.llama_cpp
+@pytest.mark.slow
+def test_fork_benchmark_runs_end_to_end(starter_gguf):
+    from pie_local.bench.fork import format_fork_report, run_fork_bench
+
+    report = run_fork_bench(str(starter_gguf), threads=2, prompt_tokens=32, n=2, tokens=3,
+                            samplings=("top_p",), rounds=2)
+    result = report["results"]["top_p"]
+    assert result["sampling"] == {"temperature": 0.8, "top_k": 0, "top_p": 0.95, "min_p": 0.0}
+    for key in ("pie", "llama_cpp", "speedup"):
+        assert 0 < result[key]["min"] <= result[key]["median"] <= result[key]["max"]
+    assert "best-of-2 from a 32-token prompt, 3 tokens per branch" in format_fork_report(report)
