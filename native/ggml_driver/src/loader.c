@@ -4,9 +4,10 @@
  * Steps: open the file once (every later read goes through that descriptor) and check it
  * (regular file, magic, not truncated), parse metadata with ggml's gguf API (tensor data not read
  * yet), pick the architecture, read and range-check hyper-parameters, bind and shape-check every
- * tensor the graph uses and check each matrix's type, then place the data: on a host device the
- * file is mapped and the tensors point into the mapping (plain CPU buffer type, no copy);
- * otherwise the tensors are allocated on the device and filled from the file.
+ * tensor the graph uses, decide each layer's device (placement.c) and check each matrix's type
+ * against its device, then place the data: on the CPU the file is mapped and the tensors point
+ * into the mapping (plain CPU buffer type, no copy); on other devices the tensors are
+ * allocated in weight buffers and filled from the file.
  * Weights stay in the type the file stores them in (no dequantize on load).
  */
 #include "internal.h"
@@ -261,22 +262,24 @@ static bool cpu_multiplies(enum ggml_type t) {
     }
 }
 
-/* Checks that the device can multiply `w` (off the CPU, the device itself is asked), and notes
- * how pie_matmul treats its products (the zero column's size, the narrow pieces' width). */
+/* Checks that the device `w` is placed on can multiply it (off the CPU, the device itself is
+ * asked), and notes how pie_matmul treats its products (the zero column's size, the narrow
+ * pieces' width). */
 static int32_t check_matrix(pie_model *m, const struct ggml_tensor *w) {
     if (!cpu_multiplies(w->type))
         return pie_set_error(PIE_ERR_UNSUPPORTED, "tensor '%s' has type %s, which ggml cannot multiply; "
                              "use a float or quantized (q*, iq*, tq*) weight type", w->name, ggml_type_name(w->type));
-    if (ggml_backend_dev_type(m->dev) != GGML_BACKEND_DEVICE_TYPE_CPU) {
+    ggml_backend_dev_t dev = m->place.dev[pie_tensor_device(m, w)];
+    if (ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) {
         struct ggml_init_params ip = { .mem_size = 4 * ggml_tensor_overhead(), .mem_buffer = NULL, .no_alloc = true };
         struct ggml_context *ctx = ggml_init(ip);
         if (!ctx) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot check tensor '%s'", w->name);
         struct ggml_tensor *x = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, w->ne[0], 1);
-        const bool ok = ggml_backend_dev_supports_op(m->dev, ggml_mul_mat(ctx, (struct ggml_tensor *)w, x));
+        const bool ok = ggml_backend_dev_supports_op(dev, ggml_mul_mat(ctx, (struct ggml_tensor *)w, x));
         ggml_free(ctx);
         if (!ok)
             return pie_set_error(PIE_ERR_UNSUPPORTED, "tensor '%s' has type %s, which %s cannot multiply", w->name,
-                                 ggml_type_name(w->type), ggml_backend_dev_name(m->dev));
+                                 ggml_type_name(w->type), ggml_backend_dev_name(dev));
     }
     const int32_t k = pie_kernel_switch(w->type);
     if (k == 2 && w->ne[0] > m->pad_width) m->pad_width = w->ne[0];
@@ -304,52 +307,102 @@ static int32_t check_matrices(pie_model *m) {
 /* Placing the data                                                                           */
 /* ------------------------------------------------------------------------------------------ */
 
-static int32_t place_mapped(pie_model *m, const struct gguf_context *g, FILE *f, const char *path, size_t file_size) {
+/* The CPU's weights point into a mapping of the file (no copy): one buffer wraps the file's
+ * data and each CPU tensor gets its address there. */
+static int32_t place_mapped(pie_model *m, const struct gguf_context *g, FILE *f, const char *path, size_t file_size,
+                            struct ggml_tensor **ts, const int *dev, int n) {
     void *addr = mmap(NULL, file_size, PROT_READ, MAP_PRIVATE, fileno(f), 0);
     if (addr == MAP_FAILED) return pie_set_error(PIE_ERR_IO, "cannot map '%s': %s", path, strerror(errno));
     m->map_addr = addr;
     m->map_size = file_size;
 
+    pie_placement *pl = &m->place;
     size_t off = gguf_get_data_offset(g);
     uint8_t *base = (uint8_t *)addr + off;
-    m->buf_w = ggml_backend_cpu_buffer_from_ptr(base, file_size - off);
-    if (!m->buf_w) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot wrap the mapped weights in a CPU buffer");
-    for (struct ggml_tensor *t = ggml_get_first_tensor(m->ctx_w); t; t = ggml_get_next_tensor(m->ctx_w, t)) {
-        int64_t id = gguf_find_tensor(g, ggml_get_name(t));
-        if (ggml_backend_tensor_alloc(m->buf_w, t, base + gguf_get_tensor_offset(g, id)) != GGML_STATUS_SUCCESS)
-            return pie_set_error(PIE_ERR_FORMAT, "tensor '%s' does not fit in the file", ggml_get_name(t));
+    ggml_backend_buffer_t buf = ggml_backend_cpu_buffer_from_ptr(base, file_size - off);
+    if (!buf || pl->n_buf >= PIE_MAX_BUFFERS) {
+        if (buf) ggml_backend_buffer_free(buf);
+        return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot wrap the mapped weights in a CPU buffer");
+    }
+    pl->buf[pl->n_buf++] = buf;
+    ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+    for (int i = 0; i < n; i++) {
+        if (dev[i] != pl->n_dev - 1) continue;
+        int64_t id = gguf_find_tensor(g, ggml_get_name(ts[i]));
+        if (ggml_backend_tensor_alloc(buf, ts[i], base + gguf_get_tensor_offset(g, id)) != GGML_STATUS_SUCCESS)
+            return pie_set_error(PIE_ERR_FORMAT, "tensor '%s' does not fit in the file", ggml_get_name(ts[i]));
     }
     return PIE_OK;
 }
 
-static int32_t place_copied(pie_model *m, const struct gguf_context *g, FILE *f, const char *path) {
-    ggml_backend_buffer_type_t buft = ggml_backend_dev_buffer_type(m->dev);
-    m->buf_w = ggml_backend_alloc_ctx_tensors_from_buft(m->ctx_w, buft);
-    if (!m->buf_w)
-        return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate %.1f MiB of weights on %s",
-                             ggml_backend_alloc_ctx_tensors_from_buft_size(m->ctx_w, buft) / 1048576.0,
-                             ggml_backend_dev_name(m->dev));
-    ggml_backend_buffer_set_usage(m->buf_w, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
-
+/* Fills allocated tensors from the file (the tied head's copy reads the embeddings). */
+static int32_t read_tensors(pie_model *m, const struct gguf_context *g, FILE *f, const char *path,
+                            struct ggml_tensor **ts, const int *dev, int n) {
     size_t cap = 0;
     void *tmp = NULL;
     int32_t st = PIE_OK;
     const size_t off = gguf_get_data_offset(g);
-    for (struct ggml_tensor *t = ggml_get_first_tensor(m->ctx_w); t && st == PIE_OK; t = ggml_get_next_tensor(m->ctx_w, t)) {
-        size_t nb = ggml_nbytes(t);
+    for (int i = 0; i < n && st == PIE_OK; i++) {
+        if (dev[i] < 0) continue;
+        const struct ggml_tensor *src = ts[i] == m->w.output && m->place.dup_src ? m->place.dup_src : ts[i];
+        size_t nb = ggml_nbytes(ts[i]);
         if (nb > cap) {
             free(tmp);
             tmp = malloc(nb);
             cap = tmp ? nb : 0;
-            if (!tmp) { st = pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate %zu bytes to read '%s'", nb, ggml_get_name(t)); break; }
+            if (!tmp) { st = pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate %zu bytes to read '%s'", nb, ggml_get_name(ts[i])); break; }
         }
-        int64_t id = gguf_find_tensor(g, ggml_get_name(t));
+        int64_t id = gguf_find_tensor(g, ggml_get_name(src));
         if (fseeko(f, (off_t)(off + gguf_get_tensor_offset(g, id)), SEEK_SET) != 0 || fread(tmp, 1, nb, f) != nb)
-            st = pie_set_error(PIE_ERR_IO, "short read of tensor '%s' from '%s'", ggml_get_name(t), path);
+            st = pie_set_error(PIE_ERR_IO, "short read of tensor '%s' from '%s'", ggml_get_name(src), path);
         else
-            ggml_backend_tensor_set(t, tmp, 0, nb);
+            ggml_backend_tensor_set(ts[i], tmp, 0, nb);
     }
     free(tmp);
+    return st;
+}
+
+/* A head tied to the embeddings but placed off the CPU gets its own copy there (the embeddings
+ * stay on the CPU for the row lookup), as llama.cpp duplicates it. */
+static int32_t split_tied_head(pie_model *m) {
+    pie_placement *pl = &m->place;
+    if (m->w.output != m->w.tok_embd || pl->output_dev == pl->n_dev - 1) return PIE_OK;
+    struct ggml_init_params ip = { .mem_size = 2 * ggml_tensor_overhead(), .mem_buffer = NULL, .no_alloc = true };
+    pl->ctx_dup = ggml_init(ip);
+    if (!pl->ctx_dup) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot create the head's context");
+    pl->dup_src = m->w.tok_embd;
+    m->w.output = ggml_dup_tensor(pl->ctx_dup, m->w.tok_embd); /* [n_embd, n_vocab] */
+    ggml_set_name(m->w.output, "output.weight");
+    return PIE_OK;
+}
+
+/* Every weight on its device: mapped in place on the CPU where possible, else allocated in
+ * buffers marked as weights and read from the file. */
+static int32_t place_weights(pie_model *m, const struct gguf_context *g, FILE *f, const char *path, size_t file_size) {
+    int n = 0;
+    for (struct ggml_tensor *t = ggml_get_first_tensor(m->ctx_w); t; t = ggml_get_next_tensor(m->ctx_w, t)) n++;
+    n += m->place.ctx_dup ? 1 : 0;
+    struct ggml_tensor **ts = malloc(sizeof(*ts) * (size_t)n);
+    int *dev = malloc(sizeof(int) * (size_t)n);
+    if (!ts || !dev) { free(ts); free(dev); return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot list the tensors"); }
+    int k = 0;
+    for (struct ggml_tensor *t = ggml_get_first_tensor(m->ctx_w); t; t = ggml_get_next_tensor(m->ctx_w, t)) ts[k++] = t;
+    if (m->place.ctx_dup) ts[k++] = m->w.output;
+    for (int i = 0; i < n; i++) dev[i] = pie_tensor_device(m, ts[i]);
+
+    /* Mapping needs a host device and the data aligned the way ggml's CPU buffer expects. */
+    const int cpu = m->place.n_dev - 1;
+    const bool host = ggml_backend_buft_is_host(ggml_backend_dev_buffer_type(m->place.dev[cpu]));
+    int32_t st = PIE_OK;
+    if (m->params.use_mmap && host && gguf_get_data_offset(g) % 32 == 0) {
+        st = place_mapped(m, g, f, path, file_size, ts, dev, n);
+        for (int i = 0; i < n; i++)
+            if (dev[i] == cpu) dev[i] = -1; /* in place: nothing to allocate or read */
+    }
+    if (st == PIE_OK) st = pie_alloc_on_devices(m, ts, dev, n, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+    if (st == PIE_OK) st = read_tensors(m, g, f, path, ts, dev, n);
+    free(ts);
+    free(dev);
     return st;
 }
 
@@ -390,7 +443,7 @@ static int32_t open_model(const char *path, FILE **out_f, size_t *out_size) {
     return PIE_OK;
 }
 
-int32_t pie_load_weights(pie_model *m, const char *path) {
+int32_t pie_load_weights(pie_model *m, const char *path, bool plan_only) {
     FILE *f = NULL;
     size_t file_size = 0;
     int32_t st = open_model(path, &f, &file_size);
@@ -432,7 +485,9 @@ int32_t pie_load_weights(pie_model *m, const char *path) {
         goto done;
     }
     if ((st = load_hparams(&m->hp, g)) != PIE_OK) goto done;
-    if ((st = bind_weights(meta, &m->hp, &m->w)) != PIE_OK || (st = check_matrices(m)) != PIE_OK) goto done;
+    if ((st = bind_weights(meta, &m->hp, &m->w)) != PIE_OK || (st = pie_place_layers(m)) != PIE_OK ||
+        (st = split_tied_head(m)) != PIE_OK || (st = check_matrices(m)) != PIE_OK)
+        goto done;
 
     m->n_params = 0;
     m->weight_bytes = 0;
@@ -441,12 +496,8 @@ int32_t pie_load_weights(pie_model *m, const char *path) {
         m->weight_bytes += (int64_t)ggml_nbytes(t);
     }
 
-    /* Mapping needs a host device and the data aligned the way ggml's CPU buffer expects. */
-    bool host = ggml_backend_buft_is_host(ggml_backend_dev_buffer_type(m->dev));
-    if (m->params.use_mmap && host && off % 32 == 0)
-        st = place_mapped(m, g, f, path, file_size);
-    else
-        st = place_copied(m, g, f, path);
+    if (plan_only) goto done;
+    st = place_weights(m, g, f, path, file_size);
     if (st == PIE_OK)
         pie_log(PIE_LOG_INFO, "loaded %s '%s': %d layers, %d vocab, %.1f MiB of weights (%s)", arch, m->hp.name,
                 m->hp.n_layer, m->hp.n_vocab, m->weight_bytes / 1048576.0, m->map_addr ? "mapped" : "copied");
@@ -456,11 +507,10 @@ done:
     return st;
 }
 
+/* The weights' buffers belong to the placement (pie_devices_close frees them first). */
 void pie_free_weights(pie_model *m) {
-    if (m->buf_w) ggml_backend_buffer_free(m->buf_w);
     if (m->ctx_w) ggml_free(m->ctx_w);
     if (m->map_addr) munmap(m->map_addr, m->map_size);
-    m->buf_w = NULL;
     m->ctx_w = NULL;
     m->map_addr = NULL;
 }
