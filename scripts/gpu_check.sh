@@ -138,7 +138,6 @@ cd "$OUT"  # the installed package, not the source tree, is imported
 run "$VENV/bin/pie-local" doctor 2>&1 | tee "$OUT/doctor.txt" || status=1
 run "$VENV/bin/python" -m pytest -ra -p no:cacheprovider --rootdir "$REPO" -o "testpaths=$REPO/tests" \
     --junitxml "$OUT/tests.xml" "${TESTS[@]/#/$REPO/}" 2>&1 | tee "$OUT/tests.log" || status=1
-run "$VENV/bin/python" "$REPO/benchmarks/bench_driver.py" --json > "$OUT/bench_driver.json" || status=1
-[ "$DRY_RUN" = 1 ] || cat "$OUT/bench_driver.json"
+run "$VENV/bin/python" "$REPO/benchmarks/bench_driver.py" --json | tee "$OUT/bench_driver.json" || status=1
 say "results in $OUT (status $status)"
 exit $status

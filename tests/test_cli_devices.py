@@ -53,7 +53,8 @@ def test_serve_loads_every_model_with_the_device_options() -> None:
 
 
 def test_device_options_with_a_named_server_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["run", "--server", "http://127.0.0.1:1", "--gpu-layers", "3", "text-completion"]) == 2
+    assert main(["run", "--server", "http://127.0.0.1:1", "--gpu-layers", "3", "text-completion", "--",
+                 "--prompt", "x"]) == 2
     assert "--gpu-layers, --rpc and --tensor-split place a model loaded here" in capsys.readouterr().err
 
 
@@ -64,8 +65,8 @@ def test_show_prints_the_placement(tmp_path_factory: pytest.TempPathFactory, cap
     out = capsys.readouterr().out
     table = out[out.index("\nplacement\n"):].splitlines()[2:]
     assert len(table) == 1 and table[0].split()[0] == "CPU"
-    assert "layers 0-5, embeddings, output head" in table[0] and "KV 0.8 MiB" in table[0]
-    # 256 tokens x 6 layers x (K + V) x 2 heads x 32 x f16 = 0.75 MiB
+    # KV: 256 tokens x 6 layers x (K + V) x 2 KV heads x 32 x 2 bytes (f16) = 0.375 MiB
+    assert "layers 0-5, embeddings, output head" in table[0] and "KV 0.4 MiB" in table[0]
 
 
 @pytest.mark.real_driver

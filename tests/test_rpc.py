@@ -68,7 +68,7 @@ def test_split_over_cpu_and_two_workers_gives_the_local_logits(two_workers, gemm
     with Driver(gemma, _params(n_gpu_layers=0)) as local:
         want = _generate(local, prompt, steps=6)
     # layers 2-5 on the workers, layers 0-1 and the head here
-    with Driver(gemma, _params(rpc=(a.endpoint, b.endpoint), n_gpu_layers=4)) as split:
+    with Driver(gemma, _params(rpc=(a.endpoint, b.endpoint), n_gpu_layers=4, tensor_split=(1, 1))) as split:
         devices = split.devices()
         got = _generate(split, prompt, steps=6)
     assert [d.name for d in devices] == [f"RPC {a.endpoint}", f"RPC {b.endpoint}", "CPU"]
@@ -179,7 +179,7 @@ def test_a_worker_of_another_protocol_version_is_refused(gemma) -> None:
 
 def test_a_killed_worker_fails_the_calls_of_its_model_and_nothing_else(gemma) -> None:
     with workers(2) as (a, b):
-        drv = Driver(gemma, _params(rpc=(a.endpoint, b.endpoint), n_gpu_layers=6))
+        drv = Driver(gemma, _params(rpc=(a.endpoint, b.endpoint), n_gpu_layers=6, tensor_split=(1, 1)))
         first = drv.forward(build_batch([Req([1, 2, 3], pages=[0], kv_len=3)], PAGE))
         b.kill()
         t0 = time.monotonic()
@@ -211,7 +211,7 @@ async def test_a_worker_killed_mid_generation_fails_the_inferlet_with_its_addres
     long_gemma = tiny_gguf(tmp_path_factory, "gemma3", "q8_0", n_ctx=1 << 20)  # never ends by length
     with workers(2) as (a, b):
         params = DriverParams(n_threads=1, page_size=32, n_pages=1024, max_batch_tokens=64, rpc=(a.endpoint, b.endpoint),
-                              n_gpu_layers=6)
+                              n_gpu_layers=6, tensor_split=(1, 1))
         async with Engine(str(long_gemma), EngineConfig(driver=params)) as engine:
             handle = engine.launch(_generate_forever)
             await asyncio.sleep(1.0)  # decoding over both workers

@@ -91,5 +91,5 @@ def placement_lines(devices: Sequence[Any]) -> list[str]:
         if d.compute_bytes:
             memory += f", compute {_mib(d.compute_bytes)}"
         free = f"{_mib(d.free_bytes)} free of {_mib(d.total_bytes)}" if d.total_bytes else "memory unknown"
-        lines.append(f"{d.name:<24} {held:<36} {memory}  ({free})")
+        lines.append(f"{d.name:<24} {held:<37} {memory}  ({free})")
     return lines

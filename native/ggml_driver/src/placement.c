@@ -135,13 +135,14 @@ static int64_t compute_guess(const pie_model *m, bool output) {
     return bytes;
 }
 
-/* Places layers i_start .. n_layer (n_layer = the head) on the offload devices by the
- * cumulative shares `cum`, the rest on the CPU. */
+/* As llama.cpp: layers n_layer - n_gpu .. n_layer - 1 on the offload devices by the cumulative
+ * shares `cum`, and "layer" n_layer (the head) too when n_gpu > n_layer; the rest on the CPU. */
 static void assign(pie_placement *pl, int n_layer, int n_gpu, const float *cum, int n_off) {
-    const int cpu = pl->n_dev - 1, act = n_gpu < n_layer + 1 ? n_gpu : n_layer + 1, i_start = n_layer + 1 - act;
+    const int cpu = pl->n_dev - 1, act = n_gpu < n_layer + 1 ? n_gpu : n_layer + 1;
+    const int i_start = n_layer - n_gpu > 0 ? n_layer - n_gpu : 0;
     for (int il = 0; il <= n_layer; il++) {
         int d = cpu;
-        if (il >= i_start && n_off > 0) {
+        if (il >= i_start && il - i_start < act && n_off > 0) {
             const float f = (float)(il - i_start) / (float)act;
             d = 0;
             while (d < n_off - 1 && f >= cum[d]) d++;

@@ -304,7 +304,7 @@ bool pie_rpc_on_abort(const char *message) {
     if (!strstr(message, "ggml-rpc")) return false;
     pthread_mutex_lock(&g_mu);
     g_failures++;
-    snprintf(g_why, sizeof(g_why), "%s", message);
+    snprintf(g_why, sizeof(g_why), "%s", strstr(message, "ggml-rpc")); /* without the build's path */
     pthread_cond_broadcast(&g_cv);
     pthread_mutex_unlock(&g_mu);
     for (;;) pause(); /* parked for good: ggml's state on this thread's stack stays untouched */
