@@ -190,8 +190,10 @@ int32_t pie_place_layers(pie_model *m) {
                                  "offload devices", d, n_off);
         if (d < n_off) total += share[d] = s;
     }
-    for (int d = 0; d < n_off && total == 0; d++) total += share[d] = (float)pl->free_bytes[d];
-    for (int d = 0; d < n_off && total == 0; d++) total += share[d] = 1.0f;
+    if (total == 0)
+        for (int d = 0; d < n_off; d++) total += share[d] = (float)pl->free_bytes[d];
+    if (total == 0)
+        for (int d = 0; d < n_off; d++) total += share[d] = 1.0f;
     float cum[PIE_MAX_DEVICES] = {0}, acc = 0;
     for (int d = 0; d < n_off; d++) cum[d] = (acc += share[d]) / total;
 
