@@ -70,9 +70,8 @@ PY
 # ---------------------------------------------------------------------------------------------
 if [ -n "$PREPARE" ]; then
     mkdir -p "$PREPARE"
-    reqs=$(requirements)
-    # shellcheck disable=SC2086 # one requirement per word
-    run "$PYTHON" -m pip download --dest "$PREPARE" $reqs
+    mapfile -t reqs < <(requirements)
+    run "$PYTHON" -m pip download --dest "$PREPARE" "${reqs[@]}"
     run "$PYTHON" -m pip download --dest "$PREPARE" --no-deps --no-binary llama-cpp-python \
         "llama-cpp-python==$LLAMA_CPP_VERSION"
     say "wheelhouse ready in $PREPARE: copy it and the repository to the GPU machine"
@@ -98,8 +97,9 @@ if [ -z "$ARCH" ]; then
 fi
 [[ "$ARCH" =~ ^[0-9]+[a-z]?$ ]] || die "--arch must look like 90 or 90a, got '$ARCH'"
 NVCC=$(command -v nvcc || true)
-[ -n "$NVCC" ] || { [ -x /usr/local/cuda/bin/nvcc ] && NVCC=/usr/local/cuda/bin/nvcc; } || true
-[ -n "$NVCC" ] || die "nvcc not found: install the CUDA toolkit or put its bin/ on PATH"
+CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+[ -n "$NVCC" ] || { [ -x "$CUDA_HOME/bin/nvcc" ] && NVCC=$CUDA_HOME/bin/nvcc; } || true
+[ -n "$NVCC" ] || die "nvcc not found on PATH or in $CUDA_HOME/bin: install the CUDA toolkit or set CUDA_HOME"
 CUDA_VERSION=$("$NVCC" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p' | head -n 1)
 [ -n "$JOBS" ] || JOBS=$(nproc 2>/dev/null || echo 4)
 say "GPU: $GPU -> CUDA architecture $ARCH; nvcc $CUDA_VERSION ($NVCC); $JOBS build jobs"
@@ -113,8 +113,8 @@ OFFLINE=(--no-index --find-links "$WHEELHOUSE")
 # ---------------------------------------------------------------------------------------------
 if [ "$SKIP_BUILD" = 0 ]; then
     run "$PYTHON" -m venv --clear "$VENV"
-    # shellcheck disable=SC2046
-    run "${PIP[@]}" install -q "${OFFLINE[@]}" $(requirements | tr '\n' ' ')
+    mapfile -t reqs < <(requirements)
+    run "${PIP[@]}" install -q "${OFFLINE[@]}" "${reqs[@]}"
     # One architecture, the flash-attention kernels of the KV types the driver uses (f16, q8_0:
     # ggml's default set without GGML_CUDA_FA_ALL_QUANTS), no tests or examples.
     run env CMAKE_ARGS="-DGGML_CUDA=on -DGGML_RPC=ON -DCMAKE_CUDA_ARCHITECTURES=$ARCH -DGGML_CUDA_FA_ALL_QUANTS=OFF \
