@@ -42,6 +42,7 @@
 
 static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t  g_cv = PTHREAD_COND_INITIALIZER;
+static bool     g_client;             /* this process connected to a worker: park RPC aborts   */
 static uint64_t g_failures;           /* RPC aborts seen by the hook so far                     */
 static char     g_why[256];           /* the last one's message                                */
 static char     g_in_use[64][PIE_RPC_ENDPOINT]; /* endpoints of loaded models (one entry per model) */
@@ -226,6 +227,9 @@ int32_t pie_rpc_connect(pie_rpc *rpc, ggml_backend_dev_t *devs, int32_t cap, int
     add_server_fn add_server = (add_server_fn)ggml_backend_reg_get_proc_address(reg, "ggml_backend_rpc_add_server");
     if (!add_server) return pie_set_error(PIE_ERR_UNSUPPORTED, "this ggml's RPC backend has no ggml_backend_rpc_add_server");
 
+    pthread_mutex_lock(&g_mu);
+    g_client = true;
+    pthread_mutex_unlock(&g_mu);
     for (int i = 0; i < rpc->n; i++) {
         char spelled[PIE_RPC_ENDPOINT];
         ggml_spelling(rpc->endpoint[i], rpc->failures, spelled, sizeof(spelled));
@@ -300,9 +304,14 @@ int32_t pie_rpc_serve(const char *endpoint, int32_t n_threads) {
 /* Calls that survive a dropped worker                                                        */
 /* ------------------------------------------------------------------------------------------ */
 
+/* Only a client parks: a worker process (pie_rpc_serve) that trips an assert of ggml-rpc aborts,
+ * and its clients see the dropped connection. */
 bool pie_rpc_on_abort(const char *message) {
-    if (!strstr(message, "ggml-rpc")) return false;
     pthread_mutex_lock(&g_mu);
+    if (!g_client || !strstr(message, "ggml-rpc")) {
+        pthread_mutex_unlock(&g_mu);
+        return false;
+    }
     g_failures++;
     snprintf(g_why, sizeof(g_why), "%s", strstr(message, "ggml-rpc")); /* without the build's path */
     pthread_cond_broadcast(&g_cv);
