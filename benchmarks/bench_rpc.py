@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = threads_or_cores(args.threads)
     path = Path(args.model) if args.model else starter_model()
     n_pages = (args.prefill + args.decode) // PAGE + 2
-    base = dict(n_threads=threads, page_size=PAGE, n_pages=n_pages, max_batch_tokens=max(args.prefill, 16))
+    base = {"n_threads": threads, "page_size": PAGE, "n_pages": n_pages, "max_batch_tokens": max(args.prefill, 16)}
     result = {"model": str(path), "threads": threads,
               "local": measure(path, DriverParams(n_gpu_layers=0, **base), args.prefill, args.decode)}
     workers = [_start_worker(threads) for _ in range(2)]

@@ -18,8 +18,7 @@ import pytest
 from driver_helpers import Req, SeqState, build_batch, tiny_gguf
 from rpc_helpers import free_port, other_version_peer, workers
 
-from pie_local.driver import Driver, DriverError, DriverParams
-from pie_local.driver import rpc
+from pie_local.driver import Driver, DriverError, DriverParams, rpc
 from pie_local.driver.driver import plan_devices
 
 pytestmark = [pytest.mark.real_driver, pytest.mark.timeout(240)]
@@ -30,7 +29,7 @@ PAGE = 8
 def test_the_installed_ggml_has_the_rpc_backend() -> None:
     # The README's install builds llama-cpp-python with -DGGML_RPC=ON; without it nothing here runs.
     assert rpc.available(), f"no RPC backend in this ggml; install it with: {rpc.INSTALL_HINT}"
-    major, minor, patch = (int(x) for x in rpc.protocol_version().split("."))
+    major, _minor, _patch = (int(x) for x in rpc.protocol_version().split("."))
     assert major >= 1
 
 
@@ -73,7 +72,7 @@ def test_split_over_cpu_and_two_workers_gives_the_local_logits(two_workers, gemm
         got = _generate(split, prompt, steps=6)
     assert [d.name for d in devices] == [f"RPC {a.endpoint}", f"RPC {b.endpoint}", "CPU"]
     assert [len(d.layers) for d in devices] == [2, 2, 2]
-    assert devices[2].layers == range(0, 2) and devices[2].input and devices[2].output
+    assert devices[2].layers == range(2) and devices[2].input and devices[2].output
     assert all(d.weight_bytes > 0 and d.kv_bytes > 0 for d in devices)
     for step, (g, w) in enumerate(zip(got, want)):
         assert np.array_equal(g, w), f"step {step}: max |diff| {np.abs(g - w).max()}"
@@ -167,9 +166,8 @@ def test_an_unreachable_worker_is_a_clear_load_error(gemma) -> None:
 
 def test_a_worker_of_another_protocol_version_is_refused(gemma) -> None:
     theirs = int(rpc.protocol_version().split(".")[0]) - 1
-    with other_version_peer(theirs) as port:
-        with pytest.raises(DriverError) as err:
-            Driver(gemma, _params(rpc=(f"127.0.0.1:{port}",)))
+    with other_version_peer(theirs) as port, pytest.raises(DriverError) as err:
+        Driver(gemma, _params(rpc=(f"127.0.0.1:{port}",)))
     assert err.value.status == "unsupported"
     assert f"speaks ggml RPC protocol {theirs}.0.0 but this ggml speaks {rpc.protocol_version()}" in err.value.message
 

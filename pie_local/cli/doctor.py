@@ -199,7 +199,7 @@ def check_placement(model: str | None, params: Any) -> Check:
         devices = plan_devices(path, params)
     except DriverError as exc:
         return Check("placement", "fail", str(exc), "check --gpu-layers, --rpc and --tensor-split")
-    except Exception as exc:
+    except (ImportError, OSError, ValueError, RuntimeError) as exc:  # no starter model package or file
         return Check("placement", "skip", f"no model to place: {exc}")
     return Check("placement", "ok", "\n".join(placement_lines(devices)), data={"devices": placement_rows(devices)})
 

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pie_local.driver import rpc
+    from pie_local.driver import DriverError, rpc
     from pie_local.present.problems import UsageError, UserError
     from pie_local.server.config import is_loopback
 
@@ -56,6 +56,6 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         rpc.serve(endpoint, args.threads)
-    except Exception as exc:
-        raise UserError(f"the worker cannot serve at {endpoint}: {exc}") from None
+    except DriverError as exc:
+        raise UserError(f"the worker cannot serve at {endpoint}: {exc.message}") from None
     return 1
