@@ -98,3 +98,17 @@ def test_worker_warns_when_it_listens_beyond_loopback() -> None:
     finally:
         proc.kill()
         proc.wait(timeout=30)
+
+
+@pytest.mark.real_driver
+def test_worker_refuses_a_port_in_use() -> None:
+    from rpc_helpers import start_worker
+
+    first = start_worker()
+    try:
+        second = subprocess.run([sys.executable, "-m", "pie_local", "worker", "--port", str(first.port)],
+                                env=worker_env(), capture_output=True, text=True, timeout=60, check=False)
+        assert second.returncode == 1
+        assert f"something already listens on 127.0.0.1:{first.port}" in second.stderr
+    finally:
+        first.kill()

@@ -78,6 +78,19 @@ def test_split_over_cpu_and_two_workers_gives_the_local_logits(two_workers, gemm
         assert np.array_equal(g, w), f"step {step}: max |diff| {np.abs(g - w).max()}"
 
 
+@pytest.mark.slow
+def test_the_starter_model_split_over_cpu_and_two_workers_gives_the_local_logits(two_workers, starter_gguf) -> None:
+    a, b = two_workers  # Gemma 3 270M Q4_K_M: 18 layers, tied head; 6 here, 6 on each worker
+    prompt = [2, 818, 5279, 529, 7001, 563]
+    with Driver(starter_gguf, _params(n_gpu_layers=0)) as local:
+        want = _generate(local, prompt, steps=3)
+    with Driver(starter_gguf, _params(rpc=(a.endpoint, b.endpoint), n_gpu_layers=12, tensor_split=(1, 1))) as split:
+        assert [len(d.layers) for d in split.devices()] == [6, 6, 6]
+        got = _generate(split, prompt, steps=3)
+    for step, (g, w) in enumerate(zip(got, want)):
+        assert np.array_equal(g, w), f"step {step}: max |diff| {np.abs(g - w).max()}"
+
+
 def test_head_on_a_worker_gets_its_own_copy_of_the_tied_embeddings(two_workers, gemma) -> None:
     a, b = two_workers
     prompt = [5, 6, 7, 8, 9]
