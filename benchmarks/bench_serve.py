@@ -78,6 +78,7 @@ class Round:
     requests: int
     output_tokens: int
     ttft_s: list[float] = field(default_factory=list)
+    prompt_tokens: list[int] = field(default_factory=list)  # as each server's usage reports them
 
     @property
     def requests_per_s(self) -> float:
@@ -198,8 +199,12 @@ def llama_server(binary: Path, gguf: Path, threads: int, clients: int, n_ctx: in
     port = free_port()
     help_text = subprocess.run([str(binary), "--help"], capture_output=True, text=True).stdout
     cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
-           "-tb", str(threads), "--parallel", str(clients), "-c", str(n_ctx * clients), "--alias", "model",
-           "--chat-template", "gemma"]
+           "-tb", str(threads), "--parallel", str(clients), "-c", str(n_ctx * clients), "--alias", "model"]
+    # Newer llama-servers render with Jinja by default, and there "gemma" is not a template name but
+    # a template whose whole output is the word "gemma" (a 3-token prompt): ask for the built-in one.
+    if "--no-jinja" in help_text:
+        cmd.append("--no-jinja")
+    cmd += ["--chat-template", "gemma"]
     if "--no-repack" in help_text:
         cmd.append("--no-repack")  # the AMX-safe weight layout, as on the other sides
     return launched(f"llama-server --parallel {clients}", cmd, f"http://127.0.0.1:{port}/v1", "model", workdir)
@@ -222,10 +227,11 @@ def system_prompt(tag: str, n_tokens: int) -> str:
     return text
 
 
-async def one_request(client, server: Server, system: str, question: str, max_tokens: int) -> tuple[float, int]:
-    """(time to first token, output tokens) of one streamed chat."""
+async def one_request(client, server: Server, system: str, question: str,
+                      max_tokens: int) -> tuple[float, int, int]:
+    """(time to first token, output tokens, prompt tokens) of one streamed chat."""
     start = time.perf_counter()
-    ttft, chunks, usage_tokens = None, 0, None
+    ttft, chunks, usage_tokens, prompt_tokens = None, 0, None, 0
     # Gemma has no system role: its format puts the system prompt at the head of the first user turn.
     # Sending it there ourselves gives every server the same prompt (llama-cpp-python's "gemma"
     # format would drop a system message, leaving it ~1,000 tokens less to compute).
@@ -239,7 +245,8 @@ async def one_request(client, server: Server, system: str, question: str, max_to
                 ttft = time.perf_counter() - start
         if getattr(chunk, "usage", None) is not None:
             usage_tokens = chunk.usage.completion_tokens
-    return (ttft if ttft is not None else time.perf_counter() - start), (usage_tokens or chunks)
+            prompt_tokens = chunk.usage.prompt_tokens
+    return (ttft if ttft is not None else time.perf_counter() - start), (usage_tokens or chunks), prompt_tokens
 
 
 async def run_round(server: Server, clients: int, system: str, max_tokens: int) -> Round:
@@ -253,7 +260,8 @@ async def run_round(server: Server, clients: int, system: str, max_tokens: int) 
         results = await asyncio.gather(*(one_request(client, server, system, QUESTIONS[i % len(QUESTIONS)],
                                                      max_tokens) for i in range(clients)))
         wall = time.perf_counter() - start
-    return Round(wall, clients, sum(n for _, n in results), [t for t, _ in results])
+    return Round(wall, clients, sum(n for _, n, _ in results), [t for t, _, _ in results],
+                 [p for _, _, p in results])
 
 
 def summarise(rounds: list[Round]) -> dict:
@@ -262,6 +270,7 @@ def summarise(rounds: list[Round]) -> dict:
         values = [getattr(r, metric) for r in rounds]
         out[metric] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
     out["output_tokens_per_round"] = statistics.median(r.output_tokens for r in rounds)
+    out["prompt_tokens_median"] = statistics.median(p for r in rounds for p in r.prompt_tokens)
     out["rounds"] = [asdict(r) for r in rounds]
     return out
 
@@ -270,14 +279,17 @@ def format_report(report: dict) -> str:
     cfg = report["config"]
     lines = [f"bench_serve: {cfg['clients']} clients x {cfg['max_tokens']} tokens, ~{cfg['system_tokens']}-token "
              f"shared system prompt, {cfg['threads']} threads, {cfg['rounds']} rounds, {cfg['model']}", ""]
-    head = f"{'server':<26} {'req/s':>16} {'out tok/s':>20} {'TTFT p50 s':>20} {'TTFT p95 s':>20}"
+    head = (f"{'server':<26} {'prompt':>6} {'req/s':>16} {'out tok/s':>20} {'TTFT p50 s':>20} "
+            f"{'TTFT p95 s':>20}")
     lines.append(head)
 
     def cell(m: dict) -> str:
         return f"{m['median']:.2f} ({m['min']:.2f}-{m['max']:.2f})"
 
     for name, s in report["servers"].items():
-        lines.append(f"{name:<26} {cell(s['requests_per_s']):>16} {cell(s['tokens_per_s']):>20} "
+        prompt = f"{s['prompt_tokens_median']:.0f}" if s["prompt_tokens_median"] else "n/a"  # not in its usage
+        lines.append(f"{name:<26} {prompt:>6} {cell(s['requests_per_s']):>16} "
+                     f"{cell(s['tokens_per_s']):>20} "
                      f"{cell(s['ttft_p50']):>20} {cell(s['ttft_p95']):>20}")
     if report.get("ratios"):
         lines.append("")

@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 _RUNTIME_NAMES = (
     "Engine", "EngineConfig", "SamplingParams", "Context", "Forward", "Limits", "Param", "Runtime",
-    "InferletHandle", "OutOfPagesError", "EngineStats", "Message", "brle",
+    "InferletHandle", "OutOfPagesError", "EngineStats", "Message", "Embedding", "brle",
 )
 _CONSTRAINT_NAMES = ("JsonSchema", "Regex", "Grammar", "AllOf", "Triggered")
 

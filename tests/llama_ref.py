@@ -71,10 +71,12 @@ class LlamaRef:
         flash_attn: bool | None = None,
         kv_type: str = "f16",
         embeddings: bool = False,
+        pooling: int = 0,
         capture: Collection[str] = (),
     ) -> None:
         """flash_attn None lets llama.cpp choose (its default); kv_type "f16" or "q8_0";
-        embeddings=True makes hidden() available (final hidden state after the output norm);
+        embeddings=True makes hidden() available (final hidden state after the output norm), and with
+        pooling (llama_pooling_type: 1 mean, 2 cls, 3 last) pooled(), llama.cpp's own pooling;
         capture: names of llama.cpp's intermediate tensors ("l_out-0", ...) that each decode
         stores in ``activations`` (float32, numpy order: tokens first)."""
         _init_backend()
@@ -103,7 +105,7 @@ class LlamaRef:
             cparams.flash_attn_type = 1 if flash_attn else 0
         cparams.type_k = cparams.type_v = _GGML_TYPES[kv_type]
         cparams.embeddings = embeddings
-        cparams.pooling_type = 0  # LLAMA_POOLING_TYPE_NONE: one embedding per token
+        cparams.pooling_type = pooling  # 0 = LLAMA_POOLING_TYPE_NONE: one embedding per token
         self.activations: dict[str, np.ndarray] = {}
         if capture:
             self._eval_cb = self._capture_callback(set(capture))  # C holds the pointer: keep it
@@ -200,6 +202,13 @@ class LlamaRef:
                 raise RuntimeError(f"no embedding for row {row} (was the context made with embeddings=True?)")
             out.append(np.ctypeslib.as_array(ptr, shape=(self.n_embd,)).copy())
         return np.stack(out)
+
+    def pooled(self, seq_id: int = 0) -> np.ndarray:
+        """Sequence seq_id's pooled embedding after the last decode (needs embeddings=True, pooling > 0)."""
+        ptr = llama_cpp.llama_get_embeddings_seq(self.ctx, seq_id)
+        if not ptr:
+            raise RuntimeError(f"no pooled embedding for sequence {seq_id} (embeddings=True and a pooling?)")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_embd,)).copy()
 
     def logits(
         self, tokens: Sequence[int], *, start_pos: int = 0, seq_id: int = 0, rows: str | Sequence[int] = "all"

@@ -31,19 +31,45 @@ TOKENS = [1, 300, 301, 302, 303, 304, 305]
 OUTPUTS = [2, 6]
 
 # What each family names per layer, besides the tensors all of them name.
+# Routed experts (llama.cpp's build_moe_ffn names; ffn_moe_topk is I32, not collected):
+MOE = {"ffn_inp", "ffn_moe_logits", "ffn_moe_probs", "ffn_moe_weights", "ffn_moe_up", "ffn_moe_gate", "ffn_moe_swiglu",
+       "ffn_moe_down", "ffn_moe_weighted", "ffn_moe_out"}  # fmt: skip
 EVERY_LAYER = {"attn_norm", "Qcur", "Kcur", "Vcur", "kqv_out", "attn_out", "ffn_norm", "ffn_out", "l_out"}
 FAMILY_LAYER = {
     "llama": {"ffn_inp"},
     "qwen2": {"ffn_inp"},
     "qwen3": {"Qcur_normed", "Kcur_normed", "ffn_inp"},
+    "gemma2": {"attn_post_norm", "sa_out", "ffn_post_norm"},
     "gemma3": {"Qcur_normed", "Kcur_normed", "attn_post_norm", "sa_out", "ffn_post_norm"},
+    "phi3": set(),
+    "granite": {"ffn_inp"},
+    "smollm3": {"ffn_inp"},
+    "olmo2": {"Qcur_normed", "Kcur_normed", "attn_post_norm", "ffn_inp"},
+    "mistral3": {"Qcur_attn_temp_scaled", "ffn_inp"},
+    "qwen2moe": MOE | {"ffn_shexp_gate_inp", "ffn_shexp_gate", "ffn_shexp"},
+    "qwen3moe": MOE | {"Qcur_normed", "Kcur_normed", "ffn_moe_weights_norm"},
+    "olmoe": MOE | {"Qcur_normed", "Kcur_normed"},
+    "gpt-oss": (MOE - {"ffn_moe_swiglu"}) | {"attn_post_norm", "ffn_moe_weights_softmax", "ffn_moe_up_biased",
+                                            "ffn_moe_gate_biased", "ffn_moe_swiglu_oai", "ffn_moe_down_biased"},
 }
+NO_PRE_NORMS = {"olmo2"}
+# Routed experts end in ffn_moe_out (qwen2moe adds its shared expert into ffn_out); gpt-oss
+# normalises the FFN input with its post-attention norm.
+NOT_NAMED = {"qwen3moe": {"ffn_out"}, "olmoe": {"ffn_out"}, "gpt-oss": {"ffn_out", "ffn_norm"}}
+# gpt-oss's last layer runs over every row (the sampled ones are kept after it), as in llama.cpp
+LAST_LAYER_ALL_ROWS = {"gpt-oss"}
+# Named once for the whole graph besides embd, result_norm and result_output (llama.cpp names
+# OLMo 2's FFN post-norm without its layer).
+FAMILY_GLOBAL = {"gemma2": {"inp_scaled"}, "gemma3": {"inp_scaled"}, "olmo2": {"ffn_post_norm"}}
+# llama.cpp names the attention output after its projection for these only
+NAMES_ATTN_OUT = {"llama", "granite", "smollm3", "mistral3", "gpt-oss"}
 
 
 def expected_names(arch: str, n_layer: int) -> set[str]:
-    per_layer = EVERY_LAYER | FAMILY_LAYER[arch]
+    per_layer = EVERY_LAYER - ({"attn_norm", "ffn_norm"} if arch in NO_PRE_NORMS else set()) - NOT_NAMED.get(arch, set())
+    per_layer |= FAMILY_LAYER[arch]
     names = {f"{name}-{il}" for name in per_layer for il in range(n_layer)}
-    return names | {"embd", "result_norm", "result_output"} | ({"inp_scaled"} if arch == "gemma3" else set())
+    return names | {"embd", "result_norm", "result_output"} | FAMILY_GLOBAL.get(arch, set())
 
 
 def named(acts: dict[str, np.ndarray]) -> set[str]:
@@ -67,12 +93,14 @@ def test_every_layer_is_named_and_the_last_one_gives_the_logits(tmp_path_factory
         assert named(acts) == expected_names(arch, cfg.n_layer)
 
         n, last = len(TOKENS), cfg.n_layer - 1
-        assert acts["attn_norm-0"].shape == (n, cfg.n_embd)
+        if arch not in NO_PRE_NORMS:
+            assert acts["attn_norm-0"].shape == (n, cfg.n_embd)
         assert acts["Qcur-0"].shape == (n, cfg.n_head, cfg.head_dim)
         assert acts["Kcur-0"].shape == acts["Vcur-0"].shape == (n, cfg.n_head_kv, cfg.head_dim)
         assert acts["kqv_out-0"].shape == (n, cfg.n_head * cfg.head_dim)
         assert acts["l_out-0"].shape == (n, cfg.n_embd)
-        assert acts[f"l_out-{last}"].shape == (len(OUTPUTS), cfg.n_embd)  # only the sampled rows
+        last_rows = n if arch in LAST_LAYER_ALL_ROWS else len(OUTPUTS)  # else only the sampled rows
+        assert acts[f"l_out-{last}"].shape == (last_rows, cfg.n_embd)
         # the final layer's output, normed and through the head, is what forward returned
         assert np.array_equal(acts["result_norm"], res.hidden)
         assert np.array_equal(acts["result_output"], res.logits)
@@ -88,7 +116,7 @@ def test_every_layer_is_named_and_the_last_one_gives_the_logits(tmp_path_factory
         assert set(some) == {"l_out-0", "result_norm"} and np.array_equal(some["l_out-0"], kept)
 
 
-def compare_with_llama_cpp(path, arch: str, tokens: list[int]) -> dict[str, float]:
+def compare_with_llama_cpp(path, arch: str, tokens: list[int], fused_qkv: bool = False) -> dict[str, float]:
     """Every activation both engines name for one prompt (last two rows sampled): name -> max |diff|.
 
     Two sampled rows, not one: ggml picks a product's kernel by its column count, and the driver
@@ -103,8 +131,11 @@ def compare_with_llama_cpp(path, arch: str, tokens: list[int]) -> dict[str, floa
     with LlamaRef(path, n_ctx=256, n_threads=2, capture=names) as ref:
         ref.logits(tokens, rows=rows)
         theirs = ref.activations
-    # llama.cpp names the attention output after its projection for llama only
-    unnamed = set() if arch == "llama" else {f"attn_out-{il}" for il in range(n_layer)}
+    unnamed = set() if arch in NAMES_ATTN_OUT else {f"attn_out-{il}" for il in range(n_layer)}
+    if fused_qkv:  # llama.cpp's V is then a strided view of the projection, which it does not hand out
+        unnamed |= {f"Vcur-{il}" for il in range(n_layer)}
+    if arch == "gemma2":  # llama.cpp names gemma2's FFN post-norm without its layer (we name each)
+        unnamed |= {f"ffn_post_norm-{il}" for il in range(n_layer)}
     assert set(theirs) == expected_names(arch, n_layer) - unnamed
     diffs = {}
     for name, want in theirs.items():
@@ -116,7 +147,7 @@ def compare_with_llama_cpp(path, arch: str, tokens: list[int]) -> dict[str, floa
 @pytest.mark.llama_cpp
 @pytest.mark.parametrize("arch", ARCHES)
 def test_tiny_activations_equal_llama_cpp(tmp_path_factory, arch: str) -> None:
-    diffs = compare_with_llama_cpp(tiny_gguf(tmp_path_factory, arch), arch, TOKENS)
+    diffs = compare_with_llama_cpp(tiny_gguf(tmp_path_factory, arch), arch, TOKENS, tiny_config(arch).fused_qkv)
     assert {name: d for name, d in diffs.items() if d > 0} == {}
 
 

@@ -99,8 +99,8 @@ def test_bad_hyper_parameter(tmp_path: Path, overrides: dict, key: str, shown: s
 
 
 def test_unknown_rope_scaling_type(tmp_path: Path) -> None:
-    path = write_tiny_gguf(tmp_path / "longrope.gguf", "llama", rope_scaling="longrope", rope_factor=4.0)
-    expect_load_error(path, "unsupported", "RoPE scaling type 'longrope' is not supported", "yarn")
+    path = write_tiny_gguf(tmp_path / "dynamic.gguf", "llama", rope_scaling="dynamic", rope_factor=4.0)
+    expect_load_error(path, "unsupported", "RoPE scaling type 'dynamic' is not supported", "yarn", "longrope")
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.float64])

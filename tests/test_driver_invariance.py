@@ -120,6 +120,18 @@ def test_tiny_model_requests_do_not_depend_on_their_batch(tmp_path_factory, quan
         assert_invariant(driver, 20, seed=2)  # a wide one: many-column kernels for its rows
 
 
+@pytest.mark.parametrize("quant", ["f32", "q4_k", "iq4_xs"])
+def test_tiny_moe_requests_do_not_depend_on_their_batch(tmp_path_factory, quant: str) -> None:
+    """Experts (mul_mat_id) pick a kernel per expert by the rows the whole product sends it:
+    k-quant and iq experts switch at 8 rows, so the driver multiplies a wide request's rows on
+    their own and narrow rows in pieces of at most 7 (pie_matmul_id); f32 never switches."""
+    params = DriverParams(n_threads=2, page_size=PAGE, n_pages=160, max_batch_tokens=256)
+    path = tiny_gguf(tmp_path_factory, "qwen3moe", quant, **WIDE, n_ff_exp=256)
+    with Driver(path, params) as driver:
+        assert_invariant(driver, 6, seed=3)
+        assert_invariant(driver, 20, seed=4)
+
+
 @pytest.fixture(scope="module")
 def starter(starter_gguf):
     with Driver(starter_gguf, DriverParams(n_threads=2, page_size=PAGE, n_pages=160, max_batch_tokens=256)) as d:

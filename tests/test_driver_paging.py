@@ -66,13 +66,16 @@ def test_scattered_pages_equal_contiguous_pages(driver: Driver) -> None:
 
 
 def test_every_way_of_reading_kv_gives_the_same_result(driver: Driver) -> None:
-    # One batch of three different 38-token sequences over 10 pages each, each read another way:
-    # consecutive pages (a view of the pool), two runs of consecutive pages (views joined by
-    # concat; on a q8_0 pool, gathered) and ten single pages (more runs than the driver joins:
-    # rows gathered). Then a decode step of all three. Each request gets exactly what it gets
-    # alone on consecutive pages (a request's result depends neither on its pages nor its batch).
-    prompts = [tokens_for(driver, 38, seed=seed) for seed in (5, 6, 7)]
-    layouts = [range(0, 10), [*range(15, 20), *range(10, 15)], [63, 50, 61, 48, 59, 46, 57, 44, 55, 42]]
+    # One batch of four different 38-token sequences over 10 pages each, each read another way:
+    # consecutive pages (a view of the pool), two runs of consecutive pages (copied into one
+    # tensor from the first run's rows on), two runs whose first ends the pool (copied into one
+    # tensor from the pool's start) and ten single pages (more runs than the driver copies
+    # together: rows gathered). Then a decode step of all four. Each request gets exactly what it
+    # gets alone on consecutive pages (a request's result depends neither on its pages nor its
+    # batch).
+    prompts = [tokens_for(driver, 38, seed=seed) for seed in (5, 6, 7, 8)]
+    layouts = [range(0, 10), [*range(15, 20), *range(10, 15)], [*range(58, 64), *range(30, 34)],
+               [41, 50, 39, 48, 37, 46, 35, 44, 53, 42]]
     batched = [SeqState(pages, PAGE) for pages in layouts]
     got = [np.split(driver.forward(build_batch([s.req(t, outputs="all") for s, t in zip(batched, prompts)], PAGE))
                     .logits, len(prompts))]

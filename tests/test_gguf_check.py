@@ -103,16 +103,6 @@ def test_rms_epsilon_not_a_non_negative_number(tmp_path: Path, eps: float) -> No
     refused(path, "llama.attention.layer_norm_rms_epsilon", str(eps), by_tokenizer=False)
 
 
-@pytest.mark.parametrize("pattern", [0, 1, 7])
-def test_gemma3_with_one_kind_of_layer(tmp_path: Path, pattern: int) -> None:
-    """All sliding-window layers (pattern 0 or >= n_layer + 1) or none (1): one of the driver's two
-    attention masks is left out of the graph and ggml aborts filling it in."""
-    path = tiny(tmp_path, "gemma3", n_layer=6, sliding_window=8,
-                metadata_hook=lambda w: w.add_uint32("gemma3.attention.sliding_window_pattern", pattern))
-    assert run_unchecked(path) == SIGABRT
-    refused(path, "gemma3.attention.sliding_window_pattern", "pie-local needs both kinds", by_tokenizer=False)
-
-
 def test_cli_add_prints_the_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from pie_local.cli import main
 
@@ -224,6 +214,16 @@ def test_tensor_data_past_the_end(tmp_path: Path) -> None:
 @pytest.mark.parametrize("vocab", ["spm", "bpe"])
 def test_valid_tiny_models_pass(tmp_path: Path, arch: str, vocab: str) -> None:
     check_model(write_tiny_gguf(tmp_path / "m.gguf", arch, vocab=vocab))
+
+
+@pytest.mark.parametrize("pattern", [0, 1, 7])
+def test_gemma3_with_one_kind_of_layer_runs(tmp_path: Path, pattern: int) -> None:
+    """All sliding-window layers (pattern 0 or >= n_layer + 1) or none (1): the graph reads only
+    one of the driver's two attention masks, and the other gets no data (it once aborted ggml)."""
+    path = tiny(tmp_path, "gemma3", n_layer=6, sliding_window=8,
+                metadata_hook=lambda w: w.add_uint32("gemma3.attention.sliding_window_pattern", pattern))
+    assert run_unchecked(path) == 0
+    check_model(path)
 
 
 def test_real_and_hub_style_files_pass(tmp_path: Path, starter_gguf: Path) -> None:

@@ -67,7 +67,35 @@ def test_text_output(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "memory @ 4096 tok" in out and "(q8_0)" in out and "architecture       llama" in out
     assert cli("list", "--catalog") == 0
-    assert "qwen2.5-0.5b" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "qwen2.5-0.5b" in out and "VERIFIED" in out.splitlines()[0]
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:] if line.strip()}
+    assert "yes" in rows["gemma3-270m"] and "no" in rows["gpt-oss-20b"] and "MXFP4" in rows["gpt-oss-20b"]
+    assert cli("list", "--catalog", "--json") == 0
+    catalog = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert catalog["gemma3-270m"]["verified"] is True and catalog["phi4-mini"]["verified"] is False
+
+
+def test_a_model_of_an_unsupported_architecture_names_it_and_the_supported_ones(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tiny_models import write_unknown_arch
+
+    from pie_local.models.gguf_check import supported_architectures
+
+    supported = supported_architectures()
+    if supported is None:
+        pytest.skip("the native driver is not built")
+    path = write_unknown_arch(tmp_path / "odd.gguf")
+    listed = f"(supported: {', '.join(supported)})"
+    assert cli("add", str(path)) == 1  # refused when added, not later when loaded
+    err = capsys.readouterr().err
+    assert err.startswith("pie-local: error: ") and "architecture 'pie-unknown-arch' is not supported" in err
+    assert listed in err and "Traceback" not in err and store.get("odd") is None
+    assert cli("show", str(path)) == 0  # the card still shows what the file is
+    assert f"pie-unknown-arch (not supported; supported: {', '.join(supported)})" in capsys.readouterr().out
+    assert main(["run", "text-completion", "--local", "--model", str(path), "--", "--prompt", "x"]) == 1
+    err = capsys.readouterr().err
+    assert "pie-unknown-arch" in err and listed in err and "Fix: " in err and "Traceback" not in err
 
 
 def test_user_errors_are_one_line_without_traceback(

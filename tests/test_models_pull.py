@@ -24,6 +24,7 @@ from pie_local.models import (
 )
 from pie_local.models import hub as hub_module
 from pie_local.models.pull import PullProgress, pull
+from pie_local.models.registry import find_entry, is_verified, pulled_entries
 from pie_local.paths import home, models_dir
 
 REPO = "test-org/Tiny-Chat-GGUF"
@@ -150,6 +151,35 @@ def test_catalogue_name_and_quant(fake_hub: FakeHub, gguf_bytes: dict[str, bytes
     assert (other.name, other.path.name) == ("tiny-chat:Q8_0", "Tiny-Chat-Q8_0.gguf")
     resolved = resolve_model("tiny-chat:Q4_K_M")
     assert resolved.name == "tiny-chat" and resolved.path == default.path and resolved.arch == "llama"
+
+
+def test_first_pull_of_an_unverified_entry_verifies_it(fake_hub: FakeHub) -> None:
+    user_catalog(TINY_ENTRY.replace('quants = ["Q4_K_M", "Q8_0"]', 'quants = ["Q4_K_M", "Q6_K"]'))
+    entry = find_entry("tiny-chat")
+    assert entry is not None and not entry.verified and not is_verified(entry)
+    with pytest.raises(QuantNotFoundError) as err:  # models.toml lists a quant the hub does not have
+        pull("tiny-chat:Q6_K")
+    assert str(err.value).startswith(f"{REPO} has no Q6_K GGUF. Quants there: IQ4_XS, Q4_0, Q4_0_4_4, Q4_K_M, Q8_0")
+    assert "pie-local pull tiny-chat:IQ4_XS" in str(err.value)
+    assert not is_verified(entry) and pulled_entries() == {}  # a failed pull confirms nothing
+    pull("tiny-chat")
+    assert pulled_entries() == {"tiny-chat": {"repo": REPO, "files": {"Q4_K_M": "Tiny-Chat-Q4_K_M.gguf"}}}
+    assert is_verified(entry)
+    assert cli_catalog()["tiny-chat"]["verified"] is True
+    user_catalog(TINY_ENTRY.replace(REPO, "other-org/Tiny-GGUF"))  # the name moved to another repo
+    assert not is_verified(find_entry("tiny-chat")) and cli_catalog()["tiny-chat"]["verified"] is False
+
+
+def cli_catalog() -> dict[str, dict]:
+    import contextlib
+    import json
+
+    from pie_local.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["list", "--catalog", "--json"]) == 0
+    return {row["name"]: row for row in json.loads(out.getvalue())}
 
 
 def test_pull_by_file_path(fake_hub: FakeHub, gguf_bytes: dict[str, bytes]) -> None:

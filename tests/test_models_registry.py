@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pie_local.driver import supported_architectures
 from pie_local.models import ModelError, RegistryError, UnknownModelError
 from pie_local.models.registry import load_registry, parse_registry
 from pie_local.models.spec import matches_quant, parse_spec, quant_of_filename
@@ -33,9 +34,37 @@ def test_shipped_catalogue_has_the_starter_and_ten_more() -> None:
     for wanted in ("qwen2.5-0.5b", "qwen3-0.6b", "llama3.2-1b", "smollm2-135m", "gemma3-1b", "mistral-7b"):
         assert wanted in entries
     for e in hub_entries:
-        assert e.default_quant == "Q4_K_M" and "/" in e.repo
-        assert e.arch in {"llama", "qwen2", "qwen3", "gemma3"}  # the archs the driver builds graphs for
+        assert e.default_quant == ("Q4_K_M" if "Q4_K_M" in e.quants else e.quants[0]) and "/" in e.repo
+        # the catalogue offers only models the driver can run
+        assert e.arch in supported_architectures()
         assert e.context_length >= 2048 and e.license and e.description
+
+
+NEW_FAMILIES = {"phi3", "gemma2", "olmo2", "granite", "smollm3", "mistral3", "qwen2moe", "qwen3moe",
+                "olmoe", "gpt-oss"}
+
+
+def test_every_new_family_has_an_unverified_entry() -> None:
+    """Their repos and quants were written without the hub at hand: unverified until pulled once.
+    Only the starter package is verified out of the box."""
+    entries = load_registry()
+    assert NEW_FAMILIES <= {e.arch for e in entries}
+    assert any(e.arch == "llama" and "mixtral" in e.name for e in entries)  # Mixtral-style experts in llama
+    assert [e.name for e in entries if e.verified] == ["gemma3-270m"]
+    gpt_oss = next(e for e in entries if e.arch == "gpt-oss")
+    assert gpt_oss.quants == ("MXFP4",) and gpt_oss.default_quant == "MXFP4"
+
+
+def test_verified_defaults_to_package_entries_and_is_a_boolean() -> None:
+    (hub,) = parse_registry(GOOD, "test.toml")
+    (checked,) = parse_registry(GOOD + "verified = true\n", "test.toml")
+    package = GOOD.replace('repo = "org/Tiny-GGUF"', 'package = "tiny-gguf"\nfile = "tiny.gguf"').replace(
+        'quants = ["q4_k_m", "Q8_0"]', 'quants = ["Q8_0"]')
+    (shipped,) = parse_registry(package, "test.toml")
+    assert (hub.verified, checked.verified, shipped.verified) == (False, True, True)
+    assert checked.to_json()["verified"] is True
+    with pytest.raises(RegistryError, match="'verified' must be true or false"):
+        parse_registry(GOOD + 'verified = "yes"\n', "bad.toml")
 
 
 def test_valid_entry_normalizes_quants() -> None:

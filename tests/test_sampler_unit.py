@@ -7,101 +7,22 @@ tests/test_driver_sampling.py checks the same rules end to end through pie_forwa
 
 from __future__ import annotations
 
-import ctypes
-import shutil
-import subprocess
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-NATIVE = ROOT / "native" / "ggml_driver"
+from sampler_lib import SamplerLib, allow_mask, build
 
 PIE_ERR_INVALID_ARGUMENT = -5
 
 
-class Sampler(ctypes.Structure):
-    # Mirrors pie_sampler in pie_driver.h (this small library exports no struct sizes).
-    _fields_ = [
-        ("temperature", ctypes.c_float),
-        ("top_k", ctypes.c_int32),
-        ("top_p", ctypes.c_float),
-        ("min_p", ctypes.c_float),
-        ("seed", ctypes.c_uint64),
-    ]
-
-
-class SamplerLib:
-    """pie_sample_row with numpy in, (token, logprob, top_ids, top_probs) out."""
-
-    def __init__(self, path: Path, n_vocab_max: int = 300_000) -> None:
-        self.lib = ctypes.CDLL(str(path))
-        self.lib.pie_sampler_scratch_new.restype = ctypes.c_void_p
-        self.lib.pie_sampler_scratch_new.argtypes = [ctypes.c_int32]
-        self.lib.pie_sampler_scratch_free.argtypes = [ctypes.c_void_p]
-        self.lib.pie_last_error.restype = ctypes.c_char_p
-        self.lib.pie_sample_row.restype = ctypes.c_int32
-        self.lib.pie_sample_row.argtypes = [
-            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.POINTER(Sampler),
-            ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_float),
-            ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p,
-        ]  # fmt: skip
-        self.scratch = self.lib.pie_sampler_scratch_new(n_vocab_max)
-
-    def sample(
-        self,
-        logits: np.ndarray,
-        *,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        seed: int = 0,
-        mask: np.ndarray | None = None,
-        return_top: int = 0,
-    ) -> tuple[int, float, np.ndarray, np.ndarray]:
-        logits = np.ascontiguousarray(logits, dtype=np.float32)
-        sampler = Sampler(temperature, top_k, top_p, min_p, seed)
-        token = ctypes.c_int32(-1)
-        logprob = ctypes.c_float(np.nan)
-        top_ids = np.zeros(max(return_top, 1), dtype=np.int32)
-        top_probs = np.zeros(max(return_top, 1), dtype=np.float32)
-        mask_ptr = None
-        if mask is not None:
-            mask = np.ascontiguousarray(mask, dtype=np.uint32)
-            mask_ptr = mask.ctypes.data
-        status = self.lib.pie_sample_row(
-            self.scratch, logits.ctypes.data, logits.shape[0], mask_ptr, ctypes.byref(sampler),
-            ctypes.byref(token), ctypes.byref(logprob), return_top, top_ids.ctypes.data, top_probs.ctypes.data,
-        )  # fmt: skip
-        if status != 0:
-            raise ValueError(f"{status}: {self.lib.pie_last_error().decode()}")
-        return token.value, logprob.value, top_ids[:return_top], top_probs[:return_top]
-
-
 @pytest.fixture(scope="module")
 def sampler(tmp_path_factory: pytest.TempPathFactory) -> SamplerLib:
-    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
-        pytest.skip("no C compiler to build the sampler library")
-    out = tmp_path_factory.mktemp("sampler") / "libpie_sampler.so"
-    subprocess.run(
-        [cc, "-std=c11", "-O2", "-fno-trapping-math", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", f"-I{NATIVE / 'include'}",
-         str(NATIVE / "src" / "sampler.c"), str(NATIVE / "src" / "status.c"), "-o", str(out), "-lm"],
-        check=True,
-    )  # fmt: skip
-    lib = SamplerLib(out)
+    try:
+        path = build(tmp_path_factory.mktemp("sampler") / "libpie_sampler.so")
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    lib = SamplerLib(path)
     yield lib
-    lib.lib.pie_sampler_scratch_free(lib.scratch)
-
-
-def allow_mask(n_vocab: int, allowed: list[int] | np.ndarray) -> np.ndarray:
-    bits = np.zeros(n_vocab, dtype=bool)
-    bits[np.asarray(allowed)] = True
-    padded = np.zeros((n_vocab + 31) // 32 * 32, dtype=bool)
-    padded[:n_vocab] = bits
-    return np.packbits(padded.reshape(-1, 32)[:, ::-1], axis=1).view(">u4").astype(np.uint32).ravel()
+    lib.close()
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:

@@ -25,6 +25,13 @@ MODEL = "starter-local"
 KEY = "test-key"
 USER = [{"role": "user", "content": "Name a colour."}]
 ONE_TOKEN = {"model": MODEL, "messages": USER, "max_tokens": 1}
+# Starter embeddings against llama.cpp's mean pooling (Q4_K_M): measured max |diff| of the unit
+# vectors 6.0e-8 through the server (2.8e-8 in-process) for inputs of 5 and 23 tokens: one float32
+# ulp near 1, the rounding of the returned unit vector; the hidden states are llama.cpp's bit for
+# bit. The tolerance allows 4 ulps. (Inputs of 8..15 tokens differ by up to 3.5e-3: there
+# llama.cpp's one-sequence batch takes ggml's tiled k-quant kernel and the driver vec_dot, the
+# price of batch invariance, see pie_matmul; test_driver_logits.py measures the same.)
+EMBED_TOL = 2.5e-7
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +199,50 @@ def test_errors_reach_the_openai_client(client):
     assert err.value.code == "context_length_exceeded"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0).models.list()
+
+
+def test_embeddings_through_the_openai_client(client, http, starter_gguf):
+    """The client asks for base64 and decodes it; float gives the same numbers. The vectors are the
+    starter model's mean-pooled final hidden states, as llama.cpp pools them (its own mean pooling
+    through llama_get_embeddings_seq), unit length. Tolerance EMBED_TOL (measured; the reason is beside it)."""
+    import numpy as np
+    from llama_ref import LlamaRef
+
+    texts = ["The cat sat.",  # 5 tokens, and 23 below: see EMBED_TOL
+             "In a hole in the ground there lived a hobbit, not a nasty dirty wet hole filled with worms.",
+             "The cat sat."]
+    reply = client.embeddings.create(model=MODEL, input=texts)
+    vectors = np.array([d.embedding for d in reply.data], dtype=np.float32)
+    assert [d.index for d in reply.data] == [0, 1, 2] and vectors.shape == (3, 640)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert np.array_equal(vectors[0], vectors[2]) and not np.allclose(vectors[0], vectors[1], atol=0.01)
+    floats = client.embeddings.create(model=MODEL, input=texts[1], encoding_format="float")
+    assert np.array_equal(np.array(floats.data[0].embedding, dtype=np.float32), vectors[1])
+
+    with LlamaRef(starter_gguf, n_ctx=256, embeddings=True, pooling=1) as ref:
+        want, counts = [], []
+        for text in texts[:2]:
+            ids = ref.tokenize(text)
+            counts.append(len(ids))
+            ref.reset()
+            ref.decode(ids, range(len(ids)), [0] * len(ids))
+            want.append(ref.pooled(0) / np.linalg.norm(ref.pooled(0)))
+    diff = float(np.abs(vectors[:2] - np.array(want)).max())
+    print(f"starter embeddings: max |diff| vs llama.cpp {diff:.3g}")
+    assert diff <= EMBED_TOL
+    assert reply.usage.prompt_tokens == reply.usage.total_tokens == 2 * counts[0] + counts[1]
+    assert floats.usage.prompt_tokens == counts[1]
+
+    with pytest.raises(openai.BadRequestError) as err:
+        client.embeddings.create(model=MODEL, input=[])
+    assert err.value.param == "input"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.embeddings.create(model=MODEL, input=[5] * 9000)  # past the server's 8192-token KV: never cut
+    assert err.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.embeddings.create(model=MODEL, input="a", dimensions=64)
+    assert err.value.code == "unsupported_parameter"
+    idle_pages(http)
 
 
 # ---- raw HTTP: bad input, then the server is alive with its pages back ---------------------------------

@@ -39,10 +39,25 @@ def test_each_arch_loads_in_llama_cpp(tmp_path: Path, arch: str) -> None:
     assert bytes(arch_field.parts[arch_field.data[0]]).decode() == arch
     types = tensor_types(path)
     assert ("output.weight" in types) is (not cfg.tied)
-    assert types["blk.0.attn_q.weight"][1] == (cfg.n_embd, cfg.n_head * cfg.head_dim)  # ggml order
-    assert ("blk.0.attn_q.bias" in types) is (arch == "qwen2")
-    assert ("blk.0.attn_q_norm.weight" in types) is (arch in ("qwen3", "gemma3"))
-    assert ("blk.0.post_ffw_norm.weight" in types) is (arch == "gemma3")
+    q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
+    if cfg.fused_qkv:
+        assert "blk.0.attn_q.weight" not in types
+        assert types["blk.0.attn_qkv.weight"][1] == (cfg.n_embd, q_dim + 2 * kv_dim)  # ggml order
+    else:
+        assert types["blk.0.attn_q.weight"][1] == (cfg.n_embd, q_dim)
+    assert ("blk.0.attn_q.bias" in types) is (arch in ("qwen2", "qwen2moe", "gpt-oss"))
+    assert ("blk.0.attn_q_norm.weight" in types) is (arch in ("qwen3", "gemma3", "olmo2", "qwen3moe", "olmoe"))
+    assert ("blk.0.post_ffw_norm.weight" in types) is (arch in ("gemma2", "gemma3", "olmo2"))
+    assert ("blk.0.attn_norm.weight" in types) is (arch != "olmo2")  # OLMo 2: post-norms only
+    if cfg.n_expert:  # ggml order: [n_embd, expert width, n_expert]
+        assert "blk.0.ffn_up.weight" not in types
+        assert types["blk.0.ffn_up_exps.weight"][1] == (cfg.n_embd, cfg.n_ff_exp or cfg.n_ff, cfg.n_expert)
+        want = gguf.GGMLQuantizationType[(cfg.expert_quant or "f32").upper()]  # gpt-oss: MXFP4
+        assert types["blk.0.ffn_up_exps.weight"][0] == want
+    else:
+        assert types["blk.0.ffn_up.weight"][1] == (cfg.n_embd, cfg.n_ff * (2 if arch == "phi3" else 1))
+        assert ("blk.0.ffn_gate.weight" in types) is (arch != "phi3")  # Phi-3 fuses gate and up
+    assert ("rope_factors_long.weight" in types) is cfg.longrope
     with LlamaRef(path, n_ctx=64) as ref:
         assert ref.n_vocab == N_VOCAB and ref.n_embd == cfg.n_embd
         logits = ref.logits([1, 300, 301, 302])

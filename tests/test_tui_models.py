@@ -70,6 +70,19 @@ async def test_catalogue_highlight_shows_its_entry():
         assert "quants:" in details(app)
 
 
+async def test_catalogue_marks_entries_no_pull_has_confirmed():
+    app = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot, app)
+        marks = {row[0]: row[3] for row in table_rows(app, "catalogue")}
+        assert marks["gemma3-270m"] == "" and marks["gpt-oss-20b"] == "?"  # the starter ships verified
+        table = app.screen.query_one("#catalogue", DataTable)
+        table.focus()
+        table.move_cursor(row=list(marks).index("gpt-oss-20b"))
+        await wait_until(pilot, lambda: details(app).startswith("gpt-oss-20b"), what="catalogue details")
+        assert "unverified: hub names not yet confirmed by a pull" in details(app)
+
+
 async def test_delete_asks_first_and_keeps_files_added_in_place(tmp_path):
     path = install_tiny_model(tmp_path, "tiny-llama")
     app = make_app()

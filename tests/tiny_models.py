@@ -1,13 +1,24 @@
 """Tiny random-weight GGUF models for tests, written with the `gguf` package.
 
 ``write_tiny_gguf(path, arch)`` writes a complete, loadable model of a few hundred kilobytes for
-llama, qwen2, qwen3 or gemma3: full hyper-parameter metadata, a real vocabulary llama.cpp
+each architecture in ARCHES: full hyper-parameter metadata, a real vocabulary llama.cpp
 accepts (SentencePiece "llama" with byte fallback by default, or a GPT-2 style byte-level BPE
 with merges: ``vocab="bpe"``), and random weights scaled so activations
 stay O(1) (logits then differ clearly between tokens, which makes comparisons meaningful).
 The architectures differ where their graphs differ: qwen2 has QKV biases, qwen3 and gemma3 have
 QK norms and a head_dim that is not n_embd / n_head, gemma3 has post-norms, tied embeddings,
 and sliding-window layers (5 of every 6) with a small window so SWA matters in short tests.
+phi3 fuses Q|K|V and gate|up and carries LongRoPE factors and attention factor; granite sets
+its four multipliers; smollm3 has 4 layers, so the last one runs without RoPE; olmo2 has only
+post-norms and Q/K norms over the whole projection; mistral3 uses YaRN (its own beta range and
+log multiplier) over an original context of 16 and attention temperature, so both act within
+a short test. gemma2 has post-norms, tied embeddings and every other layer sliding over a
+window of 8, and caps its attention and final logits with caps small enough to change the
+results of random weights. The mixtures of experts (qwen2moe, qwen3moe, olmoe, gpt-oss, and a Mixtral-style
+llama: ``write_tiny_gguf(path, "llama", **MIXTRAL)``) have 4 experts of which each token uses 2,
+routed by a router steep enough that tokens pick different experts; qwen2moe adds a shared
+expert, olmoe Q/K norms over whole rows, gpt-oss biases, attention sinks, a sliding window on
+every other layer, YaRN and MXFP4 experts.
 
 The ``write_*`` helpers at the end produce broken files for error-path tests.
 """
@@ -23,7 +34,8 @@ from typing import Callable
 import gguf
 import numpy as np
 
-ARCHES = ("llama", "qwen2", "qwen3", "gemma3")
+ARCHES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "granite", "smollm3", "olmo2", "mistral3",
+          "qwen2moe", "qwen3moe", "olmoe", "gpt-oss")
 
 Q = gguf.GGMLQuantizationType
 QUANTS = {
@@ -43,8 +55,9 @@ QUANTS = {
     "q6_k": Q.Q6_K,
     "iq4_nl": Q.IQ4_NL,
     "iq4_xs": Q.IQ4_XS,
+    "mxfp4": Q.MXFP4,
 }
-_BY_GGML = {Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS}
+_BY_GGML = {Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS, Q.MXFP4}
 
 
 @dataclass(frozen=True)
@@ -58,12 +71,33 @@ class TinyConfig:
     n_ctx: int = 512
     rope_base: float = 10000.0
     rms_eps: float = 1e-5
-    sliding_window: int = 0  # gemma3 only
+    sliding_window: int = 0  # gemma2, gemma3, olmo2 (OLMo 3)
+    attn_softcap: float = 0.0  # gemma2: attn_logit_softcapping; 0 = not written
+    final_softcap: float = 0.0  # gemma2: final_logit_softcapping; 0 = not written
     tied: bool = False  # no output.weight: the embedding doubles as the LM head
     name: str = ""
     rope_scaling: str = ""  # rope.scaling.type ("none", "linear", "yarn", anything); "" = not written
     rope_factor: float = 0.0  # rope.scaling.factor; 0 = not written
     rope_orig_ctx: int = 0  # rope.scaling.original_context_length; 0 = not written
+    rope_attn_factor: float = 0.0  # rope.scaling.attn_factor; 0 = not written
+    longrope: bool = False  # rope_factors_long / rope_factors_short tensors
+    fused_qkv: bool = False  # one attn_qkv matrix instead of attn_q, attn_k, attn_v
+    ffn_bias: bool = False  # ffn_gate / ffn_up / ffn_down biases
+    # granite's multipliers, mistral3's attention temperature and YaRN keys; 0 = not written
+    logit_scale: float = 0.0
+    residual_scale: float = 0.0
+    embedding_scale: float = 0.0
+    attention_scale: float = 0.0
+    temperature_scale: float = 0.0
+    yarn_log_mul: float = 0.0
+    yarn_beta_fast: float = 0.0
+    yarn_beta_slow: float = 0.0
+    # mixture of experts (0 = a dense FFN); for llama, experts make a Mixtral-style file
+    n_expert: int = 0  # expert_count
+    n_expert_used: int = 0  # expert_used_count
+    n_ff_exp: int = 0  # expert_feed_forward_length (0 = not written; experts are then n_ff wide)
+    n_ff_shexp: int = 0  # qwen2moe's shared expert: expert_shared_feed_forward_length
+    expert_quant: str = ""  # the experts' weight type (a key of QUANTS); "" = write_tiny_gguf's quant
 
 
 # Each architecture's defaults; anything can be overridden through write_tiny_gguf(**overrides).
@@ -71,11 +105,51 @@ DEFAULTS: dict[str, TinyConfig] = {
     "llama": TinyConfig(name="tiny-llama"),
     "qwen2": TinyConfig(name="tiny-qwen2", rope_base=1_000_000.0, rms_eps=1e-6),
     "qwen3": TinyConfig(name="tiny-qwen3", head_dim=32, rope_base=1_000_000.0, rms_eps=1e-6),
+    # 4 layers: with llama.cpp's gemma2 pattern, layers 0 and 2 use the window, 1 and 3 are global.
+    "gemma2": TinyConfig(
+        name="tiny-gemma2", n_layer=4, head_dim=32, rms_eps=1e-6, sliding_window=8, tied=True, attn_softcap=1.5,
+        final_softcap=4.0,
+    ),
     # 6 layers: with llama.cpp's gemma3 pattern, layers 0-4 use the window, layer 5 is global.
     "gemma3": TinyConfig(
         name="tiny-gemma3", n_layer=6, head_dim=32, rope_base=1_000_000.0, rms_eps=1e-6, sliding_window=8, tied=True
     ),
+    # LongRoPE over an original context of 64: the tests' pools (and llama.cpp's n_ctx, at least
+    # 256) are longer, so both take the long factors. Not named "...phi3...": llama.cpp
+    # then edits Phi-3's special tokens (<|endoftext|>, ...), which the tiny vocabulary lacks.
+    "phi3": TinyConfig(name="tiny-phi", rope_orig_ctx=64, rope_attn_factor=1.19, longrope=True, fused_qkv=True),
+    "granite": TinyConfig(
+        name="tiny-granite", logit_scale=2.0, residual_scale=0.5, embedding_scale=4.0, attention_scale=0.125
+    ),
+    "smollm3": TinyConfig(name="tiny-smollm3", n_layer=4, rope_base=5_000_000.0, rms_eps=1e-6, tied=True),
+    "olmo2": TinyConfig(name="tiny-olmo2", rope_base=500_000.0, rms_eps=1e-6),
+    "mistral3": TinyConfig(
+        name="tiny-mistral3", rope_base=1_000_000.0, rope_scaling="yarn", rope_factor=4.0, rope_orig_ctx=16,
+        # YaRN's correction range [0.3, 0.05] instead of [32, 1]: at head_dim 16 and an original
+        # context of 16 both ends of it then move (dims 1..3 instead of 0..1)
+        yarn_log_mul=1.0, yarn_beta_fast=0.3, yarn_beta_slow=0.05, temperature_scale=0.1,
+    ),
+    # 4 experts, 2 used per token; qwen2moe's Q and output are n_embd wide (llama.cpp's shapes)
+    "qwen2moe": TinyConfig(
+        name="tiny-qwen2moe", rope_base=1_000_000.0, rms_eps=1e-6, n_expert=4, n_expert_used=2, n_ff_exp=32,
+        n_ff_shexp=96,
+    ),
+    "qwen3moe": TinyConfig(
+        name="tiny-qwen3moe", head_dim=32, rope_base=1_000_000.0, rms_eps=1e-6, n_expert=4, n_expert_used=2,
+        n_ff_exp=64,
+    ),
+    # llama.cpp's OLMoE: Q, K and V n_embd wide (no GQA), experts n_ff wide
+    "olmoe": TinyConfig(name="tiny-olmoe", n_head_kv=4, n_ff=64, n_expert=4, n_expert_used=2),
+    # gpt-oss: sliding window on every other layer, YaRN (factor 4 over 128 positions), biases,
+    # attention sinks, MXFP4 experts (as OpenAI ships them)
+    "gpt-oss": TinyConfig(
+        name="tiny-gpt-oss", rope_base=150_000.0, sliding_window=8, rope_scaling="yarn", rope_factor=4.0,
+        rope_orig_ctx=128, n_expert=4, n_expert_used=2, n_ff_exp=64, expert_quant="mxfp4",
+    ),
 }
+
+# Mixtral: a llama file with experts (write_tiny_gguf(path, "llama", **MIXTRAL)).
+MIXTRAL = {"n_expert": 4, "n_expert_used": 2, "n_ff": 64}
 
 # ---------------------------------------------------------------------------------------------
 # Vocabularies
@@ -216,27 +290,82 @@ def _tensors(arch: str, cfg: TinyConfig, n_vocab: int, rng: np.random.Generator)
     }
     if not cfg.tied:
         out["output.weight"] = mat(n_vocab, cfg.n_embd)
+    if cfg.longrope:  # LongRoPE: long factors stretch the low frequencies, short ones barely
+        half = cfg.head_dim // 2
+        out["rope_factors_long.weight"] = np.linspace(1.0, 8.0, half).astype(np.float32)
+        out["rope_factors_short.weight"] = (1.0 + 0.05 * rng.random(half)).astype(np.float32)
     for i in range(cfg.n_layer):
         p = f"blk.{i}."
-        out[p + "attn_norm.weight"] = norm(cfg.n_embd)
-        out[p + "attn_q.weight"] = mat(q_dim, cfg.n_embd)
-        out[p + "attn_k.weight"] = mat(kv_dim, cfg.n_embd)
-        out[p + "attn_v.weight"] = mat(kv_dim, cfg.n_embd)
+        if arch != "olmo2":  # OLMo 2 has post-norms only
+            out[p + "attn_norm.weight"] = norm(cfg.n_embd)
+        if cfg.fused_qkv:
+            out[p + "attn_qkv.weight"] = mat(q_dim + 2 * kv_dim, cfg.n_embd)
+        else:
+            out[p + "attn_q.weight"] = mat(q_dim, cfg.n_embd)
+            out[p + "attn_k.weight"] = mat(kv_dim, cfg.n_embd)
+            out[p + "attn_v.weight"] = mat(kv_dim, cfg.n_embd)
         out[p + "attn_output.weight"] = mat(cfg.n_embd, q_dim)
-        if arch == "qwen2":
+        if arch in ("qwen2", "qwen2moe", "gpt-oss"):
             out[p + "attn_q.bias"] = bias(q_dim)
             out[p + "attn_k.bias"] = bias(kv_dim)
             out[p + "attn_v.bias"] = bias(kv_dim)
-        if arch in ("qwen3", "gemma3"):
+        if arch == "gpt-oss":
+            out[p + "attn_output.bias"] = bias(cfg.n_embd)
+            out[p + "attn_sinks.weight"] = (1.0 + rng.standard_normal(cfg.n_head)).astype(np.float32)
+            out[p + "post_attention_norm.weight"] = norm(cfg.n_embd)  # gpt-oss's FFN norm
+            out.update(_experts(arch, cfg, p, mat, bias))
+            continue
+        if arch in ("qwen3", "gemma3", "qwen3moe"):
             out[p + "attn_q_norm.weight"] = norm(cfg.head_dim)
             out[p + "attn_k_norm.weight"] = norm(cfg.head_dim)
-        if arch == "gemma3":
+        if arch in ("olmo2", "olmoe"):  # over the whole projection, not per head
+            out[p + "attn_q_norm.weight"] = norm(q_dim)
+            out[p + "attn_k_norm.weight"] = norm(kv_dim)
+        if arch in ("gemma2", "gemma3", "olmo2"):
             out[p + "post_attention_norm.weight"] = norm(cfg.n_embd)
             out[p + "post_ffw_norm.weight"] = norm(cfg.n_embd)
-        out[p + "ffn_norm.weight"] = norm(cfg.n_embd)
-        out[p + "ffn_gate.weight"] = mat(cfg.n_ff, cfg.n_embd)
-        out[p + "ffn_up.weight"] = mat(cfg.n_ff, cfg.n_embd)
+        if arch != "olmo2":
+            out[p + "ffn_norm.weight"] = norm(cfg.n_embd)
+        if cfg.n_expert:
+            out.update(_experts(arch, cfg, p, mat, bias))
+            continue
+        if arch == "phi3":  # gate and up in one matrix, gate first
+            out[p + "ffn_up.weight"] = mat(2 * cfg.n_ff, cfg.n_embd)
+        else:
+            out[p + "ffn_gate.weight"] = mat(cfg.n_ff, cfg.n_embd)
+            out[p + "ffn_up.weight"] = mat(cfg.n_ff, cfg.n_embd)
         out[p + "ffn_down.weight"] = mat(cfg.n_embd, cfg.n_ff)
+        if cfg.ffn_bias:
+            out[p + "ffn_gate.bias"] = bias(cfg.n_ff)
+            out[p + "ffn_up.bias"] = bias(cfg.n_ff)
+            out[p + "ffn_down.bias"] = bias(cfg.n_embd)
+    return out
+
+
+def _experts(arch: str, cfg: TinyConfig, p: str, mat: Callable, bias: Callable) -> dict[str, np.ndarray]:
+    """One layer's router, experts (numpy [n_expert, out, in]), qwen2moe's shared expert and
+    gpt-oss's biases (numpy [n_expert, out])."""
+    ff = cfg.n_ff_exp or cfg.n_ff
+
+    def experts(n_out: int, n_in: int) -> np.ndarray:
+        return np.stack([mat(n_out, n_in) for _ in range(cfg.n_expert)])
+
+    # a router 3x steeper than the weights: the experts' probabilities differ clearly per token
+    out = {p + "ffn_gate_inp.weight": 3.0 * mat(cfg.n_expert, cfg.n_embd),
+           p + "ffn_gate_exps.weight": experts(ff, cfg.n_embd),
+           p + "ffn_up_exps.weight": experts(ff, cfg.n_embd),
+           p + "ffn_down_exps.weight": experts(cfg.n_embd, ff)}  # fmt: skip
+    if arch == "gpt-oss":
+        out[p + "ffn_gate_inp.bias"] = bias(cfg.n_expert)
+        out[p + "ffn_gate_exps.bias"] = np.stack([bias(ff) for _ in range(cfg.n_expert)])
+        out[p + "ffn_up_exps.bias"] = np.stack([bias(ff) for _ in range(cfg.n_expert)])
+        out[p + "ffn_down_exps.bias"] = np.stack([bias(cfg.n_embd) for _ in range(cfg.n_expert)])
+    if arch == "qwen2moe":
+        sh = cfg.n_ff_shexp or cfg.n_ff
+        out[p + "ffn_gate_inp_shexp.weight"] = mat(1, cfg.n_embd)[0]
+        out[p + "ffn_gate_shexp.weight"] = mat(sh, cfg.n_embd)
+        out[p + "ffn_up_shexp.weight"] = mat(sh, cfg.n_embd)
+        out[p + "ffn_down_shexp.weight"] = mat(cfg.n_embd, sh)
     return out
 
 
@@ -250,9 +379,10 @@ def _ggml_quantize(tensor: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.n
     lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     src = np.ascontiguousarray(tensor, dtype=np.float32)
-    rows, n = src.shape
+    n = src.shape[-1]
+    rows = src.size // n  # a 3-D tensor (experts) is quantized as its rows
     block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
-    out = np.zeros((rows, n // block * block_bytes), dtype=np.uint8)
+    out = np.zeros((*src.shape[:-1], n // block * block_bytes), dtype=np.uint8)
     written = lib.ggml_quantize_chunk(int(qtype), src.ctypes.data, out.ctypes.data, 0, rows, n, None)
     assert written == out.nbytes, (written, out.nbytes)
     return out
@@ -288,7 +418,7 @@ def write_tiny_gguf(
     vocab: str = "spm",
     seed: int = 0,
     arch_name: str | None = None,
-    tensor_hook: Callable[[str, np.ndarray], np.ndarray] | None = None,
+    tensor_hook: Callable[[str, np.ndarray], np.ndarray | None] | None = None,
     vocab_hook: Callable[[TinyVocab], None] | None = None,
     metadata_hook: Callable[[gguf.GGUFWriter], None] | None = None,
     **overrides: object,
@@ -301,7 +431,7 @@ def write_tiny_gguf(
     overrides: fields of TinyConfig (n_embd, n_layer, head_dim, sliding_window, tied, ...).
     arch_name: write this as general.architecture instead of `arch` (for unknown-arch tests).
     tensor_hook: called as hook(name, float32 array) -> array to write (for broken-file tests); an
-    array of another dtype is written in that type.
+    array of another dtype is written in that type, None drops the tensor.
     vocab_hook: called with the TinyVocab before it is written, to edit it (broken vocabularies).
     metadata_hook: called with the writer after the standard keys, to add more.
     """
@@ -338,10 +468,35 @@ def write_tiny_gguf(
         w.add_rope_scaling_factor(cfg.rope_factor)
     if cfg.rope_orig_ctx:
         w.add_rope_scaling_orig_ctx_len(cfg.rope_orig_ctx)
+    optional_floats = (
+        (gguf.Keys.Rope.SCALING_ATTN_FACTOR, cfg.rope_attn_factor),
+        (gguf.Keys.Rope.SCALING_YARN_LOG_MUL, cfg.yarn_log_mul),
+        (gguf.Keys.Rope.SCALING_YARN_BETA_FAST, cfg.yarn_beta_fast),
+        (gguf.Keys.Rope.SCALING_YARN_BETA_SLOW, cfg.yarn_beta_slow),
+        (gguf.Keys.LLM.LOGIT_SCALE, cfg.logit_scale),
+        (gguf.Keys.LLM.RESIDUAL_SCALE, cfg.residual_scale),
+        (gguf.Keys.LLM.EMBEDDING_SCALE, cfg.embedding_scale),
+        (gguf.Keys.Attention.SCALE, cfg.attention_scale),
+        (gguf.Keys.Attention.TEMPERATURE_SCALE, cfg.temperature_scale),
+    )
+    for key, value in optional_floats:
+        if value:
+            w.add_float32(key.format(arch=name), value)
     w.add_layer_norm_rms_eps(cfg.rms_eps)
     w.add_vocab_size(n_vocab)
     if cfg.sliding_window:
         w.add_sliding_window(cfg.sliding_window)
+    if cfg.n_expert:
+        w.add_expert_count(cfg.n_expert)
+        w.add_expert_used_count(cfg.n_expert_used)
+    if cfg.n_ff_exp:
+        w.add_expert_feed_forward_length(cfg.n_ff_exp)
+    if cfg.n_ff_shexp:
+        w.add_expert_shared_feed_forward_length(cfg.n_ff_shexp)
+    if cfg.attn_softcap:
+        w.add_attn_logit_softcapping(cfg.attn_softcap)
+    if cfg.final_softcap:
+        w.add_final_logit_softcapping(cfg.final_softcap)
     w.add_file_type(int(gguf.LlamaFileType.ALL_F32) if quant == "f32" else int(gguf.LlamaFileType.MOSTLY_F16))
 
     _write_vocab(w, v)
@@ -351,7 +506,14 @@ def write_tiny_gguf(
     for tname, tensor in _tensors(arch, cfg, n_vocab, rng).items():
         if tensor_hook is not None:
             tensor = tensor_hook(tname, tensor)
-        data, qtype = _encode(tensor, QUANTS[quant])
+            if tensor is None:
+                continue
+        want = QUANTS[quant]
+        if tname.endswith(".bias"):  # gpt-oss's 2-D expert biases stay f32 like the others
+            want = Q.F32
+        elif "_exps." in tname and cfg.expert_quant:
+            want = QUANTS[cfg.expert_quant]
+        data, qtype = _encode(tensor, want)
         w.add_tensor(tname, data, raw_dtype=qtype)
 
     w.write_header_to_file()

@@ -28,14 +28,16 @@ from pie_local.llama_logs import route_llama_logs
 class LlamaSide:
     """One llama.cpp context with room for ``n_seq`` sequences in a unified KV cache."""
 
-    def __init__(self, path: Path, threads: int, n_ctx: int, n_seq: int, n_batch: int) -> None:
+    def __init__(self, path: Path, threads: int, n_ctx: int, n_seq: int, n_batch: int, *,
+                 extra_bufts: bool = False) -> None:
+        """extra_bufts: ggml's extra weight buffer types (CPU repacking, AMX where the CPU has it)."""
         import llama_cpp
 
         self.ll = llama_cpp
         route_llama_logs()  # llama.cpp's logs to Python logging, as pie-local does
         llama_cpp.llama_backend_init()
         mp = llama_cpp.llama_model_default_params()
-        mp.use_extra_bufts = False
+        mp.use_extra_bufts = extra_bufts
         # pie's side puts every layer on the GPU when there is one; scripts/gpu_check.sh sets
         # this so llama.cpp's side runs on the same device (0, the CPU, otherwise)
         mp.n_gpu_layers = int(os.environ.get("PIE_LLAMA_GPU_LAYERS", "0"))

@@ -1,4 +1,4 @@
-"""The thread count both engines get by default."""
+"""The thread count both engines get by default, and what the CPU lets llama.cpp use."""
 
 from __future__ import annotations
 
@@ -28,3 +28,12 @@ def physical_cores() -> int:
 def threads_or_cores(n_threads: int) -> int:
     """``n_threads``, or the physical cores when it is <= 0."""
     return n_threads if n_threads > 0 else physical_cores()
+
+
+def cpu_has_amx() -> bool:
+    """Whether the CPU advertises AMX (ggml's AMX weight buffer type would be used, and it crashes
+    in VMs that advertise AMX without enabling it)."""
+    try:
+        return "amx_tile" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False

@@ -1,7 +1,9 @@
 """List installed models (name, quant, size, architecture, where the file lives).
 
 The starter model (gemma3-270m) is always listed: it ships with pie-local and is assembled on
-first use, without a download. `--catalog` lists the models pie-local knows how to pull.
+first use, without a download. `--catalog` lists the models pie-local knows how to pull;
+VERIFIED "no" means the entry's hub repo and quant names have not been confirmed by a pull yet
+(the first successful pull confirms them).
 
 examples:
   pie-local list
@@ -30,7 +32,7 @@ def _status(model) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from pie_local.present.format import human_size, print_table
-    from pie_local.models.registry import load_registry
+    from pie_local.models.registry import is_verified, load_registry, pulled_entries
     from pie_local.models.store import STARTER_NAME, default_model_name, list_installed
 
     installed = list_installed()
@@ -39,8 +41,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.catalog:
         have = {m.name.split(":")[0] for m in installed if m.present}
+        pulled = pulled_entries()
+        verified = {e.name for e in catalog if is_verified(e, pulled)}
         if args.json:
-            print(json.dumps([dict(e.to_json(), installed=e.name in have) for e in catalog], indent=2))
+            print(json.dumps([dict(e.to_json(), installed=e.name in have, verified=e.name in verified)
+                              for e in catalog], indent=2))
             return 0
         rows = [
             (
@@ -49,13 +54,14 @@ def run(args: argparse.Namespace) -> int:
                 e.arch,
                 f"{e.context_length // 1024}k" if e.context_length >= 1024 else str(e.context_length),
                 ",".join(e.quants),
+                "yes" if e.name in verified else "no",
                 e.license,
                 e.description,
             )
             for e in catalog
         ]
-        print_table(("NAME", "PARAMS", "ARCH", "CTX", "QUANTS", "LICENSE", "DESCRIPTION"), rows)
-        print("\n* installed.  pie-local pull NAME[:QUANT]")
+        print_table(("NAME", "PARAMS", "ARCH", "CTX", "QUANTS", "VERIFIED", "LICENSE", "DESCRIPTION"), rows)
+        print("\n* installed.  VERIFIED no: hub names not yet confirmed by a pull.  pie-local pull NAME[:QUANT]")
         return 0
 
     if args.json:

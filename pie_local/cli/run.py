@@ -44,7 +44,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--model", "-m", default=None, help="model name or .gguf path (default: the default model)")
     parser.add_argument("--threads", type=int, default=0,
-                        help="CPU threads of a model loaded here (default: physical cores; a server has its own)")
+                        help="CPU threads of a model loaded here (default: auto — physical cores allowed by affinity and cgroup quota, adapted while running; a server has its own)")
     add_device_arguments(parser)
     add_target_arguments(parser)
 

@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-alive", default="10m",
                         help="unload a model after it was idle this long (30s, 10m, 1h, 0, never; default 10m)")
     parser.add_argument("--max-models", type=int, default=1, help="models loaded at once (default 1)")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads per model (default: physical cores)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads per model (default: auto — physical cores allowed by affinity and cgroup quota, adapted under load)")
     parser.add_argument("--pages", type=int, default=512, help="KV pages per model, 32 tokens each (default 512)")
     add_device_arguments(parser)
     parser.add_argument("--max-body", default="8MiB", help="largest request body (default 8MiB)")

@@ -25,6 +25,7 @@ RETURN_LOGPROB = 1 << 0
 RETURN_TOP_K = 1 << 1
 RETURN_LOGITS = 1 << 2
 RETURN_HIDDEN = 1 << 3
+RETURN_HIDDEN_ONLY = 1 << 4
 ROW_ERROR_SIZE = 160  # PIE_ROW_ERROR_SIZE: bytes of one row's message in out_errors
 
 LOG_CALLBACK = C.CFUNCTYPE(None, C.c_int32, C.c_char_p, C.c_void_p)
@@ -151,6 +152,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "pie_rpc_available": (C.c_int32, []),
     "pie_rpc_version": (C.c_char_p, []),
     "pie_rpc_serve": (C.c_int32, [C.c_char_p, C.c_int32]),
+    "pie_model_threads": (C.c_int32, [C.c_void_p]),
     "pie_forward": (C.c_int32, [C.c_void_p, C.POINTER(Batch)]),
     "pie_copy_pages": (C.c_int32, [C.c_void_p, C.c_int32, _i32p, _i32p]),
     "pie_read_pages": (C.c_int32, [C.c_void_p, C.c_int32, _i32p, C.c_void_p, C.c_size_t]),

@@ -127,6 +127,12 @@ class Driver:
     def info(self) -> ModelInfo:
         return self._info
 
+    @property
+    def threads(self) -> int:
+        """CPU threads the next forward pass runs (with n_threads <= 0 it follows the load)."""
+        with self._lock:
+            return int(self._lib.pie_model_threads(self._handle)) if self._handle else 0
+
     def close(self) -> None:
         with self._lock:
             if self._handle:
@@ -255,6 +261,8 @@ class Driver:
             flags |= _ffi.RETURN_HIDDEN
             res.hidden = np.zeros((n_out, info.n_embd), dtype=np.float32)
             b.out_hidden = _ptr(res.hidden, C.c_float)
+        if batch.hidden_only:
+            flags |= _ffi.RETURN_HIDDEN_ONLY
         b.return_flags = flags
         status = np.zeros(max(n_out, 1), dtype=np.int32)  # pie_batch.out_status: rows fail alone
         errors = C.create_string_buffer(max(n_out, 1) * _ffi.ROW_ERROR_SIZE)

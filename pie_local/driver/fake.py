@@ -49,6 +49,10 @@ class FakeTokenizer:
         self.eos_ids = frozenset({self.eos_id, SPECIAL_TOKENS.index("<end_of_turn>")})
         self.add_bos = True
         self._llg = None
+        self.meta: dict[str, str] = {}  # GGUF metadata a test gives it ("fake.pooling_type": "3", ...)
+
+    def metadata(self, key: str) -> str | None:
+        return self.meta.get(key)
 
     def token_id(self, special: str) -> int:
         return SPECIAL_TOKENS.index(special)
@@ -151,7 +155,7 @@ NextTokenRule = Callable[[list[int]], "int | None"]
 class FakeDriverStats:
     calls: int = 0
     tokens: int = 0  # tokens forwarded (prefill + decode), summed over calls
-    batches: list[dict] = field(default_factory=list)  # per call: n_tokens, n_requests, n_outputs
+    batches: list[dict] = field(default_factory=list)  # per call: n_tokens, n_requests, n_outputs, head (LM head run)
     copies: int = 0
     pages_read: int = 0
     pages_written: int = 0
@@ -334,13 +338,19 @@ class FakeDriver:
         n_out = b.n_outputs
         if n_out > info.max_batch_tokens:
             raise bad(f"batch has {n_out} outputs; max_batch_tokens is {info.max_batch_tokens}")
-        if len(b.samplers) != n_out:
+        hidden_only = b.hidden_only and n_out > 0
+        if hidden_only and (not b.return_hidden or b.return_logprobs or b.return_logits or b.top_k > 0
+                            or b.logit_masks is not None):
+            raise bad("PIE_RETURN_HIDDEN_ONLY goes with PIE_RETURN_HIDDEN alone (no other flag, no logit_masks)")
+        if not hidden_only and len(b.samplers) != n_out:
             raise bad(f"{len(b.samplers)} samplers for {n_out} output rows")
         for i in range(n_out):
-            row, s = int(b.output_rows[i]), b.samplers[i]
+            row = int(b.output_rows[i])
             if not 0 <= row < b.n_tokens:
                 raise bad(f"output {i}: row {row} out of range (batch has {b.n_tokens} tokens)")
-            problem = sampler_problem(s)
+            if hidden_only:
+                continue
+            problem = sampler_problem(b.samplers[i])
             if problem:
                 raise bad(f"output {i}: sampler {problem}")
         if b.top_k > 0 and b.top_k > vocab:
@@ -379,6 +389,8 @@ class FakeDriver:
             result.top_probs = np.zeros((n_out, b.top_k), dtype=np.float32)
         if b.return_logits:
             result.logits = np.zeros((n_out, vocab), dtype=np.float32)
+        if b.return_hidden:
+            result.hidden = np.zeros((n_out, self._info.n_embd), dtype=np.float32)
         for i, row in enumerate(b.output_rows):
             row = int(row)
             r = int(req_of_token[row])
@@ -397,6 +409,10 @@ class FakeDriver:
                     raise DriverError("invalid_argument", f"request {r} reads KV slot {idx} that was never written")
                 seen.append((int(self._kv_tok[page, off]), int(self._kv_pos[page, off])))
             logits = self.logits_for(seen)
+            if result.hidden is not None:  # like the logits, a function of the KV the row sees
+                result.hidden[i] = logits[: self._info.n_embd]
+            if b.hidden_only:  # no LM head: nothing sampled
+                continue
             if result.logits is not None:
                 result.logits[i] = logits
             mask = None if b.logit_masks is None else _bits_to_bool(b.logit_masks[i], vocab)
@@ -418,7 +434,8 @@ class FakeDriver:
                 result.top_probs[i] = np.exp(logp[order])
         self.stats.calls += 1
         self.stats.tokens += b.n_tokens
-        self.stats.batches.append({"n_tokens": b.n_tokens, "n_requests": b.n_requests, "n_outputs": n_out})
+        self.stats.batches.append({"n_tokens": b.n_tokens, "n_requests": b.n_requests, "n_outputs": n_out,
+                                   "head": n_out > 0 and not b.hidden_only})
         return result
 
     # ---- page operations --------------------------------------------------------------------------

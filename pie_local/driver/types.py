@@ -24,7 +24,10 @@ class DriverError(RuntimeError):
 
 @dataclass
 class DriverParams:
-    n_threads: int = 0  # <= 0: all physical cores; more than the CPUs online: one per CPU (a logged warning)
+    # <= 0: "auto", the cores this process may use (physical cores, CPU affinity, cgroup quota), fewer
+    # while other processes keep them busy (Driver.threads says how many now); an explicit count is
+    # kept (more than the CPUs online: one per CPU, with a logged warning)
+    n_threads: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda:0", "metal"
     page_size: int = 32  # tokens per KV page
     n_pages: int = 512  # KV pages in the pool (n_pages * page_size tokens of KV in all)
@@ -152,6 +155,7 @@ class ForwardBatch:
     return_logprobs: bool = True
     return_logits: bool = False
     return_hidden: bool = False
+    hidden_only: bool = False  # with return_hidden alone: stop at the hidden states (no LM head, nothing sampled)
     rows_fail_alone: bool = False  # a row that cannot be sampled fails alone (ForwardResult.row_errors), not the call
 
     @property

@@ -5,7 +5,8 @@
 
 Submodules: registry (catalogue), store (installed models), pull (downloads), gguf_info
 (metadata + memory estimate), gguf_check (refuses files that would crash llama.cpp or the driver),
-starter (the model shipped on PyPI), spec (what users type).
+starter (the model shipped on PyPI), spec (what users type), chat_template and tool_formats
+(prompts and the tool calls of each model family).
 """
 
 from pie_local.models.errors import (
@@ -23,6 +24,7 @@ from pie_local.models.errors import (
     QuantNotFoundError,
     RegistryError,
     UnknownModelError,
+    UnsupportedArchitectureError,
 )
 from pie_local.models.resolve import ResolvedModel, resolve_model
 from pie_local.models.store import STARTER_NAME, InstalledModel
@@ -45,5 +47,6 @@ __all__ = [
     "RegistryError",
     "ResolvedModel",
     "UnknownModelError",
+    "UnsupportedArchitectureError",
     "resolve_model",
 ]

@@ -20,8 +20,7 @@ import json
 import os
 import re
 import time
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import update_wrapper
 from typing import Any
 
@@ -33,23 +32,13 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEscapeFormatt
 from jinja2.visitor import NodeTransformer
 from markupsafe import Markup
 
+from pie_local.models.tool_formats import FORMATS, ToolCall, detect_tool_format, parse_tool_calls
+
+__all__ = ["ChatTemplate", "ChatTemplateError", "ToolCall", "parse_tool_calls", "tool_system_prompt"]
+
 
 class ChatTemplateError(ValueError):
     """The template is invalid, unsafe, too slow or too large, or called raise_exception()."""
-
-
-@dataclass
-class ToolCall:
-    """One function call the model asked for."""
-
-    name: str
-    arguments: dict[str, Any] = field(default_factory=dict)
-    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:12]}")
-
-    def to_message(self) -> dict[str, Any]:
-        """The OpenAI-style entry of an assistant message's `tool_calls` list."""
-        return {"id": self.id, "type": "function",
-                "function": {"name": self.name, "arguments": self.arguments}}
 
 
 # ---- the sandbox --------------------------------------------------------------------------------
@@ -307,7 +296,7 @@ _ARCH_FORMATS = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "llama"
                  "qwen": "chatml", "qwen2": "chatml", "qwen3": "chatml", "qwen2moe": "chatml", "qwen3moe": "chatml"}
 # End-of-turn markers that a template may emit; the ones it contains become stop strings.
 _KNOWN_STOPS = ["<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<|endoftext|>",
-                "<|END_OF_TURN_TOKEN|>", "</s>"]
+                "<|END_OF_TURN_TOKEN|>", "</s>", "<|end_of_text|>", "<|return|>", "<|call|>"]
 
 
 def fallback_format(arch: str | None, tokenizer: Any = None) -> str:
@@ -346,13 +335,18 @@ class ChatTemplate:
             self._template = self._env.from_string(_GuardLoopsAndConcat().visit(tree))
         except jinja2.TemplateSyntaxError as e:
             raise ChatTemplateError(f"chat template does not parse (line {e.lineno}): {e.message}") from None
-        self.supports_tools = "tools" in self.variables
+        self.tool_format = tool_format or detect_tool_format(source)
+        # Phi-4-mini's template reads the tools (JSON text) from the system message, SmolLM3's from
+        # `xml_tools`; the others from `tools`.
+        self._tools_in_system = "<|tool|>" in source and "tools" not in self.variables
+        self.supports_tools = bool({"tools", "xml_tools"} & self.variables) or self._tools_in_system
         if stop_strings is None:
             stop_strings = [s for s in _KNOWN_STOPS if s in source]
+            if self.tool_format == "harmony":  # <|end|> closes a channel (the reasoning), not the turn
+                stop_strings = [s for s in stop_strings if s != "<|end|>"]
             if eos_token and eos_token not in stop_strings and eos_token in source:
                 stop_strings.append(eos_token)
         self.stop_strings = stop_strings
-        self.tool_format = tool_format or _detect_tool_format(source)
 
     # ---- construction ---------------------------------------------------------------------------
 
@@ -402,11 +396,15 @@ class ChatTemplate:
         """
         messages = [_check_message(m, i) for i, m in enumerate(messages)]
         tool_list = [_openai_tool(t) for t in tools] if tools else None
-        if tool_list and not self.supports_tools:
+        if tool_list and self._tools_in_system:
+            messages = _with_system_tools(messages, tool_list)
+        elif tool_list and not self.supports_tools:
             messages = _with_system_text(messages, tool_system_prompt(tool_list, self.tool_format))
         variables = dict(extra, messages=messages, add_generation_prompt=add_generation_prompt,
                          bos_token=self.bos_token, eos_token=self.eos_token,
-                         tools=tool_list if self.supports_tools else None)
+                         tools=tool_list if "tools" in self.variables else None)
+        if "xml_tools" in self.variables:
+            variables.setdefault("xml_tools", tool_list)
         budget = _Budget(time.monotonic() + self.max_render_seconds, self.max_output_chars)
         token = _budget.set(budget)
         try:
@@ -434,7 +432,12 @@ class ChatTemplate:
     # ---- tool calls -----------------------------------------------------------------------------
 
     def parse_tool_calls(self, text: str) -> list[ToolCall]:
-        return parse_tool_calls(text)
+        return parse_tool_calls(text, self.tool_format)
+
+    @property
+    def text_markers(self) -> tuple[str, ...]:
+        """Special tokens of this template's tool-call format that generated text must keep."""
+        return FORMATS[self.tool_format].markers if self.tool_format in FORMATS else ()
 
     def __repr__(self) -> str:
         return f"ChatTemplate(origin={self.origin!r}, stop_strings={self.stop_strings!r})"
@@ -477,90 +480,21 @@ def _with_system_text(messages: list[dict], text: str) -> list[dict]:
     return [{"role": "system", "content": text}, *messages]
 
 
-def _detect_tool_format(source: str) -> str:
-    if "<tool_call>" in source:
-        return "hermes"
-    if "<|python_tag|>" in source or "ipython" in source:
-        return "llama3"
-    return "json"
-
-
-_TOOL_CALL_EXAMPLES = {
-    "hermes": '<tool_call>\n{"name": "TOOL_NAME", "arguments": {...}}\n</tool_call>',
-    "llama3": '{"name": "TOOL_NAME", "parameters": {...}}',
-    "json": '{"name": "TOOL_NAME", "arguments": {...}}',
-}
+def _with_system_tools(messages: list[dict], tools: list[dict]) -> list[dict]:
+    """Phi-4-mini style: the functions as JSON text in the system message's `tools` field."""
+    text = json.dumps([_openai_tool(t)["function"] for t in tools], ensure_ascii=False)
+    if messages and messages[0]["role"] == "system":
+        return [dict(messages[0], tools=text), *messages[1:]]
+    return [{"role": "system", "content": "", "tools": text}, *messages]
 
 
 def tool_system_prompt(tools: list[dict], tool_format: str = "json") -> str:
     """A plain-text description of the tools for templates that have no tool support."""
     lines = ["You can call the following tools. To call one, answer with only this, on one line:",
-             _TOOL_CALL_EXAMPLES.get(tool_format, _TOOL_CALL_EXAMPLES["json"]),
+             FORMATS.get(tool_format, FORMATS["json"]).example,
              "", "Tools:"]
     for tool in tools:
         fn = _openai_tool(tool)["function"]
         lines.append(f"- {fn['name']}: {fn.get('description', '').strip()}")
         lines.append(f"  parameters (JSON schema): {json.dumps(fn.get('parameters', {}), ensure_ascii=False)}")
     return "\n".join(lines)
-
-
-# ---- parsing tool calls -------------------------------------------------------------------------
-
-_HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
-
-
-def parse_tool_calls(text: str) -> list[ToolCall]:
-    """Tool calls in generated text, in the formats models use:
-
-    - Qwen/Hermes: <tool_call>{"name": ..., "arguments": {...}}</tool_call> (one block per call)
-    - Llama 3: {"name": ..., "parameters": {...}}, optionally after <|python_tag|>
-    - generic: {"name": ..., "arguments": {...}} anywhere in the text (also a JSON list of them)
-
-    `arguments` given as a JSON string (OpenAI style) are decoded. Text that is not a call is ignored.
-    """
-    blocks = _HERMES_BLOCK.findall(text) if "<tool_call>" in text else [text.replace("<|python_tag|>", "")]
-    calls: list[ToolCall] = []
-    for block in blocks:
-        for value in _json_values(block):
-            for item in value if isinstance(value, list) else [value]:
-                call = _as_tool_call(item)
-                if call is not None:
-                    calls.append(call)
-    return calls
-
-
-def _json_values(text: str):
-    """Every top-level JSON object or array embedded in text, left to right."""
-    decoder = json.JSONDecoder()
-    pos = 0
-    while True:
-        starts = [i for i in (text.find("{", pos), text.find("[", pos)) if i >= 0]
-        if not starts:
-            return
-        start = min(starts)
-        try:
-            value, end = decoder.raw_decode(text, start)
-        except json.JSONDecodeError:
-            pos = start + 1
-            continue
-        yield value
-        pos = end
-
-
-def _as_tool_call(item: Any) -> ToolCall | None:
-    if not isinstance(item, dict):
-        return None
-    if isinstance(item.get("function"), dict):  # OpenAI {"type": "function", "function": {...}}
-        return _as_tool_call(item["function"])
-    name = item.get("name")
-    arguments = item.get("arguments", item.get("parameters", {}))
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
-        except json.JSONDecodeError:
-            return None
-    if not isinstance(name, str) or not name or not isinstance(arguments, dict):
-        return None
-    if "id" in item and isinstance(item["id"], str):
-        return ToolCall(name, arguments, id=item["id"])
-    return ToolCall(name, arguments)

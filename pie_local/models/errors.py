@@ -38,6 +38,16 @@ class CorruptGGUFError(GGUFError):
     to llama.cpp or the driver, it would abort the process instead of failing cleanly."""
 
 
+class UnsupportedArchitectureError(GGUFError):
+    """A GGUF of an architecture the native driver does not run."""
+
+    def __init__(self, path: object, arch: str, supported: tuple[str, ...]):
+        self.arch, self.supported = arch, supported
+        super().__init__(f"{path}: architecture '{arch}' is not supported by this pie-local's driver "
+                         f"(supported: {', '.join(supported)}). `pie-local list --catalog` lists models "
+                         "of the supported architectures.")
+
+
 class PullError(ModelError):
     """A download failed."""
 

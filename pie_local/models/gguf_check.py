@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from pie_local import paths
-from pie_local.models.errors import CorruptGGUFError, GGUFError
+from pie_local.models.errors import CorruptGGUFError, GGUFError, UnsupportedArchitectureError
 from pie_local.models.gguf_info import (
     ArrayInfo,
     GGUFHeader,
@@ -109,6 +109,25 @@ def check_model(path: str | os.PathLike[str]) -> None:
             _check_tensors(read_gguf_header(part))
 
     _remembered("model", parts[0], run)
+
+
+def supported_architectures() -> tuple[str, ...] | None:
+    """The architectures the native driver runs, or None without a usable driver (its own error,
+    with the fix, comes when a model is loaded)."""
+    from pie_local.driver import supported_architectures as from_driver
+
+    try:
+        return from_driver()
+    except RuntimeError:  # DriverNotFound, AbiMismatch
+        return None
+
+
+def check_architecture(path: str | os.PathLike[str], arch: str) -> None:
+    """UnsupportedArchitectureError, naming the architecture and the supported ones, for a model
+    the driver would refuse to load."""
+    supported = supported_architectures()
+    if supported is not None and arch not in supported:
+        raise UnsupportedArchitectureError(path, arch, supported)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,8 +270,6 @@ def _check_hparams(header: GGUFHeader) -> None:
             raise _bad(header, key, f"is {value}; it must be >= 0")
         if suffix in POSITIVE and value <= 0:
             raise _bad(header, key, f"is {value}; it must be > 0")
-    if arch == "gemma3":
-        _check_gemma3_window(header)
 
 
 def _check_count(header: GGUFHeader, key: str, value: Any, limit: int) -> None:
@@ -267,30 +284,6 @@ def _check_count(header: GGUFHeader, key: str, value: Any, limit: int) -> None:
         raise _bad(header, key, f"is {value!r}, not an integer")
     if not 1 <= value <= limit:
         raise _bad(header, key, f"is {value}; it must be from 1 to {limit}")
-
-
-def _check_gemma3_window(header: GGUFHeader) -> None:
-    """Gemma 3 interleaves sliding-window and global layers. The driver (as of now) needs at least
-    one of each once a window is set: with only one kind, one of its two attention masks is left
-    out of the graph and ggml aborts when the mask is filled in."""
-    meta = header.metadata
-    window, n_layer = meta.get("gemma3.attention.sliding_window"), meta.get("gemma3.block_count")
-    if not isinstance(window, int) or window <= 0 or not isinstance(n_layer, int) or n_layer <= 0:
-        return
-    key = "gemma3.attention.sliding_window_pattern"
-    pattern = meta.get(key, 6)
-    if isinstance(pattern, list):
-        if len(pattern) != n_layer:
-            return  # the driver refuses it with a clear message
-        sliding = [bool(p) for p in pattern]
-    elif isinstance(pattern, int) and pattern >= 0:
-        sliding = [pattern == 0 or il % pattern < pattern - 1 for il in range(n_layer)]
-    else:
-        return
-    if all(sliding) or not any(sliding):
-        kind = "sliding-window" if all(sliding) else "global"
-        raise _bad(header, key, f"makes all {n_layer} layers {kind} layers (with block_count {n_layer} and a "
-                                f"{window}-token window); pie-local needs both kinds")
 
 
 def _check_tensors(header: GGUFHeader) -> None:

@@ -37,7 +37,7 @@ from pie_local.models.errors import (
     PullError,
     QuantNotFoundError,
 )
-from pie_local.models.registry import load_registry
+from pie_local.models.registry import load_registry, record_pulled
 from pie_local.models.spec import ModelSpec, matches_quant, parse_spec, quant_of_filename
 from pie_local.models.store import InstalledModel, ModelFile, fsync_dir, get, known_sha256, locks_dir, record
 from pie_local.paths import models_dir
@@ -418,6 +418,8 @@ def _record_model(spec: ModelSpec, files: list[ModelFile], revision: str | None)
         context_length=info.context_length,
     )
     record(model)
+    if spec.entry is not None and spec.entry.source == "hub" and spec.quant:
+        record_pulled(spec.entry, spec.quant, files[0].path.name)  # the entry resolved: verified now
     return model
 
 

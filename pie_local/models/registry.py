@@ -5,11 +5,17 @@ starter model) and what it is. Quantizations are resolved to file names from the
 pull time, because hub file names are not predictable; an optional `[models.pins.QUANT]` table
 pins a file name and/or sha256, which pull checks against the listing. Entries in
 `<data dir>/models.toml` are validated the same way and replace shipped entries of the same name.
+
+An entry is `verified` once its repo and quant file names are known to resolve on the hub: written
+so in models.toml (`verified = true`; the starter package is), or recorded by the first successful
+`pull` of it in `<data dir>/verified.json`. Entries written from memory of the hub start unverified.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -30,7 +36,8 @@ SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 QUANT_RE = re.compile(r"^[A-Z0-9][A-Z0-9_]*$")
 
 _REQUIRED = {"name", "description", "arch", "context_length", "license"}
-_OPTIONAL = {"repo", "package", "file", "sha256", "size", "quants", "default_quant", "params", "pins", "chat_template"}
+_OPTIONAL = {"repo", "package", "file", "sha256", "size", "quants", "default_quant", "params", "pins", "chat_template",
+             "verified"}
 _PIN_KEYS = {"file", "sha256", "size"}
 
 
@@ -58,6 +65,7 @@ class RegistryEntry:
     params: str | None = None  # "0.5B", display only
     pins: dict[str, QuantPin] = field(default_factory=dict, hash=False, compare=False)
     chat_template: str | None = None
+    verified: bool = False  # models.toml says its repo and quants resolve (see is_verified for pulls)
 
     def pin(self, quant: str) -> QuantPin | None:
         return self.pins.get(quant)
@@ -76,6 +84,7 @@ class RegistryEntry:
             "quants": list(self.quants),
             "default_quant": self.default_quant,
             "has_chat_template_override": self.chat_template is not None,
+            "verified": self.verified,
         }
 
 
@@ -175,6 +184,9 @@ def _entry_from_table(table: Any, where: str) -> RegistryEntry:
     params = table.get("params")
     if params is not None and not isinstance(params, str):
         raise bad("'params' must be a string like '0.5B'")
+    verified = table.get("verified", package is not None)  # a package's file is pinned by sha256
+    if not isinstance(verified, bool):
+        raise bad("'verified' must be true or false")
     return RegistryEntry(
         name=name,
         description=description,
@@ -189,6 +201,7 @@ def _entry_from_table(table: Any, where: str) -> RegistryEntry:
         params=params,
         pins=pins,
         chat_template=string("chat_template"),
+        verified=verified,
     )
 
 
@@ -258,3 +271,50 @@ def close_names(name: str, candidates: list[str], n: int = 3) -> list[str]:
     """Names a user probably meant (difflib), for 'did you mean' hints."""
     by_lower = {c.lower(): c for c in candidates}
     return [by_lower[m] for m in difflib.get_close_matches(name.lower(), list(by_lower), n=n, cutoff=0.5)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification by pull
+# ---------------------------------------------------------------------------------------------
+
+
+def verified_record_path() -> Path:
+    from pie_local.paths import home
+
+    return home() / "verified.json"
+
+
+def pulled_entries() -> dict[str, dict[str, Any]]:
+    """What successful pulls of catalogue entries resolved: {name: {"repo", "files": {quant: file}}}."""
+    try:
+        data = json.loads(verified_record_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def record_pulled(entry: RegistryEntry, quant: str, filename: str) -> None:
+    """Remember that `entry` resolved on the hub to `filename` for `quant` (the first pull verifies it)."""
+    from filelock import FileLock
+
+    from pie_local.models.store import locks_dir
+
+    path = verified_record_path()
+    with FileLock(str(locks_dir() / "verified.lock")):
+        data = pulled_entries()
+        seen = data.get(entry.name)
+        if not isinstance(seen, dict) or seen.get("repo") != entry.repo:
+            seen = {"repo": entry.repo, "files": {}}
+        seen.setdefault("files", {})[quant] = filename
+        data[entry.name] = seen
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def is_verified(entry: RegistryEntry, pulled: dict[str, dict[str, Any]] | None = None) -> bool:
+    """models.toml says so, or a pull of this entry from the same repo succeeded."""
+    if entry.verified:
+        return True
+    seen = (pulled_entries() if pulled is None else pulled).get(entry.name)
+    return isinstance(seen, dict) and seen.get("repo") == entry.repo

@@ -254,7 +254,7 @@ def default_name_for(path: Path) -> str:
 def add(path: str | os.PathLike[str], name: str | None = None) -> InstalledModel:
     """Register a GGUF already on disk under `name` (default: its file name) without copying it.
     The file stays where it is and `remove` never deletes it."""
-    from pie_local.models.gguf_check import check_model
+    from pie_local.models.gguf_check import check_architecture, check_model
     from pie_local.models.gguf_info import read_gguf_info
 
     file = Path(path).expanduser()
@@ -264,6 +264,7 @@ def add(path: str | os.PathLike[str], name: str | None = None) -> InstalledModel
     info = read_gguf_info(file)  # raises GGUFError for anything that is not a GGUF
     if info.arch is None:
         raise GGUFError(f"{file}: the GGUF has no general.architecture; it cannot be loaded as a model")
+    check_architecture(file, info.arch)  # a model the driver cannot run is refused now, not at load
     check_model(file)  # CorruptGGUFError for a file that would crash llama.cpp or the driver
     name = (name or default_name_for(info.path)).strip()
     if not name or any(c.isspace() for c in name):

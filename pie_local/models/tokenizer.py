@@ -74,6 +74,7 @@ class Tokenizer:
         self.add_eos: bool = bool(llama_cpp.llama_vocab_get_add_eos(self._vocab))
         self._llg = None
         self._llg_lock = threading.Lock()
+        self._kept: frozenset[int] = frozenset()  # control tokens generated text shows (keep_in_text)
 
     # ---- construction / lifetime --------------------------------------------------------------
 
@@ -146,11 +147,14 @@ class Tokenizer:
             capacity = -n
 
     def decode(self, ids: Iterable[int], special: bool = True) -> str:
-        """Token ids -> text, the inverse of encode (control tokens shown when `special`)."""
+        """Token ids -> text, the inverse of encode (control tokens shown when `special`; without
+        it, those of `keep_in_text` still are)."""
         self._check()
         ids = [self._valid(t) for t in ids]
         if not ids:
             return ""
+        if not special and self._kept.intersection(ids):
+            return b"".join(self.piece(t, special=False) for t in ids).decode("utf-8", errors="replace")
         arr = (self._llama.llama_token * len(ids))(*ids)
         capacity = 8 * len(ids) + 32
         while True:
@@ -161,9 +165,12 @@ class Tokenizer:
             capacity = -n
 
     def piece(self, token_id: int, special: bool = True) -> bytes:
-        """The bytes one token stands for (byte-fallback tokens give raw, maybe partial, UTF-8)."""
+        """The bytes one token stands for (byte-fallback tokens give raw, maybe partial, UTF-8).
+        special=False is the text of a generation: control tokens give b"", except those of
+        `keep_in_text`."""
         self._check()
         token_id = self._valid(token_id)
+        special = special or token_id in self._kept
         capacity = 64
         while True:
             buf = ctypes.create_string_buffer(capacity)
@@ -176,6 +183,31 @@ class Tokenizer:
         """Control tokens (<bos>, <end_of_turn>, <|im_start|>...) that text never contains."""
         self._check()
         return bool(self._llama.llama_vocab_is_control(self._vocab, self._valid(token_id)))
+
+    def special_token(self, text: str) -> int | None:
+        """The id of `text` when the vocab has it as one special token, which generated text and
+        grammars cannot spell with ordinary tokens (Mistral's [TOOL_CALLS], Phi's <|tool_call|>)."""
+        ids = self.encode(text, parse_special=True)
+        if len(ids) != 1 or self.piece(ids[0], special=True) != text.encode():
+            return None
+        return ids[0] if self._is_grammar_special(ids[0]) else None
+
+    def keep_in_text(self, markers: Iterable[str]) -> None:
+        """Show these special tokens in generated text (a tool-call format's markers, as llama.cpp's
+        preserved tokens): without them a call could not be told from prose."""
+        ids = {t for m in markers if (t := self.special_token(m)) is not None}
+        self._kept = frozenset(self._kept | ids)
+
+    def _is_grammar_special(self, token_id: int, piece: bytes | None = None) -> bool:
+        """Control tokens, and user-defined ones that look like tags (<tool_call>): llguidance
+        matches them only by name or id, never as text. `piece`: the token's, if known."""
+        attr = self._llama.llama_vocab_get_attr(self._vocab, token_id)
+        if attr & self._llama.LLAMA_TOKEN_ATTR_CONTROL:
+            return True
+        if not attr & self._llama.LLAMA_TOKEN_ATTR_USER_DEFINED:
+            return False
+        piece = self.piece(token_id, special=True) if piece is None else piece
+        return piece.startswith(b"<") and piece.endswith(b">")
 
     def stream_decoder(self, special: bool = False) -> StreamDecoder:
         return StreamDecoder(self, special=special)
@@ -234,16 +266,11 @@ class Tokenizer:
         import llguidance
 
         llama = self._llama
-        control = llama.LLAMA_TOKEN_ATTR_CONTROL
-        user_defined = llama.LLAMA_TOKEN_ATTR_USER_DEFINED
         tokens: list[bytes] = []
         for t in range(self.n_vocab):
             piece = self.piece(t, special=True)
-            attr = llama.llama_vocab_get_attr(self._vocab, t)
             # llguidance marks special tokens with a 0xFF prefix so grammar text never matches them.
-            if attr & control or (attr & user_defined and piece.startswith(b"<") and piece.endswith(b">")):
-                piece = b"\xff" + piece
-            tokens.append(piece)
+            tokens.append(b"\xff" + piece if self._is_grammar_special(t, piece) else piece)
         tokenize = ctypes.cast(llama.llama_cpp._lib.llama_tokenize, ctypes.c_void_p).value
         try:
             return llguidance.LLTokenizer.from_llamacpp(tokens=tokens, vocab_ptr=self._vocab, tokenize_fptr=tokenize,

@@ -56,7 +56,7 @@ def model_card(model: ResolvedModel, info: GGUFInfo, context: int, kv_type: str 
     fields = (
         ("name", model.name),
         ("title", _known(info.name)),
-        ("architecture", _known(info.arch)),
+        ("architecture", _architecture(info.arch)),
         ("parameters", human_count(info.n_params) + (f" ({info.size_label})" if info.size_label else "")),
         ("quantization", f"{_known(info.file_type)}  [{mix}]"),
         ("file size", human_size(info.file_size)),
@@ -79,3 +79,14 @@ def model_card(model: ResolvedModel, info: GGUFInfo, context: int, kv_type: str 
 
 def _known(value: object) -> str:
     return str(value) if value else UNKNOWN
+
+
+def _architecture(arch: str | None) -> str:
+    """The architecture, and whether this pie-local runs it (the list when it does not)."""
+    from pie_local.models.gguf_check import supported_architectures
+
+    supported = supported_architectures()
+    if not arch or supported is None or arch in supported:
+        return _known(arch)
+    return f"{arch} (not supported; supported: {', '.join(supported)})"
+

@@ -26,7 +26,8 @@ USAGE = 2
 DRIVER_FIXES = {
     "io": "check the path and the file's permissions",
     "format": "the file is damaged or not a GGUF model: download it again (pie-local pull NAME)",
-    "unsupported": "this architecture or device is not supported yet: try a llama, qwen2, qwen3 or gemma3 model",
+    "unsupported": "this architecture or device is not supported yet: use a model of a supported architecture "
+                   "(`pie-local list --catalog` lists them)",
     "out_of_memory": "free memory, or try a smaller model or quantization",
 }
 

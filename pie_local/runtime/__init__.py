@@ -13,7 +13,7 @@ _EXPORTS = {
     "InferletCancelled": "handle", "ModelIdentity": "engine",
     "Context": "context", "Generation": "generation", "GenerationResult": "generation",
     "Forward": "forward", "ForwardOutput": "forward", "brle": "forward", "brle_decode": "forward",
-    "SamplingParams": "sampling", "Score": "scoring", "Selection": "scoring", "Reasoning": "reasoning",
+    "SamplingParams": "sampling", "Embedding": "embedding", "Score": "scoring", "Selection": "scoring", "Reasoning": "reasoning",
     "NgramDrafter": "speculation", "ModelDrafter": "speculation", "GuessDrafter": "speculation", "Draft": "speculation",
     "OutOfPagesError": "pages",
     "Limits": "limits", "LimitExceeded": "limits", "PageLimitError": "limits", "TokenLimitError": "limits",

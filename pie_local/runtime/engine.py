@@ -18,10 +18,12 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from pie_local.driver.types import DriverParams, ModelDriver
+from pie_local.runtime import embedding
 from pie_local.runtime.context import Context
+from pie_local.runtime.embedding import Embedding
 from pie_local.runtime.forward import ForwardRequest
 from pie_local.runtime.handle import InferletCancelled, InferletHandle
 from pie_local.runtime.inferlet import InferletSpec, load_inferlet
@@ -121,6 +123,8 @@ class Engine:
 
             self._chat_template = ChatTemplate.for_model(self.model_path, self._arch or self._driver.info.arch,
                                                          self._template_override, tokenizer=self._tokenizer)
+            # the template's tool-call markers stay in generated text, where the call parser finds them
+            self._tokenizer.keep_in_text(self._chat_template.text_markers)
 
     @property
     def driver(self) -> ModelDriver:
@@ -242,6 +246,21 @@ class Engine:
         """A context owned by the caller (not by an inferlet): release() it when done."""
         self._require_running()
         return Context(self)
+
+    async def embed(self, input: str | Sequence[int], *, pooling: str | None = None,
+                    normalize: bool = True) -> Embedding:
+        """The embedding of one text (or list of token ids): the model's final hidden states pooled
+        ("mean", "cls", "last"; None: what the model file asks for, else mean) and, unless
+        normalize=False, scaled to unit length. See runtime/embedding.py."""
+        return (await self.embed_many([input], pooling=pooling, normalize=normalize))[0]
+
+    async def embed_many(self, inputs: Sequence[str | Sequence[int]], *, pooling: str | None = None,
+                         normalize: bool = True) -> list[Embedding]:
+        """One embedding per input, in order, computed in the same batches."""
+        self._require_running()
+        info = self.info
+        return await embedding.embed(self.context, self.tokenizer, info.n_vocab, info.arch, inputs, pooling,
+                                     normalize)
 
     def launch(self, inferlet: str | os.PathLike | Callable[..., Any] | InferletSpec, args: Any = None,
                limits: Limits | None = None, parent: InferletHandle | None = None) -> InferletHandle:

@@ -44,6 +44,7 @@ class ForwardOutput:
     top_probs: np.ndarray | None = None  # float32 [n_rows, top_k]
     entropy: np.ndarray | None = None  # float32 [n_rows], nats
     logits: np.ndarray | None = None  # float32 [n_rows, n_vocab]
+    hidden: np.ndarray | None = None  # float32 [n_rows, n_embd]: final hidden states (after the output norm)
     # probed rows sampled under a logit mask: log p of the token renormalised over the allowed
     # tokens (nan on other rows); their top_ids/top_probs then list allowed tokens only, renormalised
     allowed_logprobs: np.ndarray | None = None  # float32 [n_rows]
@@ -52,13 +53,15 @@ class ForwardOutput:
         return int(self.tokens[self.rows.index(row)])
 
     @classmethod
-    def empty(cls, rows: list[int], top_k: int, n_vocab: int | None) -> ForwardOutput:
-        """Zeroed arrays for ``rows`` that the scheduler fills chunk by chunk (logits when n_vocab)."""
+    def empty(cls, rows: list[int], top_k: int, n_vocab: int | None, n_embd: int | None = None) -> ForwardOutput:
+        """Zeroed arrays for ``rows`` that the scheduler fills chunk by chunk (logits when n_vocab,
+        hidden states when n_embd)."""
         n = len(rows)
         return cls(rows=list(rows), tokens=np.zeros(n, np.int32), logprobs=np.zeros(n, np.float32),
                    top_ids=np.zeros((n, top_k), np.int32) if top_k else None,
                    top_probs=np.zeros((n, top_k), np.float32) if top_k else None,
-                   logits=np.zeros((n, n_vocab), np.float32) if n_vocab else None)
+                   logits=np.zeros((n, n_vocab), np.float32) if n_vocab else None,
+                   hidden=np.zeros((n, n_embd), np.float32) if n_embd else None)
 
 
 @dataclass(eq=False)
@@ -73,6 +76,8 @@ class ForwardRequest:
     logit_masks: np.ndarray | None = None  # uint32 [n_outputs, words]
     top_k: int = 0
     want_logits: bool = False
+    want_hidden: bool = False  # the output rows' final hidden states (embeddings)
+    hidden_only: bool = False  # its rows are only read for hidden states: a batch of such rows skips the LM head
     copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) before the first chunk
     owner: Any = None  # the inferlet (None for a context the caller owns)
     context: Any = None  # the context it belongs to (the scheduler waits for it to queue its next step)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from pie_local.runtime import embedding
 from pie_local.runtime.context import Context
+from pie_local.runtime.embedding import Embedding
 from pie_local.runtime.handle import InferletHandle
 from pie_local.runtime.limits import Limits
 from pie_local.runtime.messaging import Message, Subscription
@@ -34,6 +36,13 @@ class Runtime:
 
     def context(self) -> Context:
         return Context(self.engine, owner=self.handle)
+
+    async def embed_many(self, inputs: Sequence[str | Sequence[int]], *, pooling: str | None = None,
+                         normalize: bool = True) -> list[Embedding]:
+        """Engine.embed_many, in contexts this inferlet owns (its limits apply)."""
+        info = self.engine.info
+        return await embedding.embed(self.context, self.tokenizer, info.n_vocab, info.arch, inputs, pooling,
+                                     normalize)
 
     async def open(self, name: str) -> Context:
         """A context restored from the named snapshot."""

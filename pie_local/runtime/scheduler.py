@@ -282,6 +282,9 @@ class Scheduler:
                         logit_rows.append(req.logit_masks[j] if req.logit_masks is not None else None)
             base += c.n
         i32 = lambda xs: np.asarray(xs, dtype=np.int32)  # noqa: E731
+        # a batch whose rows all want hidden states only (embeddings) stops before the LM head
+        hidden_only = bool(rows) and all(c.req.hidden_only for c in chunks
+                                         if any(c.start <= r < c.start + c.n for r in c.req.output_rows))
         batch = ForwardBatch(
             tokens=np.concatenate([c.req.tokens[c.start : c.start + c.n] for c in chunks]),
             positions=np.concatenate([c.req.positions[c.start : c.start + c.n] for c in chunks]),
@@ -289,13 +292,13 @@ class Scheduler:
             kv_page_indices=i32([p for c, n in zip(chunks, n_pages) for p in c.req.pages[:n]]),
             kv_page_indptr=_indptr(n_pages),
             kv_last_page_len=i32([kv - (n - 1) * ps for kv, n in zip(kv_lens, n_pages)]),
-            output_rows=i32(rows), samplers=samplers, top_k=max(c.req.top_k for c in chunks),
-            return_logprobs=True, return_logits=any(c.req.want_logits for c in chunks),
-            rows_fail_alone=True,
+            output_rows=i32(rows), samplers=samplers, top_k=0 if hidden_only else max(c.req.top_k for c in chunks),
+            return_logprobs=not hidden_only, return_logits=not hidden_only and any(c.req.want_logits for c in chunks),
+            return_hidden=any(c.req.want_hidden for c in chunks), hidden_only=hidden_only, rows_fail_alone=True,
         )
         if has_masks:
             batch.mask_indptr, batch.mask_runs = i32(mask_indptr), i32(mask_runs)
-        if has_logit_masks and rows:
+        if has_logit_masks and rows and not hidden_only:
             words = next(m.shape[-1] for c in chunks if (m := c.req.logit_masks) is not None)
             batch.logit_masks = np.stack([
                 m if m is not None else np.full(words, 0xFFFFFFFF, dtype=np.uint32) for m in logit_rows
@@ -377,16 +380,18 @@ def _store(req: ForwardRequest, c: _Chunk, result: ForwardResult, first: int) ->
     lo, hi = first, first + len(idx)
     top_k = req.top_k if result.top_ids is not None else 0
     logits = result.logits if req.want_logits else None
+    hidden = result.hidden if req.want_hidden else None
     if c.start == 0 and c.n == req.n_tokens:  # the whole request in one chunk (every decode step): views
         req.output = ForwardOutput(
             rows=list(req.output_rows), tokens=result.tokens[lo:hi],
             logprobs=None if result.logprobs is None else result.logprobs[lo:hi],
             top_ids=result.top_ids[lo:hi, :top_k] if top_k else None,
             top_probs=result.top_probs[lo:hi, :top_k] if top_k else None,
-            logits=None if logits is None else logits[lo:hi])
+            logits=None if logits is None else logits[lo:hi], hidden=None if hidden is None else hidden[lo:hi])
         return
     if req.output is None:
-        req.output = ForwardOutput.empty(req.output_rows, top_k, None if logits is None else logits.shape[1])
+        req.output = ForwardOutput.empty(req.output_rows, top_k, None if logits is None else logits.shape[1],
+                                         None if hidden is None else hidden.shape[1])
     if not idx:
         return
     out = req.output
@@ -398,6 +403,8 @@ def _store(req: ForwardRequest, c: _Chunk, result: ForwardResult, first: int) ->
         out.top_probs[idx] = result.top_probs[lo:hi, :top_k]
     if logits is not None:
         out.logits[idx] = logits[lo:hi]
+    if hidden is not None:
+        out.hidden[idx] = hidden[lo:hi]
 
 
 def _indptr(counts: list[int]) -> np.ndarray:

@@ -178,7 +178,8 @@ class Sequence:
 
     async def submit(self, tokens: list[int], positions: list[int] | None, masks: list | None, rows: list[int],
                      samplers: list[SamplingParams], *, logit_masks: np.ndarray | None = None, top_k: int = 0,
-                     want_logits: bool = False) -> ForwardOutput:
+                     want_logits: bool = False, want_hidden: bool = False,
+                     hidden_only: bool = False) -> ForwardOutput:
         """Compute pending + ``tokens``; ``rows`` index that concatenation. Commits on success."""
         self.check_alive()
         if self._inflight is not None:
@@ -224,6 +225,7 @@ class Sequence:
                 return ForwardOutput(rows=[], tokens=np.zeros(0, np.int32))
             req = self._plan(todo, todo_pos, todo_masks, n_pend, natural, rows, samplers,
                              logit_masks, top_k, want_logits)
+            req.want_hidden, req.hidden_only = want_hidden or hidden_only, hidden_only
             self._inflight = req
             fut = self.engine.submit(req)
             try:

@@ -31,8 +31,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
-from pie_local.models.chat_template import ToolCall, parse_tool_calls
-from pie_local.runtime.constraints import Constraint, Grammar, JsonSchema
+from pie_local.models.tool_formats import ToolCall, parse_tool_calls
+from pie_local.models.tool_formats import tool_format as tool_format_named
+from pie_local.runtime.constraints import Constraint, ConstraintState, Grammar, JsonSchema
 
 __all__ = ["Tool", "ToolCall", "ToolResult", "ToolError", "call_tool", "parse_tool_calls",
            "tool_call_constraint", "tool_call_schema"]
@@ -395,10 +396,66 @@ def _rebased(node: Any, pointer: str) -> Any:
 
 def tool_call_constraint(tools: Sequence[Tool], tool_format: str = "json") -> Constraint:
     """A constraint under which the model can only write one valid call, in the chat template's
-    tool format ("json": bare object, "llama3": "parameters" key, "hermes": <tool_call> block)."""
+    tool format (see models/tool_formats.py): "json" a bare object, "llama3" its "parameters" key,
+    the others their markers around it. A marker the vocab has as a special token is written as
+    that token, the way the model was trained to write it."""
+    fmt = tool_format_named(tool_format)
+    if fmt.name in ("json", "llama3"):
+        return JsonSchema(tool_call_schema(tools, "parameters" if fmt.name == "llama3" else "arguments"))
+    return ToolCallGrammar(tools, fmt.name)
+
+
+class ToolCallGrammar(Grammar):
+    """One call in a format with markers. Checked at creation with the markers as text; bind()
+    compiles it again with each marker as the tokenizer's vocab has it (a special token or text)."""
+
+    kind = "tool-call grammar"
+
+    def __init__(self, tools: Sequence[Tool], tool_format: str) -> None:
+        if not tools:
+            raise ToolError("no tools to call")
+        self.tools, self.tool_format = list(tools), tool_format
+        super().__init__(_call_lark(self.tools, tool_format, json.dumps))
+
+    def bind(self, tokenizer: Any) -> ConstraintState:
+        # An llguidance tokenizer or a test double has no vocab to ask: its markers are text.
+        special_token = getattr(tokenizer, "special_token", None)
+        if special_token is None:
+            return super().bind(tokenizer)
+
+        def marker(text: str) -> str:
+            token = special_token(text)
+            return json.dumps(text) if token is None else f"<[{token}]>"
+
+        lark = _call_lark(self.tools, self.tool_format, marker)
+        return super().bind(tokenizer) if lark == self.text else Grammar(lark).bind(tokenizer)
+
+
+def _call_lark(tools: Sequence[Tool], tool_format: str, m: Callable[[str], str]) -> str:
+    """The Lark grammar of one call; `m(marker)` writes a marker (a string literal or <[id]>)."""
+
+    def schema(value: dict[str, Any]) -> str:
+        # compact JSON, and llguidance's JsonSchema defaults (x-guidance: its schema options)
+        return json.dumps({**value, "x-guidance": {"whitespace_flexible": False, "lenient": True,
+                                                   "coerce_one_of": True}})
+
+    if tool_format in ("mistral", "harmony"):  # the name is outside the JSON: one rule per tool
+        if tool_format == "mistral":
+            head, between = m("[TOOL_CALLS]"), m("[ARGS]")
+        else:
+            head = f'{m("<|channel|>")} "commentary to=functions."'
+            between = f'" " {m("<|constrain|>")} "json" {m("<|message|>")}'
+        rules = [f"tool{i}: {json.dumps(t.name)} {between} args{i}\nargs{i}: %json {schema(_closed(t.parameters))}"
+                 for i, t in enumerate(tools)]
+        names = " | ".join(f"tool{i}" for i in range(len(tools)))
+        return f"start: {head} ({names})\n" + "\n".join(rules) + "\n"
+    call = f"call: %json {schema(tool_call_schema(tools))}\n"
     if tool_format == "hermes":
-        # Compact JSON inside the block, as JsonSchema does (x-guidance: llguidance's schema options).
-        schema = json.dumps({**tool_call_schema(tools), "x-guidance": {"whitespace_flexible": False}})
-        return Grammar(f'start: "<tool_call>\\n" call "\\n</tool_call>"\ncall: %json {schema}\n')
-    key = "parameters" if tool_format == "llama3" else "arguments"
-    return JsonSchema(tool_call_schema(tools, key))
+        return f'start: {m("<tool_call>")} "\\n" call "\\n" {m("</tool_call>")}\n' + call
+    if tool_format == "mistral-json":
+        return f'start: {m("[TOOL_CALLS]")} "[" call "]"\n' + call
+    if tool_format == "phi4":
+        return f'start: {m("<|tool_call|>")} "[" call "]" {m("<|/tool_call|>")}\n' + call
+    if tool_format == "granite":
+        return f'start: {m("<|tool_call|>")} "[" call "]"\n' + call
+    raise ToolError(f"no call grammar for the tool format {tool_format!r}")

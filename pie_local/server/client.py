@@ -151,6 +151,13 @@ class Client:
         except httpx.ConnectError as exc:
             raise ServerNotFound(f"cannot reach the pie-local server at {self.url}: {exc}") from None
 
+    async def embed_many(self, inputs: list[str | list[int]], model: str | None = None) -> list[list[float]]:
+        """One unit-length embedding per input (text or token ids), as Engine.embed_many gives them
+        with the model's own pooling, through POST /v1/embeddings."""
+        body = await self.request("POST", "/v1/embeddings", json={"model": _model_ref(model or "default"),
+                                                                   "input": list(inputs)})
+        return [item["embedding"] for item in sorted(body["data"], key=lambda item: item["index"])]
+
     # ---- inferlets -----------------------------------------------------------------------------------
 
     async def launch(self, inferlet: str | os.PathLike, args: Any = None, model: str | None = None) -> RemoteInferlet:

@@ -17,7 +17,7 @@ class ServerConfig:
     keep_alive_s: float | None = 600.0  # idle seconds before a model unloads; None = never
     max_models: int = 1  # models resident at once
     models: list[str] = field(default_factory=list)  # loaded at start
-    threads: int = 0  # per engine; <= 0: all physical cores
+    threads: int = 0  # per engine; <= 0: auto (the driver picks and adapts the count)
     n_pages: int = 512  # KV pages per model
     page_size: int = 32
     n_gpu_layers: int = -1  # per engine: layers on GPUs / RPC workers; -1 = as many as fit

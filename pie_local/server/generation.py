@@ -36,6 +36,27 @@ def pages_needed(n_prompt: int, max_tokens: int, n_choices: int, page_size: int)
     return shared + n_choices * (math.ceil((n_prompt + max_tokens) / page_size) - shared)
 
 
+def admit(engine: Any, holder: Any, need: int) -> None:
+    """Admit a request that may take up to ``need`` pages (``holder`` has ``promised`` and
+    ``pages_held()``), or 503 when they are not free beyond what running requests were promised.
+    A request bigger than the pool runs alone (and a generation may stop early)."""
+    pool = engine.pool
+    need = min(need, pool.n_pages)
+    running = _admitted.setdefault(engine, set())
+    still_promised = sum(max(job.promised - job.pages_held(), 0) for job in running)
+    room = pool.n_free - still_promised
+    if need > room:
+        raise busy(f"the KV cache is full: this request needs up to {need} pages, {max(room, 0)} are free; "
+                   "retry shortly")
+    holder.promised = need
+    running.add(holder)
+
+
+def withdraw(engine: Any, holder: Any) -> None:
+    """The request admitted with ``holder`` is over: its pages are no longer promised."""
+    _admitted.get(engine, set()).discard(holder)
+
+
 def context_limit(engine: Any) -> int:
     """Tokens one sequence may hold: the model's training context, bounded by the KV pool."""
     info = engine.info
@@ -129,24 +150,15 @@ class Job:
             raise
 
     def _promise_pages(self) -> None:
-        pool = self.engine.pool
-        need = sum(pages_needed(p.n_tokens, m, self.req.n, pool.page_size)
-                   for p, m in zip(self._prompts, self.max_tokens))
-        need = min(need, pool.n_pages)  # a request bigger than the pool runs alone and may stop early
-        running = _admitted.setdefault(self.engine, set())
-        still_promised = sum(max(job.promised - job.pages_held(), 0) for job in running)
-        room = pool.n_free - still_promised
-        if need > room:
-            raise busy(f"the KV cache is full: this request needs up to {need} pages, {max(room, 0)} are free; "
-                       "retry shortly")
-        self.promised = need
-        running.add(self)
+        page_size = self.engine.pool.page_size
+        admit(self.engine, self, sum(pages_needed(p.n_tokens, m, self.req.n, page_size)
+                                     for p, m in zip(self._prompts, self.max_tokens)))
 
     def pages_held(self) -> int:
         return sum(ctx.n_pages for p in self._prompts for ctx in p.forks)
 
     def release(self) -> None:
-        _admitted.get(self.engine, set()).discard(self)
+        withdraw(self.engine, self)
         for p in self._prompts:
             for ctx in p.forks:
                 ctx.release()

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions.
+"""The OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings.
 
 Each handler checks the request (schema.py), borrows the model's engine from the manager,
 builds a `Job` (generation.py) and formats its choices as OpenAI does, streamed over SSE
@@ -15,9 +15,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from pie_local.server.embeddings import embed_request
 from pie_local.server.errors import APIError, invalid
 from pie_local.server.generation import Choice, Delta, Finished, Job, finite
-from pie_local.server.schema import ChatRequest, CompletionRequest, parse_chat, parse_completion, read_json
+from pie_local.server.schema import (ChatRequest, CompletionRequest, parse_chat, parse_completion, parse_embedding,
+                                    read_json)
 from pie_local.server.streaming import sse_response, until_disconnect
 from pie_local.server.tool_calls import CallSniffer, call_json, extract_calls, forced_call_constraint
 
@@ -121,16 +123,17 @@ async def chat_completions(request: Request) -> Any:
         raise
     reply = _Reply("chatcmpl", "chat.completion.chunk" if req.stream else "chat.completion", lease.name)
     tokenizer = engine.tokenizer
+    tool_format = getattr(engine.chat_template, "tool_format", "json")
 
     def finish() -> None:
         job.release()
         manager.release(lease)
 
     if req.stream:
-        return sse_response(_chat_chunks(job, req, reply, tokenizer, tools, forced), finish)
+        return sse_response(_chat_chunks(job, req, reply, tokenizer, tools, forced, tool_format), finish)
     try:
         choices = await until_disconnect(request, job.run())
-        body = reply.wrap([_chat_choice(c, req, tokenizer, tools, forced) for c in choices],
+        body = reply.wrap([_chat_choice(c, req, tokenizer, tools, forced, tool_format) for c in choices],
                           usage=job.usage().to_json())
     finally:
         finish()
@@ -159,13 +162,14 @@ def _chat_job(engine: Any, req: ChatRequest) -> tuple[Job, list, bool]:
     return Job(engine, [prompt], req, stop=stop, constraint=constraint, param="messages"), tools, forced
 
 
-def _chat_choice(choice: Choice, req: ChatRequest, tokenizer: Any, tools: list, forced: bool) -> dict:
+def _chat_choice(choice: Choice, req: ChatRequest, tokenizer: Any, tools: list, forced: bool,
+                 tool_format: str) -> dict:
     message: dict[str, Any] = {"role": "assistant", "content": choice.text, "refusal": None}
     finish = choice.finish_reason
     if tools:
         sniffer = CallSniffer(forced)
         sniffer.push(choice.text)
-        calls = extract_calls(choice.text, tools) if sniffer.state == "call" else []
+        calls = extract_calls(choice.text, tools, tool_format) if sniffer.state == "call" else []
         if calls:
             message["content"] = None
             message["tool_calls"] = [call_json(c) for c in calls]
@@ -176,7 +180,7 @@ def _chat_choice(choice: Choice, req: ChatRequest, tokenizer: Any, tools: list, 
 
 
 async def _chat_chunks(job: Job, req: ChatRequest, reply: _Reply, tokenizer: Any, tools: list,
-                       forced: bool) -> AsyncIterator[dict]:
+                       forced: bool, tool_format: str) -> AsyncIterator[dict]:
     usage_null = {"usage": None} if req.include_usage else {}
     for i in range(req.n):
         yield reply.wrap([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -201,7 +205,7 @@ async def _chat_chunks(job: Job, req: ChatRequest, reply: _Reply, tokenizer: Any
         delta: dict[str, Any] = {}
         sniffer = sniffers.get(choice.index)
         if sniffer is not None and sniffer.state != "text":
-            calls = extract_calls(sniffer.held, tools) if sniffer.state == "call" else []
+            calls = extract_calls(sniffer.held, tools, tool_format) if sniffer.state == "call" else []
             if calls:
                 delta["tool_calls"] = [call_json(c, index=k) for k, c in enumerate(calls)]
                 finish = "tool_calls"
@@ -279,9 +283,24 @@ async def _completion_chunks(job: Job, req: CompletionRequest, reply: _Reply, to
         yield reply.wrap([], usage=job.usage().to_json())
 
 
+# ---- /v1/embeddings ---------------------------------------------------------------------------------
+
+
+async def embeddings(request: Request) -> JSONResponse:
+    req = parse_embedding(await read_json(request))
+    manager = request.app.state.manager
+    lease = await _borrow(request, req.model)
+    try:
+        body = await until_disconnect(request, embed_request(lease.engine, req, lease.name))
+    finally:
+        manager.release(lease)
+    return JSONResponse(body)
+
+
 ROUTES = [
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/v1/models/{model:path}", get_model, methods=["GET"]),
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/embeddings", embeddings, methods=["POST"]),
 ]

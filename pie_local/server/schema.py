@@ -329,3 +329,68 @@ def _prompts(value: Any) -> list[str | list[int]]:
     if isinstance(value, list) and value and all(isinstance(p, str) or token_list(p) for p in value):
         return list(value)
     raise invalid("prompt", "required: a string, a list of strings, or token ids", "invalid_type")
+
+
+# ---- /v1/embeddings --------------------------------------------------------------------------------
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per request
+
+
+@dataclass
+class EmbeddingRequest:
+    model: str
+    inputs: list[str | list[int]]
+    encoding_format: str = "float"  # "float": lists of numbers; "base64": little-endian float32 bytes
+    dimensions: int | None = None  # accepted only when it is the model's own width (checked by the route)
+
+
+def parse_embedding(body: dict) -> EmbeddingRequest:
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise invalid("model", "required: a model name (GET /v1/models lists them)", "missing_model")
+    inputs = _embedding_inputs(body.get("input"))
+    encoding = body.get("encoding_format")
+    if encoding is None:
+        encoding = "float"
+    if encoding not in ("float", "base64"):
+        raise invalid("encoding_format", f'expected "float" or "base64", got {json.dumps(encoding)}')
+    dimensions = _int(body, "dimensions", None, 1)
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise invalid("user", "expected a string", "invalid_type")
+    return EmbeddingRequest(model, inputs, encoding, dimensions)
+
+
+def _embedding_inputs(value: Any) -> list[str | list[int]]:
+    """OpenAI's input: a string, a list of strings, a list of token ids, or a list of those lists;
+    nothing empty (an empty string, list or token list is refused, never embedded as nothing)."""
+    def tokens(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+
+    if value is None:
+        raise invalid("input", "required: a string, a list of strings, or token ids", "missing_input")
+    if isinstance(value, str) or (tokens(value) and value):
+        items: list[Any] = [value]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise invalid("input", f"expected a string, a list of strings, or token ids; got {type(value).__name__}",
+                      "invalid_type")
+    if not items:
+        raise invalid("input", "the list of inputs is empty")
+    if len(items) > MAX_EMBEDDING_INPUTS:
+        raise invalid("input", f"at most {MAX_EMBEDDING_INPUTS} inputs per request, got {len(items)}")
+    for i, item in enumerate(items):
+        where = "input" if len(items) == 1 and item is value else f"input[{i}]"
+        if isinstance(item, str):
+            if not item:
+                raise invalid(where, "an empty string has nothing to embed")
+        elif tokens(item):
+            if not item:
+                raise invalid(where, "an empty list of token ids has nothing to embed")
+            if any(t < 0 for t in item):
+                raise invalid(where, "token ids must be >= 0")
+        else:
+            raise invalid(where, f"expected a string or a list of token ids, got {json.dumps(item)[:80]}",
+                          "invalid_type")
+    return list(items)

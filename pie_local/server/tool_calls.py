@@ -2,8 +2,9 @@
 llguidance constraint over the model family's tool-call format, and finding calls in the output.
 
 With tool_choice "auto" the model may answer in text or with a call; `CallSniffer` streams text
-at once but holds back output that starts like a call (``{``, ``[``, ``<tool_call>``...) until
-the generation ends, when it is parsed into ``tool_calls`` (or released as text after all).
+at once but holds back output that starts like a call (``{``, ``[``, ``<tool_call>``,
+``[TOOL_CALLS]``, ``<|tool_call|>``, a harmony ``<|channel|>``...) until the generation ends, when it
+is parsed into ``tool_calls`` (or released as text after all).
 """
 
 from __future__ import annotations
@@ -11,10 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any, Sequence
 
-from pie_local.models.chat_template import ToolCall, parse_tool_calls
+from pie_local.models.tool_formats import CALL_STARTS, ToolCall, parse_tool_calls
 from pie_local.server.schema import ToolSpec
-
-_CALL_STARTS = ("{", "[", "<tool_call>", "<|python_tag|>")
 
 
 def _never_called(**_: Any) -> None:
@@ -38,10 +37,10 @@ def _closed(parameters: dict) -> dict:
     return parameters
 
 
-def extract_calls(text: str, tools: Sequence[ToolSpec]) -> list[ToolCall]:
+def extract_calls(text: str, tools: Sequence[ToolSpec], tool_format: str | None = None) -> list[ToolCall]:
     """The calls in ``text`` to tools the request offered (anything else is not a call)."""
     names = {t.name for t in tools}
-    return [c for c in parse_tool_calls(text) if c.name in names]
+    return [c for c in parse_tool_calls(text, tool_format) if c.name in names]
 
 
 def call_json(call: ToolCall, index: int | None = None) -> dict:
@@ -68,10 +67,10 @@ class CallSniffer:
         head = self.held.lstrip()
         if not head:
             return ""
-        if head.startswith(_CALL_STARTS):
+        if head.startswith(CALL_STARTS):
             self.state = "call"
             return ""
-        if any(marker.startswith(head) for marker in _CALL_STARTS):
+        if any(marker.startswith(head) for marker in CALL_STARTS):
             return ""  # "<tool" may still become "<tool_call>"
         self.state, out, self.held = "text", self.held, ""
         return out

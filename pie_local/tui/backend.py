@@ -69,6 +69,7 @@ class CatalogueRow:
     size_bytes: int | None
     description: str
     installed: bool
+    verified: bool = True  # False: hub repo and quant names not yet confirmed by a pull
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,7 @@ class Backend:
             from pie_local.models import registry
 
             entries = registry.load_registry()
+            pulled = registry.pulled_entries()
             installed = {row.name for row in self.installed() if row.present}
         except UserError:
             raise
@@ -222,6 +224,7 @@ class Backend:
                 name=e.name, arch=e.arch, params=e.params or "", quants=tuple(e.quants),
                 default_quant=e.default_quant, size_bytes=pin.size if pin else None,
                 description=e.description, installed=e.name in installed,
+                verified=registry.is_verified(e, pulled),
             ))
         return rows
 

@@ -91,8 +91,11 @@ typedef enum { PIE_KV_F16 = 0, PIE_KV_Q8_0 = 1 } pie_kv_type;
 #define PIE_MAX_DEVICES 16
 
 typedef struct {
-    int32_t n_threads;        /* CPU threads; <= 0 means all physical cores; more than the
-                                 CPUs online run as many as there are, with a logged warning  */
+    int32_t n_threads;        /* CPU threads; <= 0 means "auto": the cores this process may use
+                                 (physical cores, CPU affinity, cgroup quota), fewer while other
+                                 processes load them (pie_model_threads says how many now); an
+                                 explicit count is kept, except that more than the CPUs online
+                                 run as many as there are, with a logged warning             */
     char    device[32];       /* "auto", "cpu", "cuda:N", "metal" (any ggml device name)       */
     int32_t page_size;        /* tokens per KV page (default 32)                               */
     int32_t n_pages;          /* pages in the pool (default 256)                               */
@@ -141,6 +144,9 @@ typedef struct {
 } pie_model_info;
 
 PIE_API int32_t pie_model_get_info(const pie_model *model, pie_model_info *out_info);
+
+/* The CPU threads the next pie_forward runs (changes over time with n_threads "auto"). */
+PIE_API int32_t pie_model_threads(const pie_model *model);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Placement: which device holds what                                                         */
@@ -233,6 +239,10 @@ enum {
     PIE_RETURN_LOGITS  = 1 << 2, /* out_logits[i*n_vocab ...], raw (before bitmask)             */
     PIE_RETURN_HIDDEN  = 1 << 3, /* out_hidden[i*n_embd ...], final hidden state after the
                                     output norm                                                 */
+    PIE_RETURN_HIDDEN_ONLY = 1 << 4, /* with PIE_RETURN_HIDDEN (embeddings): the pass stops at the
+                                    hidden state: no LM head, nothing sampled (samplers and
+                                    out_tokens may be NULL and are not read or written); no other
+                                    flag and no logit_masks                                     */
 };
 
 /*

@@ -135,18 +135,25 @@ static int32_t check_outputs(const pie_model *m, const pie_batch *b) {
     if (n < 0) return BAD("n_outputs is %d", n);
     if (n > m->params.max_batch_tokens) return BAD("batch has %d outputs; max_batch_tokens is %d", n, m->params.max_batch_tokens);
     if (n == 0) return PIE_OK;
-    if (!b->output_rows || !b->samplers || !b->out_tokens) return BAD("output_rows, samplers and out_tokens are required when n_outputs > 0");
+    const uint32_t f = b->return_flags;
+    const bool hidden_only = f & PIE_RETURN_HIDDEN_ONLY;
+    if (hidden_only && (f != (PIE_RETURN_HIDDEN | PIE_RETURN_HIDDEN_ONLY) || b->logit_masks))
+        return BAD("PIE_RETURN_HIDDEN_ONLY goes with PIE_RETURN_HIDDEN alone (no other flag, no logit_masks)");
+    if (!b->output_rows) return BAD("output_rows is required when n_outputs > 0");
+    if (!hidden_only && (!b->samplers || !b->out_tokens))
+        return BAD("output_rows, samplers and out_tokens are required when n_outputs > 0");
     for (int32_t i = 0; i < n; i++) {
         if (b->output_rows[i] < 0 || b->output_rows[i] >= b->n_tokens)
             return BAD("output %d: row %d out of range (batch has %d tokens)", i, b->output_rows[i], b->n_tokens);
+        if (hidden_only) continue;
         const pie_sampler *s = &b->samplers[i];
         if (!isfinite(s->temperature)) return BAD("output %d: sampler temperature must be finite (got %g)", i, s->temperature);
         if (s->top_k < 0) return BAD("output %d: sampler top_k must be >= 0 (got %d)", i, s->top_k);
         if (!(s->top_p > 0.0f && s->top_p <= 1.0f)) return BAD("output %d: sampler top_p must be in (0, 1] (got %g)", i, s->top_p);
         if (!(s->min_p >= 0.0f && s->min_p <= 1.0f)) return BAD("output %d: sampler min_p must be in [0, 1] (got %g)", i, s->min_p);
     }
-    const uint32_t f = b->return_flags;
-    if (f & ~(uint32_t)(PIE_RETURN_LOGPROB | PIE_RETURN_TOP_K | PIE_RETURN_LOGITS | PIE_RETURN_HIDDEN))
+    if (f & ~(uint32_t)(PIE_RETURN_LOGPROB | PIE_RETURN_TOP_K | PIE_RETURN_LOGITS | PIE_RETURN_HIDDEN |
+                        PIE_RETURN_HIDDEN_ONLY))
         return BAD("unknown return_flags bits 0x%x", f);
     if ((f & PIE_RETURN_LOGPROB) && !b->out_logprobs) return BAD("PIE_RETURN_LOGPROB needs out_logprobs");
     if ((f & PIE_RETURN_LOGITS) && !b->out_logits) return BAD("PIE_RETURN_LOGITS needs out_logits");
@@ -283,6 +290,19 @@ static int32_t plan_layouts(pie_plan *p, const pie_batch *b, int32_t split_cols)
     return PIE_OK;
 }
 
+/* Each token's Q scale for attention temperature (hp->attn_temp_scale), computed as llama.cpp
+ * computes it (in double, from the float position), so both engines scale by the same floats. */
+static int32_t plan_attn_temp(pie_plan *p, const pie_hparams *hp, const pie_batch *b) {
+    if (hp->attn_temp_scale == 0.0f) return PIE_OK;
+    if (!grow((void **)&p->attn_temp, &p->cap_attn_temp, (size_t)b->n_tokens, sizeof(float)))
+        return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot grow batch scratch");
+    for (int32_t t = 0; t < b->n_tokens; t++) {
+        const float pos = (float)b->positions[t];
+        p->attn_temp[t] = (float)(log(floor(pos / (float)hp->attn_temp_floor) + 1.0) * hp->attn_temp_scale + 1.0);
+    }
+    return PIE_OK;
+}
+
 int32_t pie_plan_build(pie_model *m, const pie_batch *b) {
     pie_plan *p = &m->plan;
     int32_t st = validate(m, b);
@@ -297,9 +317,8 @@ int32_t pie_plan_build(pie_model *m, const pie_batch *b) {
         return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot grow batch scratch");
 
     /* layout: how each request reads its KV (runs or gathered rows), where its mask block goes.
-     * Runs are views of the pool and cost at most one f16 copy; a gather converts every row to
-     * f32 and back in every layer. Quantized pools always gather: concat copies whole elements. */
-    const int32_t max_runs = ggml_is_quantized(m->kv.type) ? 1 : PIE_MAX_KV_RUNS;
+     * Runs are views of the pool and cost at most one row copy; a gather converts every row to
+     * f32 and back in every layer. */
     int64_t n_mask = 0, n_gather = 0, n_runs = 0;
     for (int32_t r = 0; r < nr; r++) {
         pie_plan_req *q = &p->reqs[r];
@@ -310,7 +329,7 @@ int32_t pie_plan_build(pie_model *m, const pie_batch *b) {
         q->n_kv = (n_pages - 1) * ps + b->kv_last_page_len[r];
         q->n_runs = 1;
         for (int32_t i = 1; i < n_pages; i++) q->n_runs += pages[i] != pages[i - 1] + 1;
-        if (q->n_runs > max_runs) q->n_runs = 0;
+        if (q->n_runs > PIE_MAX_KV_RUNS) q->n_runs = 0;
         q->run_off = (int32_t)n_runs;
         q->gather_off = (int32_t)n_gather;
         n_runs += q->n_runs;
@@ -326,7 +345,7 @@ int32_t pie_plan_build(pie_model *m, const pie_batch *b) {
     p->n_tokens = nt;
     p->n_requests = nr;
     p->n_outputs = n_out;
-    p->head = b->n_outputs > 0;
+    p->head = b->n_outputs > 0 && !(b->return_flags & PIE_RETURN_HIDDEN_ONLY);
     p->n_runs = (int32_t)n_runs;
     p->n_gather = (int32_t)n_gather;
     p->n_mask = n_mask;
@@ -365,6 +384,7 @@ int32_t pie_plan_build(pie_model *m, const pie_batch *b) {
     }
     if (b->n_outputs > 0) memcpy(p->out_rows, b->output_rows, sizeof(int32_t) * (size_t)b->n_outputs);
     else p->out_rows[0] = nt - 1; /* nothing to sample: run the head on one row and discard it */
+    if ((st = plan_attn_temp(p, &m->hp, b)) != PIE_OK) return st;
     return plan_layouts(p, b, m->split_cols);
 }
 
@@ -381,6 +401,7 @@ void pie_plan_free(pie_plan *p) {
     free(p->out_req);
     free(p->req_outputs);
     free(p->zeros);
+    free(p->attn_temp);
     free(p->page_stamp);
     free(p->slot_writer);
     free(p->marked);

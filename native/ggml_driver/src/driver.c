@@ -48,37 +48,16 @@ pie_model_params pie_model_default_params(void) {
     return p;
 }
 
-/* Physical cores: distinct (package, core) pairs in /proc/cpuinfo, else online CPUs. */
-static int physical_cores(void) {
-    FILE *f = fopen("/proc/cpuinfo", "r");
-    int pairs[1024][2], n = 0, pkg = 0;
-    if (f) {
-        char line[256];
-        while (fgets(line, sizeof(line), f)) {
-            int v;
-            if (sscanf(line, "physical id : %d", &v) == 1) pkg = v;
-            else if (sscanf(line, "core id : %d", &v) == 1) {
-                bool seen = false;
-                for (int i = 0; i < n && !seen; i++) seen = pairs[i][0] == pkg && pairs[i][1] == v;
-                if (!seen && n < 1024) { pairs[n][0] = pkg; pairs[n][1] = v; n++; }
-            }
-        }
-        fclose(f);
-    }
-    if (n > 0) return n;
-    long online = sysconf(_SC_NPROCESSORS_ONLN);
-    return online > 0 ? (int)online : 1;
-}
-
-/* The CPU threads to run: n_threads, or all physical cores for <= 0, at most one per online CPU.
+/* The CPU threads to run: "auto" (n_threads <= 0) the cores this process may use, adapted to the
+ * load while it runs (threads.h); an explicit count as given, but at most one per online CPU.
  * More would only slow a pass down (ggml's workers spin while they wait for each other), and
  * ggml aborts when it cannot create a thread; so a count meant for a bigger machine runs on this
  * one with a warning rather than failing. */
 static int cpu_threads(int32_t n_threads) {
+    if (n_threads <= 0) return pie_threads_allowed();
     const long online = sysconf(_SC_NPROCESSORS_ONLN);
     int limit = online > 0 ? (int)online : 1;
     if (limit > GGML_MAX_N_THREADS) limit = GGML_MAX_N_THREADS;
-    if (n_threads <= 0) n_threads = physical_cores();
     if (n_threads <= limit) return n_threads;
     pie_log(PIE_LOG_WARN, "n_threads %d is more than the %d CPUs online; using %d", n_threads, limit, limit);
     return limit;
@@ -111,7 +90,10 @@ static int32_t check_params(const pie_model_params *p) {
  * views, gathers and attention), 4 per run (a K and a V view and concat) and, for each of its
  * 7 matrices, 3 per piece (view, product, concat). */
 static size_t graph_nodes(const pie_model *m, int32_t n_requests, int32_t n_runs, int32_t n_pieces) {
-    return (size_t)m->hp.n_layer * (64 + 16 * (size_t)n_requests + 4 * (size_t)n_runs + 21 * (size_t)n_pieces) + 256;
+    /* experts (moe.c): routing and the sum over the used experts, 2 more dense matrices (router,
+     * shared expert) and 3 expert products whose wide spans also split per request (pie_matmul_id) */
+    const size_t moe = m->hp.n_expert ? 32 + 2 * (size_t)m->hp.n_expert_used + 18 * ((size_t)n_pieces + (size_t)n_requests) : 0;
+    return (size_t)m->hp.n_layer * (64 + 16 * (size_t)n_requests + 4 * (size_t)n_runs + 21 * (size_t)n_pieces + moe) + 256;
 }
 
 /* (Re)creates the scheduler and graph metadata for graphs of up to n_nodes; the scheduler's
@@ -180,6 +162,7 @@ static int32_t reserve_worst_case(pie_model *m) {
 }
 
 static int32_t init_compute(pie_model *m) {
+    const int threads = cpu_threads(m->params.n_threads);
     int32_t st = reserve_graph(m, graph_nodes(m, 16, 16, 16));
     if (st != PIE_OK) return st;
     m->sampler = pie_sampler_scratch_new(m->hp.n_vocab);
@@ -199,8 +182,11 @@ static int32_t init_compute(pie_model *m) {
         if (used) snprintf(m->backend_name + len, sizeof(m->backend_name) - len, "%s%s", len ? "+" : "",
                            ggml_backend_dev_name(pl->dev[d]));
     }
-    pie_log(PIE_LOG_INFO, "compute on %s, %d of %d layers offloaded, %d CPU threads", m->backend_name,
-            pl->n_gpu_layers > m->hp.n_layer ? m->hp.n_layer : pl->n_gpu_layers, m->hp.n_layer, cpu_threads(m->params.n_threads));
+    /* only a graph wholly on the CPU waits on its threads; with offloaded layers the count stays */
+    pie_threads_init(&m->threads, threads, m->params.n_threads <= 0 && !pie_offloaded(m));
+    pie_log(PIE_LOG_INFO, "compute on %s, %d of %d layers offloaded, %d CPU threads%s", m->backend_name,
+            pl->n_gpu_layers > m->hp.n_layer ? m->hp.n_layer : pl->n_gpu_layers, m->hp.n_layer, threads,
+            m->threads.adaptive ? " (auto: fewer while other processes load the CPUs)" : "");
     return reserve_worst_case(m);
 }
 
@@ -284,6 +270,8 @@ int32_t pie_plan_devices(const char *path, const pie_model_params *params, pie_d
     return PIE_OK;
 }
 
+int32_t pie_model_threads(const pie_model *m) { return m ? m->threads.n : 0; }
+
 int32_t pie_model_get_info(const pie_model *m, pie_model_info *out) {
     if (!m || !out) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "model and out_info are required");
     memset(out, 0, sizeof(*out));
@@ -314,17 +302,24 @@ int32_t pie_model_get_info(const pie_model *m, pie_model_info *out) {
 /* Forward                                                                                    */
 /* ------------------------------------------------------------------------------------------ */
 
+/* An input no node reads is left out of the graph and never allocated (positions when no layer
+ * rotates, the global mask when every layer slides): it gets no data either. */
+static void set_input(struct ggml_tensor *t, const void *data, size_t size) {
+    if (t && t->buffer) ggml_backend_tensor_set(t, data, 0, size);
+}
+
 static void upload_inputs(const pie_model *m, const pie_graph *g, const pie_batch *b) {
     const pie_plan *p = &m->plan;
     const size_t nt = (size_t)p->n_tokens, mask_bytes = sizeof(ggml_fp16_t) * (size_t)p->n_mask;
-    ggml_backend_tensor_set(g->tokens, b->tokens, 0, sizeof(int32_t) * nt);
-    ggml_backend_tensor_set(g->positions, b->positions, 0, sizeof(int32_t) * nt);
-    ggml_backend_tensor_set(g->write_rows, p->write_rows, 0, sizeof(int64_t) * nt);
-    if (g->gather_rows) ggml_backend_tensor_set(g->gather_rows, p->gather_rows, 0, sizeof(int32_t) * (size_t)p->n_gather);
-    ggml_backend_tensor_set(g->mask, p->mask, 0, mask_bytes);
-    if (g->mask_swa) ggml_backend_tensor_set(g->mask_swa, p->mask_swa, 0, mask_bytes);
-    ggml_backend_tensor_set(g->out_rows, p->out_rows, 0, sizeof(int32_t) * (size_t)p->n_outputs);
-    if (g->zeros) ggml_backend_tensor_set(g->zeros, p->zeros, 0, ggml_nbytes(g->zeros));
+    set_input(g->tokens, b->tokens, sizeof(int32_t) * nt);
+    set_input(g->positions, b->positions, sizeof(int32_t) * nt);
+    set_input(g->write_rows, p->write_rows, sizeof(int64_t) * nt);
+    set_input(g->gather_rows, p->gather_rows, sizeof(int32_t) * (size_t)p->n_gather);
+    set_input(g->mask, p->mask, mask_bytes);
+    set_input(g->mask_swa, p->mask_swa, mask_bytes);
+    set_input(g->out_rows, p->out_rows, sizeof(int32_t) * (size_t)p->n_outputs);
+    if (g->zeros) set_input(g->zeros, p->zeros, ggml_nbytes(g->zeros));
+    set_input(g->attn_temp, p->attn_temp, sizeof(float) * nt);
 }
 
 /* ggml_backend_sched's eval callback: offers each f32 node to the host's activation callback
@@ -363,29 +358,36 @@ int32_t pie_set_activation_callback(pie_model *m, pie_activation_callback callba
     return PIE_OK;
 }
 
-/* Samples every output row. A row that fails fails alone when the caller takes per-row
- * statuses (b->out_status), else it fails the call; either way its message names the row. */
+/* Samples every output row, rows in parallel on the pass's threads. A row that fails fails alone
+ * when the caller takes per-row statuses (b->out_status), else it fails the call; either way its
+ * message names the row (sampled again on this thread: the workers' messages are their own). */
 static int32_t sample_rows(pie_model *m, const pie_batch *b, const float *logits) {
-    const int32_t n_vocab = m->hp.n_vocab, words = (n_vocab + 31) / 32;
+    const int32_t n_vocab = m->hp.n_vocab, words = (n_vocab + 31) / 32, n_out = b->n_outputs;
     const bool top = b->return_flags & PIE_RETURN_TOP_K;
-    for (int32_t i = 0; i < b->n_outputs; i++) {
-        int32_t st = pie_sample_row(m->sampler, logits + (size_t)i * n_vocab, n_vocab,
-                                    b->logit_masks ? b->logit_masks + (size_t)i * words : NULL, &b->samplers[i],
-                                    &b->out_tokens[i], (b->return_flags & PIE_RETURN_LOGPROB) ? &b->out_logprobs[i] : NULL,
-                                    top ? b->top_k : 0, top ? b->out_top_ids + (size_t)i * b->top_k : NULL,
-                                    top ? b->out_top_probs + (size_t)i * b->top_k : NULL);
-        if (st != PIE_OK) {
+    float *logprobs = (b->return_flags & PIE_RETURN_LOGPROB) ? b->out_logprobs : NULL;
+    int32_t *status = b->out_status ? b->out_status : malloc(sizeof(int32_t) * (size_t)n_out);
+    if (!status) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate row statuses for %d rows", n_out);
+    int32_t st = pie_sample_rows(m->sampler, m->threads.n, n_out, logits, n_vocab, b->logit_masks, b->samplers,
+                                 b->out_tokens, logprobs, top ? b->top_k : 0, top ? b->out_top_ids : NULL,
+                                 top ? b->out_top_probs : NULL, status);
+    for (int32_t i = 0; st == PIE_OK && i < n_out; i++) {
+        if (status[i] != PIE_OK) {
+            int32_t token;
+            pie_sample_row(m->sampler, logits + (size_t)i * n_vocab, n_vocab,
+                           b->logit_masks ? b->logit_masks + (size_t)i * words : NULL, &b->samplers[i], &token,
+                           NULL, top ? b->top_k : 0, top ? b->out_top_ids + (size_t)i * b->top_k : NULL,
+                           top ? b->out_top_probs + (size_t)i * b->top_k : NULL);
             char why[PIE_ROW_ERROR_SIZE];
             snprintf(why, sizeof(why), "%s", pie_last_error());
-            st = pie_set_error(st, "output %d: %s", i, why);
-            if (!b->out_status) return st;
+            status[i] = pie_set_error(status[i], "output %d: %s", i, why);
+            if (!b->out_status) st = status[i];
             b->out_tokens[i] = -1;
         }
-        if (b->out_status) b->out_status[i] = st;
         if (b->out_status && b->out_errors)
-            snprintf(b->out_errors + (size_t)i * PIE_ROW_ERROR_SIZE, PIE_ROW_ERROR_SIZE, "%s", st ? pie_last_error() : "");
+            snprintf(b->out_errors + (size_t)i * PIE_ROW_ERROR_SIZE, PIE_ROW_ERROR_SIZE, "%s", status[i] ? pie_last_error() : "");
     }
-    return PIE_OK;
+    if (!b->out_status) free(status);
+    return st;
 }
 
 /* The graph of the planned batch in g (its context is the caller's to free). */
@@ -414,10 +416,11 @@ static int32_t run_forward(void *p) {
     int32_t st = pie_plan_build(m, b);
     if (st != PIE_OK) return st;
 
-    /* host room for the sampled rows' logits, unless the caller's buffer takes them */
+    /* host room for the sampled rows' logits, unless the caller's buffer takes them or the pass
+     * stops at the hidden state */
     const int32_t n_out = b->n_outputs, n_vocab = m->hp.n_vocab;
     float *logits = b->out_logits;
-    if (!(b->return_flags & PIE_RETURN_LOGITS)) {
+    if (m->plan.head && !(b->return_flags & PIE_RETURN_LOGITS)) {
         const size_t need = (size_t)n_out * (size_t)n_vocab;
         if (need > m->logits_cap) {
             float *grown = realloc(m->logits, need * sizeof(float));
@@ -438,17 +441,23 @@ static int32_t run_forward(void *p) {
     }
     upload_inputs(m, &g, b);
     ggml_backend_sched_set_eval_callback(m->sched, m->activation_cb ? eval_activation : NULL, m);
-    if (ggml_backend_sched_graph_compute(m->sched, g.gf) != GGML_STATUS_SUCCESS) {
+    /* the thread count of this pass (auto: adapted to the load, see threads.h), and its time */
+    pie_set_cpu_threads(m, pie_threads_begin(&m->threads, pie_threads_shape_key(m->plan.n_tokens, n_out)));
+    const double t_compute = pie_threads_now();
+    const enum ggml_status computed = ggml_backend_sched_graph_compute(m->sched, g.gf);
+    pie_threads_end(&m->threads, pie_threads_now() - t_compute);
+    if (computed != GGML_STATUS_SUCCESS) {
         ggml_free(g.ctx);
         return pie_set_error(PIE_ERR_BACKEND, "the %s backend failed to compute the batch", m->backend_name);
     }
 
     if (n_out > 0) {
-        ggml_backend_tensor_get(g.logits, logits, 0, sizeof(float) * (size_t)n_out * (size_t)n_vocab);
         if (b->return_flags & PIE_RETURN_HIDDEN)
             ggml_backend_tensor_get(g.hidden, b->out_hidden, 0, sizeof(float) * (size_t)n_out * (size_t)m->hp.n_embd);
-
-        st = sample_rows(m, b, logits);
+        if (m->plan.head) {
+            ggml_backend_tensor_get(g.logits, logits, 0, sizeof(float) * (size_t)n_out * (size_t)n_vocab);
+            st = sample_rows(m, b, logits);
+        }
     }
     ggml_free(g.ctx);
     return st;

@@ -11,6 +11,7 @@
 #include "pie_driver.h"
 #include "sampler.h"
 #include "status.h"
+#include "threads.h"
 
 #include "ggml.h"
 #include "ggml-backend.h"
@@ -19,6 +20,7 @@
 #include <stdbool.h>
 
 #define PIE_MAX_LAYERS 256
+#define PIE_MAX_EXPERTS 1024 /* llama.cpp's limit */
 
 /* ------------------------------------------------------------------------------------------ */
 /* Hyper-parameters                                                                           */
@@ -42,16 +44,36 @@ typedef struct {
     int32_t rope_mode;       /* GGML_ROPE_TYPE_NEOX or 0 (normal)                               */
     float   rope_base;       /* global layers                                                  */
     float   rope_scale;      /* 1 / scaling factor, global layers                              */
-    float   rope_base_swa;   /* sliding-window layers (unscaled)                               */
+    float   rope_base_swa;   /* sliding-window layers                                          */
+    float   rope_scale_swa;  /* sliding-window layers' 1 / factor (1: unscaled unless the family scales them: gemma2, gpt-oss) */
     float   rope_ext_factor; /* YaRN: 1, else 0 (ggml_rope_ext's ext_factor)                   */
     float   rope_attn_factor;/* ggml_rope_ext's attn_factor                                    */
+    float   rope_ext_factor_swa, rope_attn_factor_swa; /* the same for sliding-window layers    */
+    float   rope_beta_fast;  /* YaRN's correction range (ggml_rope_ext's beta_fast, beta_slow)  */
+    float   rope_beta_slow;
     int32_t rope_n_ctx_orig; /* the context YaRN extends (ggml_rope_ext's n_ctx_orig)          */
+    bool    longrope;        /* rope.scaling.type "longrope": per-context frequency factors     */
+    bool    no_rope[PIE_MAX_LAYERS]; /* layers whose Q and K are not rotated (SmolLM3, Granite) */
     float   rms_eps;
     float   attn_scale;      /* multiplies Q.K                                                 */
     float   embd_scale;      /* multiplies token embeddings (gemma: sqrt(n_embd))              */
+    bool    embd_scale_input;/* the scale is part of the input embedding "embd" (granite), not a
+                                step after it ("inp_scaled", gemma)                            */
+    float   residual_scale;  /* multiplies each block's output before the residual add (1 = off) */
+    float   logit_scale;     /* divides the logits (1 = off)                                   */
     float   logit_softcap;   /* 0 = off                                                        */
+    float   attn_softcap;    /* caps Q.K (cap * tanh(x / cap)) before the softmax; 0 = off     */
+    float   attn_temp_scale; /* Llama 4 style attention temperature: Q of the token at position p
+                                times 1 + attn_temp_scale * log(floor(p / attn_temp_floor) + 1);
+                                0 = off                                                        */
+    int32_t attn_temp_floor;
     int32_t sliding_window;  /* 0 = none                                                       */
     bool    is_swa[PIE_MAX_LAYERS];
+    /* mixture of experts (0 experts = a dense FFN; see models/moe.c) */
+    int32_t n_expert;        /* experts per MoE layer                                          */
+    int32_t n_expert_used;   /* experts each token is routed to (top-k)                        */
+    int32_t n_ff_exp;        /* hidden width of one expert                                     */
+    int32_t n_ff_shexp;      /* hidden width of the shared expert (qwen2moe)                   */
 } pie_hparams;
 
 /* ------------------------------------------------------------------------------------------ */
@@ -60,15 +82,27 @@ typedef struct {
 
 typedef struct {
     struct ggml_tensor *attn_norm, *wq, *wk, *wv, *wo, *bq, *bk, *bv, *bo;
+    struct ggml_tensor *wqkv, *bqkv;  /* fused Q|K|V (then wq, wk, wv are NULL)                */
     struct ggml_tensor *q_norm, *k_norm, *attn_post_norm;
     struct ggml_tensor *ffn_norm, *ffn_gate, *ffn_up, *ffn_down, *ffn_post_norm;
+    struct ggml_tensor *ffn_gate_b, *ffn_up_b, *ffn_down_b;
+    /* ffn_gate NULL with PIE_FUSED_GATE_UP: ffn_up is [n_embd, 2 * n_ff], gate half first     */
+    /* mixture of experts: router [n_embd, n_expert]; experts gate/up [n_embd, n_ff_exp, n_expert],
+     * down [n_ff_exp, n_embd, n_expert]; shared expert (gate_inp_shexp [n_embd]) */
+    struct ggml_tensor *ffn_gate_inp, *ffn_gate_exps, *ffn_up_exps, *ffn_down_exps;
+    struct ggml_tensor *ffn_gate_inp_shexp, *ffn_gate_shexp, *ffn_up_shexp, *ffn_down_shexp;
+    /* gpt-oss: biases of router [n_expert] and experts (gate/up [n_ff_exp, n_expert], down
+     * [n_embd, n_expert]); attention sinks [n_head] */
+    struct ggml_tensor *ffn_gate_inp_b, *ffn_gate_exps_b, *ffn_up_exps_b, *ffn_down_exps_b;
+    struct ggml_tensor *attn_sinks;
 } pie_layer;
 
 typedef struct {
     struct ggml_tensor *tok_embd;    /* [n_embd, n_vocab]                                      */
     struct ggml_tensor *output_norm; /* [n_embd]                                               */
     struct ggml_tensor *output;      /* [n_embd, n_vocab], = tok_embd when tied                */
-    struct ggml_tensor *rope_freqs;  /* [n_rot/2] or NULL (llama 3.1 style frequency factors)  */
+    struct ggml_tensor *rope_freqs;  /* [n_rot/2] or NULL: frequency factors (llama 3.1 style, or
+                                        LongRoPE's long or short set, chosen at load)          */
     pie_layer layers[PIE_MAX_LAYERS];
 } pie_weights;
 
@@ -132,6 +166,8 @@ typedef struct {
  * PIE_WIDE_ROWS tokens ("wide") go through products of at least that many columns, the others
  * ("narrow") through products few enough for vec_dot, ggml's column-by-column kernel (see
  * pie_matmul). 16: ggml's tiled k-quant kernel starts at 8 columns but beats vec_dot from ~16.
+ * Expert products (mul_mat_id) switch per expert, by the rows the whole product sends it: there
+ * a wide request's rows are multiplied on their own (pie_matmul_id).
  * A layout lists the rows a product multiplies as spans of one kind, in order. */
 #define PIE_WIDE_ROWS 16
 
@@ -151,7 +187,7 @@ typedef struct {
 /* Plan: a validated batch turned into graph inputs (host scratch, grown on demand)            */
 /* ------------------------------------------------------------------------------------------ */
 
-/* Most runs of consecutive pages a request's KV is joined from (views + concat) before the
+/* Most runs of consecutive pages a request's KV is copied together from (row copies) before the
  * plan gathers its rows instead. */
 #define PIE_MAX_KV_RUNS 8
 
@@ -166,7 +202,7 @@ typedef struct {
     int32_t q0, n_q;       /* its tokens: batch rows q0 .. q0 + n_q                          */
     int32_t n_kv;          /* its KV length after this pass                                   */
     int32_t n_runs;        /* > 0: its KV is runs[run_off ..] in order (one run: a view of the
-                              pool; more: views joined by concat, an f16 copy);
+                              pool; more: the runs copied into one tensor);
                               0: its rows are gathered from gather_rows[gather_off ..]         */
     int32_t run_off;
     int32_t gather_off;
@@ -194,6 +230,8 @@ typedef struct {
     int32_t *out_req;        /* [n_outputs] the request of each sampled row                    */
     int32_t *req_outputs;    /* [n_requests] rows each request samples                         */
     float   *zeros;          /* [model->pad_width] zeros for the graph's zeros input           */
+    float   *attn_temp;      /* [cap_attn_temp] the graph's attn_temp input                    */
+    size_t   cap_attn_temp;
     /* capacities */
     size_t cap_reqs, cap_tokens, cap_runs, cap_gather, cap_mask, cap_mask_swa, cap_out, cap_out_req, cap_req_outputs;
     /* validation scratch */
@@ -230,6 +268,7 @@ struct pie_model {
 
     /* compute: the scheduler over place.backend, the CPU last */
     ggml_backend_sched_t  sched;
+    pie_threads           threads;      /* CPU threads per pass, adapted under "auto"           */
     uint8_t *graph_meta;                /* tensor + graph metadata for one forward graph        */
     size_t   graph_meta_size;
     size_t   graph_cap;                 /* most graph nodes sched and graph_meta are sized for  */
@@ -266,6 +305,8 @@ typedef struct {
     struct ggml_tensor *out_rows;   /* I32 [n_outputs]                                         */
     struct ggml_tensor *zeros;      /* F32 [model->pad_width] zeros, for pie_matmul; NULL until
                                        a product needs them                                    */
+    struct ggml_tensor *attn_temp;  /* F32 [1, 1, n_tokens] per-token Q scale (hp.attn_temp_scale),
+                                       NULL until a builder asks (pie_attn_temperature)         */
     const pie_layout   *layout;     /* the rows products multiply now: the batch's tokens, after
                                        pie_select_outputs the sampled rows                     */
     struct ggml_tensor *hidden;     /* F32 [n_embd, n_outputs] result: after the output norm   */
@@ -284,8 +325,23 @@ struct pie_arch {
 
 enum {
     PIE_NEED_QKV_BIAS   = 1 << 0,
-    PIE_NEED_QK_NORM    = 1 << 1,
-    PIE_NEED_POST_NORMS = 1 << 2,
+    PIE_NEED_QK_NORM    = 1 << 1,  /* per-head RMS norm of Q and K ([head_dim] weights)       */
+    PIE_NEED_POST_NORMS = 1 << 2,  /* post_attention_norm, post_ffw_norm                       */
+    PIE_QK_NORM_FULL    = 1 << 3,  /* with PIE_NEED_QK_NORM: over the whole projection (OLMo 2, OLMoE) */
+    PIE_NO_PRE_NORMS    = 1 << 4,  /* no attn_norm / ffn_norm (OLMo 2)                         */
+    PIE_FUSED_GATE_UP   = 1 << 5,  /* ffn_up holds gate and up (Phi-3)                         */
+    PIE_FFN_BIAS        = 1 << 6,  /* optional FFN biases, used when present                   */
+    PIE_LONGROPE        = 1 << 7,  /* rope_factors_long/short whatever rope.scaling.type says    */
+    PIE_NO_ROPE_FACTORS = 1 << 8,  /* the graph rotates without frequency factors               */
+    PIE_YARN_KEYS       = 1 << 9,  /* reads rope.scaling.yarn_beta_fast/slow, yarn_log_multiplier */
+    /* mixture of experts (models/moe.c) */
+    PIE_NEED_EXPERTS       = 1 << 10, /* every layer's FFN is a mixture of experts             */
+    PIE_NEED_SHARED_EXPERT = 1 << 11, /* ... plus a shared expert behind a sigmoid gate          */
+    PIE_MOE_NORM_WEIGHTS   = 1 << 12, /* the top-k routing weights are renormalised to sum to 1  */
+    PIE_ALLOW_EXPERTS      = 1 << 13, /* experts when the file has them (expert_count > 0)      */
+    PIE_NEED_OAI_MOE       = 1 << 14, /* gpt-oss: attention sinks, the post-attention norm as the
+                                         FFN norm, biased router and experts, softmax over the
+                                         chosen experts, swiglu_oai                             */
 };
 
 /* arch.c: the row named `name`, or NULL; the names as "llama, qwen2, ..." (for messages) */
@@ -294,8 +350,19 @@ void pie_arch_list(char *buf, size_t size);
 
 /* models/<family>.c: the builders and hooks arch.c lists */
 void    pie_build_llama(pie_graph *g);
+int32_t pie_granite_hparams(pie_hparams *hp, const struct gguf_context *gguf);
+int32_t pie_smollm3_hparams(pie_hparams *hp, const struct gguf_context *gguf);
+int32_t pie_mistral3_hparams(pie_hparams *hp, const struct gguf_context *gguf);
+int32_t pie_gemma2_hparams(pie_hparams *hp, const struct gguf_context *gguf);
 int32_t pie_gemma3_hparams(pie_hparams *hp, const struct gguf_context *gguf);
-void    pie_build_gemma3(pie_graph *g);
+void    pie_build_gemma(pie_graph *g); /* gemma2, gemma3 */
+void    pie_build_phi3(pie_graph *g);
+int32_t pie_olmo2_hparams(pie_hparams *hp, const struct gguf_context *gguf);
+void    pie_build_olmo2(pie_graph *g);
+int32_t pie_qwen_moe_hparams(pie_hparams *hp, const struct gguf_context *gguf);
+void    pie_build_olmoe(pie_graph *g);
+int32_t pie_gpt_oss_hparams(pie_hparams *hp, const struct gguf_context *gguf);
+void    pie_build_gpt_oss(pie_graph *g);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Internal API between the driver's files                                                    */
@@ -311,6 +378,13 @@ bool    pie_gguf_float(const struct gguf_context *gguf, const char *key, float *
 /* A float key that must be finite and > 0 (>= 0 with allow_zero): PIE_ERR_FORMAT naming it
  * otherwise; *out keeps its value when the key is absent. */
 int32_t pie_gguf_positive(const struct gguf_context *gguf, const char *key, bool allow_zero, float *out);
+/* An integer key that may be absent (*out untouched); PIE_ERR_UNSUPPORTED naming it when it holds
+ * something else (a string, a per-layer array). */
+int32_t pie_gguf_int_opt(const struct gguf_context *gguf, const char *key, int64_t *out);
+/* "<arch>.attention.sliding_window" (default_window when absent) and its layer pattern (an array
+ * of per-layer booleans, or n: every n-th layer global, default_pattern when absent), as
+ * llama.cpp's load_swa_pattern reads them; no window or a window of 0 leaves every layer global. */
+int32_t pie_load_swa(pie_hparams *hp, const struct gguf_context *gguf, int64_t default_window, int64_t default_pattern);
 int32_t pie_load_weights(pie_model *model, const char *path, bool plan_only);
 void    pie_free_weights(pie_model *model);
 
@@ -322,6 +396,7 @@ int     pie_tensor_device(const pie_model *model, const struct ggml_tensor *t);
 int32_t pie_alloc_on_devices(pie_model *model, struct ggml_tensor **tensors, const int *dev, int n,
                              enum ggml_backend_buffer_usage usage);
 int32_t pie_compute_open(pie_model *model, int n_threads, size_t n_nodes);  /* backends + sched */
+void    pie_set_cpu_threads(pie_model *model, int n_threads);
 int32_t pie_sched_new(pie_model *model, size_t n_nodes);
 void    pie_devices_close(pie_model *model);
 bool    pie_offloaded(const pie_model *model);          /* anything lives off the CPU       */
@@ -349,12 +424,22 @@ struct ggml_tensor *pie_embed(pie_graph *g);
 struct ggml_tensor *pie_select_outputs(pie_graph *g, struct ggml_tensor *x);
 struct ggml_tensor *pie_norm(pie_graph *g, struct ggml_tensor *x, struct ggml_tensor *w);
 struct ggml_tensor *pie_rope(pie_graph *g, struct ggml_tensor *x, int il);
+void pie_qkv(pie_graph *g, const pie_layer *L, struct ggml_tensor *x, struct ggml_tensor **q,
+             struct ggml_tensor **k, struct ggml_tensor **v);
+struct ggml_tensor *pie_ffn_swiglu(pie_graph *g, const pie_layer *L, struct ggml_tensor *x);
+struct ggml_tensor *pie_attn_temperature(pie_graph *g);
 struct ggml_tensor *pie_attention(pie_graph *g, int il, struct ggml_tensor *q, struct ggml_tensor *k,
                                   struct ggml_tensor *v, float kq_scale);
 struct ggml_tensor *pie_linear(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *b,
                                struct ggml_tensor *x);
 struct ggml_tensor *pie_matmul(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *x);
 int32_t pie_kernel_switch(enum ggml_type type);
+struct ggml_tensor *pie_matmul_id(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *x, struct ggml_tensor *ids);
+int32_t pie_kernel_switch_id(enum ggml_type type);
 void pie_graph_finish(pie_graph *g, struct ggml_tensor *x);
+
+/* models/moe.c: the feed-forward block (SwiGLU, or routed experts when the layer has a router);
+ * x: [n_embd, n] after the FFN norm -> [n_embd, n] */
+struct ggml_tensor *pie_ffn(pie_graph *g, const pie_layer *L, struct ggml_tensor *x, int il);
 
 #endif /* PIE_INTERNAL_H */

@@ -59,6 +59,13 @@ bool pie_gguf_float(const struct gguf_context *g, const char *key, float *out) {
     }
 }
 
+int32_t pie_gguf_int_opt(const struct gguf_context *g, const char *key, int64_t *out) {
+    if (gguf_find_key(g, key) >= 0 && !pie_gguf_int(g, key, out))
+        return pie_set_error(PIE_ERR_UNSUPPORTED, "metadata key '%s' must be one integer (per-layer arrays are not "
+                             "supported)", key);
+    return PIE_OK;
+}
+
 /* "<arch>.<suffix>" */
 static const char *akey(const pie_hparams *hp, const char *suffix) {
     static _Thread_local char buf[160];
@@ -91,13 +98,19 @@ int32_t pie_gguf_positive(const struct gguf_context *g, const char *key, bool al
     return PIE_OK;
 }
 
+/* llama.cpp's YaRN magnitude factor for a context extended `scale` times */
+static float yarn_mscale(float scale, float mscale) { return scale <= 1.0f ? 1.0f : 0.1f * mscale * logf(scale) + 1.0f; }
+
 /*
- * RoPE scaling, read as llama.cpp reads it: rope.scaling.type "none", "linear" (the default) or
- * "yarn"; rope.scaling.factor (or the older rope.scale_linear; 0 = none); for YaRN the original
- * context length (rope.scaling.original_context_length, default the trained one), an extension
- * factor of 1 and an attention factor that cancels the magnitude scaling ggml's YaRN applies
- * (llama_context's constructor); rope.scaling.attn_factor multiplies it in every case.
- * Sliding-window layers rotate unscaled but share the extension and attention factors.
+ * RoPE scaling, read as llama.cpp reads it: rope.scaling.type "none", "linear" (the default),
+ * "yarn" or "longrope" (linear, plus frequency factors chosen by context: bind_rope_factors);
+ * rope.scaling.factor (or the older rope.scale_linear; 0 = none); for YaRN the original context
+ * length (rope.scaling.original_context_length, default the trained one), an extension factor of
+ * 1 and an attention factor that cancels the magnitude scaling ggml's YaRN applies
+ * (llama_context's constructor, in its order of float operations), with Mistral 3's
+ * yarn_log_multiplier and correction range (yarn_beta_fast/slow) where the family reads them;
+ * rope.scaling.attn_factor multiplies it in every case. Sliding-window layers rotate unscaled
+ * but share the extension and attention factors unless their family's hook says otherwise.
  */
 static int32_t load_rope_scaling(pie_hparams *hp, const struct gguf_context *g) {
     const char *type = "linear";
@@ -107,25 +120,99 @@ static int32_t load_rope_scaling(pie_hparams *hp, const struct gguf_context *g) 
             return pie_set_error(PIE_ERR_FORMAT, "metadata key '%s' must be a string", akey(hp, "rope.scaling.type"));
         type = gguf_get_val_str(g, id);
     }
-    float factor = 0.0f, attn_factor = 1.0f;
+    float factor = 0.0f, attn_factor = 1.0f, log_mul = 0.0f;
+    hp->rope_beta_fast = 32.0f; /* llama.cpp's defaults */
+    hp->rope_beta_slow = 1.0f;
     int32_t st;
     if ((st = pie_gguf_positive(g, akey(hp, "rope.scale_linear"), true, &factor)) ||
         (st = pie_gguf_positive(g, akey(hp, "rope.scaling.factor"), true, &factor)) ||
         (st = pie_gguf_positive(g, akey(hp, "rope.scaling.attn_factor"), false, &attn_factor)) ||
         (st = read_count(g, hp, "rope.scaling.original_context_length", hp->n_ctx_train, &hp->rope_n_ctx_orig)))
         return st;
+    if ((hp->arch->needs & PIE_YARN_KEYS) &&
+        ((st = pie_gguf_positive(g, akey(hp, "rope.scaling.yarn_log_multiplier"), true, &log_mul)) ||
+         (st = pie_gguf_positive(g, akey(hp, "rope.scaling.yarn_beta_fast"), false, &hp->rope_beta_fast)) ||
+         (st = pie_gguf_positive(g, akey(hp, "rope.scaling.yarn_beta_slow"), false, &hp->rope_beta_slow))))
+        return st;
     hp->rope_scale = factor == 0.0f ? 1.0f : 1.0f / factor;
     hp->rope_ext_factor = 0.0f;
     hp->rope_attn_factor = attn_factor;
+    hp->longrope = false;
     if (strcmp(type, "none") == 0) {
         hp->rope_scale = 1.0f;
     } else if (strcmp(type, "yarn") == 0) {
         const float f = 1.0f / hp->rope_scale;
+        float a = log_mul != 0.0f ? yarn_mscale(f, 1.0f) / yarn_mscale(f, log_mul) : yarn_mscale(f, 1.0f);
+        a *= 1.0f / (1.0f + 0.1f * logf(f));
         hp->rope_ext_factor = 1.0f;
-        hp->rope_attn_factor = attn_factor * (f <= 1.0f ? 1.0f : 0.1f * logf(f) + 1.0f) / (1.0f + 0.1f * logf(f));
+        hp->rope_attn_factor = a * attn_factor;
+    } else if (strcmp(type, "longrope") == 0) {
+        hp->longrope = true;
     } else if (strcmp(type, "linear") != 0) {
-        return pie_set_error(PIE_ERR_UNSUPPORTED, "RoPE scaling type '%s' is not supported (supported: none, linear, yarn)", type);
+        return pie_set_error(PIE_ERR_UNSUPPORTED,
+                             "RoPE scaling type '%s' is not supported (supported: none, linear, yarn, longrope)", type);
     }
+    hp->rope_ext_factor_swa = hp->rope_ext_factor;
+    hp->rope_attn_factor_swa = hp->rope_attn_factor;
+    return PIE_OK;
+}
+
+int32_t pie_load_swa(pie_hparams *hp, const struct gguf_context *g, int64_t default_window, int64_t default_pattern) {
+    int64_t window = default_window;
+    pie_gguf_int(g, akey(hp, "attention.sliding_window"), &window);
+    if (window <= 0) return PIE_OK;
+    if (window > INT32_MAX)
+        return pie_set_error(PIE_ERR_FORMAT, "%s %lld is too large", akey(hp, "attention.sliding_window"), (long long)window);
+    hp->sliding_window = (int32_t)window;
+
+    /* pattern: an array of per-layer flags, or n (every n-th layer global) */
+    const char *key = akey(hp, "attention.sliding_window_pattern");
+    int64_t id = gguf_find_key(g, key);
+    if (id >= 0 && gguf_get_kv_type(g, id) == GGUF_TYPE_ARRAY) {
+        if (gguf_get_arr_type(g, id) != GGUF_TYPE_BOOL || (int64_t)gguf_get_arr_n(g, id) != hp->n_layer)
+            return pie_set_error(PIE_ERR_FORMAT, "%s must hold %d booleans", key, hp->n_layer);
+        const bool *flags = gguf_get_arr_data(g, id);
+        for (int il = 0; il < hp->n_layer; il++) hp->is_swa[il] = flags[il];
+        return PIE_OK;
+    }
+    int64_t n = default_pattern;
+    pie_gguf_int(g, key, &n);
+    if (n < 0) return pie_set_error(PIE_ERR_FORMAT, "%s is negative (%lld)", key, (long long)n);
+    for (int il = 0; il < hp->n_layer; il++) hp->is_swa[il] = n == 0 || (il % n < n - 1);
+    return PIE_OK;
+}
+
+/*
+ * Mixture of experts, for the families that have them: expert_count (absent or 0: a dense FFN,
+ * which families that only come with experts reject) and expert_used_count, 1 .. expert_count
+ * when there are experts. An expert's width defaults to feed_forward_length (the qwen MoE and
+ * gpt-oss hooks read their own keys). Other families ignore these keys, as llama.cpp does.
+ */
+static int32_t load_experts(pie_hparams *hp, const struct gguf_context *g) {
+    int64_t n_exp = 0, n_used = 0;
+    hp->n_expert = hp->n_expert_used = hp->n_ff_shexp = 0;
+    hp->n_ff_exp = hp->n_ff;
+    if (!(hp->arch->needs & (PIE_NEED_EXPERTS | PIE_ALLOW_EXPERTS))) return PIE_OK; /* dense: keys ignored */
+    char used_key[160];
+    snprintf(used_key, sizeof(used_key), "%s", akey(hp, "expert_used_count"));
+    const bool has_used = gguf_find_key(g, used_key) >= 0;
+    int32_t st;
+    if ((st = pie_gguf_int_opt(g, used_key, &n_used)) || (st = pie_gguf_int_opt(g, akey(hp, "expert_count"), &n_exp)))
+        return st;
+    if (n_exp < 0 || n_exp > PIE_MAX_EXPERTS)
+        return pie_set_error(PIE_ERR_FORMAT, "metadata key '%s' is %lld; it must be 0 .. %d", akey(hp, "expert_count"),
+                             (long long)n_exp, PIE_MAX_EXPERTS);
+    if (n_exp == 0 && (hp->arch->needs & PIE_NEED_EXPERTS))
+        return pie_set_error(PIE_ERR_FORMAT, "metadata key '%s' is missing or 0, but %s is a mixture-of-experts "
+                             "architecture", akey(hp, "expert_count"), hp->arch->name);
+    if (n_exp == 0 && has_used && n_used != 0)
+        return pie_set_error(PIE_ERR_FORMAT, "metadata key '%s' is %lld but the model has no experts (%s is 0 or "
+                             "missing)", used_key, (long long)n_used, akey(hp, "expert_count"));
+    if (n_exp > 0 && (n_used < 1 || n_used > n_exp))
+        return pie_set_error(PIE_ERR_FORMAT, "metadata key '%s' is %lld%s; it must be 1 .. %s (%lld)", used_key,
+                             (long long)n_used, has_used ? "" : " (missing)", akey(hp, "expert_count"), (long long)n_exp);
+    hp->n_expert = (int32_t)n_exp;
+    hp->n_expert_used = (int32_t)n_used;
     return PIE_OK;
 }
 
@@ -155,6 +242,7 @@ static int32_t load_hparams(pie_hparams *hp, const struct gguf_context *g) {
     hp->rope_mode = hp->arch->rope_mode;
     hp->rope_base = 10000.0f;
     hp->rope_base_swa = 10000.0f;
+    hp->rope_scale_swa = 1.0f;
     hp->rms_eps = 1e-6f;
     if ((st = pie_gguf_positive(g, akey(hp, "rope.freq_base"), false, &hp->rope_base)) ||
         (st = pie_gguf_positive(g, akey(hp, "attention.layer_norm_rms_epsilon"), true, &hp->rms_eps)) ||
@@ -162,13 +250,22 @@ static int32_t load_hparams(pie_hparams *hp, const struct gguf_context *g) {
         return st;
     hp->attn_scale = 1.0f / sqrtf((float)hp->head_dim);
     hp->embd_scale = 1.0f;
+    hp->embd_scale_input = false;
+    hp->residual_scale = 1.0f;
+    hp->logit_scale = 1.0f;
     hp->logit_softcap = 0.0f;
+    hp->attn_softcap = 0.0f;
+    hp->attn_temp_scale = 0.0f;
+    hp->attn_temp_floor = hp->rope_n_ctx_orig;
     hp->sliding_window = 0;
+    memset(hp->is_swa, 0, sizeof(hp->is_swa));
+    memset(hp->no_rope, 0, sizeof(hp->no_rope));
 
     int64_t id = gguf_find_key(g, "general.name");
     if (id >= 0 && gguf_get_kv_type(g, id) == GGUF_TYPE_STRING)
         snprintf(hp->name, sizeof(hp->name), "%s", gguf_get_val_str(g, id));
 
+    if ((st = load_experts(hp, g)) != PIE_OK) return st;
     return hp->arch->load_hparams ? hp->arch->load_hparams(hp, g) : PIE_OK;
 }
 
@@ -196,39 +293,149 @@ static int32_t bind(struct ggml_context *meta, const char *name, int64_t ne0, in
     return PIE_OK;
 }
 
+/* A 3-D tensor of per-expert matrices [ne0, ne1, ne2]. */
+static int32_t bind3(struct ggml_context *meta, const char *name, int64_t ne0, int64_t ne1, int64_t ne2,
+                     struct ggml_tensor **out) {
+    struct ggml_tensor *t = ggml_get_tensor(meta, name);
+    *out = t;
+    if (!t) return pie_set_error(PIE_ERR_FORMAT, "tensor '%s' is missing", name);
+    if (t->ne[0] != ne0 || t->ne[1] != ne1 || t->ne[2] != ne2 || t->ne[3] != 1)
+        return pie_set_error(PIE_ERR_FORMAT,
+                             "tensor '%s' has shape [%lld, %lld, %lld, %lld] but the hyper-parameters need [%lld, %lld, %lld]",
+                             name, (long long)t->ne[0], (long long)t->ne[1], (long long)t->ne[2], (long long)t->ne[3],
+                             (long long)ne0, (long long)ne1, (long long)ne2);
+    return PIE_OK;
+}
+
+/* A layer's experts: router, per-expert gate/up/down, gpt-oss's biases, and the shared expert
+ * where the family has one. */
+static int32_t bind_experts(struct ggml_context *meta, const pie_hparams *hp, int il, pie_layer *L) {
+    const int64_t E = hp->n_embd, X = hp->n_expert, F = hp->n_ff_exp, S = hp->n_ff_shexp;
+    char n[96];
+    int32_t st;
+#define NAME(suffix) snprintf(n, sizeof(n), "blk.%d." suffix, il)
+    NAME("ffn_gate_inp.weight");
+    if ((st = bind(meta, n, E, X, true, &L->ffn_gate_inp)) != PIE_OK) return st;
+    NAME("ffn_gate_exps.weight");
+    if ((st = bind3(meta, n, E, F, X, &L->ffn_gate_exps)) != PIE_OK) return st;
+    NAME("ffn_up_exps.weight");
+    if ((st = bind3(meta, n, E, F, X, &L->ffn_up_exps)) != PIE_OK) return st;
+    NAME("ffn_down_exps.weight");
+    if ((st = bind3(meta, n, F, E, X, &L->ffn_down_exps)) != PIE_OK) return st;
+    if (hp->arch->needs & PIE_NEED_OAI_MOE) { /* biases: the router's, then per expert (rows) */
+        NAME("ffn_gate_inp.bias");
+        if ((st = bind(meta, n, X, 0, true, &L->ffn_gate_inp_b)) != PIE_OK) return st;
+        struct { struct ggml_tensor **t; const char *suffix; int64_t ne0; } b[] = {
+            { &L->ffn_gate_exps_b, "ffn_gate_exps.bias", F },
+            { &L->ffn_up_exps_b,   "ffn_up_exps.bias",   F },
+            { &L->ffn_down_exps_b, "ffn_down_exps.bias", E },
+        };
+        for (size_t i = 0; i < sizeof(b) / sizeof(b[0]); i++) {
+            snprintf(n, sizeof(n), "blk.%d.%s", il, b[i].suffix);
+            if ((st = bind(meta, n, b[i].ne0, X, true, b[i].t)) != PIE_OK) return st;
+            if ((*b[i].t)->type != GGML_TYPE_F32) /* added to f32 rows (add_id) */
+                return pie_set_error(PIE_ERR_UNSUPPORTED, "tensor '%s' is %s; expert biases must be f32", n,
+                                     ggml_type_name((*b[i].t)->type));
+        }
+    }
+    if (!(hp->arch->needs & PIE_NEED_SHARED_EXPERT)) return PIE_OK;
+    NAME("ffn_gate_inp_shexp.weight");
+    if ((st = bind(meta, n, E, 0, true, &L->ffn_gate_inp_shexp)) != PIE_OK) return st;
+    NAME("ffn_gate_shexp.weight");
+    if ((st = bind(meta, n, E, S, true, &L->ffn_gate_shexp)) != PIE_OK) return st;
+    NAME("ffn_up_shexp.weight");
+    if ((st = bind(meta, n, E, S, true, &L->ffn_up_shexp)) != PIE_OK) return st;
+    NAME("ffn_down_shexp.weight");
+    if ((st = bind(meta, n, S, E, true, &L->ffn_down_shexp)) != PIE_OK) return st;
+#undef NAME
+    return PIE_OK;
+}
+
 static int32_t bind_layer(struct ggml_context *meta, const pie_hparams *hp, int il, pie_layer *L) {
     const int64_t E = hp->n_embd, Q = (int64_t)hp->n_head * hp->head_dim;
     const int64_t K = (int64_t)hp->n_head_kv * hp->head_dim, V = (int64_t)hp->n_head_kv * hp->head_dim_v;
     const int64_t O = (int64_t)hp->n_head * hp->head_dim_v, F = hp->n_ff;
     const uint32_t needs = hp->arch->needs;
-    const bool post = needs & PIE_NEED_POST_NORMS, qkn = needs & PIE_NEED_QK_NORM;
+    const bool post = needs & PIE_NEED_POST_NORMS, qkn = needs & PIE_NEED_QK_NORM, pre = !(needs & PIE_NO_PRE_NORMS);
+    const bool full = needs & PIE_QK_NORM_FULL, ffn_bias = needs & PIE_FFN_BIAS;
+    const bool dense = hp->n_expert == 0, oai = needs & PIE_NEED_OAI_MOE;
     char n[96];
     int32_t st;
 #define BIND(field, suffix, ne0, ne1, req)                                        \
     snprintf(n, sizeof(n), "blk.%d." suffix, il);                                 \
     if ((st = bind(meta, n, ne0, ne1, req, &L->field)) != PIE_OK) return st;
-    BIND(attn_norm, "attn_norm.weight", E, 0, true)
-    BIND(wq, "attn_q.weight", E, Q, true)
-    BIND(wk, "attn_k.weight", E, K, true)
-    BIND(wv, "attn_v.weight", E, V, true)
+    if (pre) { BIND(attn_norm, "attn_norm.weight", E, 0, true) }
+    /* Q, K, V: one fused projection (as llama.cpp, for every family) or three */
+    BIND(wqkv, "attn_qkv.weight", E, Q + K + V, false)
+    if (L->wqkv) {
+        BIND(bqkv, "attn_qkv.bias", Q + K + V, 0, false)
+    } else {
+        BIND(wq, "attn_q.weight", E, Q, true)
+        BIND(wk, "attn_k.weight", E, K, true)
+        BIND(wv, "attn_v.weight", E, V, true)
+    }
+    if (!L->bqkv) {
+        const bool req = (needs & PIE_NEED_QKV_BIAS) != 0;
+        BIND(bq, "attn_q.bias", Q, 0, req)
+        BIND(bk, "attn_k.bias", K, 0, req)
+        BIND(bv, "attn_v.bias", V, 0, req)
+        /* a fused projection takes separate biases only all three together (llama.cpp's build_qkv) */
+        if (L->wqkv && !(L->bq && L->bk && L->bv)) L->bq = L->bk = L->bv = NULL;
+    }
     BIND(wo, "attn_output.weight", O, E, true)
-    BIND(bq, "attn_q.bias", Q, 0, needs & PIE_NEED_QKV_BIAS)
-    BIND(bk, "attn_k.bias", K, 0, needs & PIE_NEED_QKV_BIAS)
-    BIND(bv, "attn_v.bias", V, 0, needs & PIE_NEED_QKV_BIAS)
     BIND(bo, "attn_output.bias", E, 0, false)
-    BIND(q_norm, "attn_q_norm.weight", hp->head_dim, 0, qkn)
-    BIND(k_norm, "attn_k_norm.weight", hp->head_dim, 0, qkn)
-    BIND(attn_post_norm, "post_attention_norm.weight", E, 0, post)
-    BIND(ffn_norm, "ffn_norm.weight", E, 0, true)
-    BIND(ffn_gate, "ffn_gate.weight", E, F, true)
-    BIND(ffn_up, "ffn_up.weight", E, F, true)
+    BIND(q_norm, "attn_q_norm.weight", full ? Q : hp->head_dim, 0, qkn)
+    BIND(k_norm, "attn_k_norm.weight", full ? K : hp->head_dim, 0, qkn)
+    BIND(attn_post_norm, "post_attention_norm.weight", E, 0, post || oai)
+    if (oai) { BIND(attn_sinks, "attn_sinks.weight", hp->n_head, 0, true) }
+    if (pre && !oai) { BIND(ffn_norm, "ffn_norm.weight", E, 0, true) } /* gpt-oss: attn_post_norm */
+    if (!dense) {
+        BIND(ffn_post_norm, "post_ffw_norm.weight", E, 0, post)
+        return bind_experts(meta, hp, il, L);
+    }
+    if (needs & PIE_FUSED_GATE_UP) {
+        BIND(ffn_up, "ffn_up.weight", E, 2 * F, true) /* gate half, then up half */
+    } else {
+        BIND(ffn_gate, "ffn_gate.weight", E, F, true)
+        BIND(ffn_up, "ffn_up.weight", E, F, true)
+        if (ffn_bias) {
+            BIND(ffn_gate_b, "ffn_gate.bias", F, 0, false)
+            BIND(ffn_up_b, "ffn_up.bias", F, 0, false)
+        }
+    }
     BIND(ffn_down, "ffn_down.weight", F, E, true)
+    if (ffn_bias) { BIND(ffn_down_b, "ffn_down.bias", E, 0, false) }
     BIND(ffn_post_norm, "post_ffw_norm.weight", E, 0, post)
 #undef BIND
     return PIE_OK;
 }
 
-static int32_t bind_weights(struct ggml_context *meta, pie_hparams *hp, pie_weights *w) {
+/*
+ * Rope frequency factors. LongRoPE files (Phi-3, or rope.scaling.type "longrope") hold a long
+ * and a short set; like llama.cpp, a context longer than the original one (n_ctx_seq > n_ctx_orig)
+ * takes the long set. llama.cpp's context is what one sequence may hold; here one sequence may
+ * hold the whole pool, so that is the context. Other files may hold one set (rope_freqs,
+ * Llama 3.1). Families whose graph rotates without factors bind none.
+ */
+static int32_t bind_rope_factors(struct ggml_context *meta, const pie_hparams *hp, pie_weights *w, int64_t n_ctx_seq) {
+    const uint32_t needs = hp->arch->needs;
+    w->rope_freqs = NULL;
+    if (needs & PIE_NO_ROPE_FACTORS) return PIE_OK;
+    if (!(needs & PIE_LONGROPE) && !hp->longrope) return bind(meta, "rope_freqs.weight", hp->n_rot / 2, 0, false, &w->rope_freqs);
+    struct ggml_tensor *lng = NULL, *shrt = NULL;
+    int32_t st;
+    if ((st = bind(meta, "rope_factors_long.weight", hp->n_rot / 2, 0, false, &lng)) ||
+        (st = bind(meta, "rope_factors_short.weight", hp->n_rot / 2, 0, false, &shrt)))
+        return st;
+    const bool use_long = n_ctx_seq > hp->rope_n_ctx_orig;
+    w->rope_freqs = use_long ? lng : shrt;
+    if (w->rope_freqs)
+        pie_log(PIE_LOG_INFO, "LongRoPE: %s factors (context %lld %s the original %d)", use_long ? "long" : "short",
+                (long long)n_ctx_seq, use_long ? ">" : "<=", hp->rope_n_ctx_orig);
+    return PIE_OK;
+}
+
+static int32_t bind_weights(struct ggml_context *meta, pie_hparams *hp, pie_weights *w, int64_t n_ctx_seq) {
     w->tok_embd = ggml_get_tensor(meta, "token_embd.weight");
     if (!w->tok_embd) return pie_set_error(PIE_ERR_FORMAT, "tensor 'token_embd.weight' is missing");
     hp->n_vocab = (int32_t)w->tok_embd->ne[1];
@@ -236,7 +443,7 @@ static int32_t bind_weights(struct ggml_context *meta, pie_hparams *hp, pie_weig
     if ((st = bind(meta, "token_embd.weight", hp->n_embd, hp->n_vocab, true, &w->tok_embd)) ||
         (st = bind(meta, "output_norm.weight", hp->n_embd, 0, true, &w->output_norm)) ||
         (st = bind(meta, "output.weight", hp->n_embd, hp->n_vocab, false, &w->output)) ||
-        (st = bind(meta, "rope_freqs.weight", hp->n_rot / 2, 0, false, &w->rope_freqs)))
+        (st = bind_rope_factors(meta, hp, w, n_ctx_seq)))
         return st;
     if (!w->output) w->output = w->tok_embd; /* tied embeddings */
     for (int il = 0; il < hp->n_layer; il++)
@@ -287,6 +494,30 @@ static int32_t check_matrix(pie_model *m, const struct ggml_tensor *w) {
     return PIE_OK;
 }
 
+/* Checks that the device can multiply the per-expert matrices `w` (mul_mat_id), and notes the
+ * narrow pieces' width pie_matmul_id splits their products into. */
+static int32_t check_experts(pie_model *m, const struct ggml_tensor *w) {
+    if (!cpu_multiplies(w->type))
+        return pie_set_error(PIE_ERR_UNSUPPORTED, "tensor '%s' has type %s, which ggml cannot multiply; "
+                             "use a float or quantized (q*, iq*, tq*, mxfp4) weight type", w->name, ggml_type_name(w->type));
+    ggml_backend_dev_t dev = m->place.dev[pie_tensor_device(m, w)];
+    if (ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) {
+        struct ggml_init_params ip = { .mem_size = 4 * ggml_tensor_overhead(), .mem_buffer = NULL, .no_alloc = true };
+        struct ggml_context *ctx = ggml_init(ip);
+        if (!ctx) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot check tensor '%s'", w->name);
+        struct ggml_tensor *x = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, w->ne[0], 1, 1);
+        struct ggml_tensor *ids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, m->hp.n_expert_used, 1);
+        const bool ok = ggml_backend_dev_supports_op(dev, ggml_mul_mat_id(ctx, (struct ggml_tensor *)w, x, ids));
+        ggml_free(ctx);
+        if (!ok)
+            return pie_set_error(PIE_ERR_UNSUPPORTED, "tensor '%s' has type %s, which %s cannot multiply per expert",
+                                 w->name, ggml_type_name(w->type), ggml_backend_dev_name(dev));
+    }
+    const int32_t k = pie_kernel_switch_id(w->type);
+    if (k > 1 && (m->split_cols == 0 || k - 1 < m->split_cols)) m->split_cols = k - 1;
+    return PIE_OK;
+}
+
 /* Every matrix the graph multiplies (or, for the embeddings, reads rows of). */
 static int32_t check_matrices(pie_model *m) {
     const pie_weights *w = &m->w;
@@ -296,9 +527,14 @@ static int32_t check_matrices(pie_model *m) {
     if ((st = check_matrix(m, w->tok_embd)) || (st = check_matrix(m, w->output))) return st;
     for (int il = 0; il < m->hp.n_layer; il++) {
         const pie_layer *L = &w->layers[il];
-        const struct ggml_tensor *mats[] = { L->wq, L->wk, L->wv, L->wo, L->ffn_gate, L->ffn_up, L->ffn_down };
+        const struct ggml_tensor *mats[] = { L->wqkv, L->wq, L->wk, L->wv, L->wo, L->ffn_gate, L->ffn_up, L->ffn_down,
+                                             L->ffn_gate_inp, L->ffn_gate_inp_shexp, L->ffn_gate_shexp,
+                                             L->ffn_up_shexp, L->ffn_down_shexp };
         for (size_t i = 0; i < sizeof(mats) / sizeof(mats[0]); i++)
-            if ((st = check_matrix(m, mats[i])) != PIE_OK) return st;
+            if (mats[i] && (st = check_matrix(m, mats[i])) != PIE_OK) return st;
+        const struct ggml_tensor *exps[] = { L->ffn_gate_exps, L->ffn_up_exps, L->ffn_down_exps };
+        for (size_t i = 0; i < sizeof(exps) / sizeof(exps[0]); i++)
+            if (exps[i] && (st = check_experts(m, exps[i])) != PIE_OK) return st;
     }
     return PIE_OK;
 }
@@ -485,7 +721,8 @@ int32_t pie_load_weights(pie_model *m, const char *path, bool plan_only) {
         goto done;
     }
     if ((st = load_hparams(&m->hp, g)) != PIE_OK) goto done;
-    if ((st = bind_weights(meta, &m->hp, &m->w)) != PIE_OK || (st = pie_place_layers(m)) != PIE_OK ||
+    const int64_t n_ctx_seq = (int64_t)m->params.page_size * m->params.n_pages;
+    if ((st = bind_weights(meta, &m->hp, &m->w, n_ctx_seq)) != PIE_OK || (st = pie_place_layers(m)) != PIE_OK ||
         (st = split_tied_head(m)) != PIE_OK || (st = check_matrices(m)) != PIE_OK)
         goto done;
 

@@ -300,17 +300,21 @@ int32_t pie_sched_new(pie_model *m, size_t n_nodes) {
     return m->sched ? PIE_OK : pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot create a scheduler for %zu graph nodes", n_nodes);
 }
 
+void pie_set_cpu_threads(pie_model *m, int n_threads) {
+    const pie_placement *pl = &m->place;
+    ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(pl->dev[pl->n_dev - 1]);
+    ggml_backend_set_n_threads_t set_threads =
+        reg ? (ggml_backend_set_n_threads_t)ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads") : NULL;
+    if (set_threads) set_threads(pl->backend[pl->n_dev - 1], n_threads);
+}
+
 int32_t pie_compute_open(pie_model *m, int n_threads, size_t n_nodes) {
     pie_placement *pl = &m->place;
     for (int d = 0; d < pl->n_dev; d++) {
         pl->backend[d] = ggml_backend_dev_init(pl->dev[d], NULL);
         if (!pl->backend[d]) return pie_set_error(PIE_ERR_BACKEND, "cannot start the %s backend", pl->name[d]);
     }
-    ggml_backend_t cpu = pl->backend[pl->n_dev - 1];
-    ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(pl->dev[pl->n_dev - 1]);
-    ggml_backend_set_n_threads_t set_threads =
-        reg ? (ggml_backend_set_n_threads_t)ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads") : NULL;
-    if (set_threads) set_threads(cpu, n_threads);
+    pie_set_cpu_threads(m, n_threads);
     return pie_sched_new(m, n_nodes);
 }
 

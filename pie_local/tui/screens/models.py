@@ -90,7 +90,8 @@ class ModelsScreen(Screen):
         cat = self.query_one("#catalogue", DataTable)
         cat.clear()
         for e in catalogue:
-            cat.add_row(e.name, e.params, e.arch, "✓" if e.installed else "", e.description, key=e.name)
+            mark = "✓" if e.installed else "" if e.verified else "?"  # ?: never pulled, names unconfirmed
+            cat.add_row(e.name, e.params, e.arch, mark, e.description, key=e.name)
         present = [m for m in installed if m.present]
         self.query_one("#starter-banner").display = not present
         if present:  # highlighting a row shows its details
@@ -126,8 +127,9 @@ class ModelsScreen(Screen):
                 quants = ", ".join(row.quants) or row.default_quant
                 state = "installed" if row.installed else "press p to pull"
                 size = f" · {human_size(row.size_bytes)}" if row.size_bytes else ""
-                self._set_details(f"{row.name} ({row.params} {row.arch}) · quants: {quants}{size} · {state}\n"
-                                  f"{row.description}")
+                unverified = "" if row.verified else " · unverified: hub names not yet confirmed by a pull"
+                self._set_details(f"{row.name} ({row.params} {row.arch}) · quants: {quants}{size} · {state}"
+                                  f"{unverified}\n{row.description}")
 
     # ---- pull ----
 

@@ -28,6 +28,7 @@ void pie_graph_begin(pie_graph *g) {
     g->mask_swa    = p->any_swa_mask ? input(g, GGML_TYPE_F16, p->n_mask, "mask_swa") : NULL;
     g->out_rows    = input(g, GGML_TYPE_I32, g->n_outputs, "out_rows");  /* [n_outputs] */
     g->zeros       = NULL; /* created by the first product that needs it */
+    g->attn_temp   = NULL; /* created by the first layer that needs it */
     g->layout      = &p->token_layout;
 }
 
@@ -41,12 +42,15 @@ struct ggml_tensor *pie_name(struct ggml_tensor *t, const char *name, int il) {
     return t;
 }
 
-/* Token embeddings, scaled: [n_embd, n_tokens] */
+/* Token embeddings, scaled: [n_embd, n_tokens]. The scaled tensor is "embd" where llama.cpp
+ * scales inside its input embedding (Granite), "inp_scaled" where it scales after (Gemma). */
 struct ggml_tensor *pie_embed(pie_graph *g) {
-    const pie_model *m = g->model;
-    struct ggml_tensor *x = pie_name(ggml_get_rows(g->ctx, m->w.tok_embd, g->tokens), "embd", -1);
-    if (m->hp.embd_scale != 1.0f) x = pie_name(ggml_scale(g->ctx, x, m->hp.embd_scale), "inp_scaled", -1);
-    return x;
+    const pie_hparams *hp = &g->model->hp;
+    struct ggml_tensor *x = ggml_get_rows(g->ctx, g->model->w.tok_embd, g->tokens);
+    if (hp->embd_scale == 1.0f) return pie_name(x, "embd", -1);
+    if (hp->embd_scale_input) return pie_name(ggml_scale(g->ctx, x, hp->embd_scale), "embd", -1);
+    x = pie_name(x, "embd", -1);
+    return pie_name(ggml_scale(g->ctx, x, hp->embd_scale), "inp_scaled", -1);
 }
 
 /* RMS norm over ne0, times the weight (broadcast over the other dims). */
@@ -137,6 +141,70 @@ struct ggml_tensor *pie_matmul(pie_graph *g, struct ggml_tensor *w, struct ggml_
     return join_finish(ctx, &j);
 }
 
+/*
+ * The expert products (mul_mat_id) pick their kernel per expert, by how many rows of the whole
+ * product that expert receives: ggml-cpu's tiled kernel (k-quants and most i-quants, x86) from 8
+ * rows, vec_dot below; every other type always takes vec_dot (mul_mat_id has no sgemm path).
+ * Returns that switch (1: never switches).
+ */
+int32_t pie_kernel_switch_id(enum ggml_type type) {
+    switch (type) {
+        case GGML_TYPE_Q2_K: case GGML_TYPE_Q3_K: case GGML_TYPE_Q4_K: case GGML_TYPE_Q5_K: case GGML_TYPE_Q6_K:
+        case GGML_TYPE_IQ4_XS: case GGML_TYPE_IQ2_XXS: case GGML_TYPE_IQ2_XS: case GGML_TYPE_IQ2_S:
+        case GGML_TYPE_IQ3_XXS: case GGML_TYPE_IQ3_S: case GGML_TYPE_IQ1_S: case GGML_TYPE_IQ1_M:
+            return 8;
+        default:
+            return 1;
+    }
+}
+
+/* The request a row of g->layout belongs to. */
+static int32_t row_request(const pie_graph *g, int64_t row) {
+    const pie_plan *p = g->plan;
+    if (g->layout == &p->output_layout) return p->n_outputs > 0 && p->out_req ? p->out_req[row] : 0;
+    int32_t lo = 0, hi = p->n_requests - 1;
+    while (lo < hi) {
+        const int32_t mid = (lo + hi + 1) / 2;
+        if (p->reqs[mid].q0 <= row) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
+/*
+ * Expert products w[ids] x, batch-invariant like pie_matmul:
+ *   w:   [ne0, n_out, n_expert]    x: [ne0, n_x, n]  (n_x 1: every expert reads the same row)
+ *   ids: [n_used, n] I32           ->   [n_out, n_used, n]
+ * An expert's kernel depends on how many rows of the product it gets (pie_kernel_switch_id), so
+ * with a type that switches, the rows of a wide request go through products of their own (what
+ * an expert gets then depends on that request alone) and narrow spans through products of fewer
+ * rows than the switch (vec_dot for every expert). Other types: one product.
+ */
+struct ggml_tensor *pie_matmul_id(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *x, struct ggml_tensor *ids) {
+    struct ggml_context *ctx = g->ctx;
+    const pie_layout *l = g->layout;
+    if (pie_kernel_switch_id(w->type) == 1 || (l->n_spans == 1 && !l->spans[0].wide && x->ne[2] <= g->model->split_cols))
+        return ggml_mul_mat_id(ctx, w, x, ids);
+    pie_joiner j = { .dim = 2 };
+    for (int32_t i = 0; i < l->n_spans; i++) {
+        const pie_span *s = &l->spans[i];
+        const int64_t end = s->start + s->len;
+        for (int64_t c = s->start, next; c < end; c = next) {
+            if (s->wide) { /* up to the next request */
+                const int32_t r = row_request(g, c);
+                for (next = c + 1; next < end && row_request(g, next) == r; next++) {}
+            } else {
+                next = c + g->model->split_cols < end ? c + g->model->split_cols : end;
+            }
+            const int64_t cols = next - c;
+            struct ggml_tensor *xs = ggml_view_3d(ctx, x, x->ne[0], x->ne[1], cols, x->nb[1], x->nb[2], x->nb[2] * (size_t)c);
+            struct ggml_tensor *is = ggml_view_2d(ctx, ids, ids->ne[0], cols, ids->nb[1], ids->nb[1] * (size_t)c);
+            join_push(ctx, &j, ggml_mul_mat_id(ctx, w, xs, is));
+        }
+    }
+    return join_finish(ctx, &j);
+}
+
 struct ggml_tensor *pie_linear(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *b, struct ggml_tensor *x) {
     x = pie_matmul(g, w, x);
     return b ? ggml_add(g->ctx, x, b) : x;
@@ -144,21 +212,68 @@ struct ggml_tensor *pie_linear(pie_graph *g, struct ggml_tensor *w, struct ggml_
 
 /* x: [head_dim, n_heads, n_tokens], rotated at the batch's explicit positions, scaled as the
  * file says (linear or YaRN, see load_rope_scaling in loader.c). Sliding-window layers use their
- * own base and no scaling factor (as llama.cpp does); YaRN's beta_fast 32 and beta_slow 1 are
- * llama.cpp's. */
+ * own base and scaling factor (unscaled unless the family says otherwise, as llama.cpp does), and
+ * the extension and attention factors their family gives them. Layers without RoPE (hp->no_rope)
+ * return x as it is. */
 struct ggml_tensor *pie_rope(pie_graph *g, struct ggml_tensor *x, int il) {
     const pie_hparams *hp = &g->model->hp;
+    if (hp->no_rope[il]) return x;
     const bool swa = hp->is_swa[il];
     return ggml_rope_ext(g->ctx, x, g->positions, g->model->w.rope_freqs, hp->n_rot, hp->rope_mode, hp->rope_n_ctx_orig,
-                         swa ? hp->rope_base_swa : hp->rope_base, swa ? 1.0f : hp->rope_scale, hp->rope_ext_factor,
-                         hp->rope_attn_factor, 32.0f, 1.0f);
+                         swa ? hp->rope_base_swa : hp->rope_base, swa ? hp->rope_scale_swa : hp->rope_scale,
+                         swa ? hp->rope_ext_factor_swa : hp->rope_ext_factor,
+                         swa ? hp->rope_attn_factor_swa : hp->rope_attn_factor, hp->rope_beta_fast, hp->rope_beta_slow);
+}
+
+/* Q, K and V of x [n_embd, n_tokens] as [head_dim, n_head(_kv), n_tokens], from separate
+ * projections or one fused Q|K|V projection (then Q, K and V are views of its rows, and the
+ * biases are its own or the three separate ones, as llama.cpp's build_qkv takes them). */
+void pie_qkv(pie_graph *g, const pie_layer *L, struct ggml_tensor *x, struct ggml_tensor **q,
+             struct ggml_tensor **k, struct ggml_tensor **v) {
+    struct ggml_context *ctx = g->ctx;
+    const pie_hparams *hp = &g->model->hp;
+    const int64_t nt = x->ne[1], hd = hp->head_dim, hv = hp->head_dim_v;
+    if (!L->wqkv) {
+        *q = ggml_reshape_3d(ctx, pie_linear(g, L->wq, L->bq, x), hd, hp->n_head, nt);
+        *k = ggml_reshape_3d(ctx, pie_linear(g, L->wk, L->bk, x), hd, hp->n_head_kv, nt);
+        *v = ggml_reshape_3d(ctx, pie_linear(g, L->wv, L->bv, x), hv, hp->n_head_kv, nt);
+        return;
+    }
+    struct ggml_tensor *qkv = pie_linear(g, L->wqkv, L->bqkv, x); /* [Q + K + V, n_tokens] */
+    if (!L->bqkv && L->bq) qkv = ggml_add(ctx, qkv, ggml_concat(ctx, ggml_concat(ctx, L->bq, L->bk, 0), L->bv, 0));
+    const size_t es = ggml_element_size(qkv), nq = (size_t)(hd * hp->n_head), nk = (size_t)(hd * hp->n_head_kv);
+    *q = ggml_view_3d(ctx, qkv, hd, hp->n_head, nt, es * (size_t)hd, qkv->nb[1], 0);
+    *k = ggml_view_3d(ctx, qkv, hd, hp->n_head_kv, nt, es * (size_t)hd, qkv->nb[1], es * nq);
+    *v = ggml_view_3d(ctx, qkv, hv, hp->n_head_kv, nt, es * (size_t)hv, qkv->nb[1], es * (nq + nk));
+}
+
+/* SwiGLU feed-forward of x [n_embd, n] -> [n_embd, n]: separate gate and up projections, or one
+ * fused projection whose first half is the gate (Phi-3); biases where the file has them. */
+struct ggml_tensor *pie_ffn_swiglu(pie_graph *g, const pie_layer *L, struct ggml_tensor *x) {
+    struct ggml_tensor *cur;
+    if (L->ffn_gate)
+        cur = ggml_swiglu_split(g->ctx, pie_linear(g, L->ffn_gate, L->ffn_gate_b, x), pie_linear(g, L->ffn_up, L->ffn_up_b, x));
+    else
+        cur = ggml_swiglu(g->ctx, pie_linear(g, L->ffn_up, L->ffn_up_b, x)); /* [2 n_ff, n] -> [n_ff, n] */
+    return pie_linear(g, L->ffn_down, L->ffn_down_b, cur);
+}
+
+/* The per-token Q scale of attention temperature (hp->attn_temp_scale): F32 [1, 1, n_tokens],
+ * broadcast over a Q of [head_dim, n_head, n_tokens]; batch.c computes its values. */
+struct ggml_tensor *pie_attn_temperature(pie_graph *g) {
+    if (!g->attn_temp) {
+        g->attn_temp = ggml_new_tensor_3d(g->ctx, GGML_TYPE_F32, 1, 1, g->n_tokens);
+        pie_name(g->attn_temp, "inp_attn_scale", -1);
+        ggml_set_input(g->attn_temp);
+    }
+    return g->attn_temp;
 }
 
 /* Request r's K or V as [width_head, n_kv, n_head_kv], on the pool's own f16/q8_0 values
  * whichever way it is read, so attention runs the same kernels on the same values and page
  * placement never changes a result:
  *   one run of consecutive pages: a view of the pool (no copy);
- *   a few runs: views joined by concat into [width_head * n_head_kv, 1, n_kv] (one f16 copy);
+ *   a few runs: copied into one contiguous tensor (row memcpy, any pool type);
  *   otherwise: rows gathered (get_rows yields F32) and cast back to the pool's type (lossless). */
 static struct ggml_tensor *request_kv(pie_graph *g, struct ggml_tensor *pool, const pie_plan_req *q, int64_t head) {
     struct ggml_context *ctx = g->ctx;
@@ -167,14 +282,23 @@ static struct ggml_tensor *request_kv(pie_graph *g, struct ggml_tensor *pool, co
     if (q->n_runs == 1)
         return ggml_view_3d(ctx, pool, head, q->n_kv, hkv, pool->nb[1], ggml_row_size(pool->type, head),
                             pool->nb[1] * (size_t)run->start);
-    struct ggml_tensor *kv; /* [head * hkv, n_kv] (or [head * hkv, 1, n_kv]) */
+    struct ggml_tensor *kv; /* [head * hkv, n_kv] */
     if (q->n_runs > 1) {
-        /* rows along dim 2: ggml's concat splits dim 2 between threads */
-        pie_joiner j = { .dim = 2 };
-        for (int32_t i = 0; i < q->n_runs; i++)
-            join_push(ctx, &j, ggml_view_3d(ctx, pool, pool->ne[0], 1, run[i].len, pool->nb[1], pool->nb[1],
-                                            pool->nb[1] * (size_t)run[i].start)); /* [head * hkv, 1, len] */
-        kv = join_finish(ctx, &j);
+        /* The destination starts as a copy of the n_kv pool rows from run 0 on (run 0 is then in
+         * place), the later runs are copied over its tail. ggml's f16 concat goes element by
+         * element (3x slower for a forked stream's decode step); these copies are row memcpys.
+         * Each copy is put in the graph now, so it runs before the attention that reads kv. */
+        const size_t row = pool->nb[1];
+        int64_t base = run[0].start, at = run[0].len;
+        int32_t first = 1;
+        if (base + q->n_kv > pool->ne[1]) base = 0, at = 0, first = 0; /* the window would pass the pool's end */
+        kv = ggml_cont(ctx, ggml_view_2d(ctx, pool, pool->ne[0], q->n_kv, row, row * (size_t)base));
+        for (int32_t i = first; i < q->n_runs; i++) {
+            struct ggml_tensor *src = ggml_view_2d(ctx, pool, pool->ne[0], run[i].len, row, row * (size_t)run[i].start);
+            struct ggml_tensor *dst = ggml_view_2d(ctx, kv, kv->ne[0], run[i].len, kv->nb[1], kv->nb[1] * (size_t)at);
+            ggml_build_forward_expand(g->gf, ggml_cpy(ctx, src, dst));
+            at += run[i].len;
+        }
     } else {
         struct ggml_tensor *rows = ggml_view_1d(ctx, g->gather_rows, q->n_kv, sizeof(int32_t) * (size_t)q->gather_off);
         kv = ggml_cast(ctx, ggml_get_rows(ctx, pool, rows), pool->type);
@@ -189,7 +313,10 @@ static struct ggml_tensor *request_kv(pie_graph *g, struct ggml_tensor *pool, co
  *   v: [head_dim_v, n_head_kv, n_tokens]
  * The new K/V rows of every request go into the pool at write_rows in one op; then each request
  * attends over its own KV under its own mask block (causal, custom BRLE, sliding window), and
- * the per-request results are concatenated back in batch order. kq_scale multiplies Q.K.
+ * the per-request results are concatenated back in batch order. kq_scale multiplies Q.K; a
+ * family's attention softcap (gemma2) caps the scaled Q.K inside the same fused kernel
+ * (ggml_flash_attn_ext's logit_softcap: cap * tanh(x / cap) before the softmax), so the other
+ * families, with a cap of 0, run exactly the kernel they ran before.
  * Returns [head_dim_v * n_head, n_tokens].
  */
 struct ggml_tensor *pie_attention(pie_graph *g, int il, struct ggml_tensor *q, struct ggml_tensor *k,
@@ -202,6 +329,9 @@ struct ggml_tensor *pie_attention(pie_graph *g, int il, struct ggml_tensor *q, s
 
     /* write: [width, n_tokens] rows into the flat pools; the results are views of the pools, and
      * reading through them orders every read after the write */
+    /* K and V may be views of a fused projection (a layer without RoPE keeps K as one) */
+    if (!ggml_is_contiguous(k)) k = ggml_cont(ctx, k);
+    if (!ggml_is_contiguous(v)) v = ggml_cont(ctx, v);
     struct ggml_tensor *kp = ggml_set_rows(ctx, m->kv.k[il], ggml_reshape_2d(ctx, k, hp->head_dim * hkv, nt), g->write_rows);
     struct ggml_tensor *vp = ggml_set_rows(ctx, m->kv.v[il], ggml_reshape_2d(ctx, v, hp->head_dim_v * hkv, nt), g->write_rows);
     struct ggml_tensor *mask = hp->is_swa[il] && g->mask_swa ? g->mask_swa : g->mask;
@@ -214,7 +344,9 @@ struct ggml_tensor *pie_attention(pie_graph *g, int il, struct ggml_tensor *q, s
         struct ggml_tensor *mr = ggml_view_2d(ctx, mask, rq->n_kv, rq->n_q, sizeof(ggml_fp16_t) * (size_t)rq->n_kv,
                                               sizeof(ggml_fp16_t) * (size_t)rq->mask_off); /* [n_kv, n_q] */
         struct ggml_tensor *out = ggml_flash_attn_ext(ctx, qr, request_kv(g, kp, rq, hp->head_dim),
-                                                      request_kv(g, vp, rq, hp->head_dim_v), mr, kq_scale, 0.0f, 0.0f);
+                                                      request_kv(g, vp, rq, hp->head_dim_v), mr, kq_scale, 0.0f,
+                                                      hp->attn_softcap);
+        if (m->w.layers[il].attn_sinks) ggml_flash_attn_ext_add_sinks(out, m->w.layers[il].attn_sinks); /* gpt-oss */
         ggml_prec_set_acc(out, GGML_PREC_F32); /* out: [head_dim_v, n_head, n_q] */
         join_push(ctx, &joined, out);
     }
@@ -228,8 +360,8 @@ struct ggml_tensor *pie_select_outputs(pie_graph *g, struct ggml_tensor *x) {
     return ggml_get_rows(g->ctx, x, g->out_rows);
 }
 
-/* x: [n_embd, n_outputs] -> hidden (after the output norm) and logits [n_vocab, n_outputs].
- * A batch that samples nothing (a prefill chunk) stops at the hidden state: the LM head is the
+/* x: [n_embd, n_outputs] -> hidden (after the output norm) and logits [n_vocab, n_outputs],
+ * divided by the logit scale (Granite), then soft-capped (Gemma). A batch that samples nothing (a prefill chunk) stops at the hidden state: the LM head is the
  * largest matrix of a small model. */
 void pie_graph_finish(pie_graph *g, struct ggml_tensor *x) {
     const pie_model *m = g->model;
@@ -238,6 +370,7 @@ void pie_graph_finish(pie_graph *g, struct ggml_tensor *x) {
     ggml_build_forward_expand(g->gf, g->hidden);
     if (!g->plan->head) return;
     struct ggml_tensor *logits = pie_matmul(g, m->w.output, g->hidden);
+    if (m->hp.logit_scale != 1.0f) logits = ggml_scale(g->ctx, logits, 1.0f / m->hp.logit_scale);
     const float cap = m->hp.logit_softcap;
     if (cap > 0.0f) logits = ggml_scale(g->ctx, ggml_tanh(g->ctx, ggml_scale(g->ctx, logits, 1.0f / cap)), cap);
     g->logits = pie_name(logits, "result_output", -1);
