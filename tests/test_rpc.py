@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from driver_helpers import Req, SeqState, build_batch, tiny_gguf
 from rpc_helpers import free_port, other_version_peer, workers
+from tiny_models import tiny_config
 
 from pie_local.driver import Driver, DriverError, DriverParams, rpc
 from pie_local.driver.driver import plan_devices
@@ -105,6 +106,21 @@ def test_head_on_a_worker_gets_its_own_copy_of_the_tied_embeddings(two_workers, 
     assert compute_reserved(devices)
     for g, w in zip(got, want):
         assert np.array_equal(g, w)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "gemma2", "olmo2", "qwen2moe", "gpt-oss"])
+def test_every_family_gives_the_local_logits_on_a_worker(two_workers, tmp_path_factory, arch: str) -> None:
+    # every layer on one worker, the head and the tensors of no layer (rope factors, ...) here
+    path = tiny_gguf(tmp_path_factory, arch, "q8_0")
+    n_layer = tiny_config(arch).n_layer
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    with Driver(path, _params(n_gpu_layers=0)) as local:
+        want = _generate(local, prompt, steps=2)
+    with Driver(path, _params(rpc=(two_workers[0].endpoint,), n_gpu_layers=n_layer)) as split:
+        assert len(split.devices()[0].layers) == n_layer
+        got = _generate(split, prompt, steps=2)
+    for g, w in zip(got, want):
+        assert np.array_equal(g, w), f"max |diff| {np.abs(g - w).max()}"
 
 
 def compute_reserved(devices) -> bool:
