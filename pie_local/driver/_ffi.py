@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import ctypes as C
 
-ABI_VERSION = 4
+ABI_VERSION = 5
+MAX_DEVICES = 16  # PIE_MAX_DEVICES
 
 # pie_status
 OK = 0
@@ -46,6 +47,9 @@ class ModelParams(C.Structure):
         ("max_batch_kv", C.c_int32),
         ("use_mmap", C.c_int32),
         ("repack", C.c_int32),
+        ("n_gpu_layers", C.c_int32),
+        ("rpc", C.c_char * 256),
+        ("tensor_split", C.c_float * MAX_DEVICES),
     ]
 
 
@@ -113,8 +117,25 @@ class Batch(C.Structure):
     ]
 
 
+class DeviceUse(C.Structure):
+    _fields_ = [
+        ("name", C.c_char * 64),
+        ("description", C.c_char * 128),
+        ("is_cpu", C.c_int32),
+        ("first_layer", C.c_int32),
+        ("n_layers", C.c_int32),
+        ("input", C.c_int32),
+        ("output", C.c_int32),
+        ("weight_bytes", C.c_int64),
+        ("kv_bytes", C.c_int64),
+        ("compute_bytes", C.c_int64),
+        ("free_bytes", C.c_int64),
+        ("total_bytes", C.c_int64),
+    ]
+
+
 # pie_struct_id -> the ctypes layout that must match
-STRUCTS = {0: ModelParams, 1: ModelInfo, 2: Sampler, 3: Batch}
+STRUCTS = {0: ModelParams, 1: ModelInfo, 2: Sampler, 3: Batch, 4: DeviceUse}
 
 _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "pie_last_error": (C.c_char_p, []),
@@ -128,6 +149,11 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "pie_model_load": (C.c_int32, [C.c_char_p, C.POINTER(ModelParams), C.POINTER(C.c_void_p)]),
     "pie_model_free": (None, [C.c_void_p]),
     "pie_model_get_info": (C.c_int32, [C.c_void_p, C.POINTER(ModelInfo)]),
+    "pie_model_devices": (C.c_int32, [C.c_void_p, C.POINTER(DeviceUse), C.c_int32, _i32p]),
+    "pie_plan_devices": (C.c_int32, [C.c_char_p, C.POINTER(ModelParams), C.POINTER(DeviceUse), C.c_int32, _i32p]),
+    "pie_rpc_available": (C.c_int32, []),
+    "pie_rpc_version": (C.c_char_p, []),
+    "pie_rpc_serve": (C.c_int32, [C.c_char_p, C.c_int32]),
     "pie_model_threads": (C.c_int32, [C.c_void_p]),
     "pie_forward": (C.c_int32, [C.c_void_p, C.POINTER(Batch)]),
     "pie_copy_pages": (C.c_int32, [C.c_void_p, C.c_int32, _i32p, _i32p]),

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from pie_local.driver import _ffi, _lib
-from pie_local.driver.types import DriverError, DriverParams, ForwardBatch, ForwardResult, ModelInfo
+from pie_local.driver.types import DeviceUse, DriverError, DriverParams, ForwardBatch, ForwardResult, ModelInfo
 
 _KV_NAMES = {v: k for k, v in _ffi.KV_TYPES.items()}
 
@@ -30,6 +30,63 @@ def _ptr(arr: np.ndarray | None, ctype: Any) -> Any:
     return None if arr is None else arr.ctypes.data_as(C.POINTER(ctype))
 
 
+def c_params(lib: C.CDLL, p: DriverParams) -> _ffi.ModelParams:
+    """``DriverParams`` as the C struct, with the checks only Python can make (string sizes)."""
+    if p.kv_type not in _ffi.KV_TYPES:
+        raise DriverError("invalid_argument", f"kv_type must be one of {sorted(_ffi.KV_TYPES)} (got {p.kv_type!r})")
+    device = p.device.encode()
+    if len(device) >= 32:
+        raise DriverError("invalid_argument", f"device name too long: {p.device!r}")
+    rpc = ",".join(w.strip() for w in p.rpc).encode()
+    if len(rpc) >= 256:
+        raise DriverError("invalid_argument", f"RPC worker list too long ({len(rpc)} bytes; at most 255)")
+    if len(p.tensor_split) > _ffi.MAX_DEVICES:
+        raise DriverError("invalid_argument", f"tensor_split has {len(p.tensor_split)} shares; at most {_ffi.MAX_DEVICES}")
+    cp = lib.pie_model_default_params()
+    cp.n_threads = p.n_threads
+    cp.device = device
+    cp.page_size = p.page_size
+    cp.n_pages = p.n_pages
+    cp.kv_type = _ffi.KV_TYPES[p.kv_type]
+    cp.max_batch_tokens = p.max_batch_tokens
+    cp.max_batch_kv = p.max_batch_kv
+    cp.use_mmap = int(p.use_mmap)
+    cp.repack = int(p.repack)
+    cp.n_gpu_layers = p.n_gpu_layers
+    cp.rpc = rpc
+    for i, share in enumerate(p.tensor_split):
+        cp.tensor_split[i] = float(share)
+    return cp
+
+
+def _device_uses(raw: Any, n: int) -> list[DeviceUse]:
+    return [
+        DeviceUse(name=u.name.decode("utf-8", "replace"), description=u.description.decode("utf-8", "replace"),
+                  is_cpu=bool(u.is_cpu), layers=range(u.first_layer, u.first_layer + u.n_layers) if u.n_layers else range(0),
+                  input=bool(u.input), output=bool(u.output), weight_bytes=u.weight_bytes, kv_bytes=u.kv_bytes,
+                  compute_bytes=u.compute_bytes, free_bytes=u.free_bytes, total_bytes=u.total_bytes)
+        for u in raw[:n]
+    ]
+
+
+def _status_error(lib: C.CDLL, status: int) -> DriverError:
+    name = _ffi.STATUS_NAMES.get(status, f"status {status}")
+    return DriverError(name, lib.pie_last_error().decode("utf-8", "replace"))
+
+
+def plan_devices(path: str | os.PathLike[str], params: DriverParams | None = None) -> list[DeviceUse]:
+    """Where ``Driver(path, params)`` would put the model, from its metadata alone (nothing is
+    loaded; RPC workers are asked for their memory). Offload devices first, the CPU last."""
+    lib = _lib.load()
+    raw = (_ffi.DeviceUse * _ffi.MAX_DEVICES)()
+    n = C.c_int32()
+    status = lib.pie_plan_devices(os.fsencode(os.fspath(path)), C.byref(c_params(lib, params or DriverParams())), raw,
+                                  _ffi.MAX_DEVICES, C.byref(n))
+    if status != _ffi.OK:
+        raise _status_error(lib, status)
+    return _device_uses(raw, n.value)
+
+
 class Driver:
     """A GGUF model loaded by libpie_driver with its own paged KV pool."""
 
@@ -38,21 +95,7 @@ class Driver:
         self._handle = C.c_void_p()
         self._lock = threading.Lock()  # the C driver runs one call per model at a time
         p = params or DriverParams()
-        if p.kv_type not in _ffi.KV_TYPES:
-            raise DriverError("invalid_argument", f"kv_type must be one of {sorted(_ffi.KV_TYPES)} (got {p.kv_type!r})")
-        device = p.device.encode()
-        if len(device) >= 32:
-            raise DriverError("invalid_argument", f"device name too long: {p.device!r}")
-        cp = self._lib.pie_model_default_params()
-        cp.n_threads = p.n_threads
-        cp.device = device
-        cp.page_size = p.page_size
-        cp.n_pages = p.n_pages
-        cp.kv_type = _ffi.KV_TYPES[p.kv_type]
-        cp.max_batch_tokens = p.max_batch_tokens
-        cp.max_batch_kv = p.max_batch_kv
-        cp.use_mmap = int(p.use_mmap)
-        cp.repack = int(p.repack)
+        cp = c_params(self._lib, p)
         self._check(self._lib.pie_model_load(os.fsencode(os.fspath(path)), C.byref(cp), C.byref(self._handle)))
         raw = _ffi.ModelInfo()
         self._check(self._lib.pie_model_get_info(self._handle, C.byref(raw)))
@@ -108,10 +151,17 @@ class Driver:
         if getattr(self, "_handle", None):
             self.close()
 
+    def devices(self) -> list[DeviceUse]:
+        """What each device holds of this model: offload devices first, the CPU last."""
+        raw = (_ffi.DeviceUse * _ffi.MAX_DEVICES)()
+        n = C.c_int32()
+        with self._lock:
+            self._check(self._lib.pie_model_devices(self._live(), raw, _ffi.MAX_DEVICES, C.byref(n)))
+        return _device_uses(raw, n.value)
+
     def _check(self, status: int) -> None:
         if status != _ffi.OK:
-            name = _ffi.STATUS_NAMES.get(status, f"status {status}")
-            raise DriverError(name, self._lib.pie_last_error().decode("utf-8", "replace"))
+            raise _status_error(self._lib, status)
 
     def _live(self) -> C.c_void_p:
         if not self._handle:

@@ -36,6 +36,11 @@ class DriverParams:
     max_batch_kv: int = 0  # KV rows one pass may attend over, summed over requests; 0: page_size * n_pages
     use_mmap: bool = True
     repack: bool = True  # CPU: the matrices ggml's CPU_REPACK kernels take, stored for them (copied, not mapped)
+    # layers on the GPUs / RPC workers, counted from the last (n_layer + 1 adds the output head);
+    # -1: as many as fit in their free memory; 0: CPU only
+    n_gpu_layers: int = -1
+    rpc: tuple[str, ...] = ()  # RPC workers "host:port" whose devices take layers (pie-local worker)
+    tensor_split: tuple[float, ...] = ()  # shares of the offloaded layers per offload device; (): by free memory
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,23 @@ class ModelInfo:
     kv_bytes: int
     page_bytes: int
     n_repacked: int = 0  # weights stored for ggml's CPU_REPACK kernels (0: repack off)
+
+
+@dataclass(frozen=True)
+class DeviceUse:
+    """What one device holds of a model (``pie_device_use``): offload devices first, the CPU last."""
+
+    name: str  # "CPU", "CUDA0", "MTL0", "RPC host:port"
+    description: str
+    is_cpu: bool
+    layers: range  # the layers whose weights and KV live here
+    input: bool  # the token embeddings
+    output: bool  # the output norm and head
+    weight_bytes: int
+    kv_bytes: int
+    compute_bytes: int  # reserved at load when layers are offloaded; 0 in a plan
+    free_bytes: int
+    total_bytes: int
 
 
 @dataclass(frozen=True)

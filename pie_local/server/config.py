@@ -20,6 +20,9 @@ class ServerConfig:
     threads: int = 0  # per engine; <= 0: auto (the driver picks and adapts the count)
     n_pages: int = 512  # KV pages per model
     page_size: int = 32
+    n_gpu_layers: int = -1  # per engine: layers on GPUs / RPC workers; -1 = as many as fit
+    rpc: tuple[str, ...] = ()  # RPC workers (host:port) whose devices take layers
+    tensor_split: tuple[float, ...] = ()  # shares of the offloaded layers per offload device
     max_body_bytes: int = 8 << 20
     max_connections: int = 64
     max_n: int = 16  # largest `n` a request may ask for

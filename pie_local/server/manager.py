@@ -60,13 +60,19 @@ class ModelManager:
         self._waiters: dict[str, int] = {}  # requests waiting for a model to load
         self._reaping: set[asyncio.Task] = set()
 
-    def _real_engine(self, name: str) -> Any:
+    def engine_config(self) -> Any:
+        """The EngineConfig every model of this server loads with."""
         from pie_local.driver.types import DriverParams
-        from pie_local.runtime import Engine, EngineConfig
+        from pie_local.runtime import EngineConfig
 
         c = self.config
-        return Engine(name, EngineConfig(driver=DriverParams(n_threads=c.threads, n_pages=c.n_pages,
-                                                             page_size=c.page_size)))
+        return EngineConfig(driver=DriverParams(n_threads=c.threads, n_pages=c.n_pages, page_size=c.page_size,
+                                                n_gpu_layers=c.n_gpu_layers, rpc=c.rpc, tensor_split=c.tensor_split))
+
+    def _real_engine(self, name: str) -> Any:
+        from pie_local.runtime import Engine
+
+        return Engine(name, self.engine_config())
 
     # ---- names -------------------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a public struct or signature changes; the binding refuses a mismatch. */
-#define PIE_ABI_VERSION 4
+#define PIE_ABI_VERSION 5
 
 /* ------------------------------------------------------------------------------------------ */
 /* Status codes                                                                               */
@@ -60,6 +60,7 @@ typedef enum {
     PIE_STRUCT_MODEL_INFO   = 1,
     PIE_STRUCT_SAMPLER      = 2,
     PIE_STRUCT_BATCH        = 3,
+    PIE_STRUCT_DEVICE_USE   = 4,
 } pie_struct_id;
 PIE_API size_t pie_struct_size(int32_t which); /* 0 for an unknown id */
 
@@ -85,6 +86,10 @@ PIE_API void pie_log_set(pie_log_callback callback, void *user_data);
 
 typedef enum { PIE_KV_F16 = 0, PIE_KV_Q8_0 = 1 } pie_kv_type;
 
+/* Most devices one model spans: offload devices (local GPUs, then RPC workers' devices) and
+ * the CPU, which is always last. */
+#define PIE_MAX_DEVICES 16
+
 typedef struct {
     int32_t n_threads;        /* CPU threads; <= 0 means "auto": the cores this process may use
                                  (physical cores, CPU affinity, cgroup quota), fewer while other
@@ -102,6 +107,14 @@ typedef struct {
     int32_t repack;           /* on the CPU, store the matrices ggml's CPU_REPACK kernels take
                                  interleaved for them (copied, not mapped); the load probes each
                                  weight and logs why repacking is on or off (default 1)       */
+    int32_t n_gpu_layers;     /* layers on the offload devices (GPUs, RPC workers), counted from
+                                 the last; n_layer + 1 puts the output head there too; 0 = all on
+                                 the CPU; -1 = as many as fit in their free memory (default)    */
+    char    rpc[256];         /* "host:port[,host:port...]": RPC workers whose devices join the
+                                 offload devices (after the local ones); "" = none              */
+    float   tensor_split[PIE_MAX_DEVICES]; /* share of the offloaded layers per offload device,
+                                 in the order pie_model_devices lists them; all 0 = by free
+                                 memory                                                          */
 } pie_model_params;
 
 PIE_API pie_model_params pie_model_default_params(void);
@@ -138,6 +151,69 @@ PIE_API int32_t pie_model_get_info(const pie_model *model, pie_model_info *out_i
 
 /* The CPU threads the next pie_forward runs (changes over time with n_threads "auto"). */
 PIE_API int32_t pie_model_threads(const pie_model *model);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Placement: which device holds what                                                         */
+/* ------------------------------------------------------------------------------------------ */
+
+/*
+ * As llama.cpp places a model: the last n_gpu_layers layers (weights and their KV pages) go to
+ * the offload devices, split between them by tensor_split or their free memory, the rest to
+ * the CPU; the token embeddings stay on the CPU (a row lookup gains nothing from a device);
+ * the output norm and head go with layer n_layer, i.e. offloaded when n_gpu_layers > n_layer.
+ * Ops run where their weights are; an op a device lacks runs on the CPU.
+ */
+typedef struct {
+    char    name[64];          /* ggml device name ("CPU", "CUDA0", "MTL0") or "RPC host:port" */
+    char    description[128];
+    int32_t is_cpu;
+    int32_t first_layer;       /* its layers are first_layer .. first_layer + n_layers - 1     */
+    int32_t n_layers;
+    int32_t input;             /* the token embeddings are here                                */
+    int32_t output;            /* the output norm and head are here                            */
+    int64_t weight_bytes;
+    int64_t kv_bytes;
+    int64_t compute_bytes;     /* compute buffers reserved at load (0 in a plan, and on a
+                                  CPU-only model, whose compute buffers grow on demand)        */
+    int64_t free_bytes;        /* device memory as ggml reported it when the model was placed   */
+    int64_t total_bytes;
+} pie_device_use;
+
+/* The devices of a loaded model, offload devices first, the CPU last: *n_out entries (at most
+ * `cap` are written). */
+PIE_API int32_t pie_model_devices(const pie_model *model, pie_device_use *out, int32_t cap, int32_t *n_out);
+
+/* The same placement computed from the file's metadata without loading it (nothing is
+ * allocated; RPC workers are asked for their memory). */
+PIE_API int32_t pie_plan_devices(const char *path, const pie_model_params *params, pie_device_use *out, int32_t cap,
+                                 int32_t *n_out);
+
+/* ------------------------------------------------------------------------------------------ */
+/* RPC workers (ggml's RPC backend)                                                           */
+/* ------------------------------------------------------------------------------------------ */
+
+/* 1 when the installed ggml has its RPC backend (llama-cpp-python built with -DGGML_RPC=ON). */
+PIE_API int32_t pie_rpc_available(void);
+
+/* The ggml RPC protocol version this ggml speaks, "major.minor.patch". */
+PIE_API const char *pie_rpc_version(void);
+
+/*
+ * Serves this machine's devices (every GPU, then the CPU with n_threads threads) to RPC
+ * clients at endpoint "host:port", one client at a time, until the process ends; returns only
+ * when it cannot start (no RPC backend, bad endpoint, port taken). ggml's RPC protocol has no
+ * authentication: anyone who reaches the port can run code paths of ggml on this machine.
+ */
+PIE_API int32_t pie_rpc_serve(const char *endpoint, int32_t n_threads);
+
+/*
+ * A model that uses RPC workers runs every call on a helper thread: ggml's RPC client aborts
+ * the process when a worker's connection drops, and the driver turns that abort into
+ * PIE_ERR_BACKEND for the call instead (naming the worker). Such a model is unusable after
+ * that: every later call fails the same way; pie_model_free then releases only what no ggml
+ * thread still holds. A dropped connection is seen at once; a worker whose machine vanishes
+ * without closing the connection is not (TCP gives no sign).
+ */
 
 /* ------------------------------------------------------------------------------------------ */
 /* Sampling                                                                                   */

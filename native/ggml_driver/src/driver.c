@@ -1,6 +1,7 @@
 /*
- * driver.c — the public lifecycle: ABI checks, device selection, model load/free/info, and
- * pie_forward (plan -> graph -> compute -> sample). Errors and logs: status.c, log.c.
+ * driver.c — the public lifecycle: ABI checks, parameters, model load/free/info, and
+ * pie_forward (plan -> graph -> compute -> sample). Devices: placement.c, rpc.c. Errors and
+ * logs: status.c, log.c.
  */
 #include "internal.h"
 
@@ -23,6 +24,7 @@ size_t pie_struct_size(int32_t which) {
         case PIE_STRUCT_MODEL_INFO:   return sizeof(pie_model_info);
         case PIE_STRUCT_SAMPLER:      return sizeof(pie_sampler);
         case PIE_STRUCT_BATCH:        return sizeof(pie_batch);
+        case PIE_STRUCT_DEVICE_USE:   return sizeof(pie_device_use);
         default:                      return 0;
     }
 }
@@ -43,44 +45,8 @@ pie_model_params pie_model_default_params(void) {
     p.max_batch_kv = 0;
     p.use_mmap = 1;
     p.repack = 1;
+    p.n_gpu_layers = -1;
     return p;
-}
-
-static bool name_matches(const char *want, const char *have) {
-    for (; *want && *have; want++, have++)
-        if (tolower((unsigned char)*want) != tolower((unsigned char)*have)) return false;
-    return *want == 0 && *have == 0;
-}
-
-/* "auto" = the first GPU (then integrated GPU) if any, else the CPU; "cpu"; "cuda:N" -> CUDA<N>;
- * "metal" -> MTL0/Metal; any other string must equal a ggml device name. */
-static int32_t pick_device(const char *want, ggml_backend_dev_t *out) {
-    if (ggml_backend_dev_count() == 0) ggml_backend_load_all(); /* dynamically loaded backends */
-    const size_t n = ggml_backend_dev_count();
-    *out = NULL;
-    if (want[0] == 0 || name_matches(want, "auto")) {
-        enum ggml_backend_dev_type order[] = { GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU, GGML_BACKEND_DEVICE_TYPE_CPU };
-        for (int k = 0; k < 3 && !*out; k++) *out = ggml_backend_dev_by_type(order[k]);
-    } else if (name_matches(want, "cpu")) {
-        *out = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
-    } else {
-        char name[40];
-        if (strncmp(want, "cuda:", 5) == 0) snprintf(name, sizeof(name), "CUDA%s", want + 5);
-        else snprintf(name, sizeof(name), "%s", want);
-        for (size_t i = 0; i < n && !*out; i++) {
-            ggml_backend_dev_t d = ggml_backend_dev_get(i);
-            if (name_matches(name, ggml_backend_dev_name(d)) ||
-                (name_matches(want, "metal") && strstr(ggml_backend_dev_name(d), "MTL")))
-                *out = d;
-        }
-    }
-    if (*out) return PIE_OK;
-    char list[256] = "";
-    for (size_t i = 0; i < n; i++) {
-        size_t len = strlen(list);
-        snprintf(list + len, sizeof(list) - len, "%s%s", i ? ", " : "", ggml_backend_dev_name(ggml_backend_dev_get(i)));
-    }
-    return pie_set_error(PIE_ERR_UNSUPPORTED, "device '%s' not found (this ggml build has: %s)", want, list);
 }
 
 /* The CPU threads to run: "auto" (n_threads <= 0) the cores this process may use, adapted to the
@@ -98,12 +64,6 @@ static int cpu_threads(int32_t n_threads) {
     return limit;
 }
 
-static void set_threads(ggml_backend_t backend, ggml_backend_dev_t dev, int n_threads) {
-    ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
-    ggml_backend_set_n_threads_t fn = reg ? (ggml_backend_set_n_threads_t)ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads") : NULL;
-    if (fn) fn(backend, n_threads);
-}
-
 static int32_t check_params(const pie_model_params *p) {
     if (p->page_size < 1 || p->page_size > 4096) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "page_size %d outside 1..4096", p->page_size);
     if (p->n_pages < 1) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "n_pages must be >= 1 (got %d)", p->n_pages);
@@ -112,6 +72,13 @@ static int32_t check_params(const pie_model_params *p) {
     if (p->max_batch_tokens < 1) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "max_batch_tokens must be >= 1 (got %d)", p->max_batch_tokens);
     if (p->max_batch_kv < 0) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "max_batch_kv must be >= 0 (got %d)", p->max_batch_kv);
     if (memchr(p->device, 0, sizeof(p->device)) == NULL) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "device name is not terminated");
+    if (memchr(p->rpc, 0, sizeof(p->rpc)) == NULL) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "RPC worker list is not terminated");
+    if (p->n_gpu_layers < -1)
+        return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "n_gpu_layers must be -1 (as many as fit) or >= 0 (got %d)", p->n_gpu_layers);
+    for (int d = 0; d < PIE_MAX_DEVICES; d++)
+        if (!isfinite(p->tensor_split[d]) || p->tensor_split[d] < 0)
+            return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "tensor_split[%d] is %g; shares must be finite and >= 0", d,
+                                 (double)p->tensor_split[d]);
     return PIE_OK;
 }
 
@@ -133,31 +100,70 @@ static size_t graph_nodes(const pie_model *m, int32_t n_requests, int32_t n_runs
 /* (Re)creates the scheduler and graph metadata for graphs of up to n_nodes; the scheduler's
  * tables have a fixed size, so a batch with more requests than ever before rebuilds them. */
 static int32_t reserve_graph(pie_model *m, size_t n_nodes) {
-    if (m->sched) ggml_backend_sched_free(m->sched);
     free(m->graph_meta);
-    ggml_backend_t backends[2] = { m->backend, m->backend_cpu };
-    const int n = m->backend_cpu == m->backend ? 1 : 2;
-    m->sched = ggml_backend_sched_new(backends, NULL, n, n_nodes, false, false);
     m->graph_meta_size = ggml_tensor_overhead() * n_nodes + ggml_graph_overhead_custom(n_nodes, false);
     m->graph_meta = malloc(m->graph_meta_size);
-    m->graph_cap = m->sched && m->graph_meta ? n_nodes : 0;
-    if (!m->graph_cap) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot create a scheduler for %zu graph nodes", n_nodes);
-    return PIE_OK;
+    m->graph_cap = 0;
+    if (!m->graph_meta) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate graph metadata for %zu nodes", n_nodes);
+    int32_t st = m->sched ? pie_sched_new(m, n_nodes) : pie_compute_open(m, cpu_threads(m->params.n_threads), n_nodes);
+    if (st == PIE_OK) m->graph_cap = n_nodes;
+    return st;
+}
+
+static int32_t build_graph(pie_model *m, pie_graph *g);
+
+/* With layers off the CPU, the compute buffers of the largest batch the parameters allow (all
+ * tokens of one request sampled, attending over the most KV) are reserved now, so a device
+ * that is too small fails the load with the numbers instead of a later batch. On the CPU
+ * alone they grow on demand (host memory is committed as it is touched anyway). */
+static int32_t reserve_worst_case(pie_model *m) {
+    if (!pie_offloaded(m)) return PIE_OK;
+    const pie_model_params *p = &m->params;
+    const int32_t kv = p->max_batch_kv < p->page_size * p->n_pages ? p->max_batch_kv : p->page_size * p->n_pages;
+    const int32_t nq = p->max_batch_tokens < kv ? p->max_batch_tokens : kv;
+    const int32_t n_pages = (kv + p->page_size - 1) / p->page_size;
+    int32_t *ints = calloc((size_t)(4 * nq + n_pages + 6), sizeof(int32_t));
+    pie_sampler *samplers = calloc((size_t)nq, sizeof(pie_sampler));
+    int32_t st = ints && samplers ? PIE_OK : pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot build the worst-case batch");
+    if (st == PIE_OK) {
+        int32_t *tokens = ints, *positions = tokens + nq, *rows = positions + nq, *out = rows + nq, *pages = out + nq;
+        int32_t *misc = pages + n_pages;
+        for (int32_t i = 0; i < nq; i++) { positions[i] = kv - nq + i; rows[i] = i; }
+        for (int32_t i = 0; i < n_pages; i++) pages[i] = i;
+        for (int32_t i = 0; i < nq; i++) samplers[i].top_p = 1.0f; /* greedy */
+        int32_t *qo = misc, *kv_ptr = misc + 2, *last = misc + 4;
+        qo[1] = nq;
+        kv_ptr[1] = n_pages;
+        last[0] = kv - (n_pages - 1) * p->page_size;
+        pie_batch b = { .n_tokens = nq, .tokens = tokens, .positions = positions, .n_requests = 1, .qo_indptr = qo,
+                        .kv_page_indices = pages, .kv_page_indptr = kv_ptr, .kv_last_page_len = last,
+                        .n_outputs = nq, .output_rows = rows, .samplers = samplers, .out_tokens = out };
+        pie_graph g;
+        if ((st = pie_plan_build(m, &b)) == PIE_OK && (st = build_graph(m, &g)) == PIE_OK) {
+            if (!ggml_backend_sched_reserve(m->sched, g.gf)) {
+                char sizes[512] = "";
+                for (int d = 0; d < m->place.n_dev; d++) {
+                    size_t len = strlen(sizes);
+                    snprintf(sizes + len, sizeof(sizes) - len, "%s%s: %.1f MiB weights + %.1f MiB KV, %.1f MiB free",
+                             d ? "; " : "", m->place.name[d], m->place.weight_bytes[d] / 1048576.0,
+                             m->place.kv_bytes[d] / 1048576.0, m->place.free_bytes[d] / 1048576.0);
+                }
+                st = pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot reserve compute buffers for a batch of %d tokens over %d "
+                                   "KV rows (%s); offload fewer layers (n_gpu_layers), or lower max_batch_tokens or "
+                                   "n_pages", nq, kv, sizes);
+            }
+            for (int d = 0; d < m->place.n_dev; d++)
+                m->place.compute_bytes[d] = (int64_t)ggml_backend_sched_get_buffer_size(m->sched, m->place.backend[d]);
+            ggml_free(g.ctx);
+        }
+    }
+    free(ints);
+    free(samplers);
+    return st;
 }
 
 static int32_t init_compute(pie_model *m) {
-    m->backend = ggml_backend_dev_init(m->dev, NULL);
-    if (!m->backend) return pie_set_error(PIE_ERR_BACKEND, "cannot start the %s backend", ggml_backend_dev_name(m->dev));
-    if (ggml_backend_dev_type(m->dev) == GGML_BACKEND_DEVICE_TYPE_CPU) {
-        m->backend_cpu = m->backend;
-    } else {
-        m->backend_cpu = ggml_backend_init_by_type(GGML_BACKEND_DEVICE_TYPE_CPU, NULL);
-        if (!m->backend_cpu) return pie_set_error(PIE_ERR_BACKEND, "cannot start the CPU backend");
-    }
     const int threads = cpu_threads(m->params.n_threads);
-    /* only a graph on the CPU backend waits on its threads; a GPU's fallback ops keep the count */
-    pie_threads_init(&m->threads, threads, m->params.n_threads <= 0 && m->backend_cpu == m->backend);
-    set_threads(m->backend_cpu, ggml_backend_get_device(m->backend_cpu), threads);
     int32_t st = reserve_graph(m, graph_nodes(m, 16, 16, 16));
     if (st != PIE_OK) return st;
     m->sampler = pie_sampler_scratch_new(m->hp.n_vocab);
@@ -167,39 +173,79 @@ static int32_t init_compute(pie_model *m) {
     m->plan.zeros = calloc((size_t)m->pad_width + 1, sizeof(float));
     if (!m->sampler || !m->plan.page_stamp || !m->plan.slot_writer || !m->plan.marked || !m->plan.zeros)
         return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate driver scratch");
-    snprintf(m->backend_name, sizeof(m->backend_name), "%s", ggml_backend_dev_name(m->dev));
-    pie_log(PIE_LOG_INFO, "compute on %s (%s), %d threads%s", m->backend_name, ggml_backend_dev_description(m->dev),
-            threads, m->threads.adaptive ? " (auto: fewer while other processes load the CPUs)" : "");
+    /* the name of what runs the graph: every device that holds a part, in order */
+    const pie_placement *pl = &m->place;
+    m->backend_name[0] = 0;
+    for (int d = 0; d < pl->n_dev; d++) {
+        bool used = d == pl->n_dev - 1 || pl->output_dev == d;
+        for (int il = 0; il < m->hp.n_layer && !used; il++) used = pl->layer_dev[il] == d;
+        size_t len = strlen(m->backend_name);
+        if (used) snprintf(m->backend_name + len, sizeof(m->backend_name) - len, "%s%s", len ? "+" : "",
+                           ggml_backend_dev_name(pl->dev[d]));
+    }
+    /* only a graph wholly on the CPU waits on its threads; with offloaded layers the count stays */
+    pie_threads_init(&m->threads, threads, m->params.n_threads <= 0 && !pie_offloaded(m));
+    pie_log(PIE_LOG_INFO, "compute on %s, %d of %d layers offloaded, %d CPU threads%s", m->backend_name,
+            pl->n_gpu_layers > m->hp.n_layer ? m->hp.n_layer : pl->n_gpu_layers, m->hp.n_layer, threads,
+            m->threads.adaptive ? " (auto: fewer while other processes load the CPUs)" : "");
+    return reserve_worst_case(m);
+}
+
+typedef struct {
+    pie_model  *m;
+    const char *path;
+    bool        plan_only;
+} load_call;
+
+static int32_t run_load(void *p) {
+    load_call *c = p;
+    pie_model *m = c->m;
+    int32_t st;
+    if ((st = pie_devices_open(m)) || (st = pie_load_weights(m, c->path, c->plan_only)) || c->plan_only) return st;
+    if (m->params.max_batch_kv == 0) m->params.max_batch_kv = m->params.page_size * m->params.n_pages;
+    if ((st = pie_kv_init(m)) || (st = init_compute(m))) return st;
+    return PIE_OK;
+}
+
+static int32_t run_free(void *p) {
+    pie_model *m = p;
+    pie_devices_close(m);
+    return PIE_OK;
+}
+
+/* Loads (or with plan_only only places) a model; NULL and the status on failure. */
+static int32_t load(const char *path, const pie_model_params *params, bool plan_only, pie_model **out) {
+    *out = NULL;
+    if (!path) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "path is NULL");
+    pie_log_capture_ggml();
+    pie_model *m = calloc(1, sizeof(*m));
+    if (!m) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate the model");
+    m->params = params ? *params : pie_model_default_params();
+    int32_t st = check_params(&m->params);
+    if (st == PIE_OK && (st = pie_rpc_parse(m->params.rpc, &m->place.rpc)) == PIE_OK) {
+        load_call c = { m, path, plan_only };
+        st = pie_rpc_call(&m->place.rpc, run_load, &c);
+    }
+    if (st != PIE_OK) {
+        pie_model_free(m);
+        return st;
+    }
+    *out = m;
     return PIE_OK;
 }
 
 int32_t pie_model_load(const char *path, const pie_model_params *params, pie_model **out_model) {
     if (!out_model) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "out_model is NULL");
-    *out_model = NULL;
-    if (!path) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "path is NULL");
-    pie_log_capture_ggml();
-
-    pie_model *m = calloc(1, sizeof(*m));
-    if (!m) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate the model");
-    m->params = params ? *params : pie_model_default_params();
-    int32_t st;
-    if ((st = check_params(&m->params)) || (st = pick_device(m->params.device, &m->dev)) ||
-        (st = pie_load_weights(m, path)))
-        goto fail;
-    if (m->params.max_batch_kv == 0) m->params.max_batch_kv = m->params.page_size * m->params.n_pages;
-    if ((st = pie_kv_init(m)) || (st = init_compute(m))) goto fail;
-    *out_model = m;
-    return PIE_OK;
-fail:
-    pie_model_free(m);
-    return st;
+    return load(path, params, false, out_model);
 }
 
 void pie_model_free(pie_model *m) {
     if (!m) return;
-    if (m->sched) ggml_backend_sched_free(m->sched);
-    if (m->backend_cpu && m->backend_cpu != m->backend) ggml_backend_free(m->backend_cpu);
-    if (m->backend) ggml_backend_free(m->backend);
+    if (m->place.rpc.dead) { /* a helper thread may still be inside ggml with this model */
+        pie_log(PIE_LOG_WARN, "a model whose RPC worker was lost keeps its memory until the process ends");
+        return;
+    }
+    if (pie_rpc_call(&m->place.rpc, run_free, m) != PIE_OK) return; /* lost a worker while freeing: leak */
     pie_kv_free(&m->kv);
     pie_free_weights(m);
     pie_plan_free(&m->plan);
@@ -207,6 +253,22 @@ void pie_model_free(pie_model *m) {
     free(m->graph_meta);
     free(m->logits);
     free(m);
+}
+
+int32_t pie_model_devices(const pie_model *m, pie_device_use *out, int32_t cap, int32_t *n_out) {
+    if (!m || !n_out || (cap > 0 && !out)) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "model, out and n_out are required");
+    pie_placement_report(m, out, cap, n_out);
+    return PIE_OK;
+}
+
+int32_t pie_plan_devices(const char *path, const pie_model_params *params, pie_device_use *out, int32_t cap, int32_t *n_out) {
+    if (!n_out || (cap > 0 && !out)) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "out and n_out are required");
+    pie_model *m;
+    int32_t st = load(path, params, true, &m);
+    if (st != PIE_OK) return st;
+    pie_placement_report(m, out, cap, n_out);
+    pie_model_free(m);
+    return PIE_OK;
 }
 
 int32_t pie_model_threads(const pie_model *m) { return m ? m->threads.n : 0; }
@@ -330,14 +392,31 @@ static int32_t sample_rows(pie_model *m, const pie_batch *b, const float *logits
     return st;
 }
 
-int32_t pie_forward(pie_model *m, const pie_batch *b) {
-    if (!m) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "model is NULL");
-    int32_t st = pie_plan_build(m, b);
-    if (st != PIE_OK) return st;
-
+/* The graph of the planned batch in g (its context is the caller's to free). */
+static int32_t build_graph(pie_model *m, pie_graph *g) {
     const pie_plan *p = &m->plan;
     const size_t n_nodes = graph_nodes(m, p->n_requests, p->n_runs, p->token_layout.n_pieces + p->output_layout.n_pieces);
+    int32_t st;
     if (n_nodes > m->graph_cap && (st = reserve_graph(m, n_nodes + n_nodes / 2)) != PIE_OK) return st;
+    struct ggml_init_params ip = { .mem_size = m->graph_meta_size, .mem_buffer = m->graph_meta, .no_alloc = true };
+    *g = (pie_graph){ .ctx = ggml_init(ip), .model = m };
+    if (!g->ctx) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot create the graph context");
+    g->gf = ggml_new_graph_custom(g->ctx, m->graph_cap, false);
+    pie_graph_begin(g);
+    m->hp.arch->build(g);
+    return PIE_OK;
+}
+
+typedef struct {
+    pie_model       *m;
+    const pie_batch *b;
+} forward_call;
+
+static int32_t run_forward(void *p) {
+    pie_model *m = ((forward_call *)p)->m;
+    const pie_batch *b = ((forward_call *)p)->b;
+    int32_t st = pie_plan_build(m, b);
+    if (st != PIE_OK) return st;
 
     /* host room for the sampled rows' logits, unless the caller's buffer takes them or the pass
      * stops at the hidden state */
@@ -354,13 +433,8 @@ int32_t pie_forward(pie_model *m, const pie_batch *b) {
         logits = m->logits;
     }
 
-    struct ggml_init_params ip = { .mem_size = m->graph_meta_size, .mem_buffer = m->graph_meta, .no_alloc = true };
-    pie_graph g = { .ctx = ggml_init(ip), .model = m };
-    if (!g.ctx) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot create the graph context");
-    g.gf = ggml_new_graph_custom(g.ctx, m->graph_cap, false);
-    pie_graph_begin(&g);
-    m->hp.arch->build(&g);
-
+    pie_graph g;
+    if ((st = build_graph(m, &g)) != PIE_OK) return st;
     ggml_backend_sched_reset(m->sched);
     if (!ggml_backend_sched_alloc_graph(m->sched, g.gf)) {
         ggml_free(g.ctx);
@@ -370,8 +444,7 @@ int32_t pie_forward(pie_model *m, const pie_batch *b) {
     upload_inputs(m, &g, b);
     ggml_backend_sched_set_eval_callback(m->sched, m->activation_cb ? eval_activation : NULL, m);
     /* the thread count of this pass (auto: adapted to the load, see threads.h), and its time */
-    set_threads(m->backend_cpu, ggml_backend_get_device(m->backend_cpu),
-                pie_threads_begin(&m->threads, pie_threads_shape_key(p->n_tokens, n_out)));
+    pie_set_cpu_threads(m, pie_threads_begin(&m->threads, pie_threads_shape_key(m->plan.n_tokens, n_out)));
     const double t_compute = pie_threads_now();
     const enum ggml_status computed = ggml_backend_sched_graph_compute(m->sched, g.gf);
     pie_threads_end(&m->threads, pie_threads_now() - t_compute);
@@ -390,4 +463,10 @@ int32_t pie_forward(pie_model *m, const pie_batch *b) {
     }
     ggml_free(g.ctx);
     return st;
+}
+
+int32_t pie_forward(pie_model *m, const pie_batch *b) {
+    if (!m) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "model is NULL");
+    forward_call c = { m, b };
+    return pie_rpc_call(&m->place.rpc, run_forward, &c);
 }

@@ -115,13 +115,45 @@ typedef struct {
     int32_t n_pages;
     enum ggml_type type;
     struct ggml_context  *ctx;
-    ggml_backend_buffer_t buffer;
     struct ggml_tensor   *k[PIE_MAX_LAYERS]; /* [head_dim   * n_head_kv, n_pages * page_size] */
     struct ggml_tensor   *v[PIE_MAX_LAYERS]; /* [head_dim_v * n_head_kv, n_pages * page_size] */
     size_t   page_bytes;                     /* all layers, K and V, one page                  */
     int64_t  total_bytes;
-    uint8_t *staging;                        /* [page_bytes] host bounce buffer for page ops   */
 } pie_kv_pool;
+
+/* ------------------------------------------------------------------------------------------ */
+/* Devices: where each layer lives (placement.c) and the RPC workers among them (rpc.c)       */
+/* ------------------------------------------------------------------------------------------ */
+
+#define PIE_RPC_ENDPOINT 128 /* "host:port" as given, or as spelled for ggml                   */
+#define PIE_MAX_BUFFERS  64  /* weight and KV buffers over all devices                         */
+
+typedef struct {
+    int32_t  n;                                         /* workers                             */
+    char     endpoint[PIE_MAX_DEVICES][PIE_RPC_ENDPOINT]; /* as given                          */
+    char     spelled[PIE_MAX_DEVICES][PIE_RPC_ENDPOINT];  /* as handed to ggml (rpc.c)         */
+    int32_t  dev_worker[PIE_MAX_DEVICES];               /* the worker of each RPC device       */
+    uint64_t failures;                                  /* RPC failures in this process seen   */
+    bool     dead;                                      /* a worker was lost: every call fails */
+    char     why[512];
+} pie_rpc;
+
+typedef struct {
+    int32_t n_dev;                                 /* offload devices, then the CPU (n_dev - 1)  */
+    ggml_backend_dev_t dev[PIE_MAX_DEVICES];
+    ggml_backend_t     backend[PIE_MAX_DEVICES];   /* one per device, in the scheduler's order   */
+    char    name[PIE_MAX_DEVICES][64];             /* "CPU", "CUDA0", "RPC host:port"            */
+    int64_t free_bytes[PIE_MAX_DEVICES], total_bytes[PIE_MAX_DEVICES];
+    int64_t weight_bytes[PIE_MAX_DEVICES], kv_bytes[PIE_MAX_DEVICES], compute_bytes[PIE_MAX_DEVICES];
+    int8_t  layer_dev[PIE_MAX_LAYERS];             /* device of each layer's weights and KV      */
+    int8_t  output_dev;                            /* device of the output norm and head         */
+    int32_t n_gpu_layers;                          /* as resolved (-1 became a count)            */
+    int32_t n_buf;
+    ggml_backend_buffer_t buf[PIE_MAX_BUFFERS];    /* every weight and KV buffer                 */
+    struct ggml_context *ctx_dup;                  /* the tied head's copy on its device, or NULL */
+    const struct ggml_tensor *dup_src;             /* the file tensor it copies                  */
+    pie_rpc rpc;
+} pie_placement;
 
 /* ------------------------------------------------------------------------------------------ */
 /* Batch invariance of matrix products                                                        */
@@ -224,11 +256,12 @@ struct pie_model {
     pie_kv_pool      kv;
     pie_plan         plan;
 
+    pie_placement    place;
+
     /* weights */
     struct ggml_context  *ctx_w;
-    ggml_backend_buffer_t buf_w;
-    ggml_backend_buffer_t buf_repack; /* the weights stored for ggml's CPU_REPACK kernels, or NULL */
-    int32_t n_repacked;               /* tensors in buf_repack                                 */
+    ggml_backend_buffer_t buf_repack; /* the CPU_REPACK weights (one of place.buf, not owned here), or NULL */
+    int32_t n_repacked;               /* matrices stored there (loader.c)                        */
     void   *map_addr;  /* mmap of the file when weights are used in place, else NULL          */
     size_t  map_size;
     int64_t n_params;
@@ -239,10 +272,7 @@ struct pie_model {
                            - 1, the least over the matrices it splits; sizes graphs); 0 when
                            none splits                                                        */
 
-    /* compute */
-    ggml_backend_dev_t    dev;
-    ggml_backend_t        backend;      /* runs the graph                                       */
-    ggml_backend_t        backend_cpu;  /* fallback for ops the device lacks (== backend on CPU) */
+    /* compute: the scheduler over place.backend, the CPU last */
     ggml_backend_sched_t  sched;
     pie_threads           threads;      /* CPU threads per pass, adapted under "auto"           */
     uint8_t *graph_meta;                /* tensor + graph metadata for one forward graph        */
@@ -346,7 +376,8 @@ void    pie_build_gpt_oss(pie_graph *g);
 
 /* status.c, log.c: pie_set_error and pie_log, declared in status.h (the sampler uses them too) */
 
-/* loader.c: fills hp, w, ctx_w, buf_w, buf_repack, map_*, n_params, weight_bytes; needs model->dev set.
+/* loader.c: fills hp, w, ctx_w, map_*, n_params, weight_bytes, n_repacked and places the weights on
+ * the devices (place.dev set by pie_devices_open); with plan_only it stops after the placement.
  * The pie_gguf_* readers accept any integer / float storage and return false when absent. */
 bool    pie_gguf_int(const struct gguf_context *gguf, const char *key, int64_t *out);
 bool    pie_gguf_float(const struct gguf_context *gguf, const char *key, float *out);
@@ -360,8 +391,29 @@ int32_t pie_gguf_int_opt(const struct gguf_context *gguf, const char *key, int64
  * of per-layer booleans, or n: every n-th layer global, default_pattern when absent), as
  * llama.cpp's load_swa_pattern reads them; no window or a window of 0 leaves every layer global. */
 int32_t pie_load_swa(pie_hparams *hp, const struct gguf_context *gguf, int64_t default_window, int64_t default_pattern);
-int32_t pie_load_weights(pie_model *model, const char *path);
+int32_t pie_load_weights(pie_model *model, const char *path, bool plan_only);
 void    pie_free_weights(pie_model *model);
+
+/* placement.c: the devices (offload devices, then the CPU), the layers' devices, buffers on them */
+int32_t pie_devices_open(pie_model *model);
+int32_t pie_place_layers(pie_model *model);               /* layer_dev, output_dev, sizes   */
+int     pie_tensor_device(const pie_model *model, const struct ggml_tensor *t);
+/* allocates each tensor (dev[i] < 0: skipped) on device dev[i], in buffers marked `usage` */
+int32_t pie_alloc_on_devices(pie_model *model, struct ggml_tensor **tensors, const int *dev, int n,
+                             enum ggml_backend_buffer_usage usage);
+int32_t pie_compute_open(pie_model *model, int n_threads, size_t n_nodes);  /* backends + sched */
+void    pie_set_cpu_threads(pie_model *model, int n_threads);
+int32_t pie_sched_new(pie_model *model, size_t n_nodes);
+void    pie_devices_close(pie_model *model);
+bool    pie_offloaded(const pie_model *model);          /* anything lives off the CPU       */
+void    pie_placement_report(const pie_model *model, pie_device_use *out, int32_t cap, int32_t *n_out);
+
+/* rpc.c: workers (see the comment at its top) */
+int32_t pie_rpc_parse(const char *list, pie_rpc *out);
+int32_t pie_rpc_connect(pie_rpc *rpc, ggml_backend_dev_t *devs, int32_t cap, int32_t *n_devs);
+void    pie_rpc_release(pie_rpc *rpc);
+int32_t pie_rpc_call(pie_rpc *rpc, int32_t (*fn)(void *), void *arg); /* fn(arg), guarded      */
+bool    pie_rpc_on_abort(const char *message); /* log.c's abort hook; parks for an RPC abort  */
 
 /* kv_pool.c */
 int32_t pie_kv_init(pie_model *model);

@@ -37,31 +37,33 @@ int32_t pie_kv_init(pie_model *m) {
         ggml_format_name(kv->k[il], "cache_k_l%d", il);
         ggml_format_name(kv->v[il], "cache_v_l%d", il);
     }
-    ggml_backend_buffer_type_t buft = ggml_backend_dev_buffer_type(m->dev);
-    kv->buffer = ggml_backend_alloc_ctx_tensors_from_buft(kv->ctx, buft);
-    if (!kv->buffer)
-        return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate %.1f MiB of KV pool (%d pages of %d tokens) on %s",
-                             ggml_backend_alloc_ctx_tensors_from_buft_size(kv->ctx, buft) / 1048576.0,
-                             kv->n_pages, kv->page_size, ggml_backend_dev_name(m->dev));
-    ggml_backend_buffer_set_usage(kv->buffer, GGML_BACKEND_BUFFER_USAGE_COMPUTE);
+    /* each layer's K and V on its layer's device (placement.c) */
+    struct ggml_tensor *ts[2 * PIE_MAX_LAYERS];
+    int dev[2 * PIE_MAX_LAYERS];
+    for (int il = 0; il < hp->n_layer; il++) {
+        ts[2 * il] = kv->k[il];
+        ts[2 * il + 1] = kv->v[il];
+        dev[2 * il] = dev[2 * il + 1] = m->place.layer_dev[il];
+    }
+    const int first_buf = m->place.n_buf;
+    int32_t st = pie_alloc_on_devices(m, ts, dev, 2 * hp->n_layer, GGML_BACKEND_BUFFER_USAGE_COMPUTE);
+    if (st != PIE_OK) return st;
     /* Attention only reads rows its request has written, so zeroing is hygiene: done on device
      * memory (cheap), skipped on the host, where touching the pool would commit all of it up
      * front instead of page by page as it fills. */
-    if (!ggml_backend_buffer_is_host(kv->buffer)) ggml_backend_buffer_clear(kv->buffer, 0);
+    for (int i = first_buf; i < m->place.n_buf; i++)
+        if (!ggml_backend_buffer_is_host(m->place.buf[i])) ggml_backend_buffer_clear(m->place.buf[i], 0);
 
     kv->page_bytes = 0;
     for (int il = 0; il < hp->n_layer; il++)
         kv->page_bytes += (size_t)kv->page_size * (kv->k[il]->nb[1] + kv->v[il]->nb[1]);
     kv->total_bytes = (int64_t)kv->page_bytes * kv->n_pages;
-    kv->staging = malloc(kv->page_bytes);
-    if (!kv->staging) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate %zu bytes of page staging", kv->page_bytes);
     return PIE_OK;
 }
 
+/* The pool's buffers belong to the placement (pie_devices_close frees them first). */
 void pie_kv_free(pie_kv_pool *kv) {
-    if (kv->buffer) ggml_backend_buffer_free(kv->buffer);
     if (kv->ctx) ggml_free(kv->ctx);
-    free(kv->staging);
     memset(kv, 0, sizeof(*kv));
 }
 
@@ -94,16 +96,58 @@ static void transfer_page(pie_model *m, int32_t page, uint8_t *host, bool to_hos
     }
 }
 
+/* A view of rows row0 .. row0 + n of pool tensor t, bound to t's buffer. */
+static struct ggml_tensor *rows_view(struct ggml_context *ctx, struct ggml_tensor *t, int64_t row0, int64_t n) {
+    struct ggml_tensor *v = ggml_view_2d(ctx, t, t->ne[0], n, t->nb[1], (size_t)row0 * t->nb[1]); /* [ne0, n] */
+    ggml_backend_view_init(v);
+    return v;
+}
+
+/* Copies page src to page dst layer by layer on the device that holds the layer: ggml copies
+ * between two views of one buffer inside it (a device copy, or a worker-side one over RPC). */
+static int32_t copy_page(pie_model *m, int32_t src, int32_t dst) {
+    pie_kv_pool *kv = &m->kv;
+    struct ggml_init_params ip = { .mem_size = 4 * (size_t)m->hp.n_layer * ggml_tensor_overhead(), .mem_buffer = NULL, .no_alloc = true };
+    struct ggml_context *ctx = ggml_init(ip);
+    if (!ctx) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot create views for a page copy");
+    const int64_t ps = kv->page_size;
+    for (int il = 0; il < m->hp.n_layer; il++) {
+        struct ggml_tensor *ts[2] = { kv->k[il], kv->v[il] };
+        for (int j = 0; j < 2; j++)
+            ggml_backend_tensor_copy(rows_view(ctx, ts[j], (int64_t)src * ps, ps), rows_view(ctx, ts[j], (int64_t)dst * ps, ps));
+    }
+    ggml_free(ctx);
+    return PIE_OK;
+}
+
+/* One page operation, run through pie_rpc_call (a helper thread when workers hold layers). */
+typedef struct {
+    pie_model *m;
+    int32_t n;
+    const int32_t *pages, *dst_pages; /* dst_pages: copies only                              */
+    uint8_t *host;                     /* reads and writes: n * page_bytes                    */
+    bool to_host;
+} page_op;
+
+static int32_t run_page_op(void *p) {
+    const page_op *op = p;
+    int32_t st = PIE_OK;
+    for (int32_t i = 0; i < op->n && st == PIE_OK; i++) {
+        if (op->dst_pages) {
+            if (op->pages[i] != op->dst_pages[i]) st = copy_page(op->m, op->pages[i], op->dst_pages[i]);
+        } else {
+            transfer_page(op->m, op->pages[i], op->host + (size_t)i * op->m->kv.page_bytes, op->to_host);
+        }
+    }
+    return st;
+}
+
 int32_t pie_copy_pages(pie_model *m, int32_t n, const int32_t *src, const int32_t *dst) {
     if (!m) return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "model is NULL");
     int32_t st;
     if ((st = check_pages(&m->kv, n, src, "source")) || (st = check_pages(&m->kv, n, dst, "destination"))) return st;
-    for (int32_t i = 0; i < n; i++) {
-        if (src[i] == dst[i]) continue;
-        transfer_page(m, src[i], m->kv.staging, true);
-        transfer_page(m, dst[i], m->kv.staging, false);
-    }
-    return PIE_OK;
+    page_op op = { .m = m, .n = n, .pages = src, .dst_pages = dst };
+    return pie_rpc_call(&m->place.rpc, run_page_op, &op);
 }
 
 int32_t pie_read_pages(pie_model *m, int32_t n, const int32_t *pages, void *dst, size_t dst_bytes) {
@@ -113,8 +157,8 @@ int32_t pie_read_pages(pie_model *m, int32_t n, const int32_t *pages, void *dst,
     size_t need = (size_t)n * m->kv.page_bytes;
     if (need > 0 && (!dst || dst_bytes < need))
         return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "read of %d pages needs %zu bytes; the buffer has %zu", n, need, dst ? dst_bytes : 0);
-    for (int32_t i = 0; i < n; i++) transfer_page(m, pages[i], (uint8_t *)dst + (size_t)i * m->kv.page_bytes, true);
-    return PIE_OK;
+    page_op op = { .m = m, .n = n, .pages = pages, .host = dst, .to_host = true };
+    return pie_rpc_call(&m->place.rpc, run_page_op, &op);
 }
 
 int32_t pie_write_pages(pie_model *m, int32_t n, const int32_t *pages, const void *src, size_t src_bytes) {
@@ -124,6 +168,6 @@ int32_t pie_write_pages(pie_model *m, int32_t n, const int32_t *pages, const voi
     size_t need = (size_t)n * m->kv.page_bytes;
     if (need > 0 && (!src || src_bytes != need))
         return pie_set_error(PIE_ERR_INVALID_ARGUMENT, "write of %d pages needs exactly %zu bytes; got %zu", n, need, src ? src_bytes : 0);
-    for (int32_t i = 0; i < n; i++) transfer_page(m, pages[i], (uint8_t *)src + (size_t)i * m->kv.page_bytes, false);
-    return PIE_OK;
+    page_op op = { .m = m, .n = n, .pages = pages, .host = (uint8_t *)src, .to_host = false };
+    return pie_rpc_call(&m->place.rpc, run_page_op, &op);
 }

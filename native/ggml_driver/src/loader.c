@@ -4,11 +4,11 @@
  * Steps: open the file once (every later read goes through that descriptor) and check it
  * (regular file, magic, not truncated), parse metadata with ggml's gguf API (tensor data not read
  * yet), pick the architecture, read and range-check hyper-parameters, bind and shape-check every
- * tensor the graph uses and check each matrix's type, then place the data: on the CPU the
- * matrices ggml's CPU_REPACK kernels take are first copied into a buffer of that type (repacked,
- * see place_repacked); then on a host device the file is mapped and the other tensors point into
- * the mapping (plain CPU buffer type, no copy); otherwise the tensors are allocated on the device
- * and filled from the file.
+ * tensor the graph uses, decide each layer's device (placement.c) and check each matrix's type
+ * against its device, then place the data: on the CPU the matrices ggml's CPU_REPACK kernels
+ * take are first copied into a buffer of that type (repacked, see place_repacked), the other
+ * tensors point into a mapping of the file (plain CPU buffer type, no copy); on other devices
+ * the tensors are allocated in weight buffers and filled from the file.
  * Weights stay in the type the file stores them in (no dequantize on load).
  */
 #include "internal.h"
@@ -470,22 +470,24 @@ static bool cpu_multiplies(enum ggml_type t) {
     }
 }
 
-/* Checks that the device can multiply `w` (off the CPU, the device itself is asked), and notes
- * how pie_matmul treats its products (the zero column's size, the narrow pieces' width). */
+/* Checks that the device `w` is placed on can multiply it (off the CPU, the device itself is
+ * asked), and notes how pie_matmul treats its products (the zero column's size, the narrow
+ * pieces' width). */
 static int32_t check_matrix(pie_model *m, const struct ggml_tensor *w) {
     if (!cpu_multiplies(w->type))
         return pie_set_error(PIE_ERR_UNSUPPORTED, "tensor '%s' has type %s, which ggml cannot multiply; "
                              "use a float or quantized (q*, iq*, tq*) weight type", w->name, ggml_type_name(w->type));
-    if (ggml_backend_dev_type(m->dev) != GGML_BACKEND_DEVICE_TYPE_CPU) {
+    ggml_backend_dev_t dev = m->place.dev[pie_tensor_device(m, w)];
+    if (ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) {
         struct ggml_init_params ip = { .mem_size = 4 * ggml_tensor_overhead(), .mem_buffer = NULL, .no_alloc = true };
         struct ggml_context *ctx = ggml_init(ip);
         if (!ctx) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot check tensor '%s'", w->name);
         struct ggml_tensor *x = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, w->ne[0], 1);
-        const bool ok = ggml_backend_dev_supports_op(m->dev, ggml_mul_mat(ctx, (struct ggml_tensor *)w, x));
+        const bool ok = ggml_backend_dev_supports_op(dev, ggml_mul_mat(ctx, (struct ggml_tensor *)w, x));
         ggml_free(ctx);
         if (!ok)
             return pie_set_error(PIE_ERR_UNSUPPORTED, "tensor '%s' has type %s, which %s cannot multiply", w->name,
-                                 ggml_type_name(w->type), ggml_backend_dev_name(m->dev));
+                                 ggml_type_name(w->type), ggml_backend_dev_name(dev));
     }
     const int32_t k = pie_kernel_switch(w->type, false);
     if (k == 2 && w->ne[0] > m->pad_width) m->pad_width = w->ne[0];
@@ -499,17 +501,18 @@ static int32_t check_experts(pie_model *m, const struct ggml_tensor *w) {
     if (!cpu_multiplies(w->type))
         return pie_set_error(PIE_ERR_UNSUPPORTED, "tensor '%s' has type %s, which ggml cannot multiply; "
                              "use a float or quantized (q*, iq*, tq*, mxfp4) weight type", w->name, ggml_type_name(w->type));
-    if (ggml_backend_dev_type(m->dev) != GGML_BACKEND_DEVICE_TYPE_CPU) {
+    ggml_backend_dev_t dev = m->place.dev[pie_tensor_device(m, w)];
+    if (ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) {
         struct ggml_init_params ip = { .mem_size = 4 * ggml_tensor_overhead(), .mem_buffer = NULL, .no_alloc = true };
         struct ggml_context *ctx = ggml_init(ip);
         if (!ctx) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot check tensor '%s'", w->name);
         struct ggml_tensor *x = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, w->ne[0], 1, 1);
         struct ggml_tensor *ids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, m->hp.n_expert_used, 1);
-        const bool ok = ggml_backend_dev_supports_op(m->dev, ggml_mul_mat_id(ctx, (struct ggml_tensor *)w, x, ids));
+        const bool ok = ggml_backend_dev_supports_op(dev, ggml_mul_mat_id(ctx, (struct ggml_tensor *)w, x, ids));
         ggml_free(ctx);
         if (!ok)
             return pie_set_error(PIE_ERR_UNSUPPORTED, "tensor '%s' has type %s, which %s cannot multiply per expert",
-                                 w->name, ggml_type_name(w->type), ggml_backend_dev_name(m->dev));
+                                 w->name, ggml_type_name(w->type), ggml_backend_dev_name(dev));
     }
     const int32_t k = pie_kernel_switch_id(w->type);
     if (k > 1 && (m->split_cols == 0 || k - 1 < m->split_cols)) m->split_cols = k - 1;
@@ -541,60 +544,75 @@ static int32_t check_matrices(pie_model *m) {
 /* Placing the data                                                                           */
 /* ------------------------------------------------------------------------------------------ */
 
-static int32_t place_mapped(pie_model *m, const struct gguf_context *g, FILE *f, const char *path, size_t file_size) {
+/* The CPU's weights point into a mapping of the file (no copy): one buffer wraps the file's
+ * data and each CPU tensor gets its address there. */
+static int32_t place_mapped(pie_model *m, const struct gguf_context *g, FILE *f, const char *path, size_t file_size,
+                            struct ggml_tensor **ts, const int *dev, int n) {
     void *addr = mmap(NULL, file_size, PROT_READ, MAP_PRIVATE, fileno(f), 0);
     if (addr == MAP_FAILED) return pie_set_error(PIE_ERR_IO, "cannot map '%s': %s", path, strerror(errno));
     m->map_addr = addr;
     m->map_size = file_size;
 
+    pie_placement *pl = &m->place;
     size_t off = gguf_get_data_offset(g);
     uint8_t *base = (uint8_t *)addr + off;
-    m->buf_w = ggml_backend_cpu_buffer_from_ptr(base, file_size - off);
-    if (!m->buf_w) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot wrap the mapped weights in a CPU buffer");
-    for (struct ggml_tensor *t = ggml_get_first_tensor(m->ctx_w); t; t = ggml_get_next_tensor(m->ctx_w, t)) {
-        if (t->buffer) continue; /* repacked (place_repacked) */
-        int64_t id = gguf_find_tensor(g, ggml_get_name(t));
-        if (ggml_backend_tensor_alloc(m->buf_w, t, base + gguf_get_tensor_offset(g, id)) != GGML_STATUS_SUCCESS)
-            return pie_set_error(PIE_ERR_FORMAT, "tensor '%s' does not fit in the file", ggml_get_name(t));
+    ggml_backend_buffer_t buf = ggml_backend_cpu_buffer_from_ptr(base, file_size - off);
+    if (!buf || pl->n_buf >= PIE_MAX_BUFFERS) {
+        if (buf) ggml_backend_buffer_free(buf);
+        return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot wrap the mapped weights in a CPU buffer");
+    }
+    pl->buf[pl->n_buf++] = buf;
+    ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+    for (int i = 0; i < n; i++) {
+        if (dev[i] != pl->n_dev - 1) continue;
+        int64_t id = gguf_find_tensor(g, ggml_get_name(ts[i]));
+        if (ggml_backend_tensor_alloc(buf, ts[i], base + gguf_get_tensor_offset(g, id)) != GGML_STATUS_SUCCESS)
+            return pie_set_error(PIE_ERR_FORMAT, "tensor '%s' does not fit in the file", ggml_get_name(ts[i]));
     }
     return PIE_OK;
 }
 
-static int32_t place_copied(pie_model *m, const struct gguf_context *g, FILE *f, const char *path) {
-    ggml_backend_buffer_type_t buft = ggml_backend_dev_buffer_type(m->dev);
-    m->buf_w = ggml_backend_alloc_ctx_tensors_from_buft(m->ctx_w, buft);
-    if (!m->buf_w)
-        return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate %.1f MiB of weights on %s",
-                             ggml_backend_alloc_ctx_tensors_from_buft_size(m->ctx_w, buft) / 1048576.0,
-                             ggml_backend_dev_name(m->dev));
-    ggml_backend_buffer_set_usage(m->buf_w, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
-
+/* Fills allocated tensors from the file (the tied head's copy reads the embeddings). */
+static int32_t read_tensors(pie_model *m, const struct gguf_context *g, FILE *f, const char *path,
+                            struct ggml_tensor **ts, const int *dev, int n) {
     size_t cap = 0;
     void *tmp = NULL;
     int32_t st = PIE_OK;
     const size_t off = gguf_get_data_offset(g);
-    for (struct ggml_tensor *t = ggml_get_first_tensor(m->ctx_w); t && st == PIE_OK; t = ggml_get_next_tensor(m->ctx_w, t)) {
-        if (t->buffer != m->buf_w) continue; /* repacked (place_repacked) */
-        size_t nb = ggml_nbytes(t);
+    for (int i = 0; i < n && st == PIE_OK; i++) {
+        if (dev[i] < 0) continue;
+        const struct ggml_tensor *src = ts[i] == m->w.output && m->place.dup_src ? m->place.dup_src : ts[i];
+        size_t nb = ggml_nbytes(ts[i]);
         if (nb > cap) {
             free(tmp);
             tmp = malloc(nb);
             cap = tmp ? nb : 0;
-            if (!tmp) { st = pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate %zu bytes to read '%s'", nb, ggml_get_name(t)); break; }
+            if (!tmp) { st = pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate %zu bytes to read '%s'", nb, ggml_get_name(ts[i])); break; }
         }
-        int64_t id = gguf_find_tensor(g, ggml_get_name(t));
+        int64_t id = gguf_find_tensor(g, ggml_get_name(src));
         if (fseeko(f, (off_t)(off + gguf_get_tensor_offset(g, id)), SEEK_SET) != 0 || fread(tmp, 1, nb, f) != nb)
-            st = pie_set_error(PIE_ERR_IO, "short read of tensor '%s' from '%s'", ggml_get_name(t), path);
+            st = pie_set_error(PIE_ERR_IO, "short read of tensor '%s' from '%s'", ggml_get_name(src), path);
         else
-            ggml_backend_tensor_set(t, tmp, 0, nb);
+            ggml_backend_tensor_set(ts[i], tmp, 0, nb);
     }
     free(tmp);
     return st;
 }
 
-/* ------------------------------------------------------------------------------------------ */
-/* Repacked weights: ggml's CPU_REPACK buffer type                                            */
-/* ------------------------------------------------------------------------------------------ */
+/* A head tied to the embeddings but placed off the CPU gets its own copy there (the embeddings
+ * stay on the CPU for the row lookup), as llama.cpp duplicates it. */
+static int32_t split_tied_head(pie_model *m) {
+    pie_placement *pl = &m->place;
+    if (m->w.output != m->w.tok_embd || pl->output_dev == pl->n_dev - 1) return PIE_OK;
+    struct ggml_init_params ip = { .mem_size = 2 * ggml_tensor_overhead(), .mem_buffer = NULL, .no_alloc = true };
+    pl->ctx_dup = ggml_init(ip);
+    if (!pl->ctx_dup) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot create the head's context");
+    pl->dup_src = m->w.tok_embd;
+    m->w.output = ggml_dup_tensor(pl->ctx_dup, m->w.tok_embd); /* [n_embd, n_vocab] */
+    ggml_set_name(m->w.output, "output.weight");
+    return PIE_OK;
+}
+
 
 /* ggml's CPU backend can store some quantized matrices interleaved (Q4_K as q4_K_8x8, ...) and
  * multiply them with its own gemv/gemm kernels (ggml-cpu/repack.cpp); that pays for every
@@ -603,11 +621,12 @@ static int32_t place_copied(pie_model *m, const struct gguf_context *g, FILE *f,
  * none to take. */
 static ggml_backend_buffer_type_t repack_buft(const pie_model *m, const char **why) {
     if (!m->params.repack) { *why = "the repack option is off"; return NULL; }
-    if (ggml_backend_dev_type(m->dev) != GGML_BACKEND_DEVICE_TYPE_CPU) { *why = "the weights are not on the CPU"; return NULL; }
-    ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(m->dev);
+    ggml_backend_dev_t cpu = m->place.dev[m->place.n_dev - 1];
+    if (ggml_backend_dev_type(cpu) != GGML_BACKEND_DEVICE_TYPE_CPU) { *why = "no layer is on the CPU"; return NULL; }
+    ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(cpu);
     void *proc = reg ? ggml_backend_reg_get_proc_address(reg, "ggml_backend_dev_get_extra_bufts") : NULL;
     ggml_backend_dev_get_extra_bufts_t extra = (ggml_backend_dev_get_extra_bufts_t)proc;
-    for (ggml_backend_buffer_type_t *b = extra ? extra(m->dev) : NULL; b && *b; b++)
+    for (ggml_backend_buffer_type_t *b = extra ? extra(cpu) : NULL; b && *b; b++)
         if (strcmp(ggml_backend_buft_name(*b), "CPU_REPACK") == 0) return *b;
     *why = "this ggml build has no CPU_REPACK buffer type";
     return NULL;
@@ -623,7 +642,7 @@ static bool repack_supports(const pie_model *m, ggml_backend_buffer_type_t buft,
     if (probe) {
         struct ggml_tensor *x = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, w->ne[0], 512);
         w->buffer = probe;
-        ok = ggml_backend_dev_supports_op(m->dev, ggml_mul_mat(ctx, w, x));
+        ok = ggml_backend_dev_supports_op(m->place.dev[m->place.n_dev - 1], ggml_mul_mat(ctx, w, x));
         w->buffer = NULL;
         ggml_backend_buffer_free(probe);
     }
@@ -631,11 +650,11 @@ static bool repack_supports(const pie_model *m, ggml_backend_buffer_type_t buft,
     return ok;
 }
 
-/* Places the matrices the repack kernels support in a buffer of their own, repacked from the
- * file's bytes (ggml_backend_tensor_set interleaves them; they cannot be used in place from a
+/* Places the CPU's matrices the repack kernels support in a buffer of their own, repacked from
+ * the file's bytes (ggml_backend_tensor_set interleaves them; they cannot be used in place from a
  * mapping). Only matrices the graph multiplies (src0 of ggml_mul_mat): not the token embedding,
- * which get_rows reads, nor a head tied to it. Runs before place_mapped / place_copied, which
- * then leave these tensors alone. */
+ * which get_rows reads, nor a head tied to it; only those of layers placed on the CPU. Runs
+ * first in place_weights, which then leaves these tensors alone. */
 static int32_t place_repacked(pie_model *m, const struct gguf_context *g, FILE *f, const char *path) {
     const char *why = NULL;
     ggml_backend_buffer_type_t buft = repack_buft(m, &why);
@@ -659,8 +678,9 @@ static int32_t place_repacked(pie_model *m, const struct gguf_context *g, FILE *
     int kept = 0;
     size_t total = 0;
     const size_t align = ggml_backend_buft_get_alignment(buft);
+    const int cpu = m->place.n_dev - 1;
     for (int i = 0; i < n; i++) {
-        if (!mats[i] || !repack_supports(m, buft, mats[i])) continue;
+        if (!mats[i] || pie_tensor_device(m, mats[i]) != cpu || !repack_supports(m, buft, mats[i])) continue;
         mats[kept++] = mats[i];
         total += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, mats[i]), align);
     }
@@ -669,22 +689,25 @@ static int32_t place_repacked(pie_model *m, const struct gguf_context *g, FILE *
         free(mats);
         return PIE_OK;
     }
-    m->buf_repack = ggml_backend_buft_alloc_buffer(buft, total);
-    if (!m->buf_repack) {
+    pie_placement *pl = &m->place;
+    ggml_backend_buffer_t buf = pl->n_buf < PIE_MAX_BUFFERS ? ggml_backend_buft_alloc_buffer(buft, total) : NULL;
+    if (!buf) {
         free(mats);
         return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate %.1f MiB for the repacked weights (load with repack off "
                              "to use them in place)", total / 1048576.0);
     }
-    ggml_backend_buffer_set_usage(m->buf_repack, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+    pl->buf[pl->n_buf++] = buf; /* freed with the placement's other buffers */
+    m->buf_repack = buf;
+    ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
 
-    uint8_t *at = ggml_backend_buffer_get_base(m->buf_repack), *tmp = NULL;
+    uint8_t *at = ggml_backend_buffer_get_base(buf), *tmp = NULL;
     size_t cap = 0;
     int32_t st = PIE_OK;
     const size_t off = gguf_get_data_offset(g);
     for (int i = 0; i < kept && st == PIE_OK; i++) {
         struct ggml_tensor *t = mats[i];
         const size_t nb = ggml_nbytes(t);
-        if (ggml_backend_tensor_alloc(m->buf_repack, t, at) != GGML_STATUS_SUCCESS) {
+        if (ggml_backend_tensor_alloc(buf, t, at) != GGML_STATUS_SUCCESS) {
             st = pie_set_error(PIE_ERR_BACKEND, "cannot place tensor '%s' in the repack buffer", ggml_get_name(t));
             break;
         }
@@ -711,6 +734,38 @@ static int32_t place_repacked(pie_model *m, const struct gguf_context *g, FILE *
     pie_log(PIE_LOG_INFO, "repack on: %d of %d matrices (%.1f MiB) stored for ggml's CPU_REPACK kernels", kept, n,
             total / 1048576.0);
     return PIE_OK;
+}
+
+/* Every weight on its device: mapped in place on the CPU where possible, else allocated in
+ * buffers marked as weights and read from the file. */
+static int32_t place_weights(pie_model *m, const struct gguf_context *g, FILE *f, const char *path, size_t file_size) {
+    int n = 0;
+    for (struct ggml_tensor *t = ggml_get_first_tensor(m->ctx_w); t; t = ggml_get_next_tensor(m->ctx_w, t)) n++;
+    n += m->place.ctx_dup ? 1 : 0;
+    struct ggml_tensor **ts = malloc(sizeof(*ts) * (size_t)n);
+    int *dev = malloc(sizeof(int) * (size_t)n);
+    if (!ts || !dev) { free(ts); free(dev); return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot list the tensors"); }
+    int k = 0;
+    for (struct ggml_tensor *t = ggml_get_first_tensor(m->ctx_w); t; t = ggml_get_next_tensor(m->ctx_w, t)) ts[k++] = t;
+    if (m->place.ctx_dup) ts[k++] = m->w.output;
+    for (int i = 0; i < n; i++) dev[i] = pie_tensor_device(m, ts[i]);
+
+    const int cpu = m->place.n_dev - 1;
+    int32_t st = place_repacked(m, g, f, path);
+    for (int i = 0; i < n; i++)
+        if (ts[i]->buffer) dev[i] = -1; /* repacked: placed and read */
+    /* Mapping needs a host device and the data aligned the way ggml's CPU buffer expects. */
+    const bool host = ggml_backend_buft_is_host(ggml_backend_dev_buffer_type(m->place.dev[cpu]));
+    if (st == PIE_OK && m->params.use_mmap && host && gguf_get_data_offset(g) % 32 == 0) {
+        st = place_mapped(m, g, f, path, file_size, ts, dev, n);
+        for (int i = 0; i < n; i++)
+            if (dev[i] == cpu) dev[i] = -1; /* in place: nothing to allocate or read */
+    }
+    if (st == PIE_OK) st = pie_alloc_on_devices(m, ts, dev, n, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+    if (st == PIE_OK) st = read_tensors(m, g, f, path, ts, dev, n);
+    free(ts);
+    free(dev);
+    return st;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -750,7 +805,7 @@ static int32_t open_model(const char *path, FILE **out_f, size_t *out_size) {
     return PIE_OK;
 }
 
-int32_t pie_load_weights(pie_model *m, const char *path) {
+int32_t pie_load_weights(pie_model *m, const char *path, bool plan_only) {
     FILE *f = NULL;
     size_t file_size = 0;
     int32_t st = open_model(path, &f, &file_size);
@@ -793,7 +848,9 @@ int32_t pie_load_weights(pie_model *m, const char *path) {
     }
     if ((st = load_hparams(&m->hp, g)) != PIE_OK) goto done;
     const int64_t n_ctx_seq = (int64_t)m->params.page_size * m->params.n_pages;
-    if ((st = bind_weights(meta, &m->hp, &m->w, n_ctx_seq)) != PIE_OK || (st = check_matrices(m)) != PIE_OK) goto done;
+    if ((st = bind_weights(meta, &m->hp, &m->w, n_ctx_seq)) != PIE_OK || (st = pie_place_layers(m)) != PIE_OK ||
+        (st = split_tied_head(m)) != PIE_OK || (st = check_matrices(m)) != PIE_OK)
+        goto done;
 
     m->n_params = 0;
     m->weight_bytes = 0;
@@ -802,13 +859,8 @@ int32_t pie_load_weights(pie_model *m, const char *path) {
         m->weight_bytes += (int64_t)ggml_nbytes(t);
     }
 
-    /* Mapping needs a host device and the data aligned the way ggml's CPU buffer expects. */
-    bool host = ggml_backend_buft_is_host(ggml_backend_dev_buffer_type(m->dev));
-    if ((st = place_repacked(m, g, f, path)) != PIE_OK) goto done;
-    if (m->params.use_mmap && host && off % 32 == 0)
-        st = place_mapped(m, g, f, path, file_size);
-    else
-        st = place_copied(m, g, f, path);
+    if (plan_only) goto done;
+    st = place_weights(m, g, f, path, file_size);
     if (st == PIE_OK)
         pie_log(PIE_LOG_INFO, "loaded %s '%s': %d layers, %d vocab, %.1f MiB of weights (%s)", arch, m->hp.name,
                 m->hp.n_layer, m->hp.n_vocab, m->weight_bytes / 1048576.0, m->map_addr ? "mapped" : "copied");
@@ -818,13 +870,11 @@ done:
     return st;
 }
 
+/* The weights' buffers belong to the placement (pie_devices_close frees them first). */
 void pie_free_weights(pie_model *m) {
-    if (m->buf_w) ggml_backend_buffer_free(m->buf_w);
-    if (m->buf_repack) ggml_backend_buffer_free(m->buf_repack);
     if (m->ctx_w) ggml_free(m->ctx_w);
     if (m->map_addr) munmap(m->map_addr, m->map_size);
-    m->buf_w = NULL;
-    m->buf_repack = NULL;
     m->ctx_w = NULL;
     m->map_addr = NULL;
+    m->buf_repack = NULL; /* freed with the placement's buffers */
 }

@@ -9,6 +9,7 @@
 #include "ggml.h"
 
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -44,7 +45,14 @@ static void ggml_logger(enum ggml_log_level level, const char *text, void *user_
     if (n > 0) pie_log(lv, "%.*s", (int)n, text);
 }
 
-static void ggml_abort_logger(const char *message) { pie_log(PIE_LOG_ERROR, "ggml fatal error: %s", message); }
+bool pie_rpc_on_abort(const char *message); /* rpc.c: parks the thread for an abort inside ggml-rpc */
+
+/* ggml aborts the process once this returns; an abort inside its RPC client never returns
+ * (rpc.c turns it into an error of the call that was waiting on the connection). */
+static void ggml_abort_logger(const char *message) {
+    pie_log(PIE_LOG_ERROR, "ggml fatal error: %s", message);
+    pie_rpc_on_abort(message);
+}
 
 static void install_ggml_hooks(void) {
     ggml_log_set(ggml_logger, NULL);
