@@ -5,7 +5,7 @@ Loopback has no network latency to speak of, so the difference is the protocol's
 serializing each graph, a round trip per device per pass, copying activations between
 processes. Across machines add the network's round trip per device per token.
 
-    python benchmarks/bench_rpc.py [--model PATH] [--threads N] [--prefill 128] [--decode 64] [--json]
+    python benchmarks/bench_rpc.py [--model PATH] [--threads N] [--prefill 128] [--decode 64] [--rounds 5] [--json]
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -54,7 +55,7 @@ def measure(path: Path, params: DriverParams, n_prefill: int, n_decode: int) -> 
         prompt = driver_prompt(n_prefill, drv.info.n_vocab)
         drv.forward(forward_batch([(prompt[:16], pages[:1], 16)], PAGE))  # warm-up
         t = time.perf_counter()
-        (tok,) = drv.forward(forward_batch([(prompt, pages[: n_prefill // PAGE + 1], n_prefill)], PAGE)).tokens
+        (tok,) = drv.forward(forward_batch([(prompt, pages[: (n_prefill - 1) // PAGE + 1], n_prefill)], PAGE)).tokens
         prefill = n_prefill / (time.perf_counter() - t)
         t = time.perf_counter()
         for kv in range(n_prefill + 1, n_prefill + 1 + n_decode):
@@ -69,27 +70,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads, here and on each worker")
     parser.add_argument("--prefill", type=int, default=128)
     parser.add_argument("--decode", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5, help="rounds, the two setups' order alternating (default 5)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     threads = threads_or_cores(args.threads)
     path = Path(args.model) if args.model else starter_model()
     n_pages = (args.prefill + args.decode) // PAGE + 2
-    base = {"n_threads": threads, "page_size": PAGE, "n_pages": n_pages, "max_batch_tokens": max(args.prefill, 16)}
-    result = {"model": str(path), "threads": threads,
-              "local": measure(path, DriverParams(n_gpu_layers=0, **base), args.prefill, args.decode)}
+    # plain weights on both sides (a worker has no repacked layout), so only the protocol differs
+    base = {"n_threads": threads, "page_size": PAGE, "n_pages": n_pages, "max_batch_tokens": max(args.prefill, 16),
+            "repack": False}
+    runs: dict[str, list[dict[str, float]]] = {"local": [], "two_loopback_workers": []}
     workers = [_start_worker(threads) for _ in range(2)]
     try:
-        params = DriverParams(rpc=tuple(ep for _, ep in workers), **base)  # auto: every layer and the head
-        result["two_loopback_workers"] = measure(path, params, args.prefill, args.decode)
+        setups = {"local": DriverParams(n_gpu_layers=0, **base),
+                  "two_loopback_workers": DriverParams(rpc=tuple(ep for _, ep in workers), **base)}  # all layers, head
+        for r in range(args.rounds):
+            for side in list(setups) if r % 2 == 0 else list(setups)[::-1]:
+                runs[side].append(measure(path, setups[side], args.prefill, args.decode))
+                print(f"[bench] round {r + 1}/{args.rounds} {side}: {runs[side][-1]}", file=sys.stderr, flush=True)
     finally:
         for proc, _ in workers:
             proc.kill()
+
+    def spread(values: list[float]) -> dict[str, float]:
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+    result: dict = {"model": str(path), "threads": threads, "rounds": args.rounds}
+    for side, rs in runs.items():
+        result[side] = {k: spread([r[k] for r in rs]) for k in ("prefill_tok_s", "decode_tok_s")}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        for side in ("local", "two_loopback_workers"):
+        for side in runs:
             r = result[side]
-            print(f"{side:<22} prefill {r['prefill_tok_s']:>8.1f} tok/s   decode {r['decode_tok_s']:>7.1f} tok/s")
+            cell = lambda m: f"{m['median']:.1f} ({m['min']:.1f}-{m['max']:.1f})"  # noqa: E731
+            print(f"{side:<22} prefill {cell(r['prefill_tok_s']):>24} tok/s   decode {cell(r['decode_tok_s']):>22} tok/s")
     return 0
 
 
