@@ -55,10 +55,14 @@ def test_a_template_in_the_gguf_is_named_as_its_source(tmp_path: Path) -> None:
 
 def test_show_prints_the_card_as_text_and_json(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
     card = read_model_card("tiny", context=4096)
+    # the fixture holds metadata only, so the placement after the card says why it has none
+    no_placement = "format: tensor 'blk.0.attn_norm.weight' is missing"
     assert main(["show", "tiny", "--context", "4096"]) == 0
-    assert capsys.readouterr().out == card.text() + "\n"
+    assert capsys.readouterr().out == card.text() + f"\n\nplacement: unavailable ({no_placement})\n"
     assert main(["show", "tiny", "--context", "4096", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(card.data))
+    shown = json.loads(capsys.readouterr().out)
+    assert shown.pop("placement") == {"unavailable": no_placement}
+    assert shown == json.loads(json.dumps(card.data))
 
 
 async def test_the_tui_details_pane_shows_the_same_card(tiny: Path) -> None:
