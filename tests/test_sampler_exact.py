@@ -15,21 +15,10 @@ import math
 
 import numpy as np
 import pytest
-from sampler_lib import SamplerLib, allow_mask, build
+from sampler_lib import SamplerLib, allow_mask
 
 F = np.float32
 MASK64 = (1 << 64) - 1
-
-
-@pytest.fixture(scope="module")
-def sampler(tmp_path_factory: pytest.TempPathFactory) -> SamplerLib:
-    try:
-        path = build(tmp_path_factory.mktemp("sampler") / "libpie_sampler.so")
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    lib = SamplerLib(path)
-    yield lib
-    lib.close()
 
 
 # ---------------------------------------------------------------- the reference, in numpy

@@ -9,20 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sampler_lib import SamplerLib, allow_mask, build
+from sampler_lib import SamplerLib, allow_mask
 
 PIE_ERR_INVALID_ARGUMENT = -5
-
-
-@pytest.fixture(scope="module")
-def sampler(tmp_path_factory: pytest.TempPathFactory) -> SamplerLib:
-    try:
-        path = build(tmp_path_factory.mktemp("sampler") / "libpie_sampler.so")
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    lib = SamplerLib(path)
-    yield lib
-    lib.close()
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
