@@ -2,9 +2,10 @@
 
 The driver probes each matrix it multiplies at load (as llama.cpp's loader does) and stores the
 supported ones interleaved for ggml-cpu/repack.cpp's gemv/gemm kernels. Its logits then match
-llama.cpp loaded with its extra buffer types (use_extra_bufts, llama.cpp's default) bit for bit
-wherever both run the same kernels: a sequence computed alone in passes of fewer than 4 or at
-least 16 rows. In between, the driver multiplies a narrow request's rows one by one (gemv) where
+llama.cpp loaded with its extra buffer types (use_extra_bufts, llama.cpp's default) wherever both
+run the same kernels: a sequence computed alone in passes of fewer than 4 or at least 16 rows, bit
+for bit up to the head (a q8_0 head on an AVX-512 VNNI CPU takes the driver's own kernel,
+head_q8.c, which sums the same exact integer dots in another float order). In between, the driver multiplies a narrow request's rows one by one (gemv) where
 llama.cpp takes gemm for whole groups of 4, which sums q4_K and q2_K products in another order
 (q4_0 and iq4_nl give the same values either way on x86); those comparisons, and repack on
 against off (other kernels altogether), keep measured tolerances with their reasons.
@@ -178,6 +179,11 @@ def test_tiny_repacked_logits_match_llama_cpp(tmp_path_factory, arch: str, quant
 # mean 0.29). Measured: on against off max 1.30, mean 0.161, KL 0.019 (the 27-token prompt);
 # the narrow prompt against llama.cpp: equal.
 STARTER_MAX, STARTER_MEAN, STARTER_KL = 3.0, 0.4, 0.25
+# The wide prompt runs llama.cpp's kernels up to the head; the driver's q8_0 head (head_q8.c) adds
+# each logit's 20 block products in another order: measured max 6.7e-6 on logits up to ~70 (a few
+# float ulps), 1e-4 leaves room for other prompts. A body kernel that differed would show ~1e-2
+# and more (the narrow prompt's gemv-against-gemm differences reach ~1).
+HEAD_ORDER_MAX = 1e-4
 WIDE_TEXT = ("In a hole in the ground there lived a hobbit. Not a nasty, dirty, wet hole, filled with the "
              "ends of worms and an oozy smell")  # fmt: skip
 NARROW_TEXT = "The capital of France is"
@@ -194,8 +200,8 @@ def test_starter_repacked_logits_match_llama_cpp(starter_gguf) -> None:
     with Driver(starter_gguf, DriverParams(n_threads=2, page_size=PAGE, n_pages=8)) as drv:
         if repacked_types() is not None:
             assert drv.info.n_repacked == expected_repacked(starter_gguf) == 27
-    # the wide prompt alone in one pass and every decode step: the same kernels on both sides
-    assert np.array_equal(on[0], want[0]), measure("starter.wide", on[0], want[0])
+    # the wide prompt alone in one pass and every decode step: the same kernels on both sides up to the head
+    assert measure("starter.wide", on[0], want[0])["max_abs"] <= HEAD_ORDER_MAX
     checks = [("starter.narrow", on[1], want[1])] + [("starter.on_vs_off", a, b) for a, b in zip(on, off, strict=True)]
     for label, got, ref_rows in checks:
         m = measure(label, got, ref_rows)

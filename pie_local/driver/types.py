@@ -80,7 +80,7 @@ class DeviceUse:
     output: bool  # the output norm and head
     weight_bytes: int
     kv_bytes: int
-    compute_bytes: int  # reserved at load when layers are offloaded; 0 in a plan
+    compute_bytes: int  # reserved at load (on the CPU: address space, committed as used); 0 in a plan
     free_bytes: int
     total_bytes: int
 

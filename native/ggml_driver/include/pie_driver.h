@@ -173,8 +173,8 @@ typedef struct {
     int32_t output;            /* the output norm and head are here                            */
     int64_t weight_bytes;
     int64_t kv_bytes;
-    int64_t compute_bytes;     /* compute buffers reserved at load (0 in a plan, and on a
-                                  CPU-only model, whose compute buffers grow on demand)        */
+    int64_t compute_bytes;     /* compute buffers reserved at load (0 in a plan); on the CPU
+                                  address space, committed as batches touch it                 */
     int64_t free_bytes;        /* device memory as ggml reported it when the model was placed   */
     int64_t total_bytes;
 } pie_device_use;

@@ -112,12 +112,14 @@ static int32_t reserve_graph(pie_model *m, size_t n_nodes) {
 
 static int32_t build_graph(pie_model *m, pie_graph *g);
 
-/* With layers off the CPU, the compute buffers of the largest batch the parameters allow (all
- * tokens of one request sampled, attending over the most KV) are reserved now, so a device
- * that is too small fails the load with the numbers instead of a later batch. On the CPU
- * alone they grow on demand (host memory is committed as it is touched anyway). */
+/* The compute buffers of the largest batch the parameters allow (all tokens of one request
+ * sampled, attending over the most KV) are reserved now. With layers off the CPU, a device that
+ * is too small fails the load with the numbers instead of a later batch. On the CPU it keeps the
+ * buffer from growing batch by batch: ggml replaces a buffer that is too small by a new one, and
+ * decode steps whose KV grows by a row each needed a fresh, page-faulting buffer every step
+ * (8 forks decoding over a 512-token prompt spent a fifth of their time in the kernel). Host
+ * memory is committed only as it is touched, so the reserve costs address space, not RAM. */
 static int32_t reserve_worst_case(pie_model *m) {
-    if (!pie_offloaded(m)) return PIE_OK;
     const pie_model_params *p = &m->params;
     const int32_t kv = p->max_batch_kv < p->page_size * p->n_pages ? p->max_batch_kv : p->page_size * p->n_pages;
     const int32_t nq = p->max_batch_tokens < kv ? p->max_batch_tokens : kv;
@@ -149,8 +151,8 @@ static int32_t reserve_worst_case(pie_model *m) {
                              m->place.kv_bytes[d] / 1048576.0, m->place.free_bytes[d] / 1048576.0);
                 }
                 st = pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot reserve compute buffers for a batch of %d tokens over %d "
-                                   "KV rows (%s); offload fewer layers (n_gpu_layers), or lower max_batch_tokens or "
-                                   "n_pages", nq, kv, sizes);
+                                   "KV rows (%s); %slower max_batch_tokens or n_pages", nq, kv, sizes,
+                                   pie_offloaded(m) ? "offload fewer layers (n_gpu_layers), or " : "");
             }
             for (int d = 0; d < m->place.n_dev; d++)
                 m->place.compute_bytes[d] = (int64_t)ggml_backend_sched_get_buffer_size(m->sched, m->place.backend[d]);

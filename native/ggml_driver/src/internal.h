@@ -265,6 +265,7 @@ struct pie_model {
     struct ggml_context  *ctx_w;
     ggml_backend_buffer_t buf_repack; /* the CPU_REPACK weights (one of place.buf, not owned here), or NULL */
     int32_t n_repacked;               /* matrices stored there (loader.c)                        */
+    bool    head_q8;                  /* the head multiplies with head_q8.c's kernel (loader.c)  */
     void   *map_addr;  /* mmap of the file when weights are used in place, else NULL          */
     size_t  map_size;
     int64_t n_params;
@@ -446,6 +447,10 @@ int32_t pie_kernel_switch(enum ggml_type type, bool repacked);
 struct ggml_tensor *pie_matmul_id(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *x, struct ggml_tensor *ids);
 int32_t pie_kernel_switch_id(enum ggml_type type);
 void pie_graph_finish(pie_graph *g, struct ggml_tensor *x);
+
+/* head_q8.c: the q8_0 LM head on x86 CPUs with AVX-512 VNNI (used when the repack option is on) */
+bool pie_head_q8_supported(const struct ggml_tensor *w);
+struct ggml_tensor *pie_head_q8(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *x);
 
 /* models/moe.c: the feed-forward block (SwiGLU, or routed experts when the layer has a router);
  * x: [n_embd, n] after the FFN norm -> [n_embd, n] */

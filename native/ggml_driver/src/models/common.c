@@ -382,7 +382,7 @@ void pie_graph_finish(pie_graph *g, struct ggml_tensor *x) {
     ggml_set_output(g->hidden);
     ggml_build_forward_expand(g->gf, g->hidden);
     if (!g->plan->head) return;
-    struct ggml_tensor *logits = pie_matmul(g, m->w.output, g->hidden);
+    struct ggml_tensor *logits = m->head_q8 ? pie_head_q8(g, m->w.output, g->hidden) : pie_matmul(g, m->w.output, g->hidden);
     if (m->hp.logit_scale != 1.0f) logits = ggml_scale(g->ctx, logits, 1.0f / m->hp.logit_scale);
     const float cap = m->hp.logit_softcap;
     if (cap > 0.0f) logits = ggml_scale(g->ctx, ggml_tanh(g->ctx, ggml_scale(g->ctx, logits, 1.0f / cap)), cap);

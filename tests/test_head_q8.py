@@ -1,0 +1,107 @@
+"""The driver's q8_0 LM head (native/ggml_driver/src/head_q8.c).
+
+With the repack option on, a q8_0 head on the CPU of an x86 machine with AVX-512 VNNI is multiplied
+by the driver's own kernel instead of ggml's. It quantizes the sampled hidden states to q8_0 the
+way ggml-cpu does and sums exact integer block dots, so its logits must equal that arithmetic done
+in float64 up to float rounding; and it computes every column alone, so a row's logits must not
+depend on the other rows of its batch. Elsewhere ggml's kernel runs, and both checks hold as well.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from driver_helpers import SeqState, build_batch, tiny_gguf
+
+from pie_local.driver import Driver, DriverParams
+
+pytestmark = pytest.mark.real_driver
+
+PAGE = 8
+
+
+def vnni_cpu() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return all(f" {f}" in flags for f in ("avx512f", "avx512bw", "avx512_vnni", "f16c"))
+
+
+@pytest.fixture(scope="module", params=[
+    # an untied head, 3 blocks a row (the last 64-value piece half empty), 561 rows (a tail of 1)
+    dict(arch="llama", n_embd=96, head_dim=24),
+    # a head tied to the token embedding (the starter model's case), 2 blocks a row
+    dict(arch="gemma3", n_embd=64, tied=True),
+], ids=["llama-untied-96", "gemma3-tied-64"])
+def q8_model(request, tmp_path_factory) -> Path:
+    spec = dict(request.param)
+    return tiny_gguf(tmp_path_factory, spec.pop("arch"), quant="q8_0", **spec)
+
+
+def head_weight(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The head's q8_0 blocks: scales [n_vocab, n_blocks] and values [n_vocab, n_blocks, 32]."""
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    t = tensors.get("output.weight", tensors["token_embd.weight"])
+    assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0
+    n_embd, n_vocab = (int(x) for x in t.shape)
+    raw = np.frombuffer(t.data.tobytes(), dtype=np.uint8).reshape(n_vocab, n_embd // 32, 34)
+    scales = raw[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float64)
+    return scales, raw[:, :, 2:].view(np.int8).astype(np.float64)
+
+
+def q8_logits(hidden: np.ndarray, scales: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """What a q8_0 x q8_0 product computes, in float64: each hidden state quantized per 32-value
+    block as ggml-cpu does on x86 (d = max|x| / 127 rounded to fp16, q = round-half-even(x * 127 /
+    max|x|) in float32), integer block dots scaled by both blocks' scales."""
+    h = hidden.astype(np.float32).reshape(len(hidden), -1, 32)
+    amax = np.abs(h).max(-1)
+    d = (amax / np.float32(127)).astype(np.float16).astype(np.float64)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.rint((h * inv[..., None]).astype(np.float32)).astype(np.float64)
+    dots = np.einsum("vbk,nbk->nvb", values, q)
+    return (dots * (scales[None] * d[:, None, :])).sum(-1)
+
+
+def forward_rows(drv: Driver, prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Every prompt as a request of one batch, every row sampled: (logits, hidden states)."""
+    reqs = [SeqState(range(i * 8, i * 8 + 8), PAGE).req(p, outputs="all") for i, p in enumerate(prompts)]
+    out = drv.forward(build_batch(reqs, PAGE, return_hidden=True))
+    return np.asarray(out.logits), np.asarray(out.hidden)
+
+
+def test_head_equals_q8_arithmetic(q8_model: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="pie_local.driver")
+    scales, values = head_weight(q8_model)
+    with Driver(q8_model, DriverParams(n_threads=2, page_size=PAGE, n_pages=64, repack=True)) as drv:
+        logits, hidden = forward_rows(drv, [[1, 5, 9, 13, 17, 21, 25], [2, 4, 6], [3]])
+    assert ("output head: q8_0 with AVX-512 VNNI" in caplog.text) == vnni_cpu()
+    want = q8_logits(hidden, scales, values)
+    # Only the order of float additions differs (exact integer dots, the same scales): a few ulps
+    # of the largest partial sums. Measured max 1.5e-5 on the starter model's logits up to ~73.
+    tol = 1e-5 * max(1.0, float(np.abs(want).max()))
+    assert np.abs(logits - want).max() <= tol, float(np.abs(logits - want).max())
+
+
+def test_row_logits_do_not_depend_on_the_batch(q8_model: Path) -> None:
+    prompt = [7, 3, 11]
+    others = [[i + 20, i + 40] for i in range(6)]
+    with Driver(q8_model, DriverParams(n_threads=2, page_size=PAGE, n_pages=64, repack=True)) as drv:
+        alone, _ = forward_rows(drv, [prompt])
+        for n in (1, 2, 5):  # 3 + 2n sampled rows: column groups of every width the kernel takes
+            mixed, _ = forward_rows(drv, others[:n] + [prompt])
+            assert np.array_equal(mixed[-3:], alone), n
+
+
+def test_repack_off_keeps_ggml_head(q8_model: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="pie_local.driver")
+    scales, values = head_weight(q8_model)
+    with Driver(q8_model, DriverParams(n_threads=2, page_size=PAGE, n_pages=64, repack=False)) as drv:
+        logits, hidden = forward_rows(drv, [[1, 2, 3, 4]])
+    assert "output head: q8_0" not in caplog.text
+    assert np.abs(logits - q8_logits(hidden, scales, values)).max() <= 1e-5 * max(1.0, float(np.abs(logits).max()))
