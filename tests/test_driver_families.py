@@ -8,7 +8,7 @@ test_driver_moe.py.)
 Tolerance against llama.cpp: zero, as in test_driver_logits.py's tiny models (one request per
 pass and passes of fewer than 8 rows or at least 16, so both engines pick the same kernels on the
 same values). Measured: every comparison here differs by exactly 0. The driver runs with repack
-off: with it on, a q8_0 head takes the driver's own kernel (test_head_q8.py), not ggml's.
+off: with it on, q8_0 and q5_0 products take the driver's own kernels (test_matmul_q8.py), not ggml's.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ TOKENS = [1] + np.random.default_rng(5).integers(3, 500, 33).tolist()  # 34: pas
 
 def one_request(path: Path, tokens: list[int], n_pages: int = 32, start: int = 0) -> np.ndarray:
     """Logits of every row of one request in one pass through the driver."""
-    with Driver(path, DriverParams(n_threads=2, page_size=PAGE, n_pages=n_pages, repack=False)) as drv:
+    with Driver(path, DriverParams(n_threads=2, page_size=PAGE, n_pages=n_pages, repack=False, q8_kernels=False)) as drv:
         positions = list(range(start, start + len(tokens)))
         req = Req(tokens, list(range(-(-len(tokens) // PAGE))), len(tokens), positions=positions,
                   outputs=list(range(len(tokens))))

@@ -87,7 +87,7 @@ PAGE = 16
 
 @pytest.fixture(scope="module")
 def starter(starter_gguf):
-    params = DriverParams(n_threads=2, page_size=PAGE, n_pages=96, max_batch_tokens=512, repack=False)
+    params = DriverParams(n_threads=2, page_size=PAGE, n_pages=96, max_batch_tokens=512, repack=False, q8_kernels=False)
     with Driver(starter_gguf, params) as driver:
         yield driver
 
@@ -267,7 +267,7 @@ def test_tiny_model_logits_match(tmp_path_factory, record_property, arch: str, q
     rng = np.random.default_rng(zlib.crc32(f"{arch}-{quant}".encode()))
     with (
         LlamaRef(path, n_ctx=256, n_seq_max=2) as ref,
-        Driver(path, DriverParams(n_threads=2, page_size=page, n_pages=32, repack=False)) as drv,
+        Driver(path, DriverParams(n_threads=2, page_size=page, n_pages=32, repack=False, q8_kernels=False)) as drv,
     ):
         n_vocab = drv.info.n_vocab
         assert n_vocab == ref.n_vocab and drv.info.arch == arch

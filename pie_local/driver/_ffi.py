@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ctypes as C
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 MAX_DEVICES = 16  # PIE_MAX_DEVICES
 
 # pie_status
@@ -47,6 +47,7 @@ class ModelParams(C.Structure):
         ("max_batch_kv", C.c_int32),
         ("use_mmap", C.c_int32),
         ("repack", C.c_int32),
+        ("q8_kernels", C.c_int32),
         ("n_gpu_layers", C.c_int32),
         ("rpc", C.c_char * 256),
         ("tensor_split", C.c_float * MAX_DEVICES),

@@ -265,7 +265,8 @@ struct pie_model {
     struct ggml_context  *ctx_w;
     ggml_backend_buffer_t buf_repack; /* the CPU_REPACK weights (one of place.buf, not owned here), or NULL */
     int32_t n_repacked;               /* matrices stored there (loader.c)                        */
-    bool    head_q8;                  /* the head multiplies with head_q8.c's kernel (loader.c)  */
+    bool    q8_kernels;               /* q8_0 / q5_0 products on the CPU take matmul_q8.c's kernels
+                                         (params.q8_kernels and an AVX-512 VNNI CPU; loader.c)   */
     void   *map_addr;  /* mmap of the file when weights are used in place, else NULL          */
     size_t  map_size;
     int64_t n_params;
@@ -321,6 +322,8 @@ typedef struct {
                                        pie_select_outputs the sampled rows                     */
     struct ggml_tensor *hidden;     /* F32 [n_embd, n_outputs] result: after the output norm   */
     struct ggml_tensor *logits;     /* F32 [n_vocab, n_outputs] result, NULL without plan->head */
+    struct ggml_tensor *q8_input;   /* the last input pie_q8_matmul quantized, and its columns */
+    struct ggml_tensor *q8_columns;
 } pie_graph;
 
 /* One supported architecture: a row of the table in arch.c. */
@@ -448,9 +451,10 @@ struct ggml_tensor *pie_matmul_id(pie_graph *g, struct ggml_tensor *w, struct gg
 int32_t pie_kernel_switch_id(enum ggml_type type);
 void pie_graph_finish(pie_graph *g, struct ggml_tensor *x);
 
-/* head_q8.c: the q8_0 LM head on x86 CPUs with AVX-512 VNNI (used when the repack option is on) */
-bool pie_head_q8_supported(const struct ggml_tensor *w);
-struct ggml_tensor *pie_head_q8(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *x);
+/* matmul_q8.c: q8_0 and q5_0 products on x86 CPUs with AVX-512 VNNI (params.q8_kernels) */
+bool pie_q8_kernels_cpu(void);
+bool pie_q8_kernel_takes(const pie_model *m, const struct ggml_tensor *w, const struct ggml_tensor *x);
+struct ggml_tensor *pie_q8_matmul(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *x);
 
 /* models/moe.c: the feed-forward block (SwiGLU, or routed experts when the layer has a router);
  * x: [n_embd, n] after the FFN norm -> [n_embd, n] */

@@ -765,12 +765,10 @@ static int32_t place_weights(pie_model *m, const struct gguf_context *g, FILE *f
     if (st == PIE_OK) st = read_tensors(m, g, f, path, ts, dev, n);
     free(ts);
     free(dev);
-    /* a plain q8_0 head on the CPU multiplies with head_q8.c's kernel, with the repack option
-     * (the CPU's own layouts and kernels) */
-    m->head_q8 = st == PIE_OK && m->params.repack && pie_tensor_device(m, m->w.output) == cpu &&
-                 ggml_backend_dev_type(m->place.dev[cpu]) == GGML_BACKEND_DEVICE_TYPE_CPU &&
-                 (!m->buf_repack || m->w.output->buffer != m->buf_repack) && pie_head_q8_supported(m->w.output);
-    if (m->head_q8) pie_log(PIE_LOG_INFO, "output head: q8_0 with AVX-512 VNNI (head_q8.c)");
+    /* the q8_0 and q5_0 products the CPU runs take matmul_q8.c's kernels where it has AVX-512 VNNI */
+    m->q8_kernels = st == PIE_OK && m->params.q8_kernels &&
+                    ggml_backend_dev_type(m->place.dev[cpu]) == GGML_BACKEND_DEVICE_TYPE_CPU && pie_q8_kernels_cpu();
+    if (m->q8_kernels) pie_log(PIE_LOG_INFO, "q8_0 and q5_0 products: AVX-512 VNNI kernels (matmul_q8.c)");
     return st;
 }
 

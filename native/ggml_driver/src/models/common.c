@@ -130,6 +130,7 @@ int32_t pie_kernel_switch(enum ggml_type type, bool repacked) {
  *     alone), narrow spans in products of fewer columns than the switch (vec_dot, gemv), joined.
  */
 struct ggml_tensor *pie_matmul(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *x) {
+    if (pie_q8_kernel_takes(g->model, w, x)) return pie_q8_matmul(g, w, x); /* invariant by construction */
     struct ggml_context *ctx = g->ctx;
     const bool repacked = w->buffer && w->buffer == g->model->buf_repack;
     const int64_t k = pie_kernel_switch(w->type, repacked), n = x->ne[1];
@@ -382,7 +383,7 @@ void pie_graph_finish(pie_graph *g, struct ggml_tensor *x) {
     ggml_set_output(g->hidden);
     ggml_build_forward_expand(g->gf, g->hidden);
     if (!g->plan->head) return;
-    struct ggml_tensor *logits = m->head_q8 ? pie_head_q8(g, m->w.output, g->hidden) : pie_matmul(g, m->w.output, g->hidden);
+    struct ggml_tensor *logits = pie_matmul(g, m->w.output, g->hidden);
     if (m->hp.logit_scale != 1.0f) logits = ggml_scale(g->ctx, logits, 1.0f / m->hp.logit_scale);
     const float cap = m->hp.logit_softcap;
     if (cap > 0.0f) logits = ggml_scale(g->ctx, ggml_tanh(g->ctx, ggml_scale(g->ctx, logits, 1.0f / cap)), cap);

@@ -1,10 +1,11 @@
-"""The driver's q8_0 LM head (native/ggml_driver/src/head_q8.c).
+"""The driver's q8_0 and q5_0 products (native/ggml_driver/src/matmul_q8.c).
 
-With the repack option on, a q8_0 head on the CPU of an x86 machine with AVX-512 VNNI is multiplied
-by the driver's own kernel instead of ggml's. It quantizes the sampled hidden states to q8_0 the
-way ggml-cpu does and sums exact integer block dots, so its logits must equal that arithmetic done
-in float64 up to float rounding; and it computes every column alone, so a row's logits must not
-depend on the other rows of its batch. Elsewhere ggml's kernel runs, and both checks hold as well.
+With DriverParams.q8_kernels on (the default), on an x86 CPU with AVX-512 VNNI, the driver multiplies q8_0 and q5_0
+weights with its own kernels instead of ggml's. They quantize the columns to q8_0 the way ggml-cpu
+does and sum exact integer block dots, so the head's logits must equal that arithmetic done in
+float64 up to float rounding, and the whole model must stay within float-order distance of ggml's
+kernels (q8_kernels off); every column is computed alone, so a row's logits must not depend on the
+other rows of its batch. Elsewhere ggml's kernels run, and every check holds as well.
 """
 
 from __future__ import annotations
@@ -33,25 +34,31 @@ def vnni_cpu() -> bool:
 
 
 @pytest.fixture(scope="module", params=[
-    # an untied head, 3 blocks a row (the last 64-value piece half empty), 561 rows (a tail of 1)
-    dict(arch="llama", n_embd=96, head_dim=24),
-    # a head tied to the token embedding (the starter model's case), 2 blocks a row
-    dict(arch="gemma3", n_embd=64, tied=True),
-], ids=["llama-untied-96", "gemma3-tied-64"])
+    # q5_0 everywhere, an untied head, 3 blocks a row (the last 64-value piece half empty), 561
+    # rows (a tail of 1)
+    dict(arch="llama", quant="q5_0", n_embd=96, head_dim=24),
+    # q8_0 everywhere, a head tied to the token embedding (the starter model's head), 2 blocks a row
+    dict(arch="gemma3", quant="q8_0", n_embd=64, tied=True),
+], ids=["llama-q5_0-untied-96", "gemma3-q8_0-tied-64"])
 def q8_model(request, tmp_path_factory) -> Path:
     spec = dict(request.param)
-    return tiny_gguf(tmp_path_factory, spec.pop("arch"), quant="q8_0", **spec)
+    return tiny_gguf(tmp_path_factory, spec.pop("arch"), **spec)
 
 
 def head_weight(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The head's q8_0 blocks: scales [n_vocab, n_blocks] and values [n_vocab, n_blocks, 32]."""
+    """The head's blocks: scales [n_vocab, n_blocks] and integer values [n_vocab, n_blocks, 32]."""
+    from gguf.quants import dequantize
+
     tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
     t = tensors.get("output.weight", tensors["token_embd.weight"])
-    assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert t.tensor_type in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q5_0)
     n_embd, n_vocab = (int(x) for x in t.shape)
-    raw = np.frombuffer(t.data.tobytes(), dtype=np.uint8).reshape(n_vocab, n_embd // 32, 34)
+    raw = np.frombuffer(t.data.tobytes(), dtype=np.uint8).reshape(n_vocab, n_embd // 32, -1)
     scales = raw[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float64)
-    return scales, raw[:, :, 2:].view(np.int8).astype(np.float64)
+    # d * q is exact in float32 (|q| <= 127, d an fp16), so q comes back exactly
+    values = dequantize(t.data, t.tensor_type).reshape(n_vocab, n_embd // 32, 32).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return scales, np.rint(np.where(scales[..., None] != 0, values / scales[..., None], 0))
 
 
 def q8_logits(hidden: np.ndarray, scales: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -78,9 +85,9 @@ def forward_rows(drv: Driver, prompts: list[list[int]]) -> tuple[np.ndarray, np.
 def test_head_equals_q8_arithmetic(q8_model: Path, caplog) -> None:
     caplog.set_level(logging.INFO, logger="pie_local.driver")
     scales, values = head_weight(q8_model)
-    with Driver(q8_model, DriverParams(n_threads=2, page_size=PAGE, n_pages=64, repack=True)) as drv:
+    with Driver(q8_model, DriverParams(n_threads=2, page_size=PAGE, n_pages=64, q8_kernels=True)) as drv:
         logits, hidden = forward_rows(drv, [[1, 5, 9, 13, 17, 21, 25], [2, 4, 6], [3]])
-    assert ("output head: q8_0 with AVX-512 VNNI" in caplog.text) == vnni_cpu()
+    assert ("q8_0 and q5_0 products: AVX-512 VNNI kernels" in caplog.text) == vnni_cpu()
     want = q8_logits(hidden, scales, values)
     # Only the order of float additions differs (exact integer dots, the same scales): a few ulps
     # of the largest partial sums. Measured max 1.5e-5 on the starter model's logits up to ~73.
@@ -91,17 +98,23 @@ def test_head_equals_q8_arithmetic(q8_model: Path, caplog) -> None:
 def test_row_logits_do_not_depend_on_the_batch(q8_model: Path) -> None:
     prompt = [7, 3, 11]
     others = [[i + 20, i + 40] for i in range(6)]
-    with Driver(q8_model, DriverParams(n_threads=2, page_size=PAGE, n_pages=64, repack=True)) as drv:
+    with Driver(q8_model, DriverParams(n_threads=2, page_size=PAGE, n_pages=64, q8_kernels=True)) as drv:
         alone, _ = forward_rows(drv, [prompt])
         for n in (1, 2, 5):  # 3 + 2n sampled rows: column groups of every width the kernel takes
             mixed, _ = forward_rows(drv, others[:n] + [prompt])
             assert np.array_equal(mixed[-3:], alone), n
 
 
-def test_repack_off_keeps_ggml_head(q8_model: Path, caplog) -> None:
+def test_switched_off_keeps_ggml_kernels(q8_model: Path, caplog) -> None:
     caplog.set_level(logging.INFO, logger="pie_local.driver")
     scales, values = head_weight(q8_model)
-    with Driver(q8_model, DriverParams(n_threads=2, page_size=PAGE, n_pages=64, repack=False)) as drv:
-        logits, hidden = forward_rows(drv, [[1, 2, 3, 4]])
-    assert "output head: q8_0" not in caplog.text
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [10, 11]]
+    with Driver(q8_model, DriverParams(n_threads=2, page_size=PAGE, n_pages=64, q8_kernels=False)) as drv:
+        logits, hidden = forward_rows(drv, prompts)
+    assert "q8_0 and q5_0 products" not in caplog.text
     assert np.abs(logits - q8_logits(hidden, scales, values)).max() <= 1e-5 * max(1.0, float(np.abs(logits).max()))
+    # the whole model with the driver's kernels: every product differs from ggml's only in the
+    # order of its float sums, and two layers carry that forward (measured: 1.2e-7 of the largest logit)
+    with Driver(q8_model, DriverParams(n_threads=2, page_size=PAGE, n_pages=64, q8_kernels=True)) as drv:
+        own, _ = forward_rows(drv, prompts)
+    assert np.abs(own - logits).max() <= 1e-4 * max(1.0, float(np.abs(logits).max())), float(np.abs(own - logits).max())
