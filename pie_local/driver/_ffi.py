@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ctypes as C
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 MAX_DEVICES = 16  # PIE_MAX_DEVICES
 
 # pie_status
@@ -75,6 +75,7 @@ class ModelInfo(C.Structure):
         ("kv_bytes", C.c_int64),
         ("page_bytes", C.c_int64),
         ("n_repacked", C.c_int32),
+        ("embedding_only", C.c_int32),
     ]
 
 

@@ -215,6 +215,8 @@ class Scheduler:
             if budget <= 0:
                 break
             n = min(req.remaining, budget)
+            if req.whole and n < req.remaining:  # waits for a batch with room for all of it
+                continue
             kv_after = req.kv_before + req.done + n
             if chunks and kv_after > kv_budget:
                 continue
