@@ -317,3 +317,31 @@ async def test_v1_embeddings_through_the_openai_client(tmp_path: Path) -> None:
             await client.close()
     finally:
         engine.driver.close()
+
+
+async def test_whole_inputs_run_in_arrival_order() -> None:
+    """An embedding model's inputs are never split, and one that waits for room is not overtaken
+    by later ones (on FakeDriver, marked embedding-only): with 64 tokens a batch, inputs of 40, 40,
+    10 and 10 tokens go [40], [40, 10, 10]; filling the gap with the short ones would leave the
+    second long input behind them (and, under a stream of short inputs, starve it)."""
+    import dataclasses
+
+    from pie_local.driver.fake import FakeDriver
+    from runtime_helpers import fake_engine
+
+    driver = FakeDriver(DriverParams(page_size=4, n_pages=64, max_batch_tokens=64))
+    driver._info = dataclasses.replace(driver.info, embedding_only=True)  # a test double's own field
+    batches: list[list[int]] = []
+    forward = driver.forward
+
+    def record(batch):
+        batches.append(np.diff(batch.qo_indptr).tolist())
+        return forward(batch)
+
+    driver.forward = record  # type: ignore[method-assign]
+    engine = fake_engine(driver)
+    async with engine:
+        texts = ["a" * 39, "b" * 39, "c" * 9, "d" * 9]  # <bos> + one token per byte
+        got = await engine.embed_many(texts)
+        assert [e.n_tokens for e in got] == [40, 40, 10, 10]
+    assert batches == [[40], [40, 10, 10]]
