@@ -282,6 +282,16 @@ def test_a_missing_tensor_is_refused_by_name(tmp_path: Path, arch: str, drop: st
     assert err.value.status == "format"
 
 
+def test_token_types_of_another_type_are_refused(tmp_path: Path) -> None:
+    """llama.cpp's converter keeps token_types in f32 (its row is added to f32 rows); an f16 one
+    is refused by name instead of reaching a ggml abort."""
+    path = write_tiny_encoder(tmp_path / "f16-types.gguf", "bert",
+                              tensor_hook=lambda n, t: t.astype(np.float16) if n == "token_types.weight" else t)
+    with pytest.raises(DriverError, match="tensor 'token_types.weight' is f16; it must be f32") as err:
+        Driver(path, params())
+    assert err.value.status == "unsupported"
+
+
 # ---- the server ----------------------------------------------------------------------------------
 
 
