@@ -1,7 +1,8 @@
 """Embedding models (bert, nomic-bert, gemma-embedding) on tiny GGUFs against llama.cpp: the
 WordPiece tokenizer, per-token hidden states, pooled unit embeddings (llama.cpp's own pooling),
-batches equal to each input alone, bidirectional attention, and the refusals (generation, an
-input split over passes, a position past BERT's table, a missing tensor), each a clear error with
+batches equal to each input alone, bidirectional attention, inputs batched whole in arrival
+order, and the refusals (generation, an input split over passes or longer than one pass, a
+position past BERT's table, a missing tensor, an f16 token-type table), each a clear error with
 the driver alive afterwards; then /v1/embeddings through the official `openai` client.
 
 Tolerances: see HIDDEN_TOL and TOL below (measured, with the reason).
@@ -102,6 +103,8 @@ def test_wordpiece_tokenizer_is_llama_cpps(tmp_path: Path) -> None:
     vocab = wpm_vocab().tokens
     pieces = [vocab[t] for t in tok.encode("The Worlds!", add_special=True, parse_special=False)]
     assert pieces == ["[CLS]", "\u2581the", "\u2581world", "s", "\u2581!", "[SEP]"]
+    pieces = [vocab[t] for t in tok.encode("Café", add_special=True, parse_special=False)]
+    assert pieces == ["[CLS]", "\u2581c", "a", "f", "e", "[SEP]"]  # the accent stripped
     ids = tok.encode("日本", add_special=True, parse_special=False)
     assert ids[0] == 2 and ids[-1] == 3 and 1 in ids  # [CLS] ... [UNK] ... [SEP]
 
