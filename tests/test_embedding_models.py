@@ -285,6 +285,13 @@ def test_a_missing_tensor_is_refused_by_name(tmp_path: Path, arch: str, drop: st
     assert err.value.status == "format"
 
 
+def test_a_causal_bert_file_is_refused(tmp_path: Path) -> None:
+    path = write_tiny_encoder(tmp_path / "causal.gguf", "nomic-bert", causal=True)
+    with pytest.raises(DriverError, match="nomic-bert.attention.causal is true") as err:
+        Driver(path, params())
+    assert err.value.status == "unsupported"
+
+
 def test_token_types_of_another_type_are_refused(tmp_path: Path) -> None:
     """llama.cpp's converter keeps token_types in f32 (its row is added to f32 rows); an f16 one
     is refused by name instead of reaching a ggml abort."""

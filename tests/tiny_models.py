@@ -667,6 +667,7 @@ def write_tiny_encoder(
     pooling: str = "mean",
     quant: str = "f32",
     seed: int = 0,
+    causal: bool = False,
     tensor_hook: Callable[[str, np.ndarray], np.ndarray | None] | None = None,
     **overrides: object,
 ) -> Path:
@@ -674,7 +675,8 @@ def write_tiny_encoder(
     llama.cpp's converters write: attention.causal = false, pooling_type ("mean", "cls" or "last"),
     layer_norm_epsilon (bert, nomic-bert) or the sliding window (gemma-embedding); bert and
     nomic-bert get the WordPiece vocabulary, gemma-embedding the SentencePiece one. tensor_hook as
-    in write_tiny_gguf (None drops a tensor); overrides: fields of TinyEncoder."""
+    in write_tiny_gguf (None drops a tensor); causal=True writes attention.causal = true (a file
+    the driver refuses); overrides: fields of TinyEncoder."""
     if arch not in ENCODERS:
         raise ValueError(f"unknown tiny encoder {arch!r}; choose from {', '.join(ENCODERS)}")
     cfg = replace(ENCODER_DEFAULTS[arch], **overrides)  # type: ignore[arg-type]
@@ -690,7 +692,7 @@ def write_tiny_encoder(
     w.add_head_count_kv(cfg.n_head_kv)
     w.add_key_length(cfg.head_dim)
     w.add_value_length(cfg.head_dim)
-    w.add_causal_attention(False)
+    w.add_causal_attention(causal)
     w.add_pooling_type({"mean": gguf.PoolingType.MEAN, "cls": gguf.PoolingType.CLS,
                         "last": gguf.PoolingType.LAST}[pooling])
     if arch == "gemma-embedding":

@@ -19,6 +19,12 @@
 
 int32_t pie_bert_hparams(pie_hparams *hp, const struct gguf_context *g) {
     char key[160];
+    /* llama.cpp runs these families as the file says; their converters write false */
+    snprintf(key, sizeof(key), "%s.attention.causal", hp->arch->name);
+    const int64_t id = gguf_find_key(g, key);
+    if (id >= 0 && gguf_get_kv_type(g, id) == GGUF_TYPE_BOOL && gguf_get_val_bool(g, id))
+        return pie_set_error(PIE_ERR_UNSUPPORTED, "%s is true: %s runs with bidirectional attention only", key,
+                             hp->arch->name);
     snprintf(key, sizeof(key), "%s.attention.layer_norm_epsilon", hp->arch->name);
     if (gguf_find_key(g, key) < 0) return pie_set_error(PIE_ERR_FORMAT, "missing metadata key '%s'", key);
     return pie_gguf_positive(g, key, false, &hp->norm_eps);
