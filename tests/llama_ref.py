@@ -173,8 +173,11 @@ class LlamaRef:
         positions: Sequence[int],
         seq_ids: Sequence[int],
         output_rows: Iterable[int] = (),
+        logits: bool = True,
     ) -> np.ndarray:
-        """One llama_decode of up to n_batch tokens; returns float32 [len(output_rows), n_vocab]."""
+        """One llama_decode of up to n_batch tokens; returns float32 [len(output_rows), n_vocab]
+        (logits=False: the rows are output for hidden(), no logits are read: embedding models
+        have none; returns [len(output_rows), 0])."""
         n = len(tokens)
         if not 0 < n <= self.n_batch:
             raise ValueError(f"decode takes 1..{self.n_batch} tokens, got {n}")
@@ -191,8 +194,8 @@ class LlamaRef:
         status = llama_cpp.llama_decode(self.ctx, b)
         if status != 0:
             raise RuntimeError(f"llama_decode failed with status {status}")
-        out = np.empty((len(rows), self.n_vocab), dtype=np.float32)
-        for j, row in enumerate(rows):
+        out = np.empty((len(rows), self.n_vocab if logits else 0), dtype=np.float32)
+        for j, row in enumerate(rows if logits else ()):
             ptr = llama_cpp.llama_get_logits_ith(self.ctx, row)
             out[j] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
         return out

@@ -15,7 +15,7 @@ import pytest
 from driver_helpers import Req, allow_mask, build_batch, tiny_gguf
 from driver_rules import (BAD_BATCHES, DECODE, N_PAGES, NAN_TOKEN, PAGE, PARAMS, POISONED_ROW_ERROR, PROMPT,
                           poisoned_batch, with_batch)
-from tiny_models import (ARCHES, write_shape_mismatch, write_tiny_gguf, write_truncated, write_unknown_arch,
+from tiny_models import (ARCHES, ENCODERS, write_shape_mismatch, write_tiny_gguf, write_truncated, write_unknown_arch,
                          write_wrong_magic)
 
 from pie_local.driver import Driver, DriverError, DriverParams, supported_architectures
@@ -65,8 +65,9 @@ def test_unknown_architecture(tmp_path: Path) -> None:
 
 
 def test_every_supported_architecture_has_a_tiny_model() -> None:
-    # the tests cover each row of the driver's architecture table with a tiny model
-    assert supported_architectures() == ARCHES
+    # the tests cover each row of the driver's architecture table with a tiny model (decoders,
+    # then the embedding models of write_tiny_encoder)
+    assert supported_architectures() == ARCHES + ENCODERS
 
 
 def test_tensor_shape_mismatch(tmp_path: Path) -> None:

@@ -559,3 +559,174 @@ def write_unknown_arch(path: str | Path) -> Path:
 def write_shape_mismatch(path: str | Path, tensor: str = "blk.0.attn_q.weight") -> Path:
     """A llama model whose `tensor` has one output row too few for the metadata."""
     return write_tiny_gguf(path, "llama", tensor_hook=lambda name, t: t[:-1] if name == tensor else t)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding models: bidirectional encoders without an LM head
+# ---------------------------------------------------------------------------------------------
+
+ENCODERS = ("bert", "nomic-bert", "gemma-embedding")
+WPM_SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+WPM_SUFFIXES = ("s", "ing", "ed", "er", "ly")
+
+
+def wpm_vocab() -> TinyVocab:
+    """WordPiece as llama.cpp's BERT converter stores it (tokenizer.ggml.model "bert"): the special
+    tokens, then word-initial pieces with a leading '\u2581' (every word, letter, digit and punctuation
+    mark) and continuation pieces without it (letters, a few suffixes). [CLS] is BOS and [SEP] is
+    appended, as llama.cpp's WPM tokenizer does."""
+    T = gguf.TokenType
+    words = [*_WORDS, *(chr(c) for c in range(ord("a"), ord("z") + 1)), *"0123456789", *".,!?'-()"]
+    pieces = ["\u2581" + w for w in dict.fromkeys(words)]
+    pieces += dict.fromkeys([*(chr(c) for c in range(ord("a"), ord("z") + 1)), *WPM_SUFFIXES])
+    tokens = [*WPM_SPECIAL, *pieces]
+    types = [int(T.CONTROL)] * len(WPM_SPECIAL) + [int(T.NORMAL)] * len(pieces)
+    types[1] = int(T.UNKNOWN)
+    return TinyVocab("bert", tokens, types, bos=2, unk=1, add_bos=True)
+
+
+@dataclass
+class TinyEncoder:
+    n_embd: int = 64
+    n_layer: int = 2
+    n_head: int = 4
+    n_head_kv: int = 4  # gemma-embedding: 2 (grouped-query attention)
+    head_dim: int = 16
+    n_ff: int = 128
+    n_ctx: int = 64  # bert: rows of the position table
+    sliding_window: int = 0  # gemma-embedding: 6 (symmetric: 3 rows to each side)
+    dense: int = 0  # gemma-embedding: width of the dense_2 / dense_3 projections; 0 = none
+
+
+ENCODER_DEFAULTS = {
+    "bert": TinyEncoder(),
+    "nomic-bert": TinyEncoder(),
+    "gemma-embedding": TinyEncoder(n_head_kv=2, sliding_window=6, dense=96),
+}
+
+
+def _encoder_tensors(arch: str, cfg: TinyEncoder, n_vocab: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """float32 tensors in numpy order; LayerNorms with weight and bias (bert, nomic-bert), or the
+    gemma3 layout with RMS norms (gemma-embedding)."""
+
+    def mat(n_out: int, n_in: int) -> np.ndarray:
+        return (rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(np.float32)
+
+    def norm(n: int) -> np.ndarray:
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    def bias(n: int) -> np.ndarray:
+        return (0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    E, F, q_dim, kv_dim = cfg.n_embd, cfg.n_ff, cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
+    out: dict[str, np.ndarray] = {"token_embd.weight": mat(n_vocab, E)}
+    if arch == "gemma-embedding":
+        out["output_norm.weight"] = norm(E)
+        if cfg.dense:
+            out["dense_2.weight"] = mat(cfg.dense, E)
+            out["dense_3.weight"] = mat(E, cfg.dense)
+    else:
+        out["token_types.weight"] = (0.5 * rng.standard_normal((2, E))).astype(np.float32)
+        if arch == "bert":
+            out["position_embd.weight"] = (0.5 * rng.standard_normal((cfg.n_ctx, E))).astype(np.float32)
+        out["token_embd_norm.weight"], out["token_embd_norm.bias"] = norm(E), bias(E)
+    for i in range(cfg.n_layer):
+        p = f"blk.{i}."
+        if arch == "nomic-bert":
+            out[p + "attn_qkv.weight"] = mat(q_dim + 2 * kv_dim, E)
+        else:
+            out[p + "attn_q.weight"], out[p + "attn_k.weight"] = mat(q_dim, E), mat(kv_dim, E)
+            out[p + "attn_v.weight"] = mat(kv_dim, E)
+        out[p + "attn_output.weight"] = mat(E, q_dim)
+        if arch == "gemma-embedding":
+            out[p + "attn_norm.weight"] = norm(E)
+            out[p + "attn_q_norm.weight"], out[p + "attn_k_norm.weight"] = norm(cfg.head_dim), norm(cfg.head_dim)
+            out[p + "post_attention_norm.weight"], out[p + "ffn_norm.weight"] = norm(E), norm(E)
+            out[p + "post_ffw_norm.weight"] = norm(E)
+            out[p + "ffn_gate.weight"], out[p + "ffn_up.weight"] = mat(F, E), mat(F, E)
+            out[p + "ffn_down.weight"] = mat(E, F)
+            continue
+        if arch == "bert":
+            out[p + "attn_q.bias"], out[p + "attn_k.bias"] = bias(q_dim), bias(kv_dim)
+            out[p + "attn_v.bias"] = bias(kv_dim)
+            out[p + "attn_output.bias"] = bias(E)
+        out[p + "attn_output_norm.weight"], out[p + "attn_output_norm.bias"] = norm(E), bias(E)
+        if arch == "nomic-bert":
+            out[p + "ffn_gate.weight"] = mat(F, E)
+        out[p + "ffn_up.weight"], out[p + "ffn_down.weight"] = mat(F, E), mat(E, F)
+        if arch == "bert":
+            out[p + "ffn_up.bias"], out[p + "ffn_down.bias"] = bias(F), bias(E)
+        out[p + "layer_output_norm.weight"], out[p + "layer_output_norm.bias"] = norm(E), bias(E)
+    return out
+
+
+def write_tiny_encoder(
+    path: str | Path,
+    arch: str,
+    *,
+    pooling: str = "mean",
+    quant: str = "f32",
+    seed: int = 0,
+    causal: bool = False,
+    tensor_hook: Callable[[str, np.ndarray], np.ndarray | None] | None = None,
+    **overrides: object,
+) -> Path:
+    """Writes a tiny random embedding model of `arch` (one of ENCODERS) to `path`, with the keys
+    llama.cpp's converters write: attention.causal = false, pooling_type ("mean", "cls" or "last"),
+    layer_norm_epsilon (bert, nomic-bert) or the sliding window (gemma-embedding); bert and
+    nomic-bert get the WordPiece vocabulary, gemma-embedding the SentencePiece one. tensor_hook as
+    in write_tiny_gguf (None drops a tensor); causal=True writes attention.causal = true (a file
+    the driver refuses); overrides: fields of TinyEncoder."""
+    if arch not in ENCODERS:
+        raise ValueError(f"unknown tiny encoder {arch!r}; choose from {', '.join(ENCODERS)}")
+    cfg = replace(ENCODER_DEFAULTS[arch], **overrides)  # type: ignore[arg-type]
+    v = spm_vocab() if arch == "gemma-embedding" else wpm_vocab()
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"tiny-{arch}")
+    w.add_context_length(cfg.n_ctx)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_block_count(cfg.n_layer)
+    w.add_feed_forward_length(cfg.n_ff)
+    w.add_head_count(cfg.n_head)
+    w.add_head_count_kv(cfg.n_head_kv)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_causal_attention(causal)
+    w.add_pooling_type({"mean": gguf.PoolingType.MEAN, "cls": gguf.PoolingType.CLS,
+                        "last": gguf.PoolingType.LAST}[pooling])
+    if arch == "gemma-embedding":
+        w.add_rope_dimension_count(cfg.head_dim)
+        w.add_rope_freq_base(10000.0)
+        w.add_layer_norm_rms_eps(1e-6)
+        w.add_sliding_window(cfg.sliding_window)
+        w.add_uint32(f"{arch}.attention.sliding_window_pattern", 2)  # layer 0 slides, layer 1 is global
+        if cfg.dense:
+            for key, value in (("dense_2_feat_in", cfg.n_embd), ("dense_2_feat_out", cfg.dense),
+                               ("dense_3_feat_in", cfg.dense), ("dense_3_feat_out", cfg.n_embd)):
+                w.add_uint32(f"{arch}.{key}", value)
+    else:
+        w.add_layer_norm_eps(1e-12)
+        if arch == "nomic-bert":
+            w.add_rope_dimension_count(cfg.head_dim)
+            w.add_rope_freq_base(1000.0)
+        w.add_token_type_count(2)
+    w.add_file_type(int(gguf.LlamaFileType.ALL_F32) if quant == "f32" else int(gguf.LlamaFileType.MOSTLY_F16))
+    _write_vocab(w, v)
+    if v.model == "bert":
+        w.add_sep_token_id(3)
+        w.add_pad_token_id(0)
+        w.add_mask_token_id(4)
+    for tname, tensor in _encoder_tensors(arch, cfg, len(v.tokens), rng).items():
+        if tensor_hook is not None:
+            tensor = tensor_hook(tname, tensor)
+            if tensor is None:
+                continue
+        keep_f32 = tname in ("token_types.weight", "position_embd.weight")  # as llama.cpp's converter keeps them
+        data, qtype = _encode(tensor, Q.F32 if keep_f32 else QUANTS[quant])
+        w.add_tensor(tname, data, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)

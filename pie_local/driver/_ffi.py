@@ -76,6 +76,7 @@ class ModelInfo(C.Structure):
         ("kv_bytes", C.c_int64),
         ("page_bytes", C.c_int64),
         ("n_repacked", C.c_int32),
+        ("embedding_only", C.c_int32),
     ]
 
 

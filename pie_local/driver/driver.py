@@ -122,6 +122,7 @@ class Driver:
             kv_bytes=raw.kv_bytes,
             page_bytes=raw.page_bytes,
             n_repacked=raw.n_repacked,
+            embedding_only=bool(raw.embedding_only),
         )
 
     # -- lifecycle ------------------------------------------------------------------------------

@@ -67,6 +67,9 @@ class ModelInfo:
     kv_bytes: int
     page_bytes: int
     n_repacked: int = 0  # weights stored for ggml's CPU_REPACK kernels (0: repack off)
+    # an embedding model (bert, nomic-bert, gemma-embedding): bidirectional attention, no LM head;
+    # each input is computed whole in one pass, for hidden states only
+    embedding_only: bool = False
 
 
 @dataclass(frozen=True)

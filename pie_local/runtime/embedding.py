@@ -5,15 +5,22 @@
         print(len(e.vector), e.n_tokens)
         vectors = [x.vector for x in await engine.embed_many(["one", "two"], pooling="last")]
 
-Pooling is done here, as llama.cpp does it for decoder embedding models, over the hidden states
-the driver returns (after the output norm, llama.cpp's ``t_embd``):
+Two kinds of model embed:
+  decoders (any supported LLM, Qwen3-Embedding): causal attention, as for generation; the hidden
+    states are taken after the output norm (llama.cpp's ``t_embd``);
+  embedding models (``bert``: bge, all-MiniLM, mxbai-embed; ``nomic-bert``: nomic-embed-text;
+    ``gemma-embedding``: EmbeddingGemma): bidirectional attention and no LM head
+    (``ModelInfo.embedding_only``); each input is computed whole in one pass (at most
+    max_batch_tokens tokens), and the hidden states are what llama.cpp pools: the last layer's
+    output for the BERT families, after the output norm and the file's dense projections for
+    EmbeddingGemma. Such a model cannot generate: that is refused with a clear error.
+Pooling is done here, as llama.cpp does it, over the hidden states the driver returns:
   mean: the average over every token of the input;
   cls:  the first token's state;
   last: the last token's state (Qwen3-Embedding and other causal embedders).
 The default is what the file asks for (``<arch>.pooling_type``), else mean. Then, unless
 ``normalize=False``, the vector is scaled to unit Euclidean length (what OpenAI's embeddings are,
-and llama.cpp's ``embd_normalize`` default). Attention is causal, as for generation: models that
-embed with bidirectional attention (llama.cpp's ``gemma-embedding``) are not supported.
+and llama.cpp's ``embd_normalize`` default).
 
 Each input runs in a context of its own: many inputs are computed in the same batches, only the
 rows the pooling reads come back from the driver, and a batch of embeddings alone skips the LM head
@@ -137,6 +144,7 @@ async def embed(new_context: Callable[[], Context], tokenizer: object, n_vocab: 
             contexts.append(new_context())
         for ctx, item in zip(contexts, ids):
             ctx.sequence.check_positions(len(item) - 1)  # too long for the model: refused, never cut
+            ctx.sequence.check_one_pass(len(item))
         results = await asyncio.gather(*(embed_one(c, i, pooling, normalize) for c, i in zip(contexts, ids)),
                                        return_exceptions=True)
     finally:

@@ -118,6 +118,12 @@ class Engine:
             from pie_local.models.tokenizer import Tokenizer
 
             self._tokenizer = Tokenizer.from_gguf(self.model_path)
+        if self._chat_template is None and self._driver.info.embedding_only and not self._template_override:
+            from pie_local.models.chat_template import ChatTemplate
+
+            # an embedding model cannot generate (refused before any pass), so it needs no real
+            # template; a built-in one keeps the engine's surface (rendering, the TUI) working
+            self._chat_template = ChatTemplate.builtin("chatml")
         if self._chat_template is None:
             from pie_local.models.chat_template import ChatTemplate
 

@@ -78,6 +78,7 @@ class ForwardRequest:
     want_logits: bool = False
     want_hidden: bool = False  # the output rows' final hidden states (embeddings)
     hidden_only: bool = False  # its rows are only read for hidden states: a batch of such rows skips the LM head
+    whole: bool = False  # computed in one batch, never split into chunks (an embedding model's bidirectional pass)
     copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) before the first chunk
     owner: Any = None  # the inferlet (None for a context the caller owns)
     context: Any = None  # the context it belongs to (the scheduler waits for it to queue its next step)

@@ -207,14 +207,17 @@ class Scheduler:
 
     def _compose(self) -> list[_Chunk]:
         """Pick this step's requests: decode-sized ones first, then prefill chunks."""
-        small = [r for r in self._queue if r.remaining <= DECODE_TOKENS]
-        large = [r for r in self._queue if r.remaining > DECODE_TOKENS]
+        small = [r for r in self._queue if r.remaining <= DECODE_TOKENS and not r.whole]
+        large = [r for r in self._queue if r.remaining > DECODE_TOKENS and not r.whole]
+        whole = [r for r in self._queue if r.whole]  # an embedding model's inputs, in arrival order
         budget, kv_budget = self.max_batch_tokens, self.max_batch_kv
         chunks: list[_Chunk] = []
-        for req in small + large:
+        for req in small + whole + large:
             if budget <= 0:
                 break
             n = min(req.remaining, budget)
+            if req.whole and n < req.remaining:  # waits for the next batch, and no later input takes
+                break                            # the room it waits for (it would starve)
             kv_after = req.kv_before + req.done + n
             if chunks and kv_after > kv_budget:
                 continue

@@ -8,7 +8,9 @@ computed: the next pass computes them first). Full pages may be shared with othe
 
 A sequence is *canonical* while its tokens sit at their natural positions under plain causal
 attention: only then do its full pages have content addresses (a chain hash of the tokens), so
-that identical prefixes are computed once and shared.
+that identical prefixes are computed once and shared. An embedding model's sequence never is: its
+attention is bidirectional, so a page's KV depends on every token of the input, and the input is
+computed whole in one pass (check_one_pass).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class Sequence:
         self.pending_positions: list[int] = []
         self.pages: list[Page] = []
         self.hashes: list[bytes] = []  # content address of each full page while canonical
-        self.canonical = True
+        self.canonical = not engine.info.embedding_only
         self.adopted_tokens = 0  # tokens taken from the prefix cache instead of computed, in all
         n_ctx = engine.info.n_ctx_train
         # the last position the model was trained for; None: the program keeps attention in range
@@ -72,6 +74,20 @@ class Sequence:
         if self.pending_positions:
             return self.pending_positions[-1] + 1
         return self.positions[-1] + 1 if self.positions else 0
+
+    def check_one_pass(self, n_tokens: int) -> None:
+        """An embedding model computes an input whole, in one pass of at most max_batch_tokens, on an
+        empty sequence (no-op for other models)."""
+        info = self.engine.info
+        if not info.embedding_only:
+            return
+        if self.committed:
+            raise ValueError(f"{info.arch} is an embedding model: its attention is bidirectional, so an input is "
+                             "computed whole in one pass and cannot be extended")
+        if n_tokens > info.max_batch_tokens:
+            raise ValueError(f"the input has {n_tokens} tokens; an embedding model computes an input in one pass of "
+                             f"at most max_batch_tokens ({info.max_batch_tokens}): shorten it or load the model "
+                             "with a larger max_batch_tokens")
 
     def check_alive(self) -> None:
         if self.released:
@@ -185,6 +201,9 @@ class Sequence:
         if self._inflight is not None:
             raise ContextBusyError("this context already has a forward pass running; await it first")
         n_vocab = self.engine.info.n_vocab
+        if self.engine.info.embedding_only and not hidden_only:
+            raise ValueError(f"{self.engine.info.arch} is an embedding model: it has no LM head, so it cannot "
+                             "generate or score text; use its embeddings (embed, /v1/embeddings)")
         n_pend = len(self.pending)
         todo = self.pending + [int(t) for t in tokens]
         todo_pos = self.pending_positions + (positions if positions is not None else
@@ -204,6 +223,7 @@ class Sequence:
         if any(p < 0 for p in todo_pos):
             raise ValueError("positions must be >= 0")
         self.check_positions(max(todo_pos))
+        self.check_one_pass(len(todo))
         natural = todo_masks is None and todo_pos == list(range(kv0, kv0 + len(todo)))
         self._inflight = _RESERVED  # busy while we may wait for shared pages
         try:
@@ -226,6 +246,7 @@ class Sequence:
             req = self._plan(todo, todo_pos, todo_masks, n_pend, natural, rows, samplers,
                              logit_masks, top_k, want_logits)
             req.want_hidden, req.hidden_only = want_hidden or hidden_only, hidden_only
+            req.whole = self.engine.info.embedding_only
             self._inflight = req
             fut = self.engine.submit(req)
             try:

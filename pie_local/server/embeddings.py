@@ -48,6 +48,8 @@ async def embed_request(engine: Any, req: EmbeddingRequest, model_name: str) -> 
         except (TypeError, ValueError) as exc:
             raise invalid(where(i), str(exc)) from None
     limit = context_limit(engine)
+    if info.embedding_only:  # an input is computed whole, in one pass
+        limit = min(limit, info.max_batch_tokens)
     for i, tokens in enumerate(ids):
         if len(tokens) > limit:
             raise APIError(400, f"{where(i)}: {len(tokens)} tokens; this model's context is {limit} tokens. "

@@ -126,6 +126,9 @@ class Job:
         self.constraint = constraint
         self._prompts: list[_Prompt] = []
         self.promised = 0  # KV pages this request may still take (see _admitted)
+        if engine.info.embedding_only:
+            raise invalid("model", f"this model ({engine.info.arch}) is an embedding model: it has no LM head and "
+                                   "cannot generate text; use /v1/embeddings", "unsupported_model")
         limit = context_limit(engine)
         try:
             for p in prompts:

@@ -149,6 +149,9 @@ typedef struct {
     int64_t kv_bytes;          /* all pages, all layers, K and V                                */
     int64_t page_bytes;        /* bytes of one page as read by pie_read_pages                  */
     int32_t n_repacked;        /* weights stored for ggml's CPU_REPACK kernels (0: repack off)  */
+    int32_t embedding_only;    /* 1: an embedding model (bert, nomic-bert, gemma-embedding):
+                                  bidirectional attention, no LM head; each request brings its
+                                  whole input in one pass and asks for hidden states only      */
 } pie_model_info;
 
 PIE_API int32_t pie_model_get_info(const pie_model *model, pie_model_info *out_info);

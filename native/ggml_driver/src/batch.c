@@ -175,6 +175,29 @@ static int32_t check_outputs(const pie_model *m, const pie_batch *b) {
     return PIE_OK;
 }
 
+/* An embedding model (PIE_NON_CAUSAL): each request's whole input in this one pass (bidirectional
+ * attention: earlier KV would not have seen these tokens), hidden states only (no LM head), and
+ * positions inside its position table. */
+static int32_t check_encoder(const pie_model *m, const pie_batch *b) {
+    const pie_hparams *hp = &m->hp;
+    for (int32_t t = 0; hp->n_pos > 0 && t < b->n_tokens; t++)
+        if (b->positions[t] >= hp->n_pos)
+            return BAD("token %d: position %d is past the model's %d position embeddings", t, b->positions[t], hp->n_pos);
+    if (!(hp->arch->needs & PIE_NON_CAUSAL)) return PIE_OK;
+    if (b->n_outputs > 0 && !(b->return_flags & PIE_RETURN_HIDDEN_ONLY))
+        return pie_set_error(PIE_ERR_UNSUPPORTED, "%s is an embedding model: it has no LM head, so it cannot sample or "
+                             "score tokens; only hidden states can be computed (PIE_RETURN_HIDDEN_ONLY)", hp->arch->name);
+    const int32_t ps = m->kv.page_size;
+    for (int32_t r = 0; r < b->n_requests; r++) {
+        const int64_t kv_len = (int64_t)(b->kv_page_indptr[r + 1] - b->kv_page_indptr[r] - 1) * ps + b->kv_last_page_len[r];
+        const int32_t n_new = b->qo_indptr[r + 1] - b->qo_indptr[r];
+        if (kv_len != n_new)
+            return BAD("request %d: %s attends both ways, so a request brings its whole input in one pass (KV length "
+                       "%lld, %d new tokens)", r, hp->arch->name, (long long)kv_len, n_new);
+    }
+    return PIE_OK;
+}
+
 static int32_t validate(pie_model *m, const pie_batch *b) {
     if (!b) return BAD("batch is NULL");
     if (b->n_tokens < 1) return BAD("batch has no tokens");
@@ -187,7 +210,9 @@ static int32_t validate(pie_model *m, const pie_batch *b) {
         if (b->positions[t] < 0) return BAD("token %d: negative position %d", t, b->positions[t]);
     }
     int32_t st;
-    if ((st = check_requests(m, b)) || (st = check_masks(b)) || (st = check_outputs(m, b))) return st;
+    if ((st = check_requests(m, b)) || (st = check_masks(b)) || (st = check_outputs(m, b)) ||
+        (st = check_encoder(m, b)))
+        return st;
     return PIE_OK;
 }
 
@@ -205,10 +230,11 @@ static bool any_visible(const ggml_fp16_t *row, int64_t kv_len) {
 
 /* Fills token t's mask row over its request's KV (kv_len entries); `own` is the token's own
  * KV index. Checks the BRLE runs, and that they leave the token something to attend to (without
- * custom runs it always sees itself). */
-static int32_t fill_mask_row(ggml_fp16_t *row, ggml_fp16_t *row_swa, int64_t kv_len, int64_t own,
+ * custom runs it always sees itself). A bidirectional model (PIE_NON_CAUSAL) sees later rows too,
+ * and its sliding window reaches window / 2 rows to each side (llama.cpp's symmetric window). */
+static int32_t fill_mask_row(ggml_fp16_t *row, ggml_fp16_t *row_swa, int64_t kv_len, int64_t own, bool causal,
                              const int32_t *runs, int32_t n_runs, int32_t window, int32_t t, bool *swa_hides) {
-    for (int64_t j = 0; j < kv_len; j++) row[j] = j <= own ? F16_ZERO : F16_NEG_INF; /* causal */
+    for (int64_t j = 0; j < kv_len; j++) row[j] = j <= own || !causal ? F16_ZERO : F16_NEG_INF;
     if (n_runs > 0) {
         int64_t j = 0;
         for (int32_t k = 0; k < n_runs; k++) {
@@ -224,7 +250,12 @@ static int32_t fill_mask_row(ggml_fp16_t *row, ggml_fp16_t *row_swa, int64_t kv_
     }
     if (row_swa) {
         memcpy(row_swa, row, sizeof(ggml_fp16_t) * (size_t)kv_len);
-        for (int64_t j = 0; j <= own - window; j++) {
+        const int64_t before = causal ? own - window + 1 : own - window / 2; /* rows < before are out */
+        for (int64_t j = 0; j < before && j < kv_len; j++) {
+            if (row_swa[j] != F16_NEG_INF) *swa_hides = true;
+            row_swa[j] = F16_NEG_INF;
+        }
+        for (int64_t j = own + window / 2 + 1; !causal && j < kv_len; j++) {
             if (row_swa[j] != F16_NEG_INF) *swa_hides = true;
             row_swa[j] = F16_NEG_INF;
         }
@@ -311,7 +342,7 @@ int32_t pie_plan_build(pie_model *m, const pie_batch *b) {
 
     const int32_t ps = m->kv.page_size, nt = b->n_tokens, nr = b->n_requests;
     const int32_t n_out = b->n_outputs > 0 ? b->n_outputs : 1;
-    const bool swa = m->hp.sliding_window > 0;
+    const bool swa = m->hp.sliding_window > 0, causal = !(m->hp.arch->needs & PIE_NON_CAUSAL);
     if (!grow((void **)&p->reqs, &p->cap_reqs, (size_t)nr, sizeof(pie_plan_req)) ||
         !grow((void **)&p->write_rows, &p->cap_tokens, (size_t)nt, sizeof(int64_t)) ||
         !grow((void **)&p->out_rows, &p->cap_out, (size_t)n_out, sizeof(int32_t)))
@@ -378,7 +409,7 @@ int32_t pie_plan_build(pie_model *m, const pie_batch *b) {
                 n_runs = b->mask_indptr[t + 1] - b->mask_indptr[t];
             }
             const int64_t off = q->mask_off + (int64_t)i * q->n_kv;
-            st = fill_mask_row(p->mask + off, swa ? p->mask_swa + off : NULL, q->n_kv, own, runs, n_runs,
+            st = fill_mask_row(p->mask + off, swa ? p->mask_swa + off : NULL, q->n_kv, own, causal, runs, n_runs,
                                m->hp.sliding_window, t, &p->any_swa_mask);
             if (st != PIE_OK) return st;
         }

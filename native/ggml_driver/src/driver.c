@@ -122,8 +122,10 @@ static int32_t build_graph(pie_model *m, pie_graph *g);
  * memory is committed only as it is touched, so the reserve costs address space, not RAM. */
 static int32_t reserve_worst_case(pie_model *m) {
     const pie_model_params *p = &m->params;
-    const int32_t kv = p->max_batch_kv < p->page_size * p->n_pages ? p->max_batch_kv : p->page_size * p->n_pages;
+    const bool encoder = m->hp.arch->needs & PIE_NON_CAUSAL; /* hidden states of one whole input */
+    int32_t kv = p->max_batch_kv < p->page_size * p->n_pages ? p->max_batch_kv : p->page_size * p->n_pages;
     const int32_t nq = p->max_batch_tokens < kv ? p->max_batch_tokens : kv;
+    if (encoder) kv = nq;
     const int32_t n_pages = (kv + p->page_size - 1) / p->page_size;
     int32_t *ints = calloc((size_t)(4 * nq + n_pages + 6), sizeof(int32_t));
     pie_sampler *samplers = calloc((size_t)nq, sizeof(pie_sampler));
@@ -131,7 +133,7 @@ static int32_t reserve_worst_case(pie_model *m) {
     if (st == PIE_OK) {
         int32_t *tokens = ints, *positions = tokens + nq, *rows = positions + nq, *out = rows + nq, *pages = out + nq;
         int32_t *misc = pages + n_pages;
-        for (int32_t i = 0; i < nq; i++) { positions[i] = kv - nq + i; rows[i] = i; }
+        for (int32_t i = 0; i < nq; i++) { positions[i] = m->hp.n_pos > 0 ? i % m->hp.n_pos : kv - nq + i; rows[i] = i; }
         for (int32_t i = 0; i < n_pages; i++) pages[i] = i;
         for (int32_t i = 0; i < nq; i++) samplers[i].top_p = 1.0f; /* greedy */
         int32_t *qo = misc, *kv_ptr = misc + 2, *last = misc + 4;
@@ -141,6 +143,10 @@ static int32_t reserve_worst_case(pie_model *m) {
         pie_batch b = { .n_tokens = nq, .tokens = tokens, .positions = positions, .n_requests = 1, .qo_indptr = qo,
                         .kv_page_indices = pages, .kv_page_indptr = kv_ptr, .kv_last_page_len = last,
                         .n_outputs = nq, .output_rows = rows, .samplers = samplers, .out_tokens = out };
+        if (encoder) { /* out_hidden is never written: the graph is only reserved */
+            b.return_flags = PIE_RETURN_HIDDEN | PIE_RETURN_HIDDEN_ONLY;
+            b.out_hidden = (float *)ints;
+        }
         pie_graph g;
         if ((st = pie_plan_build(m, &b)) == PIE_OK && (st = build_graph(m, &g)) == PIE_OK) {
             if (!ggml_backend_sched_reserve(m->sched, g.gf)) {
@@ -300,6 +306,7 @@ int32_t pie_model_get_info(const pie_model *m, pie_model_info *out) {
     out->kv_bytes = m->kv.total_bytes;
     out->page_bytes = (int64_t)m->kv.page_bytes;
     out->n_repacked = m->n_repacked;
+    out->embedding_only = (hp->arch->needs & PIE_NON_CAUSAL) != 0;
     return PIE_OK;
 }
 

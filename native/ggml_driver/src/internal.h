@@ -74,6 +74,10 @@ typedef struct {
     int32_t n_expert_used;   /* experts each token is routed to (top-k)                        */
     int32_t n_ff_exp;        /* hidden width of one expert                                     */
     int32_t n_ff_shexp;      /* hidden width of the shared expert (qwen2moe)                   */
+    /* encoders (models/bert.c) */
+    float   norm_eps;        /* LayerNorm epsilon (attention.layer_norm_epsilon)               */
+    int32_t n_pos;           /* rows of the position embeddings: positions must stay below it; 0 =
+                                no table, any position                                          */
 } pie_hparams;
 
 /* ------------------------------------------------------------------------------------------ */
@@ -95,6 +99,8 @@ typedef struct {
      * [n_embd, n_expert]); attention sinks [n_head] */
     struct ggml_tensor *ffn_gate_inp_b, *ffn_gate_exps_b, *ffn_up_exps_b, *ffn_down_exps_b;
     struct ggml_tensor *attn_sinks;
+    /* BERT-style post-norms (LayerNorm with bias) after the attention and FFN residual adds */
+    struct ggml_tensor *attn_out_norm, *attn_out_norm_b, *layer_out_norm, *layer_out_norm_b;
 } pie_layer;
 
 typedef struct {
@@ -104,6 +110,13 @@ typedef struct {
     struct ggml_tensor *rope_freqs;  /* [n_rot/2] or NULL: frequency factors (llama 3.1 style, or
                                         LongRoPE's long or short set, chosen at load)          */
     pie_layer layers[PIE_MAX_LAYERS];
+    /* encoders (models/bert.c); NULL elsewhere */
+    struct ggml_tensor *pos_embd;    /* [n_embd, n_pos] absolute position embeddings (bert)    */
+    struct ggml_tensor *type_embd;   /* [n_embd, n_types] token types; row 0 is added          */
+    struct ggml_tensor *embd_norm, *embd_norm_b; /* [n_embd] LayerNorm of the input embedding  */
+    /* sentence-transformers dense projections after the output norm (gemma-embedding), NULL =
+       none: dense_2 [n_embd, d], dense_3 [d, n_embd] */
+    struct ggml_tensor *dense_2, *dense_3;
 } pie_weights;
 
 /* ------------------------------------------------------------------------------------------ */
@@ -334,6 +347,8 @@ struct pie_arch {
     /* reads arch-specific keys and sets defaults the common loader does not know; may be NULL */
     int32_t (*load_hparams)(pie_hparams *hp, const struct gguf_context *gguf);
     void (*build)(pie_graph *g); /* builds hidden and logits into g                          */
+    /* binds the layers' tensors in place of the decoder layout (encoders); may be NULL */
+    int32_t (*bind)(struct ggml_context *meta, pie_hparams *hp, pie_weights *w);
 };
 
 enum {
@@ -355,6 +370,10 @@ enum {
     PIE_NEED_OAI_MOE       = 1 << 14, /* gpt-oss: attention sinks, the post-attention norm as the
                                          FFN norm, biased router and experts, softmax over the
                                          chosen experts, swiglu_oai                             */
+    /* an embedding model: attention sees the whole request both ways (a sliding window reaches
+     * half its width to each side), so a request brings its whole input in one pass; no LM head,
+     * so a pass only returns hidden states (PIE_RETURN_HIDDEN_ONLY) */
+    PIE_NON_CAUSAL         = 1 << 15,
 };
 
 /* arch.c: the row named `name`, or NULL; the names as "llama, qwen2, ..." (for messages) */
@@ -376,6 +395,11 @@ int32_t pie_qwen_moe_hparams(pie_hparams *hp, const struct gguf_context *gguf);
 void    pie_build_olmoe(pie_graph *g);
 int32_t pie_gpt_oss_hparams(pie_hparams *hp, const struct gguf_context *gguf);
 void    pie_build_gpt_oss(pie_graph *g);
+int32_t pie_gemma_embedding_hparams(pie_hparams *hp, const struct gguf_context *gguf);
+int32_t pie_bert_hparams(pie_hparams *hp, const struct gguf_context *gguf);
+/* binds the tensors of an encoder (bert, nomic-bert) in place of the decoder layout */
+int32_t pie_bert_bind(struct ggml_context *meta, pie_hparams *hp, pie_weights *w);
+void    pie_build_bert(pie_graph *g); /* bert, nomic-bert */
 
 /* ------------------------------------------------------------------------------------------ */
 /* Internal API between the driver's files                                                    */
@@ -398,6 +422,11 @@ int32_t pie_gguf_int_opt(const struct gguf_context *gguf, const char *key, int64
  * of per-layer booleans, or n: every n-th layer global, default_pattern when absent), as
  * llama.cpp's load_swa_pattern reads them; no window or a window of 0 leaves every layer global. */
 int32_t pie_load_swa(pie_hparams *hp, const struct gguf_context *gguf, int64_t default_window, int64_t default_pattern);
+/* Binds tensor `name` of meta with shape [ne0, ne1] (ne1 <= 0: a vector [ne0], which must be
+ * f32); *out NULL when absent and not required; PIE_ERR_FORMAT naming it when missing or
+ * misshapen. */
+int32_t pie_bind_tensor(struct ggml_context *meta, const char *name, int64_t ne0, int64_t ne1, bool required,
+                        struct ggml_tensor **out);
 int32_t pie_load_weights(pie_model *model, const char *path, bool plan_only);
 void    pie_free_weights(pie_model *model);
 

@@ -294,6 +294,11 @@ static int32_t bind(struct ggml_context *meta, const char *name, int64_t ne0, in
     return PIE_OK;
 }
 
+int32_t pie_bind_tensor(struct ggml_context *meta, const char *name, int64_t ne0, int64_t ne1, bool required,
+                        struct ggml_tensor **out) {
+    return bind(meta, name, ne0, ne1, required, out);
+}
+
 /* A 3-D tensor of per-expert matrices [ne0, ne1, ne2]. */
 static int32_t bind3(struct ggml_context *meta, const char *name, int64_t ne0, int64_t ne1, int64_t ne2,
                      struct ggml_tensor **out) {
@@ -436,17 +441,37 @@ static int32_t bind_rope_factors(struct ggml_context *meta, const pie_hparams *h
     return PIE_OK;
 }
 
+/* An embedding model's optional sentence-transformers projections after the output norm
+ * (llama.cpp's dense_2, dense_3): [n_embd] -> [d] -> [n_embd], both or neither. */
+static int32_t bind_dense(struct ggml_context *meta, const pie_hparams *hp, pie_weights *w) {
+    w->dense_2 = ggml_get_tensor(meta, "dense_2.weight");
+    w->dense_3 = ggml_get_tensor(meta, "dense_3.weight");
+    if (!w->dense_2 && !w->dense_3) return PIE_OK;
+    if (!w->dense_2 || !w->dense_3)
+        return pie_set_error(PIE_ERR_FORMAT, "tensor '%s' is missing (the dense projections come in pairs)",
+                             w->dense_2 ? "dense_3.weight" : "dense_2.weight");
+    const int64_t d = w->dense_2->ne[1];
+    int32_t st;
+    if ((st = bind(meta, "dense_2.weight", hp->n_embd, d, true, &w->dense_2)) ||
+        (st = bind(meta, "dense_3.weight", d, hp->n_embd, true, &w->dense_3)))
+        return st;
+    return PIE_OK;
+}
+
 static int32_t bind_weights(struct ggml_context *meta, pie_hparams *hp, pie_weights *w, int64_t n_ctx_seq) {
     w->tok_embd = ggml_get_tensor(meta, "token_embd.weight");
     if (!w->tok_embd) return pie_set_error(PIE_ERR_FORMAT, "tensor 'token_embd.weight' is missing");
     hp->n_vocab = (int32_t)w->tok_embd->ne[1];
     int32_t st;
-    if ((st = bind(meta, "token_embd.weight", hp->n_embd, hp->n_vocab, true, &w->tok_embd)) ||
-        (st = bind(meta, "output_norm.weight", hp->n_embd, 0, true, &w->output_norm)) ||
-        (st = bind(meta, "output.weight", hp->n_embd, hp->n_vocab, false, &w->output)) ||
+    if ((st = bind(meta, "token_embd.weight", hp->n_embd, hp->n_vocab, true, &w->tok_embd)) != PIE_OK) return st;
+    if (hp->arch->bind) return hp->arch->bind(meta, hp, w);
+    const bool head = !(hp->arch->needs & PIE_NON_CAUSAL); /* an embedding model has none */
+    if ((st = bind(meta, "output_norm.weight", hp->n_embd, 0, true, &w->output_norm)) ||
+        (head && (st = bind(meta, "output.weight", hp->n_embd, hp->n_vocab, false, &w->output))) ||
+        (!head && (st = bind_dense(meta, hp, w))) ||
         (st = bind_rope_factors(meta, hp, w, n_ctx_seq)))
         return st;
-    if (!w->output) w->output = w->tok_embd; /* tied embeddings */
+    if (head && !w->output) w->output = w->tok_embd; /* tied embeddings */
     for (int il = 0; il < hp->n_layer; il++)
         if ((st = bind_layer(meta, hp, il, &w->layers[il])) != PIE_OK) return st;
     return PIE_OK;
@@ -525,7 +550,9 @@ static int32_t check_matrices(pie_model *m) {
     m->pad_width = 0;
     m->split_cols = 0;
     int32_t st;
-    if ((st = check_matrix(m, w->tok_embd)) || (st = check_matrix(m, w->output))) return st;
+    if ((st = check_matrix(m, w->tok_embd)) || (w->output && (st = check_matrix(m, w->output))) ||
+        (w->dense_2 && ((st = check_matrix(m, w->dense_2)) || (st = check_matrix(m, w->dense_3)))))
+        return st;
     for (int il = 0; il < m->hp.n_layer; il++) {
         const pie_layer *L = &w->layers[il];
         const struct ggml_tensor *mats[] = { L->wqkv, L->wq, L->wk, L->wv, L->wo, L->ffn_gate, L->ffn_up, L->ffn_down,

@@ -374,15 +374,21 @@ struct ggml_tensor *pie_select_outputs(pie_graph *g, struct ggml_tensor *x) {
     return ggml_get_rows(g->ctx, x, g->out_rows);
 }
 
-/* x: [n_embd, n_outputs] -> hidden (after the output norm) and logits [n_vocab, n_outputs],
- * divided by the logit scale (Granite), then soft-capped (Gemma). A batch that samples nothing (a prefill chunk) stops at the hidden state: the LM head is the
+/* x: [n_embd, n_outputs] -> hidden (after the output norm, and an embedding model's dense
+ * projections: they are linear, so projecting each row then pooling equals llama.cpp's pooling
+ * then projecting) and logits [n_vocab, n_outputs], divided by the logit scale (Granite), then
+ * soft-capped (Gemma). A batch that samples nothing (a prefill chunk) stops at the hidden state: the LM head is the
  * largest matrix of a small model. */
 void pie_graph_finish(pie_graph *g, struct ggml_tensor *x) {
     const pie_model *m = g->model;
     g->hidden = pie_name(pie_norm(g, x, m->w.output_norm), "result_norm", -1);
+    if (m->w.dense_2) { /* an embedding model's projections, per row: [n_embd] -> [d] -> [n_embd] */
+        struct ggml_tensor *d = pie_matmul(g, m->w.dense_2, g->hidden); /* [d, n_outputs] */
+        g->hidden = pie_name(pie_matmul(g, m->w.dense_3, d), "result_embd_pooled", -1);
+    }
     ggml_set_output(g->hidden);
     ggml_build_forward_expand(g->gf, g->hidden);
-    if (!g->plan->head) return;
+    if (!g->plan->head || !m->w.output) return; /* an embedding model has no head */
     struct ggml_tensor *logits = pie_matmul(g, m->w.output, g->hidden);
     if (m->hp.logit_scale != 1.0f) logits = ggml_scale(g->ctx, logits, 1.0f / m->hp.logit_scale);
     const float cap = m->hp.logit_softcap;

@@ -8,7 +8,8 @@
  *           the global RoPE base and scaling unless the file gives them a base;
  *   gemma3: a per-head RMS norm on Q and K, sliding layers only when the file sets a window
  *           (every 6th layer global, their own RoPE base, default 10000, unscaled), an optional
- *           final logit softcap.
+ *           final logit softcap;
+ *   gemma-embedding: gemma3's body, bidirectional and without a head (see its hook at the end).
  */
 #include "../internal.h"
 
@@ -100,4 +101,17 @@ void pie_build_gemma(pie_graph *g) {
         x = pie_name(ggml_add(ctx, x, cur), "l_out", il);
     }
     pie_graph_finish(g, x);
+}
+
+/* EmbeddingGemma (gemma-embedding): the Gemma 3 body, bidirectional (PIE_NON_CAUSAL), every
+ * layer's Q scaled by 1/sqrt(head_dim); the file must give the window (symmetric: window / 2 to
+ * each side, batch.c), every 6th layer global by default. */
+int32_t pie_gemma_embedding_hparams(pie_hparams *hp, const struct gguf_context *g) {
+    hp->embd_scale = sqrtf((float)hp->n_embd);
+    hp->attn_scale = 1.0f / sqrtf((float)hp->head_dim);
+    const char *key = "gemma-embedding.attention.sliding_window";
+    if (gguf_find_key(g, key) < 0) return pie_set_error(PIE_ERR_FORMAT, "missing metadata key '%s'", key);
+    int32_t st = pie_load_swa(hp, g, 0, 6);
+    if (st != PIE_OK || hp->sliding_window == 0) return st;
+    return pie_gguf_positive(g, "gemma-embedding.rope.freq_base_swa", false, &hp->rope_base_swa);
 }
