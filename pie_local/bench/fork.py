@@ -8,7 +8,8 @@ top-p 0.95 over the whole vocabulary. End-of-generation tokens are banned on lla
 and never stop pie's branches, so each branch makes exactly `tokens` tokens. Rounds alternate
 which side goes first; each side loads its model once per round, outside the timing. Each side
 holds its weights at its best: pie repacked, llama.cpp with its extra buffer types where the
-AMX probe allows.
+AMX probe allows. Each side runs on a thread of its own that ends with it (machine.on_own_thread:
+OpenMP pools left behind by one side slow the other's barriers).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pie_local.bench.machine import extra_bufts_safe, threads_or_cores
+from pie_local.bench.machine import extra_bufts_safe, on_own_thread, threads_or_cores
 
 SAMPLINGS = {
     "defaults": dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05),
@@ -111,9 +112,9 @@ def run_fork_bench(model: str | None = None, *, threads: int = 0, prompt_tokens:
             times: dict[str, float] = {}
             for side in ("pie", "llama_cpp") if r % 2 == 0 else ("llama_cpp", "pie"):
                 if side == "pie":
-                    secs, made = asyncio.run(_pie_best_of(path, threads, prompt, n, tokens, sampling))
+                    secs, made = on_own_thread(asyncio.run, _pie_best_of(path, threads, prompt, n, tokens, sampling))
                 else:
-                    secs, made = _llama_best_of(path, threads, prompt, n, tokens, sampling, extra)
+                    secs, made = on_own_thread(_llama_best_of, path, threads, prompt, n, tokens, sampling, extra)
                 if made != n * tokens:
                     raise RuntimeError(f"{side} made {made} tokens, not {n * tokens}")
                 times[side] = secs

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 
 def physical_cores() -> int:
@@ -71,3 +75,29 @@ def extra_bufts_safe() -> tuple[bool, str]:
     if _amx_usable():
         return True, "the CPU advertises AMX and the OS grants it"
     return False, "the CPU advertises AMX but the OS refuses it (ggml's AMX buffer type would fault)"
+
+
+def on_own_thread(fn: Callable[..., T], *args: object) -> T:
+    """``fn(*args)`` on a thread of its own, which ends with it; its result, or its exception.
+
+    Both engines compute through ggml with OpenMP, and libgomp keeps a pool of workers for every
+    thread that has run a parallel region. Once the process holds more of them than it has CPUs,
+    libgomp stops spinning at barriers and sleeps at each one, and ggml passes one barrier per
+    graph node: llama.cpp run on the main thread slowed every later pie-local side (whose driver
+    thread has a pool of its own) by about 30% (best-of-8, 100 -> 70 tok/s). A thread that ends
+    takes its pool with it, so a side run here leaves nothing behind."""
+    out: list = []
+
+    def run() -> None:
+        try:
+            out.append((True, fn(*args)))
+        except BaseException as exc:  # noqa: BLE001 — re-raised on the caller's thread
+            out.append((False, exc))
+
+    thread = threading.Thread(target=run, name="bench-side")
+    thread.start()
+    thread.join()
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value

@@ -425,10 +425,8 @@ typedef struct {
 static int32_t run_forward(void *p) {
     pie_model *m = ((forward_call *)p)->m;
     const pie_batch *b = ((forward_call *)p)->b;
-    double T0 = pie_threads_now();
     int32_t st = pie_plan_build(m, b);
     if (st != PIE_OK) return st;
-    double T1 = pie_threads_now();
 
     /* host room for the sampled rows' logits, unless the caller's buffer takes them or the pass
      * stops at the hidden state */
@@ -447,16 +445,13 @@ static int32_t run_forward(void *p) {
 
     pie_graph g;
     if ((st = build_graph(m, &g)) != PIE_OK) return st;
-    double T2 = pie_threads_now();
     ggml_backend_sched_reset(m->sched);
     if (!ggml_backend_sched_alloc_graph(m->sched, g.gf)) {
         ggml_free(g.ctx);
         return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate compute buffers for %d tokens in %d requests",
                              m->plan.n_tokens, m->plan.n_requests);
     }
-    double T3 = pie_threads_now();
     upload_inputs(m, &g, b);
-    double T4 = pie_threads_now();
     ggml_backend_sched_set_eval_callback(m->sched, m->activation_cb ? eval_activation : NULL, m);
     /* the thread count of this pass (auto: adapted to the load, see threads.h), and its time */
     pie_set_cpu_threads(m, pie_threads_begin(&m->threads, pie_threads_shape_key(m->plan.n_tokens, n_out)));
@@ -468,7 +463,6 @@ static int32_t run_forward(void *p) {
         return pie_set_error(PIE_ERR_BACKEND, "the %s backend failed to compute the batch", m->backend_name);
     }
 
-    double T5 = pie_threads_now();
     if (n_out > 0) {
         if (b->return_flags & PIE_RETURN_HIDDEN)
             ggml_backend_tensor_get(g.hidden, b->out_hidden, 0, sizeof(float) * (size_t)n_out * (size_t)m->hp.n_embd);
@@ -477,19 +471,6 @@ static int32_t run_forward(void *p) {
             st = sample_rows(m, b, logits);
         }
     }
-    double T6 = pie_threads_now();
-    if (getenv("PIE_PROF2")) {
-        const char *names[128]; int counts[128]; int nn = 0;
-        for (int i = 0; i < ggml_graph_n_nodes(g.gf); i++) {
-            const char *d = ggml_op_desc(ggml_graph_node(g.gf, i)); int j;
-            for (j = 0; j < nn; j++) if (strcmp(names[j], d) == 0) break;
-            if (j == nn && nn < 128) { names[nn] = d; counts[nn++] = 0; }
-            if (j < 128) counts[j]++;
-        }
-        for (int j = 0; j < nn; j++) fprintf(stderr, "  %s %d\n", names[j], counts[j]);
-    }
-    if (getenv("PIE_PROF")) fprintf(stderr, "PROF nodes %d plan %.2f build %.2f alloc %.2f upload %.2f compute %.2f out %.2f\n", ggml_graph_n_nodes(g.gf),
-        (T1-T0)*1e3, (T2-T1)*1e3, (T3-T2)*1e3, (T4-T3)*1e3, (T5-T4)*1e3, (T6-T5)*1e3);
     ggml_free(g.ctx);
     return st;
 }
