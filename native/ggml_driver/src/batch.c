@@ -335,6 +335,15 @@ static int32_t plan_attn_temp(pie_plan *p, const pie_hparams *hp, const pie_batc
     return PIE_OK;
 }
 
+/* A member's mask row over its own KV (kv_len rows: the group's shared rows, then its own) spread
+ * over its group's KV (n_kv rows): the shared rows in place, its own at `off`, the other members'
+ * rows hidden. */
+static void spread_row(ggml_fp16_t *dst, const ggml_fp16_t *row, int64_t n_kv, int64_t shared, int64_t off, int64_t kv_len) {
+    for (int64_t j = 0; j < n_kv; j++) dst[j] = F16_NEG_INF;
+    memcpy(dst, row, sizeof(ggml_fp16_t) * (size_t)shared);
+    memcpy(dst + off, row + shared, sizeof(ggml_fp16_t) * (size_t)(kv_len - shared));
+}
+
 int32_t pie_plan_build(pie_model *m, const pie_batch *b) {
     pie_plan *p = &m->plan;
     int32_t st = validate(m, b);
@@ -348,10 +357,15 @@ int32_t pie_plan_build(pie_model *m, const pie_batch *b) {
         !grow((void **)&p->out_rows, &p->cap_out, (size_t)n_out, sizeof(int32_t)))
         return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot grow batch scratch");
 
-    /* layout: how each request reads its KV (runs or gathered rows), where its mask block goes.
-     * Runs are views of the pool and cost at most one row copy; a gather converts every row to
-     * f32 and back in every layer. */
-    int64_t n_mask = 0, n_gather = 0, n_runs = 0;
+    /* each request's KV as runs of consecutive pages, and the row its new tokens write */
+    int32_t n_req_runs = 0;
+    for (int32_t r = 0; r < nr; r++) {
+        const int32_t n_pages = b->kv_page_indptr[r + 1] - b->kv_page_indptr[r];
+        n_req_runs += n_pages; /* at most one run per page */
+    }
+    if (!grow((void **)&p->req_runs, &p->cap_req_runs, (size_t)n_req_runs, sizeof(pie_kv_run)))
+        return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot grow batch scratch");
+    n_req_runs = 0;
     for (int32_t r = 0; r < nr; r++) {
         pie_plan_req *q = &p->reqs[r];
         const int32_t *pages = b->kv_page_indices + b->kv_page_indptr[r];
@@ -359,37 +373,10 @@ int32_t pie_plan_build(pie_model *m, const pie_batch *b) {
         q->q0 = b->qo_indptr[r];
         q->n_q = b->qo_indptr[r + 1] - q->q0;
         q->n_kv = (n_pages - 1) * ps + b->kv_last_page_len[r];
-        q->n_runs = 1;
-        for (int32_t i = 1; i < n_pages; i++) q->n_runs += pages[i] != pages[i - 1] + 1;
-        if (q->n_runs > PIE_MAX_KV_RUNS) q->n_runs = 0;
-        q->run_off = (int32_t)n_runs;
-        q->gather_off = (int32_t)n_gather;
-        n_runs += q->n_runs;
-        if (q->n_runs == 0) n_gather += q->n_kv;
-        q->mask_off = n_mask;
-        n_mask += (int64_t)q->n_q * q->n_kv;
-    }
-    if (!grow((void **)&p->runs, &p->cap_runs, (size_t)n_runs, sizeof(pie_kv_run)) ||
-        !grow((void **)&p->gather_rows, &p->cap_gather, (size_t)n_gather, sizeof(int32_t)) ||
-        !grow((void **)&p->mask, &p->cap_mask, (size_t)n_mask, sizeof(ggml_fp16_t)) ||
-        (swa && !grow((void **)&p->mask_swa, &p->cap_mask_swa, (size_t)n_mask, sizeof(ggml_fp16_t))))
-        return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate attention masks (%lld entries)", (long long)n_mask);
-    p->n_tokens = nt;
-    p->n_requests = nr;
-    p->n_outputs = n_out;
-    p->head = b->n_outputs > 0 && !(b->return_flags & PIE_RETURN_HIDDEN_ONLY);
-    p->n_runs = (int32_t)n_runs;
-    p->n_gather = (int32_t)n_gather;
-    p->n_mask = n_mask;
-    p->any_swa_mask = false;
-
-    for (int32_t r = 0; r < nr; r++) {
-        const pie_plan_req *q = &p->reqs[r];
-        const int32_t *pages = b->kv_page_indices + b->kv_page_indptr[r];
-        if (q->n_runs == 0)
-            for (int64_t j = 0; j < q->n_kv; j++) p->gather_rows[q->gather_off + j] = pages[j / ps] * ps + (int32_t)(j % ps);
-        pie_kv_run *run = p->runs + q->run_off;
-        for (int32_t i = 0, k = -1; q->n_runs > 0 && i * ps < q->n_kv; i++) {
+        q->run_off = n_req_runs;
+        pie_kv_run *run = p->req_runs + q->run_off;
+        int32_t k = -1;
+        for (int32_t i = 0; i * ps < q->n_kv; i++) {
             const int32_t len = q->n_kv - i * ps < ps ? q->n_kv - i * ps : ps; /* the last page is partial */
             if (k >= 0 && pages[i] == pages[i - 1] + 1) {
                 run[k].len += len;
@@ -398,20 +385,120 @@ int32_t pie_plan_build(pie_model *m, const pie_batch *b) {
                 run[k].len = len;
             }
         }
+        q->n_runs = k + 1;
+        n_req_runs += q->n_runs;
         for (int32_t i = 0; i < q->n_q; i++) {
-            const int32_t t = q->q0 + i;
             const int64_t own = q->n_kv - q->n_q + i;
-            p->write_rows[t] = (int64_t)pages[own / ps] * ps + own % ps;
-            const int32_t *runs = NULL;
-            int32_t n_runs = 0;
-            if (b->mask_indptr) {
-                runs = b->mask_runs + b->mask_indptr[t];
-                n_runs = b->mask_indptr[t + 1] - b->mask_indptr[t];
+            p->write_rows[q->q0 + i] = (int64_t)pages[own / ps] * ps + own % ps;
+        }
+    }
+    p->n_req_runs = n_req_runs;
+
+    /* attention groups (see pie_plan_group): consecutive decode-sized requests whose first runs
+     * start at the same pool row and share at least a page */
+    if (!grow((void **)&p->groups, &p->cap_groups, (size_t)nr, sizeof(pie_plan_group)))
+        return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot grow batch scratch");
+    int32_t ng = 0, widest = 0;
+    int64_t n_mask = 0, n_gather = 0, n_runs = 0;
+    for (int32_t r = 0; r < nr;) {
+        const pie_plan_req *q = &p->reqs[r];
+        const pie_kv_run *first = &p->req_runs[q->run_off];
+        int32_t end = r + 1, rows = q->n_q, shared = first->len;
+        const bool groupable = causal && q->n_q < PIE_WIDE_ROWS && q->n_runs <= PIE_MAX_MEMBER_RUNS;
+        while (groupable && end < nr) {
+            const pie_plan_req *n = &p->reqs[end];
+            const pie_kv_run *c = &p->req_runs[n->run_off];
+            const int32_t common = first->len < c->len ? first->len : c->len;
+            if (n->n_q >= PIE_WIDE_ROWS || n->n_runs > PIE_MAX_MEMBER_RUNS || rows + n->n_q > PIE_GROUP_ROWS ||
+                c->start != first->start || common < ps)
+                break;
+            if (common < shared) shared = common;
+            rows += n->n_q;
+            end++;
+        }
+        pie_plan_group *gr = &p->groups[ng++];
+        *gr = (pie_plan_group){ .r0 = r, .n_req = end - r, .q0 = q->q0, .n_q = rows, .run_off = (int32_t)n_runs,
+                                .gather_off = (int32_t)n_gather };
+        if (gr->n_req == 1) { /* alone: its own runs, or gathered rows when they are too many */
+            gr->n_kv = q->n_kv;
+            gr->n_runs = q->n_runs <= PIE_MAX_KV_RUNS ? q->n_runs : 0;
+            gr->pad = q->n_q == 1 && q->n_kv >= PIE_SPLIT_KV_ROWS;
+            if (gr->n_runs == 0) n_gather += q->n_kv;
+        } else { /* the shared rows once, then each member's own: the rest of its first run, its other runs */
+            gr->shared = shared;
+            gr->n_kv = shared;
+            gr->n_runs = 1;
+            for (int32_t i = r; i < end; i++) {
+                const pie_plan_req *m = &p->reqs[i];
+                gr->n_kv += m->n_kv - shared;
+                gr->n_runs += m->n_runs - (p->req_runs[m->run_off].len == shared);
             }
-            const int64_t off = q->mask_off + (int64_t)i * q->n_kv;
-            st = fill_mask_row(p->mask + off, swa ? p->mask_swa + off : NULL, q->n_kv, own, causal, runs, n_runs,
-                               m->hp.sliding_window, t, &p->any_swa_mask);
-            if (st != PIE_OK) return st;
+        }
+        if (gr->n_kv > widest) widest = gr->n_kv;
+        n_runs += gr->n_runs;
+        gr->mask_off = n_mask;
+        n_mask += (int64_t)(gr->n_q + gr->pad) * gr->n_kv;
+        r = end;
+    }
+    if (!grow((void **)&p->runs, &p->cap_runs, (size_t)n_runs, sizeof(pie_kv_run)) ||
+        !grow((void **)&p->gather_rows, &p->cap_gather, (size_t)n_gather, sizeof(int32_t)) ||
+        !grow((void **)&p->mask, &p->cap_mask, (size_t)n_mask, sizeof(ggml_fp16_t)) ||
+        (swa && !grow((void **)&p->mask_swa, &p->cap_mask_swa, (size_t)n_mask, sizeof(ggml_fp16_t))) ||
+        !grow((void **)&p->row, &p->cap_row, (size_t)widest, sizeof(ggml_fp16_t)) ||
+        !grow((void **)&p->row_swa, &p->cap_row_swa, (size_t)widest, sizeof(ggml_fp16_t)))
+        return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate attention masks (%lld entries)", (long long)n_mask);
+    p->n_tokens = nt;
+    p->n_requests = nr;
+    p->n_groups = ng;
+    p->n_outputs = n_out;
+    p->head = b->n_outputs > 0 && !(b->return_flags & PIE_RETURN_HIDDEN_ONLY);
+    p->n_runs = (int32_t)n_runs;
+    p->n_gather = (int32_t)n_gather;
+    p->n_mask = n_mask;
+    p->any_swa_mask = false;
+
+    /* each group's runs (or gathered rows) and mask rows */
+    for (int32_t gi = 0; gi < ng; gi++) {
+        const pie_plan_group *gr = &p->groups[gi];
+        pie_kv_run *run = p->runs + gr->run_off;
+        int64_t off = gr->shared; /* where the next member's own rows start in the group's KV */
+        if (gr->n_req > 1) *run++ = (pie_kv_run){ .start = p->req_runs[p->reqs[gr->r0].run_off].start, .len = gr->shared };
+        for (int32_t r = gr->r0; r < gr->r0 + gr->n_req; r++) {
+            const pie_plan_req *q = &p->reqs[r];
+            const pie_kv_run *own = p->req_runs + q->run_off;
+            if (gr->n_req == 1 && gr->n_runs == 0) {
+                const int32_t *pages = b->kv_page_indices + b->kv_page_indptr[r];
+                for (int64_t j = 0; j < q->n_kv; j++) p->gather_rows[gr->gather_off + j] = pages[j / ps] * ps + (int32_t)(j % ps);
+            } else if (gr->n_req == 1) {
+                memcpy(run, own, sizeof(pie_kv_run) * (size_t)q->n_runs);
+            } else {
+                if (own[0].len > gr->shared) *run++ = (pie_kv_run){ .start = own[0].start + gr->shared, .len = own[0].len - gr->shared };
+                for (int32_t k = 1; k < q->n_runs; k++) *run++ = own[k];
+            }
+            for (int32_t i = 0; i < q->n_q; i++) {
+                const int32_t t = q->q0 + i;
+                const int64_t own_row = q->n_kv - q->n_q + i;
+                const int32_t *mruns = NULL;
+                int32_t n_mruns = 0;
+                if (b->mask_indptr) {
+                    mruns = b->mask_runs + b->mask_indptr[t];
+                    n_mruns = b->mask_indptr[t + 1] - b->mask_indptr[t];
+                }
+                const int64_t at = gr->mask_off + (int64_t)(t - gr->q0) * gr->n_kv;
+                ggml_fp16_t *row = gr->n_req == 1 ? p->mask + at : p->row;
+                ggml_fp16_t *row_swa = !swa ? NULL : gr->n_req == 1 ? p->mask_swa + at : p->row_swa;
+                st = fill_mask_row(row, row_swa, q->n_kv, own_row, causal, mruns, n_mruns, m->hp.sliding_window, t,
+                                   &p->any_swa_mask);
+                if (st != PIE_OK) return st;
+                if (gr->n_req > 1) spread_row(p->mask + at, row, gr->n_kv, gr->shared, off, q->n_kv);
+                if (gr->n_req > 1 && swa) spread_row(p->mask_swa + at, row_swa, gr->n_kv, gr->shared, off, q->n_kv);
+            }
+            off += q->n_kv - gr->shared;
+        }
+        if (gr->pad) { /* the dummy row sees only the query's own row, which its mask row shows too */
+            const int64_t at = gr->mask_off + (int64_t)gr->n_kv;
+            for (int64_t j = 0; j < gr->n_kv; j++) p->mask[at + j] = j == gr->n_kv - 1 ? F16_ZERO : F16_NEG_INF;
+            if (swa) memcpy(p->mask_swa + at, p->mask + at, sizeof(ggml_fp16_t) * (size_t)gr->n_kv);
         }
     }
     if (b->n_outputs > 0) memcpy(p->out_rows, b->output_rows, sizeof(int32_t) * (size_t)b->n_outputs);
@@ -424,6 +511,10 @@ void pie_plan_free(pie_plan *p) {
     free(p->write_rows);
     free(p->reqs);
     free(p->runs);
+    free(p->req_runs);
+    free(p->groups);
+    free(p->row);
+    free(p->row_swa);
     free(p->gather_rows);
     free(p->mask);
     free(p->mask_swa);

@@ -215,18 +215,48 @@ typedef struct {
     int32_t start, len;
 } pie_kv_run;
 
-/* One request's slice of the batch. Attention runs per request, so a request's result never
- * depends on what else is in the batch or where its pages lie. */
+/* One request's slice of the batch. */
 typedef struct {
     int32_t q0, n_q;       /* its tokens: batch rows q0 .. q0 + n_q                          */
     int32_t n_kv;          /* its KV length after this pass                                   */
+    int32_t n_runs;        /* > 0: its KV lies in that many runs of consecutive pages;
+                              0: too many, its rows are gathered                              */
+    int32_t run_off;       /* its runs: req_runs[run_off ..]                                  */
+} pie_plan_req;
+
+/* Most query rows of an attention group of several requests: ggml's CPU flash attention takes
+ * its tiled kernel from 64 rows, which sums in another order. */
+#define PIE_GROUP_ROWS 32
+
+/* The KV length from which ggml's CPU flash attention splits a single query's KV over the
+ * threads (its split-KV path, which sums in another order): a lone query attending over at
+ * least this many rows is given a dummy second row, so every query takes the same kernel. */
+#define PIE_SPLIT_KV_ROWS 512
+
+/* Most runs of pages a member of a group may have (each run of a member is one copy per layer). */
+#define PIE_MAX_MEMBER_RUNS 4
+
+/*
+ * One flash-attention call: a request alone, or consecutive decode-sized requests whose KV
+ * starts with the same pages (forks of one prefix, clients of one cached system prompt). A
+ * group's KV is that shared part once, then each member's own rows; each member's mask rows see
+ * its own KV in its order and hide the other members' rows, which the kernel skips without a
+ * trace, so a request's result never depends on what else is in the batch or where its pages
+ * lie, and the shared rows are copied once per layer instead of once per member.
+ */
+typedef struct {
+    int32_t r0, n_req;     /* its members: requests r0 .. r0 + n_req                          */
+    int32_t shared;        /* rows at the start of every member's KV they share (0: alone)     */
+    int32_t q0, n_q;       /* the members' tokens: batch rows q0 .. q0 + n_q                  */
+    int32_t n_kv;          /* KV rows it attends over                                         */
     int32_t n_runs;        /* > 0: its KV is runs[run_off ..] in order (one run: a view of the
                               pool; more: the runs copied into one tensor);
                               0: its rows are gathered from gather_rows[gather_off ..]         */
     int32_t run_off;
     int32_t gather_off;
-    int64_t mask_off;      /* its [n_q, n_kv] mask block inside mask / mask_swa               */
-} pie_plan_req;
+    bool    pad;           /* a lone query with a dummy second row (PIE_SPLIT_KV_ROWS)        */
+    int64_t mask_off;      /* its [n_q + pad, n_kv] mask block inside mask / mask_swa         */
+} pie_plan_group;
 
 typedef struct {
     int32_t n_tokens;
@@ -234,14 +264,18 @@ typedef struct {
     int32_t n_outputs;       /* rows kept after the last layer (>= 1; a dummy row when none)   */
     bool    head;            /* run the LM head (the batch samples something)                  */
     int32_t n_runs;          /* entries of runs                                                */
+    int32_t n_req_runs;      /* entries of req_runs                                            */
     int32_t n_gather;        /* entries of gather_rows                                         */
     int64_t n_mask;          /* entries of mask (sum of n_q * n_kv)                            */
     bool    any_swa_mask;    /* a sliding window hides something in this batch                 */
+    int32_t n_groups;        /* attention groups                                               */
     pie_plan_req *reqs;      /* [n_requests]                                                   */
+    pie_plan_group *groups;  /* [n_groups]                                                     */
     int64_t *write_rows;     /* [n_tokens] pool row each new token's K/V goes to               */
-    pie_kv_run *runs;        /* [n_runs] the run requests' KV, request after request           */
-    int32_t *gather_rows;    /* [n_gather] pool rows of the gathered requests' KV, in order    */
-    ggml_fp16_t *mask;       /* [n_mask] per request [n_q, n_kv]: 0 = attend, -inf = hidden   */
+    pie_kv_run *req_runs;    /* each request's runs, request after request                     */
+    pie_kv_run *runs;        /* [n_runs] the groups' KV runs, group after group                */
+    int32_t *gather_rows;    /* [n_gather] pool rows of the gathered groups' KV, in order      */
+    ggml_fp16_t *mask;       /* [n_mask] per group [n_q + pad, n_kv]: 0 = attend, -inf = hidden */
     ggml_fp16_t *mask_swa;   /* [n_mask] the same with the sliding window applied             */
     int32_t *out_rows;       /* [n_outputs]                                                    */
     pie_layout token_layout; /* the batch's rows by request size                               */
@@ -253,6 +287,8 @@ typedef struct {
     size_t   cap_attn_temp;
     /* capacities */
     size_t cap_reqs, cap_tokens, cap_runs, cap_gather, cap_mask, cap_mask_swa, cap_out, cap_out_req, cap_req_outputs;
+    size_t cap_groups, cap_req_runs, cap_row, cap_row_swa;
+    ggml_fp16_t *row, *row_swa; /* [cap_row] one member's mask row before it is spread over its group */
     /* validation scratch */
     int32_t *page_stamp;     /* [n_pages] last request that listed the page                    */
     int32_t *slot_writer;    /* [n_pages * page_size] the request (+ 1) writing the slot in this

@@ -283,21 +283,21 @@ struct ggml_tensor *pie_attn_temperature(pie_graph *g) {
     return g->attn_temp;
 }
 
-/* Request r's K or V as [width_head, n_kv, n_head_kv], on the pool's own f16/q8_0 values
+/* Group gr's K or V as [width_head, n_kv, n_head_kv], on the pool's own f16/q8_0 values
  * whichever way it is read, so attention runs the same kernels on the same values and page
  * placement never changes a result:
  *   one run of consecutive pages: a view of the pool (no copy);
- *   a few runs: copied into one contiguous tensor (row memcpy, any pool type);
+ *   more runs: copied into one contiguous tensor (row memcpy, any pool type);
  *   otherwise: rows gathered (get_rows yields F32) and cast back to the pool's type (lossless). */
-static struct ggml_tensor *request_kv(pie_graph *g, struct ggml_tensor *pool, const pie_plan_req *q, int64_t head) {
+static struct ggml_tensor *group_kv(pie_graph *g, struct ggml_tensor *pool, const pie_plan_group *gr, int64_t head) {
     struct ggml_context *ctx = g->ctx;
     const int64_t hkv = g->model->hp.n_head_kv;
-    const pie_kv_run *run = g->plan->runs + q->run_off;
-    if (q->n_runs == 1)
-        return ggml_view_3d(ctx, pool, head, q->n_kv, hkv, pool->nb[1], ggml_row_size(pool->type, head),
+    const pie_kv_run *run = g->plan->runs + gr->run_off;
+    if (gr->n_runs == 1)
+        return ggml_view_3d(ctx, pool, head, gr->n_kv, hkv, pool->nb[1], ggml_row_size(pool->type, head),
                             pool->nb[1] * (size_t)run->start);
     struct ggml_tensor *kv; /* [head * hkv, n_kv] */
-    if (q->n_runs > 1) {
+    if (gr->n_runs > 1) {
         /* The destination starts as a copy of the n_kv pool rows from run 0 on (run 0 is then in
          * place), the later runs are copied over its tail. ggml's f16 concat goes element by
          * element (3x slower for a forked stream's decode step); these copies are row memcpys.
@@ -305,19 +305,19 @@ static struct ggml_tensor *request_kv(pie_graph *g, struct ggml_tensor *pool, co
         const size_t row = pool->nb[1];
         int64_t base = run[0].start, at = run[0].len;
         int32_t first = 1;
-        if (base + q->n_kv > pool->ne[1]) base = 0, at = 0, first = 0; /* the window would pass the pool's end */
-        kv = ggml_cont(ctx, ggml_view_2d(ctx, pool, pool->ne[0], q->n_kv, row, row * (size_t)base));
-        for (int32_t i = first; i < q->n_runs; i++) {
+        if (base + gr->n_kv > pool->ne[1]) base = 0, at = 0, first = 0; /* the window would pass the pool's end */
+        kv = ggml_cont(ctx, ggml_view_2d(ctx, pool, pool->ne[0], gr->n_kv, row, row * (size_t)base));
+        for (int32_t i = first; i < gr->n_runs; i++) {
             struct ggml_tensor *src = ggml_view_2d(ctx, pool, pool->ne[0], run[i].len, row, row * (size_t)run[i].start);
             struct ggml_tensor *dst = ggml_view_2d(ctx, kv, kv->ne[0], run[i].len, kv->nb[1], kv->nb[1] * (size_t)at);
             ggml_build_forward_expand(g->gf, ggml_cpy(ctx, src, dst));
             at += run[i].len;
         }
     } else {
-        struct ggml_tensor *rows = ggml_view_1d(ctx, g->gather_rows, q->n_kv, sizeof(int32_t) * (size_t)q->gather_off);
+        struct ggml_tensor *rows = ggml_view_1d(ctx, g->gather_rows, gr->n_kv, sizeof(int32_t) * (size_t)gr->gather_off);
         kv = ggml_cast(ctx, ggml_get_rows(ctx, pool, rows), pool->type);
     }
-    return ggml_permute(ctx, ggml_reshape_3d(ctx, kv, head, hkv, q->n_kv), 0, 2, 1, 3);
+    return ggml_permute(ctx, ggml_reshape_3d(ctx, kv, head, hkv, gr->n_kv), 0, 2, 1, 3);
 }
 
 /*
@@ -325,9 +325,10 @@ static struct ggml_tensor *request_kv(pie_graph *g, struct ggml_tensor *pool, co
  *   q: [head_dim,   n_head,    n_tokens]   (roped)
  *   k: [head_dim,   n_head_kv, n_tokens]   (roped)
  *   v: [head_dim_v, n_head_kv, n_tokens]
- * The new K/V rows of every request go into the pool at write_rows in one op; then each request
- * attends over its own KV under its own mask block (causal, custom BRLE, sliding window), and
- * the per-request results are concatenated back in batch order. kq_scale multiplies Q.K; a
+ * The new K/V rows of every request go into the pool at write_rows in one op; then each attention
+ * group (a request, or requests sharing their first pages: pie_plan_group) attends over its KV
+ * under its mask block (causal, custom BRLE, sliding window, the other members' rows), and the
+ * results are concatenated back in batch order. kq_scale multiplies Q.K; a
  * family's attention softcap (gemma2) caps the scaled Q.K inside the same fused kernel
  * (ggml_flash_attn_ext's logit_softcap: cap * tanh(x / cap) before the softmax), so the other
  * families, with a cap of 0, run exactly the kernel they ran before.
@@ -350,18 +351,22 @@ struct ggml_tensor *pie_attention(pie_graph *g, int il, struct ggml_tensor *q, s
     struct ggml_tensor *vp = ggml_set_rows(ctx, m->kv.v[il], ggml_reshape_2d(ctx, v, hp->head_dim_v * hkv, nt), g->write_rows);
     struct ggml_tensor *mask = hp->is_swa[il] && g->mask_swa ? g->mask_swa : g->mask;
 
-    pie_joiner joined = { .dim = 2 }; /* per-request results [head_dim_v, n_head, n_q] */
-    for (int32_t r = 0; r < p->n_requests; r++) {
-        const pie_plan_req *rq = &p->reqs[r];
-        struct ggml_tensor *qr = ggml_view_3d(ctx, q, hp->head_dim, hp->n_head, rq->n_q, q->nb[1], q->nb[2], q->nb[2] * (size_t)rq->q0);
+    pie_joiner joined = { .dim = 2 }; /* per-group results [head_dim_v, n_head, n_q] */
+    for (int32_t i = 0; i < p->n_groups; i++) {
+        const pie_plan_group *gr = &p->groups[i];
+        const int64_t rows = gr->n_q + gr->pad;
+        struct ggml_tensor *qr = ggml_view_3d(ctx, q, hp->head_dim, hp->n_head, gr->n_q, q->nb[1], q->nb[2],
+                                              q->nb[2] * (size_t)gr->q0);
         qr = ggml_permute(ctx, qr, 0, 2, 1, 3); /* [head_dim, n_q, n_head] */
-        struct ggml_tensor *mr = ggml_view_2d(ctx, mask, rq->n_kv, rq->n_q, sizeof(ggml_fp16_t) * (size_t)rq->n_kv,
-                                              sizeof(ggml_fp16_t) * (size_t)rq->mask_off); /* [n_kv, n_q] */
-        struct ggml_tensor *out = ggml_flash_attn_ext(ctx, qr, request_kv(g, kp, rq, hp->head_dim),
-                                                      request_kv(g, vp, rq, hp->head_dim_v), mr, kq_scale, 0.0f,
+        if (gr->pad) qr = ggml_repeat_4d(ctx, qr, qr->ne[0], 2, qr->ne[2], 1); /* the lone query twice */
+        struct ggml_tensor *mr = ggml_view_2d(ctx, mask, gr->n_kv, rows, sizeof(ggml_fp16_t) * (size_t)gr->n_kv,
+                                              sizeof(ggml_fp16_t) * (size_t)gr->mask_off); /* [n_kv, rows] */
+        struct ggml_tensor *out = ggml_flash_attn_ext(ctx, qr, group_kv(g, kp, gr, hp->head_dim),
+                                                      group_kv(g, vp, gr, hp->head_dim_v), mr, kq_scale, 0.0f,
                                                       hp->attn_softcap);
         if (m->w.layers[il].attn_sinks) ggml_flash_attn_ext_add_sinks(out, m->w.layers[il].attn_sinks); /* gpt-oss */
-        ggml_prec_set_acc(out, GGML_PREC_F32); /* out: [head_dim_v, n_head, n_q] */
+        ggml_prec_set_acc(out, GGML_PREC_F32); /* out: [head_dim_v, n_head, rows] */
+        if (gr->pad) out = ggml_view_3d(ctx, out, out->ne[0], out->ne[1], 1, out->nb[1], out->nb[2], 0);
         join_push(ctx, &joined, out);
     }
     return ggml_reshape_2d(ctx, join_finish(ctx, &joined), hp->head_dim_v * hp->n_head, nt);
