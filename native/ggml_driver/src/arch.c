@@ -48,6 +48,9 @@ static const pie_arch archs[] = {
     { .name = "gemma-embedding", .rope_mode = GGML_ROPE_TYPE_NEOX,
       .needs = PIE_NON_CAUSAL | PIE_NEED_QK_NORM | PIE_NEED_POST_NORMS | PIE_NO_ROPE_FACTORS,
       .load_hparams = pie_gemma_embedding_hparams, .build = pie_build_gemma },
+    { .name = "gemma3n",  .rope_mode = GGML_ROPE_TYPE_NEOX,
+      .needs = PIE_NEED_QK_NORM | PIE_NEED_POST_NORMS | PIE_NO_ROPE_FACTORS | PIE_NEED_ALTUP,
+      .load_hparams = pie_gemma3n_hparams, .build = pie_build_gemma3n, .extra_nodes = pie_gemma3n_nodes },
 };
 enum { N_ARCHS = sizeof(archs) / sizeof(archs[0]) };
 
