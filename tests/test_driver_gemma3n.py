@@ -3,8 +3,12 @@ streams, LAuReL, activation sparsity in the first 10 layers, V norm, final logit
 window of 8 on 4 of every 5 layers, and KV sharing: layers 20-24 of 25 write no KV and attend
 over layer 18's (sliding) or 19's (global), as llama.cpp's fixed rule says.
 
-Tolerance: TOL below, with what was measured. Hostile files are refused at load with
-PIE_ERR_FORMAT naming the key or tensor, never a ggml abort.
+Tolerance 0, as for the other families (test_driver_logits.py): one request in one pass runs the
+same ggml kernels on the same values as llama.cpp. Measured: max |diff| 0 on every comparison here
+(logits of 2 and 34 tokens, every named activation, 16 greedy tokens), and in
+test_driver_logits.py's chunked and batched passes (f32, f16, q8_0 weights; f16 and q8_0 KV).
+Hostile files are refused at load with a status and a message naming the key or tensor, never a
+ggml abort.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ pytestmark = [pytest.mark.real_driver]
 
 PAGE = 8
 PARAMS = DriverParams(n_threads=2, page_size=PAGE, n_pages=16, device="cpu")
-TOL = EXACT
+TOL = EXACT  # measured 0: see the module docstring
 
 
 def prompt(n: int, seed: int = 5) -> list[int]:
@@ -268,7 +272,8 @@ def test_hostile_hyper_parameters_are_format_errors(tmp_path: Path, hook, shown:
     path = write_tiny_gguf(tmp_path / "bad.gguf", "gemma3n", metadata_hook=hook)
     with pytest.raises(DriverError) as err:
         Driver(path, PARAMS)
-    assert err.value.status in ("format", "unsupported"), err.value
+    # a string where a count belongs is "unsupported" (as for every family: pie_gguf_int_opt)
+    assert err.value.status == ("unsupported" if "one integer" in shown else "format"), err.value
     assert shown in err.value.message, err.value.message
 
 
