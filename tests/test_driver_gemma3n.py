@@ -166,16 +166,22 @@ def test_shared_layers_own_no_kv_and_read_an_earlier_layers(tmp_path: Path, path
     assert np.abs(shared - owned).max() > 0.1
 
 
-def test_pages_copied_keep_the_shared_kv(path: Path) -> None:
-    """A prefix's pages copied elsewhere (a fork) continue exactly as the original: the pool's
-    page operations cover every layer that owns KV."""
+def test_pages_copied_or_saved_keep_the_shared_kv(path: Path) -> None:
+    """A prefix's pages copied elsewhere (a fork), or read out and written back into another
+    driver (a snapshot), continue exactly as the original: the page operations cover every
+    layer that owns KV."""
     prefix = prompt(16, seed=8)
     with Driver(path, PARAMS) as drv:
         one_request(drv, prefix, first_page=0)
         drv.copy_pages([0, 1], [4, 5])
+        saved = drv.read_pages([0, 1])
         a = drv.forward(build_batch([Req([77], [0, 1, 2], 17, outputs=[0])], PAGE)).logits
         b = drv.forward(build_batch([Req([77], [4, 5, 6], 17, outputs=[0])], PAGE)).logits
-    assert np.array_equal(a, b)
+    assert len(saved) == 2 * PAGE * 20 * 2 * 2 * 32 * 2  # pages x rows x 20 layers x (K, V) x 2 heads x 32 x f16
+    with Driver(path, PARAMS) as other:
+        other.write_pages([9, 10], saved)
+        c = other.forward(build_batch([Req([77], [9, 10, 11], 17, outputs=[0])], PAGE)).logits
+    assert np.array_equal(a, b) and np.array_equal(a, c)
 
 
 @pytest.mark.timeout(240)
