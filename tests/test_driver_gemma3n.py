@@ -72,18 +72,18 @@ def test_logits_match_llama_cpp(path: Path, record_property, n: int) -> None:
 @pytest.mark.llama_cpp
 def test_greedy_tokens_equal_llama_cpp(path: Path) -> None:
     """16 greedy tokens after a 30-token prompt from the driver's sampler (prefill, then one
-    decode per token over the paged KV) equal llama.cpp's."""
-    tokens = prompt(30, seed=7)
-    with LlamaRef(path, n_ctx=128) as ref:
+    decode per token over the paged KV) equal llama.cpp's, token for token and as text."""
+    with LlamaRef(path, n_ctx=128) as ref, Driver(path, PARAMS) as drv:
+        tokens = ref.tokenize("the world is good and the people of this state") + prompt(20, seed=7)[1:]
         want = ref.greedy(tokens, 16)
-    with Driver(path, PARAMS) as drv:
         assert drv.info.arch == "gemma3n" and drv.info.sliding_window == 8
         seq, feed, got = SeqState(range(16), PAGE), tokens, []
         for _ in range(16):
             got.append(int(drv.forward(build_batch([seq.req(feed)], PAGE)).tokens[0]))
             seq.advance(feed)
             feed = [got[-1]]
-    assert got == want
+        assert got == want
+        assert ref.detokenize(got) == ref.detokenize(want) and ref.detokenize(got).strip()
 
 
 @pytest.mark.llama_cpp
