@@ -252,6 +252,10 @@ TINY_CASES = [
     ("olmoe", "f32"),
     ("qwen3moe", "q8_0"),
     ("gpt-oss", "f32"),  # MXFP4 experts
+    # per-layer embeddings, AltUp, LAuReL, KV sharing (more in test_driver_gemma3n.py)
+    ("gemma3n", "f32"),
+    ("gemma3n", "f16"),
+    ("gemma3n", "q8_0"),
 ]
 
 
@@ -298,7 +302,7 @@ def test_tiny_model_logits_match(tmp_path_factory, record_property, arch: str, q
         compare(record_property, f"tiny.{arch}.{quant}.seqB", first[13:], want_b, EXACT)
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])  # q8_0 KV needs head_dim % 32 == 0
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3", "gemma3n"])  # q8_0 KV needs head_dim % 32 == 0
 def test_tiny_q8_kv_and_hidden_states_match(tmp_path_factory, record_property, arch: str) -> None:
     """One 26-token request, its final hidden states and its logits with an f16 and a q8_0 KV
     pool: exact (the same kernels on the same values, the KV quantized by the same code)."""

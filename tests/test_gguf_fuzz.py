@@ -1,7 +1,7 @@
 """Corrupted GGUF files never crash pie-local: each gives a clear error or still works.
 
-For three tiny models (SentencePiece llama, byte-level BPE qwen2, gemma3 with sliding-window
-layers) a few hundred seeded variants each: byte flips over the metadata, the vocabulary and the
+For four tiny models (SentencePiece llama, byte-level BPE qwen2, gemma3 with sliding-window
+layers, gemma3n with shared KV) a few hundred seeded variants each: byte flips over the metadata, the vocabulary and the
 tensor infos, edits that break the vocabulary while keeping the file parseable, absurd counts and
 hyper-parameters, truncations. Each goes through `add`, the engine's load, tokenizing and a
 forward pass in a child process (tests/gguf_fuzz.py). A crash or an exception that is not one of
@@ -25,6 +25,8 @@ BASES = {
     "llama-spm": ("llama", "spm", {}),
     "qwen2-bpe": ("qwen2", "bpe", {}),
     "gemma3-spm": ("gemma3", "spm", {"n_layer": 6, "sliding_window": 8}),
+    # 22 layers: the last 2 share KV (llama.cpp's fixed 20 owning layers)
+    "gemma3n-spm": ("gemma3n", "spm", {"n_layer": 22, "sliding_window": 8}),
 }
 
 

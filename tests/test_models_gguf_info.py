@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from fake_hub import write_gguf
+from tiny_models import tiny_config, write_tiny_gguf
 
 from pie_local.models import GGUFError
 from pie_local.models.gguf_info import kv_cache_bytes, memory_estimate, read_gguf_info
@@ -46,6 +47,16 @@ def test_kv_and_memory_estimate(tmp_path: Path) -> None:
     assert memory_estimate(info) == info.weight_bytes + kv_cache_bytes(info, 512)
     with pytest.raises(ValueError, match="unknown KV type"):
         kv_cache_bytes(info, 10, "q4")
+
+
+def test_gemma3n_kv_counts_only_the_layers_that_keep_it(tmp_path: Path) -> None:
+    """Gemma 3n's last layers read an earlier layer's KV: 20 of the tiny model's 25 keep their own."""
+    cfg = tiny_config("gemma3n")
+    info = read_gguf_info(write_tiny_gguf(tmp_path / "g.gguf", "gemma3n"))
+    assert kv_cache_bytes(info, 100) == 20 * cfg.n_head_kv * 2 * cfg.head_dim * 100 * 2
+    bare = read_gguf_info(write_tiny_gguf(tmp_path / "bare.gguf", "gemma3n", n_layer=21,
+                                          metadata_hook=lambda w: w.kv_data[0].pop("gemma3n.attention.shared_kv_layers")))
+    assert kv_cache_bytes(bare, 100) == 20 * cfg.n_head_kv * 2 * cfg.head_dim * 100 * 2  # llama.cpp's fixed 20
 
 
 def test_split_gguf_is_read_across_parts(tmp_path: Path) -> None:

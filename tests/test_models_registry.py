@@ -43,7 +43,7 @@ def test_shipped_catalogue_has_the_starter_and_ten_more() -> None:
 
 EMBEDDING_FAMILIES = {"bert", "nomic-bert", "gemma-embedding"}
 NEW_FAMILIES = {"phi3", "gemma2", "olmo2", "granite", "smollm3", "mistral3", "qwen2moe", "qwen3moe",
-                "olmoe", "gpt-oss"} | EMBEDDING_FAMILIES
+                "olmoe", "gpt-oss", "gemma3n"} | EMBEDDING_FAMILIES
 
 
 def test_every_new_family_has_an_unverified_entry() -> None:

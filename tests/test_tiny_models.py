@@ -46,8 +46,9 @@ def test_each_arch_loads_in_llama_cpp(tmp_path: Path, arch: str) -> None:
     else:
         assert types["blk.0.attn_q.weight"][1] == (cfg.n_embd, q_dim)
     assert ("blk.0.attn_q.bias" in types) is (arch in ("qwen2", "qwen2moe", "gpt-oss"))
-    assert ("blk.0.attn_q_norm.weight" in types) is (arch in ("qwen3", "gemma3", "olmo2", "qwen3moe", "olmoe"))
-    assert ("blk.0.post_ffw_norm.weight" in types) is (arch in ("gemma2", "gemma3", "olmo2"))
+    qk_norms = ("qwen3", "gemma3", "olmo2", "qwen3moe", "olmoe", "gemma3n")
+    assert ("blk.0.attn_q_norm.weight" in types) is (arch in qk_norms)
+    assert ("blk.0.post_ffw_norm.weight" in types) is (arch in ("gemma2", "gemma3", "olmo2", "gemma3n"))
     assert ("blk.0.attn_norm.weight" in types) is (arch != "olmo2")  # OLMo 2: post-norms only
     if cfg.n_expert:  # ggml order: [n_embd, expert width, n_expert]
         assert "blk.0.ffn_up.weight" not in types

@@ -18,7 +18,10 @@ results of random weights. The mixtures of experts (qwen2moe, qwen3moe, olmoe, g
 llama: ``write_tiny_gguf(path, "llama", **MIXTRAL)``) have 4 experts of which each token uses 2,
 routed by a router steep enough that tokens pick different experts; qwen2moe adds a shared
 expert, olmoe Q/K norms over whole rows, gpt-oss biases, attention sinks, a sliding window on
-every other layer, YaRN and MXFP4 experts.
+every other layer, YaRN and MXFP4 experts. gemma3n has 25 layers so that llama.cpp's fixed KV
+sharing applies (layers 20-24 write no KV: the sliding ones read layer 18's, the global one layer
+19's), per-layer embeddings, AltUp over 4 streams, LAuReL and activation sparsity in the first 10
+layers, with llama.cpp's fixed widths (per-layer inputs 256, LAuReL rank 64).
 
 The ``write_*`` helpers at the end produce broken files for error-path tests.
 """
@@ -35,7 +38,7 @@ import gguf
 import numpy as np
 
 ARCHES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "granite", "smollm3", "olmo2", "mistral3",
-          "qwen2moe", "qwen3moe", "olmoe", "gpt-oss")
+          "qwen2moe", "qwen3moe", "olmoe", "gpt-oss", "gemma3n")
 
 Q = gguf.GGMLQuantizationType
 QUANTS = {
@@ -146,7 +149,17 @@ DEFAULTS: dict[str, TinyConfig] = {
         name="tiny-gpt-oss", rope_base=150_000.0, sliding_window=8, rope_scaling="yarn", rope_factor=4.0,
         rope_orig_ctx=128, n_expert=4, n_expert_used=2, n_ff_exp=64, expert_quant="mxfp4",
     ),
+    # gemma3n: llama.cpp's pattern of 5 (layers 4, 9, ... global) over a window of 8; tied, final
+    # cap 30 (llama.cpp's fixed value)
+    "gemma3n": TinyConfig(
+        name="tiny-gemma3n", n_layer=25, head_dim=32, rope_base=1_000_000.0, rms_eps=1e-6, sliding_window=8, tied=True,
+        final_softcap=30.0,
+    ),
 }
+
+# gemma3n's widths and counts that llama.cpp fixes (its loader reads no key for them)
+GEMMA3N_ALTUP, GEMMA3N_PER_LAYER, GEMMA3N_LAUREL_RANK, GEMMA3N_KV_LAYERS, GEMMA3N_SPARSE_LAYERS = 4, 256, 64, 20, 10
+GEMMA3N_SPARSE_STD = 1.6448533535003662  # the normal distribution's 95% quantile, as the converter writes it
 
 # Mixtral: a llama file with experts (write_tiny_gguf(path, "llama", **MIXTRAL)).
 MIXTRAL = {"n_expert": 4, "n_expert_used": 2, "n_ff": 64}
@@ -315,13 +328,13 @@ def _tensors(arch: str, cfg: TinyConfig, n_vocab: int, rng: np.random.Generator)
             out[p + "post_attention_norm.weight"] = norm(cfg.n_embd)  # gpt-oss's FFN norm
             out.update(_experts(arch, cfg, p, mat, bias))
             continue
-        if arch in ("qwen3", "gemma3", "qwen3moe"):
+        if arch in ("qwen3", "gemma3", "qwen3moe", "gemma3n"):
             out[p + "attn_q_norm.weight"] = norm(cfg.head_dim)
             out[p + "attn_k_norm.weight"] = norm(cfg.head_dim)
         if arch in ("olmo2", "olmoe"):  # over the whole projection, not per head
             out[p + "attn_q_norm.weight"] = norm(q_dim)
             out[p + "attn_k_norm.weight"] = norm(kv_dim)
-        if arch in ("gemma2", "gemma3", "olmo2"):
+        if arch in ("gemma2", "gemma3", "olmo2", "gemma3n"):
             out[p + "post_attention_norm.weight"] = norm(cfg.n_embd)
             out[p + "post_ffw_norm.weight"] = norm(cfg.n_embd)
         if arch != "olmo2":
@@ -339,7 +352,62 @@ def _tensors(arch: str, cfg: TinyConfig, n_vocab: int, rng: np.random.Generator)
             out[p + "ffn_gate.bias"] = bias(cfg.n_ff)
             out[p + "ffn_up.bias"] = bias(cfg.n_ff)
             out[p + "ffn_down.bias"] = bias(cfg.n_embd)
+        if arch == "gemma3n":
+            out.update(_gemma3n_layer(cfg, p, mat, norm, rng))
+    if arch == "gemma3n":
+        out.update(_gemma3n_model(cfg, n_vocab, mat, norm))
     return out
+
+
+def _gemma3n_model(cfg: TinyConfig, n_vocab: int, mat: Callable, norm: Callable) -> dict[str, np.ndarray]:
+    """gemma3n's per-layer embeddings (numpy [n_vocab, 256 * n_layer]) and their projection, and
+    AltUp's projections into and out of its 3 extra streams (numpy [3, n_embd, n_embd])."""
+    per_layer = GEMMA3N_PER_LAYER * cfg.n_layer
+    extra = GEMMA3N_ALTUP - 1
+    return {
+        # std 1/sqrt(256): O(1) after llama.cpp's scaling by sqrt(256)
+        "per_layer_token_embd.weight": mat(n_vocab, per_layer) * np.float32(np.sqrt(cfg.n_layer)),
+        "per_layer_model_proj.weight": mat(per_layer, cfg.n_embd),
+        "per_layer_proj_norm.weight": norm(GEMMA3N_PER_LAYER),
+        "altup_proj.weight": np.stack([mat(cfg.n_embd, cfg.n_embd) for _ in range(extra)]),
+        "altup_unembd_proj.weight": np.stack([mat(cfg.n_embd, cfg.n_embd) for _ in range(extra)]),
+    }
+
+
+def _gemma3n_layer(cfg: TinyConfig, p: str, mat: Callable, norm: Callable,
+                   rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One gemma3n layer's per-layer input gate and projection, AltUp router and coefficients
+    (small: each stream stays mostly itself), LAuReL's low-rank pair."""
+    a, r = GEMMA3N_ALTUP, GEMMA3N_LAUREL_RANK
+
+    def small(*shape: int) -> np.ndarray:
+        return (0.2 * rng.standard_normal(shape)).astype(np.float32)
+
+    return {
+        p + "inp_gate.weight": mat(GEMMA3N_PER_LAYER, cfg.n_embd),
+        p + "proj.weight": mat(cfg.n_embd, GEMMA3N_PER_LAYER),
+        p + "post_norm.weight": norm(cfg.n_embd),
+        p + "altup_correct_coef.weight": small(a, a),
+        p + "altup_correct_scale.weight": norm(cfg.n_embd),
+        p + "altup_predict_coef.weight": small(a * a, a),
+        p + "altup_router.weight": 4.0 * mat(a, cfg.n_embd),
+        p + "altup_router_norm.weight": norm(cfg.n_embd),
+        p + "laurel_l.weight": mat(r, cfg.n_embd),
+        p + "laurel_r.weight": mat(cfg.n_embd, r),
+        p + "laurel_post_norm.weight": norm(cfg.n_embd),
+    }
+
+
+def _gemma3n_metadata(w: gguf.GGUFWriter, cfg: TinyConfig) -> None:
+    """The keys llama.cpp's converter writes for Gemma 3n (llama.cpp itself fixes most of them; the
+    values agree with its fixed ones)."""
+    w.add_altup_active_idx(0)
+    w.add_altup_num_inputs(GEMMA3N_ALTUP)
+    w.add_embedding_length_per_layer_input(GEMMA3N_PER_LAYER)
+    w.add_shared_kv_layers(max(0, cfg.n_layer - GEMMA3N_KV_LAYERS))
+    w.add_activation_sparsity_scale([GEMMA3N_SPARSE_STD if il < GEMMA3N_SPARSE_LAYERS else float("-inf")
+                                     for il in range(cfg.n_layer)])
+    w.add_sliding_window_pattern([il % 5 < 4 for il in range(cfg.n_layer)])
 
 
 def _experts(arch: str, cfg: TinyConfig, p: str, mat: Callable, bias: Callable) -> dict[str, np.ndarray]:
@@ -497,6 +565,8 @@ def write_tiny_gguf(
         w.add_attn_logit_softcapping(cfg.attn_softcap)
     if cfg.final_softcap:
         w.add_final_logit_softcapping(cfg.final_softcap)
+    if arch == "gemma3n":
+        _gemma3n_metadata(w, cfg)
     w.add_file_type(int(gguf.LlamaFileType.ALL_F32) if quant == "f32" else int(gguf.LlamaFileType.MOSTLY_F16))
 
     _write_vocab(w, v)
@@ -513,6 +583,8 @@ def write_tiny_gguf(
             want = Q.F32
         elif "_exps." in tname and cfg.expert_quant:
             want = QUANTS[cfg.expert_quant]
+        elif tname.endswith("_coef.weight") and want not in (Q.F32, Q.F16):  # gemma3n's rows of 4: no whole block
+            want = Q.F32
         data, qtype = _encode(tensor, want)
         w.add_tensor(tname, data, raw_dtype=qtype)
 

@@ -292,7 +292,7 @@ _FALLBACKS = {
 }
 # Special tokens that identify a vocabulary's chat format, checked before the architecture name.
 _FORMAT_MARKERS = [("<start_of_turn>", "gemma"), ("<|start_header_id|>", "llama3"), ("<|im_start|>", "chatml")]
-_ARCH_FORMATS = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "llama": "llama3",
+_ARCH_FORMATS = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "gemma3n": "gemma", "llama": "llama3",
                  "qwen": "chatml", "qwen2": "chatml", "qwen3": "chatml", "qwen2moe": "chatml", "qwen3moe": "chatml"}
 # End-of-turn markers that a template may emit; the ones it contains become stop strings.
 _KNOWN_STOPS = ["<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<|endoftext|>",

@@ -401,16 +401,25 @@ def read_gguf_info(path: str | Path) -> GGUFInfo:
     )
 
 
+def kv_layers(info: GGUFInfo) -> int | None:
+    """Layers that keep KV: all, except Gemma 3n's last attention.shared_kv_layers (default: every
+    layer from the 20th, llama.cpp's rule), which read an earlier layer's."""
+    if info.arch != "gemma3n" or not info.n_layers:
+        return info.n_layers
+    shared = info.metadata.get("gemma3n.attention.shared_kv_layers", max(0, info.n_layers - 20))
+    return info.n_layers - shared if isinstance(shared, int) and 0 <= shared < info.n_layers else info.n_layers
+
+
 def kv_cache_bytes(info: GGUFInfo, context: int, kv_type: str = "f16") -> int:
-    """Bytes of K and V for `context` tokens in every layer (the driver keeps full KV per layer,
-    sliding-window layers included)."""
+    """Bytes of K and V for `context` tokens in every layer that keeps KV (the driver keeps full KV
+    per layer, sliding-window layers included)."""
     if kv_type not in KV_TYPE_BYTES:
         raise ValueError(f"unknown KV type '{kv_type}' (choose from {', '.join(KV_TYPE_BYTES)})")
     if context <= 0:
         raise ValueError(f"context must be a positive number of tokens, got {context}")
     if not (info.n_layers and info.n_kv_heads and info.key_length and info.value_length):
         raise GGUFError(f"{info.path}: the GGUF lacks the attention shape needed to size the KV cache")
-    per_token = info.n_layers * info.n_kv_heads * (info.key_length + info.value_length)
+    per_token = kv_layers(info) * info.n_kv_heads * (info.key_length + info.value_length)
     return int(per_token * context * KV_TYPE_BYTES[kv_type])
 
 

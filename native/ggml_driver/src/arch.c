@@ -40,6 +40,9 @@ static const pie_arch archs[] = {
       .build = pie_build_olmoe },
     { .name = "gpt-oss",  .rope_mode = GGML_ROPE_TYPE_NEOX, .needs = PIE_NEED_EXPERTS | PIE_NEED_OAI_MOE,
       .load_hparams = pie_gpt_oss_hparams, .build = pie_build_gpt_oss },
+    { .name = "gemma3n",  .rope_mode = GGML_ROPE_TYPE_NEOX,
+      .needs = PIE_NEED_QK_NORM | PIE_NEED_POST_NORMS | PIE_NO_ROPE_FACTORS | PIE_NEED_ALTUP,
+      .load_hparams = pie_gemma3n_hparams, .build = pie_build_gemma3n, .extra_nodes = pie_gemma3n_nodes },
     /* embedding models (bidirectional, no LM head) */
     { .name = "bert",       .rope_mode = 0, .needs = PIE_NON_CAUSAL,
       .load_hparams = pie_bert_hparams, .bind = pie_bert_bind, .build = pie_build_bert },

@@ -90,12 +90,14 @@ static int32_t check_params(const pie_model_params *p) {
 /* Upper bound of graph nodes for a batch of n_requests whose KV lies in n_runs runs and whose
  * products split into n_pieces (pie_matmul): a layer needs ~50 nodes plus ~16 per request (its
  * views, gathers and attention), 4 per run (a K and a V view and concat) and, for each of its
- * 7 matrices, 3 per piece (view, product, concat). */
+ * 7 matrices, 3 per piece (view, product, concat); plus what the family adds (pie_arch's
+ * extra_nodes). */
 static size_t graph_nodes(const pie_model *m, int32_t n_requests, int32_t n_runs, int32_t n_pieces) {
     /* experts (moe.c): routing and the sum over the used experts, 2 more dense matrices (router,
      * shared expert) and 3 expert products whose wide spans also split per request (pie_matmul_id) */
     const size_t moe = m->hp.n_expert ? 32 + 2 * (size_t)m->hp.n_expert_used + 18 * ((size_t)n_pieces + (size_t)n_requests) : 0;
-    return (size_t)m->hp.n_layer * (64 + 16 * (size_t)n_requests + 4 * (size_t)n_runs + 21 * (size_t)n_pieces + moe) + 256;
+    const size_t extra = m->hp.arch->extra_nodes ? m->hp.arch->extra_nodes(&m->hp, (size_t)n_pieces) : 0;
+    return (size_t)m->hp.n_layer * (64 + 16 * (size_t)n_requests + 4 * (size_t)n_runs + 21 * (size_t)n_pieces + moe) + 256 + extra;
 }
 
 /* (Re)creates the scheduler and graph metadata for graphs of up to n_nodes; the scheduler's

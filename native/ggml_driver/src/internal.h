@@ -78,6 +78,18 @@ typedef struct {
     float   norm_eps;        /* LayerNorm epsilon (attention.layer_norm_epsilon)               */
     int32_t n_pos;           /* rows of the position embeddings: positions must stay below it; 0 =
                                 no table, any position                                          */
+    /* KV sharing (gemma3n): layers 0 .. n_layer_kv - 1 own their KV; each later layer il writes
+     * none and attends over layer kv_layer[il]'s (kv_layer[il] == il for layers that own KV) */
+    int32_t n_layer_kv;
+    int32_t kv_layer[PIE_MAX_LAYERS];
+    /* gemma3n (models/gemma3n.c): AltUp streams, per-layer input width, LAuReL rank, and the
+     * layers whose FFN gate keeps only values above mean + sparse_std[il] * std (Gaussian top-k) */
+    int32_t n_altup;
+    int32_t i_altup_act;     /* the stream the layers compute on                               */
+    int32_t n_embd_altup;    /* width of each layer's per-layer input                          */
+    int32_t laurel_rank;
+    bool    sparse_ffn[PIE_MAX_LAYERS];
+    float   sparse_std[PIE_MAX_LAYERS];
 } pie_hparams;
 
 /* ------------------------------------------------------------------------------------------ */
@@ -101,6 +113,13 @@ typedef struct {
     struct ggml_tensor *attn_sinks;
     /* BERT-style post-norms (LayerNorm with bias) after the attention and FFN residual adds */
     struct ggml_tensor *attn_out_norm, *attn_out_norm_b, *layer_out_norm, *layer_out_norm_b;
+    /* gemma3n: per-layer input gate [n_embd, n_embd_altup], projection [n_embd_altup, n_embd] and
+     * its post-norm [n_embd]; AltUp correction coefficients [n_altup, n_altup] and scale [n_embd],
+     * prediction coefficients [n_altup, n_altup^2], router [n_embd, n_altup] and its norm [n_embd];
+     * LAuReL's low-rank pair [n_embd, rank], [rank, n_embd] and its post-norm [n_embd] */
+    struct ggml_tensor *inp_gate, *proj, *post_norm;
+    struct ggml_tensor *altup_correct_coef, *altup_correct_scale, *altup_predict_coef, *altup_router, *altup_router_norm;
+    struct ggml_tensor *laurel_l, *laurel_r, *laurel_post_norm;
 } pie_layer;
 
 typedef struct {
@@ -109,6 +128,11 @@ typedef struct {
     struct ggml_tensor *output;      /* [n_embd, n_vocab], = tok_embd when tied                */
     struct ggml_tensor *rope_freqs;  /* [n_rot/2] or NULL: frequency factors (llama 3.1 style, or
                                         LongRoPE's long or short set, chosen at load)          */
+    /* gemma3n: per-layer token embeddings [n_embd_altup * n_layer, n_vocab], the projection of
+     * the input to per-layer inputs [n_embd, n_embd_altup * n_layer] and its norm [n_embd_altup];
+     * AltUp's projections into and out of the extra streams [n_embd, n_embd, n_altup - 1] */
+    struct ggml_tensor *per_layer_tok_embd, *per_layer_model_proj, *per_layer_proj_norm;
+    struct ggml_tensor *altup_proj, *altup_unembd_proj;
     pie_layer layers[PIE_MAX_LAYERS];
     /* encoders (models/bert.c); NULL elsewhere */
     struct ggml_tensor *pos_embd;    /* [n_embd, n_pos] absolute position embeddings (bert)    */
@@ -373,6 +397,9 @@ typedef struct {
     struct ggml_tensor *logits;     /* F32 [n_vocab, n_outputs] result, NULL without plan->head */
     struct ggml_tensor *q8_input;   /* the last input pie_q8_matmul quantized, and its columns */
     struct ggml_tensor *q8_columns;
+    /* each KV-owning layer's pool tensors after this pass's write (pie_attention), read through
+     * by the layers that share them (hp.kv_layer) */
+    struct ggml_tensor *kv_k[PIE_MAX_LAYERS], *kv_v[PIE_MAX_LAYERS];
 } pie_graph;
 
 /* One supported architecture: a row of the table in arch.c. */
@@ -385,6 +412,9 @@ struct pie_arch {
     void (*build)(pie_graph *g); /* builds hidden and logits into g                          */
     /* binds the layers' tensors in place of the decoder layout (encoders); may be NULL */
     int32_t (*bind)(struct ggml_context *meta, pie_hparams *hp, pie_weights *w);
+    /* graph nodes beyond driver.c's estimate for a family with more than the usual 7 matrices a
+     * layer, for products split into n_pieces (pie_matmul); may be NULL */
+    size_t (*extra_nodes)(const pie_hparams *hp, size_t n_pieces);
 };
 
 enum {
@@ -410,6 +440,8 @@ enum {
      * half its width to each side), so a request brings its whole input in one pass; no LM head,
      * so a pass only returns hidden states (PIE_RETURN_HIDDEN_ONLY) */
     PIE_NON_CAUSAL         = 1 << 15,
+    PIE_NEED_ALTUP         = 1 << 16, /* gemma3n: per-layer embeddings, AltUp, LAuReL (loader.c's
+                                         bind_gemma3n)                                          */
 };
 
 /* arch.c: the row named `name`, or NULL; the names as "llama, qwen2, ..." (for messages) */
@@ -436,6 +468,9 @@ int32_t pie_bert_hparams(pie_hparams *hp, const struct gguf_context *gguf);
 /* binds the tensors of an encoder (bert, nomic-bert) in place of the decoder layout */
 int32_t pie_bert_bind(struct ggml_context *meta, pie_hparams *hp, pie_weights *w);
 void    pie_build_bert(pie_graph *g); /* bert, nomic-bert */
+int32_t pie_gemma3n_hparams(pie_hparams *hp, const struct gguf_context *gguf);
+void    pie_build_gemma3n(pie_graph *g);
+size_t  pie_gemma3n_nodes(const pie_hparams *hp, size_t n_pieces);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Internal API between the driver's files                                                    */

@@ -1,6 +1,7 @@
 /*
  * kv_pool.c — the paged KV cache: per layer one flat K and one flat V tensor whose rows are
  * page * page_size + offset. The caller owns page ids; these functions only move page contents.
+ * Only layers that own KV have tensors (hp.n_layer_kv: gemma3n's last layers read earlier ones').
  *
  * Host layout of one page (pie_read_pages / pie_write_pages), layer after layer:
  *   K rows [page_size][k row bytes], then V rows [page_size][v row bytes].
@@ -27,11 +28,12 @@ int32_t pie_kv_init(pie_model *m) {
         return pie_set_error(PIE_ERR_UNSUPPORTED, "q8_0 KV needs head sizes that are multiples of 32 (got %d and %d); use f16",
                              hp->head_dim, hp->head_dim_v);
 
+    const int n_kv = hp->n_layer_kv;
     struct ggml_init_params ip = {
-        .mem_size = ggml_tensor_overhead() * 2 * (size_t)hp->n_layer, .mem_buffer = NULL, .no_alloc = true };
+        .mem_size = ggml_tensor_overhead() * 2 * (size_t)n_kv, .mem_buffer = NULL, .no_alloc = true };
     kv->ctx = ggml_init(ip);
     if (!kv->ctx) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot create the KV context");
-    for (int il = 0; il < hp->n_layer; il++) {
+    for (int il = 0; il < n_kv; il++) {
         kv->k[il] = ggml_new_tensor_2d(kv->ctx, kv->type, k_width, rows); /* [k_width, rows] */
         kv->v[il] = ggml_new_tensor_2d(kv->ctx, kv->type, v_width, rows); /* [v_width, rows] */
         ggml_format_name(kv->k[il], "cache_k_l%d", il);
@@ -40,13 +42,13 @@ int32_t pie_kv_init(pie_model *m) {
     /* each layer's K and V on its layer's device (placement.c) */
     struct ggml_tensor *ts[2 * PIE_MAX_LAYERS];
     int dev[2 * PIE_MAX_LAYERS];
-    for (int il = 0; il < hp->n_layer; il++) {
+    for (int il = 0; il < n_kv; il++) {
         ts[2 * il] = kv->k[il];
         ts[2 * il + 1] = kv->v[il];
         dev[2 * il] = dev[2 * il + 1] = m->place.layer_dev[il];
     }
     const int first_buf = m->place.n_buf;
-    int32_t st = pie_alloc_on_devices(m, ts, dev, 2 * hp->n_layer, GGML_BACKEND_BUFFER_USAGE_COMPUTE);
+    int32_t st = pie_alloc_on_devices(m, ts, dev, 2 * n_kv, GGML_BACKEND_BUFFER_USAGE_COMPUTE);
     if (st != PIE_OK) return st;
     /* Attention only reads rows its request has written, so zeroing is hygiene: done on device
      * memory (cheap), skipped on the host, where touching the pool would commit all of it up
@@ -55,7 +57,7 @@ int32_t pie_kv_init(pie_model *m) {
         if (!ggml_backend_buffer_is_host(m->place.buf[i])) ggml_backend_buffer_clear(m->place.buf[i], 0);
 
     kv->page_bytes = 0;
-    for (int il = 0; il < hp->n_layer; il++)
+    for (int il = 0; il < n_kv; il++)
         kv->page_bytes += (size_t)kv->page_size * (kv->k[il]->nb[1] + kv->v[il]->nb[1]);
     kv->total_bytes = (int64_t)kv->page_bytes * kv->n_pages;
     return PIE_OK;
@@ -84,7 +86,7 @@ static int32_t check_pages(const pie_kv_pool *kv, int32_t n, const int32_t *page
 /* Copies one page between host memory and the pool; to_host picks the direction. */
 static void transfer_page(pie_model *m, int32_t page, uint8_t *host, bool to_host) {
     pie_kv_pool *kv = &m->kv;
-    for (int il = 0; il < m->hp.n_layer; il++) {
+    for (int il = 0; il < m->hp.n_layer_kv; il++) {
         struct ggml_tensor *ts[2] = { kv->k[il], kv->v[il] };
         for (int j = 0; j < 2; j++) {
             size_t nb = ts[j]->nb[1] * (size_t)kv->page_size;
@@ -107,11 +109,11 @@ static struct ggml_tensor *rows_view(struct ggml_context *ctx, struct ggml_tenso
  * between two views of one buffer inside it (a device copy, or a worker-side one over RPC). */
 static int32_t copy_page(pie_model *m, int32_t src, int32_t dst) {
     pie_kv_pool *kv = &m->kv;
-    struct ggml_init_params ip = { .mem_size = 4 * (size_t)m->hp.n_layer * ggml_tensor_overhead(), .mem_buffer = NULL, .no_alloc = true };
+    struct ggml_init_params ip = { .mem_size = 4 * (size_t)m->hp.n_layer_kv * ggml_tensor_overhead(), .mem_buffer = NULL, .no_alloc = true };
     struct ggml_context *ctx = ggml_init(ip);
     if (!ctx) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot create views for a page copy");
     const int64_t ps = kv->page_size;
-    for (int il = 0; il < m->hp.n_layer; il++) {
+    for (int il = 0; il < m->hp.n_layer_kv; il++) {
         struct ggml_tensor *ts[2] = { kv->k[il], kv->v[il] };
         for (int j = 0; j < 2; j++)
             ggml_backend_tensor_copy(rows_view(ctx, ts[j], (int64_t)src * ps, ps), rows_view(ctx, ts[j], (int64_t)dst * ps, ps));

@@ -89,6 +89,26 @@ static int32_t read_count(const struct gguf_context *g, const pie_hparams *hp, c
     return PIE_OK;
 }
 
+/* feed_forward_length: one count, or one per layer (Gemma 3n's converter writes a list) when
+ * every layer has the same; a file whose layers differ is refused. */
+static int32_t read_ff(const struct gguf_context *g, const pie_hparams *hp, int32_t *out) {
+    const char *key = akey(hp, "feed_forward_length");
+    const int64_t id = gguf_find_key(g, key);
+    if (id < 0 || gguf_get_kv_type(g, id) != GGUF_TYPE_ARRAY) return read_count(g, hp, "feed_forward_length", 0, out);
+    const enum gguf_type t = gguf_get_arr_type(g, id);
+    if ((t != GGUF_TYPE_INT32 && t != GGUF_TYPE_UINT32) || (int64_t)gguf_get_arr_n(g, id) != hp->n_layer)
+        return pie_set_error(PIE_ERR_FORMAT, "metadata key '%s' must be one count or %d 32-bit counts", key, hp->n_layer);
+    const int32_t *v = gguf_get_arr_data(g, id); /* both types: the values are small and positive */
+    for (int il = 0; il < hp->n_layer; il++) {
+        if (v[il] <= 0) return pie_set_error(PIE_ERR_FORMAT, "metadata key '%s' has bad value %d for layer %d", key, v[il], il);
+        if (v[il] != v[0])
+            return pie_set_error(PIE_ERR_UNSUPPORTED, "metadata key '%s': layers of different widths (%d, %d) are not "
+                                 "supported", key, v[0], v[il]);
+    }
+    *out = v[0];
+    return PIE_OK;
+}
+
 int32_t pie_gguf_positive(const struct gguf_context *g, const char *key, bool allow_zero, float *out) {
     float v;
     if (!pie_gguf_float(g, key, &v)) return PIE_OK;
@@ -222,7 +242,7 @@ static int32_t load_hparams(pie_hparams *hp, const struct gguf_context *g) {
     int32_t st;
     if ((st = read_count(g, hp, "embedding_length", 0, &hp->n_embd)) ||
         (st = read_count(g, hp, "block_count", 0, &hp->n_layer)) ||
-        (st = read_count(g, hp, "feed_forward_length", 0, &hp->n_ff)) ||
+        (st = read_ff(g, hp, &hp->n_ff)) ||
         (st = read_count(g, hp, "attention.head_count", 0, &hp->n_head)))
         return st;
     if (hp->n_layer > PIE_MAX_LAYERS)
@@ -261,6 +281,8 @@ static int32_t load_hparams(pie_hparams *hp, const struct gguf_context *g) {
     hp->sliding_window = 0;
     memset(hp->is_swa, 0, sizeof(hp->is_swa));
     memset(hp->no_rope, 0, sizeof(hp->no_rope));
+    hp->n_layer_kv = hp->n_layer; /* every layer owns its KV unless the family shares it */
+    for (int il = 0; il < hp->n_layer; il++) hp->kv_layer[il] = il;
 
     int64_t id = gguf_find_key(g, "general.name");
     if (id >= 0 && gguf_get_kv_type(g, id) == GGUF_TYPE_STRING)
@@ -357,6 +379,54 @@ static int32_t bind_experts(struct ggml_context *meta, const pie_hparams *hp, in
     return PIE_OK;
 }
 
+/*
+ * gemma3n's tensors beyond a Gemma layer's (llama.cpp's names and shapes): per-layer token
+ * embeddings and the projection of the input onto them, AltUp's projections into and out of
+ * its extra streams, and per layer the per-layer input gate and projection, AltUp's router and
+ * coefficients, LAuReL's low-rank pair. LAuReL's rank is read off blk.0.laurel_l (no key holds
+ * it). Layers that share an earlier layer's KV need no K or V projection: the file's are checked
+ * like llama.cpp checks them, then left out of the graph (never multiplied, never repacked).
+ */
+static int32_t bind_gemma3n(struct ggml_context *meta, pie_hparams *hp, pie_weights *w) {
+    const int64_t E = hp->n_embd, A = hp->n_altup, P = (int64_t)hp->n_embd_altup * hp->n_layer;
+    int32_t st;
+    if ((st = bind(meta, "per_layer_token_embd.weight", P, hp->n_vocab, true, &w->per_layer_tok_embd)) ||
+        (st = bind(meta, "per_layer_model_proj.weight", E, P, true, &w->per_layer_model_proj)) ||
+        (st = bind(meta, "per_layer_proj_norm.weight", hp->n_embd_altup, 0, true, &w->per_layer_proj_norm)) ||
+        (st = bind3(meta, "altup_proj.weight", E, E, A - 1, &w->altup_proj)) ||
+        (st = bind3(meta, "altup_unembd_proj.weight", E, E, A - 1, &w->altup_unembd_proj)))
+        return st;
+    const struct ggml_tensor *l0 = ggml_get_tensor(meta, "blk.0.laurel_l.weight");
+    if (!l0) return pie_set_error(PIE_ERR_FORMAT, "tensor 'blk.0.laurel_l.weight' is missing");
+    if (l0->ne[1] < 1 || l0->ne[1] > INT32_MAX)
+        return pie_set_error(PIE_ERR_FORMAT, "tensor 'blk.0.laurel_l.weight' has a bad rank %lld", (long long)l0->ne[1]);
+    hp->laurel_rank = (int32_t)l0->ne[1];
+    return PIE_OK;
+}
+
+static int32_t bind_gemma3n_layer(struct ggml_context *meta, const pie_hparams *hp, int il, pie_layer *L) {
+    const int64_t E = hp->n_embd, A = hp->n_altup, P = hp->n_embd_altup, R = hp->laurel_rank;
+    char n[96];
+    int32_t st;
+#define BIND(field, suffix, ne0, ne1)                                             \
+    snprintf(n, sizeof(n), "blk.%d." suffix, il);                                 \
+    if ((st = bind(meta, n, ne0, ne1, true, &L->field)) != PIE_OK) return st;
+    BIND(inp_gate, "inp_gate.weight", E, P)
+    BIND(proj, "proj.weight", P, E)
+    BIND(post_norm, "post_norm.weight", E, 0)
+    BIND(altup_correct_coef, "altup_correct_coef.weight", A, A)
+    BIND(altup_correct_scale, "altup_correct_scale.weight", E, 0)
+    BIND(altup_predict_coef, "altup_predict_coef.weight", A, A * A)
+    BIND(altup_router, "altup_router.weight", E, A)
+    BIND(altup_router_norm, "altup_router_norm.weight", E, 0)
+    BIND(laurel_l, "laurel_l.weight", E, R)
+    BIND(laurel_r, "laurel_r.weight", R, E)
+    BIND(laurel_post_norm, "laurel_post_norm.weight", E, 0)
+#undef BIND
+    if (il >= hp->n_layer_kv) L->wk = L->wv = L->bk = L->bv = NULL; /* reads an earlier layer's KV */
+    return PIE_OK;
+}
+
 static int32_t bind_layer(struct ggml_context *meta, const pie_hparams *hp, int il, pie_layer *L) {
     const int64_t E = hp->n_embd, Q = (int64_t)hp->n_head * hp->head_dim;
     const int64_t K = (int64_t)hp->n_head_kv * hp->head_dim, V = (int64_t)hp->n_head_kv * hp->head_dim_v;
@@ -413,7 +483,7 @@ static int32_t bind_layer(struct ggml_context *meta, const pie_hparams *hp, int 
     if (ffn_bias) { BIND(ffn_down_b, "ffn_down.bias", E, 0, false) }
     BIND(ffn_post_norm, "post_ffw_norm.weight", E, 0, post)
 #undef BIND
-    return PIE_OK;
+    return needs & PIE_NEED_ALTUP ? bind_gemma3n_layer(meta, hp, il, L) : PIE_OK;
 }
 
 /*
@@ -472,6 +542,7 @@ static int32_t bind_weights(struct ggml_context *meta, pie_hparams *hp, pie_weig
         (st = bind_rope_factors(meta, hp, w, n_ctx_seq)))
         return st;
     if (head && !w->output) w->output = w->tok_embd; /* tied embeddings */
+    if ((hp->arch->needs & PIE_NEED_ALTUP) && (st = bind_gemma3n(meta, hp, w)) != PIE_OK) return st;
     for (int il = 0; il < hp->n_layer; il++)
         if ((st = bind_layer(meta, hp, il, &w->layers[il])) != PIE_OK) return st;
     return PIE_OK;
@@ -563,7 +634,15 @@ static int32_t check_matrices(pie_model *m) {
         const struct ggml_tensor *exps[] = { L->ffn_gate_exps, L->ffn_up_exps, L->ffn_down_exps };
         for (size_t i = 0; i < sizeof(exps) / sizeof(exps[0]); i++)
             if (exps[i] && (st = check_experts(m, exps[i])) != PIE_OK) return st;
+        const struct ggml_tensor *altup[] = { L->inp_gate, L->proj, L->altup_correct_coef, L->altup_predict_coef,
+                                              L->altup_router, L->laurel_l, L->laurel_r };
+        for (size_t i = 0; i < sizeof(altup) / sizeof(altup[0]); i++)
+            if (altup[i] && (st = check_matrix(m, altup[i])) != PIE_OK) return st;
     }
+    const struct ggml_tensor *altup[] = { w->per_layer_tok_embd, w->per_layer_model_proj, w->altup_proj,
+                                          w->altup_unembd_proj };
+    for (size_t i = 0; i < sizeof(altup) / sizeof(altup[0]); i++)
+        if (altup[i] && (st = check_matrix(m, altup[i])) != PIE_OK) return st;
     return PIE_OK;
 }
 

@@ -98,12 +98,13 @@ int32_t pie_devices_open(pie_model *m) {
 /* ------------------------------------------------------------------------------------------ */
 
 /* The layer a weight belongs to: 0 .. n_layer - 1 for "blk.N.*", n_layer for the output
- * norm and head (and any other tensor), -1 for the token embeddings. */
+ * norm and head (and any other tensor), -1 for the token embeddings (and per-layer ones). */
 static int tensor_layer(const pie_model *m, const struct ggml_tensor *t) {
     const char *name = ggml_get_name(t);
     int il;
     if (sscanf(name, "blk.%d.", &il) == 1 && il >= 0 && il < m->hp.n_layer) return il;
     if (t == m->w.tok_embd || strcmp(name, "token_embd.weight") == 0) return -1;
+    if (strcmp(name, "per_layer_token_embd.weight") == 0) return -1; /* gemma3n: rows looked up like the embeddings' */
     return m->hp.n_layer;
 }
 
@@ -158,7 +159,7 @@ static void tally(pie_model *m, const int64_t *layer_w, int64_t out_w, int64_t e
     for (int d = 0; d < pl->n_dev; d++) pl->weight_bytes[d] = pl->kv_bytes[d] = need[d] = 0;
     for (int il = 0; il < m->hp.n_layer; il++) {
         pl->weight_bytes[pl->layer_dev[il]] += layer_w[il];
-        pl->kv_bytes[pl->layer_dev[il]] += kv_layer;
+        if (il < m->hp.n_layer_kv) pl->kv_bytes[pl->layer_dev[il]] += kv_layer;
     }
     pl->weight_bytes[pl->output_dev] += out_w;
     pl->weight_bytes[pl->n_dev - 1] += embd_w;

@@ -332,6 +332,8 @@ static struct ggml_tensor *group_kv(pie_graph *g, struct ggml_tensor *pool, cons
  * family's attention softcap (gemma2) caps the scaled Q.K inside the same fused kernel
  * (ggml_flash_attn_ext's logit_softcap: cap * tanh(x / cap) before the softmax), so the other
  * families, with a cap of 0, run exactly the kernel they ran before.
+ * A layer that shares an earlier layer's KV (hp->kv_layer, gemma3n) passes k and v NULL: it
+ * writes nothing and reads that layer's pool as written in this pass.
  * Returns [head_dim_v * n_head, n_tokens].
  */
 struct ggml_tensor *pie_attention(pie_graph *g, int il, struct ggml_tensor *q, struct ggml_tensor *k,
@@ -344,11 +346,19 @@ struct ggml_tensor *pie_attention(pie_graph *g, int il, struct ggml_tensor *q, s
 
     /* write: [width, n_tokens] rows into the flat pools; the results are views of the pools, and
      * reading through them orders every read after the write */
-    /* K and V may be views of a fused projection (a layer without RoPE keeps K as one) */
-    if (!ggml_is_contiguous(k)) k = ggml_cont(ctx, k);
-    if (!ggml_is_contiguous(v)) v = ggml_cont(ctx, v);
-    struct ggml_tensor *kp = ggml_set_rows(ctx, m->kv.k[il], ggml_reshape_2d(ctx, k, hp->head_dim * hkv, nt), g->write_rows);
-    struct ggml_tensor *vp = ggml_set_rows(ctx, m->kv.v[il], ggml_reshape_2d(ctx, v, hp->head_dim_v * hkv, nt), g->write_rows);
+    struct ggml_tensor *kp, *vp;
+    if (k) {
+        /* K and V may be views of a fused projection (a layer without RoPE keeps K as one) */
+        if (!ggml_is_contiguous(k)) k = ggml_cont(ctx, k);
+        if (!ggml_is_contiguous(v)) v = ggml_cont(ctx, v);
+        kp = ggml_set_rows(ctx, m->kv.k[il], ggml_reshape_2d(ctx, k, hp->head_dim * hkv, nt), g->write_rows);
+        vp = ggml_set_rows(ctx, m->kv.v[il], ggml_reshape_2d(ctx, v, hp->head_dim_v * hkv, nt), g->write_rows);
+        g->kv_k[il] = kp;
+        g->kv_v[il] = vp;
+    } else {
+        kp = g->kv_k[hp->kv_layer[il]];
+        vp = g->kv_v[hp->kv_layer[il]];
+    }
     struct ggml_tensor *mask = hp->is_swa[il] && g->mask_swa ? g->mask_swa : g->mask;
 
     pie_joiner joined = { .dim = 2 }; /* per-group results [head_dim_v, n_head, n_q] */
