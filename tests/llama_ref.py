@@ -217,6 +217,19 @@ class LlamaRef:
             raise RuntimeError(f"no pooled embedding for sequence {seq_id} (embeddings=True and a pooling?)")
         return np.ctypeslib.as_array(ptr, shape=(self.n_embd,)).copy()
 
+    def unit_embeddings(self, texts: Sequence[str]) -> tuple[np.ndarray, list[int]]:
+        """Each text alone (tokenized as the model asks), pooled and scaled to unit length in
+        float64: [n_texts, n_embd], and the token count of each (needs embeddings=True, pooling > 0)."""
+        out, counts = [], []
+        for text in texts:
+            ids = self.tokenize(text)
+            self.reset()
+            self.decode(ids, range(len(ids)), [0] * len(ids))
+            v = self.pooled(0).astype(np.float64)
+            out.append(v / np.linalg.norm(v))
+            counts.append(len(ids))
+        return np.stack(out), counts
+
     def logits(
         self, tokens: Sequence[int], *, start_pos: int = 0, seq_id: int = 0, rows: str | Sequence[int] = "all"
     ) -> np.ndarray:
@@ -271,3 +284,19 @@ class LlamaRef:
 
     def greedy_text(self, prompt: str, n_new: int) -> str:
         return self.detokenize(self.greedy(self.tokenize(prompt), n_new))
+
+
+def compare_embeddings(record_property, label: str, got: Sequence, want: np.ndarray, counts: list[int],
+                       pooling: str, tol: float) -> np.ndarray:
+    """The engine's embeddings (pie_local Embedding objects) against llama.cpp's unit vectors
+    (LlamaRef.unit_embeddings): pooling, token counts, unit length, max |diff| <= tol (recorded
+    and printed as `label`). Returns the vectors as float64 [n, n_embd]."""
+    assert [e.pooling for e in got] == [pooling] * len(got)
+    assert [e.n_tokens for e in got] == counts
+    vectors = np.stack([e.vector for e in got]).astype(np.float64)
+    diff = float(np.abs(vectors - want).max())
+    record_property(f"{label}.max_abs_diff", diff)
+    print(f"{label}: max |diff| {diff:.3g}")
+    assert diff <= tol
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
+    return vectors

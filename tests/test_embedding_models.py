@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from driver_helpers import Req, build_batch
-from llama_ref import LlamaRef
+from llama_ref import LlamaRef, compare_embeddings
 from tiny_models import wpm_vocab, write_tiny_encoder
 
 from pie_local.driver import Driver, DriverError, DriverParams
@@ -78,14 +78,7 @@ async def embed_all(path: Path, texts: list[str], **kw: object) -> tuple[list, l
 def llama_cpp_pooled(path: Path, pooling: str, texts: list[str]) -> tuple[np.ndarray, list[int]]:
     out, counts = [], []
     with LlamaRef(path, n_ctx=128, embeddings=True, pooling=POOLING_TYPE[pooling]) as ref:
-        for text in texts:
-            ids = ref.tokenize(text)
-            ref.reset()
-            ref.decode(ids, range(len(ids)), [0] * len(ids))
-            v = ref.pooled(0).astype(np.float64)
-            out.append(v / np.linalg.norm(v))
-            counts.append(len(ids))
-    return np.stack(out), counts
+        return ref.unit_embeddings(texts)
 
 
 # ---- tokenizer ---------------------------------------------------------------------------------
@@ -167,16 +160,9 @@ def test_embeddings_equal_llama_cpps(tmp_path: Path, record_property, arch: str,
     path = model(tmp_path, arch, pooling)
     want, counts = llama_cpp_pooled(path, pooling, TEXTS)
     together, alone = asyncio.run(embed_all(path, TEXTS))
-    assert [e.pooling for e in together] == [pooling] * len(TEXTS)
-    assert [e.n_tokens for e in together] == counts
     for a, b in zip(together, alone):
         assert np.array_equal(a.vector, b.vector)
-    vectors = np.stack([e.vector for e in together]).astype(np.float64)
-    diff = float(np.abs(vectors - want).max())
-    record_property(f"encoder.{arch}.{pooling}.max_abs_diff", diff)
-    print(f"encoder.{arch}.{pooling}: max |diff| {diff:.3g}")
-    assert diff <= TOL
-    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
+    vectors = compare_embeddings(record_property, f"encoder.{arch}.{pooling}", together, want, counts, pooling, TOL)
     # distinct texts give distinct vectors (for cls, only because attention sees the whole input:
     # causal attention would give every text the same [CLS] vector)
     assert np.abs(vectors[0] - vectors[1]).max() > 0.01

@@ -14,7 +14,7 @@ import gguf
 import numpy as np
 import pytest
 from driver_helpers import Req, build_batch, tiny_gguf
-from llama_ref import LlamaRef
+from llama_ref import LlamaRef, compare_embeddings
 from tiny_models import N_VOCAB, write_tiny_gguf
 
 from pie_local.driver import Driver, DriverError, DriverParams
@@ -40,16 +40,8 @@ def model(tmp_path: Path, arch: str, pooling: str) -> Path:
 
 
 def llama_cpp_embeddings(path: Path, pooling: str, texts: list[str]) -> tuple[np.ndarray, list[int]]:
-    out, counts = [], []
     with LlamaRef(path, n_ctx=256, embeddings=True, pooling=int(POOLING[pooling])) as ref:
-        for text in texts:
-            ids = ref.tokenize(text)  # BOS as the model asks, special tokens parsed as text
-            ref.reset()
-            ref.decode(ids, range(len(ids)), [0] * len(ids))
-            v = ref.pooled(0).astype(np.float64)
-            out.append(v / np.linalg.norm(v))
-            counts.append(len(ids))
-    return np.stack(out), counts
+        return ref.unit_embeddings(texts)  # BOS as the model asks, special tokens parsed as text
 
 
 def engine_for(path: Path) -> Engine:
@@ -76,14 +68,7 @@ def test_embeddings_equal_llama_cpps(tmp_path: Path, record_property, arch: str,
             engine.driver.close()
 
     got = asyncio.run(run())
-    assert [e.pooling for e in got] == [pooling] * len(TEXTS)
-    assert [e.n_tokens for e in got] == counts
-    vectors = np.stack([e.vector for e in got]).astype(np.float64)
-    diff = float(np.abs(vectors - want).max())
-    record_property(f"embed.{arch}.{pooling}.max_abs_diff", diff)
-    print(f"embed.{arch}.{pooling}: max |diff| {diff:.3g}")
-    assert diff <= TOL
-    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
+    vectors = compare_embeddings(record_property, f"embed.{arch}.{pooling}", got, want, counts, pooling, TOL)
     if pooling == "cls":  # causal attention: the first token (BOS) sees nothing else, in llama.cpp too
         assert np.array_equal(vectors[0], vectors[1])
     else:  # distinct texts give distinct vectors (the comparison is not between constants)

@@ -283,8 +283,8 @@ def _write_vocab(w: gguf.GGUFWriter, v: TinyVocab) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _tensors(arch: str, cfg: TinyConfig, n_vocab: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """float32 tensors in numpy order (ggml's ne reversed: a matrix [out, in] is ne = (in, out))."""
+def _initializers(rng: np.random.Generator):
+    """Random float32 weights: a matrix [out, in] scaled by 1/sqrt(in), a norm near 1, a small bias."""
 
     def mat(n_out: int, n_in: int) -> np.ndarray:
         return (rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(np.float32)
@@ -294,6 +294,14 @@ def _tensors(arch: str, cfg: TinyConfig, n_vocab: int, rng: np.random.Generator)
 
     def bias(n: int) -> np.ndarray:
         return (0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    return mat, norm, bias
+
+
+def _tensors(arch: str, cfg: TinyConfig, n_vocab: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """float32 tensors in numpy order (ggml's ne reversed: a matrix [out, in] is ne = (in, out))."""
+
+    mat, norm, bias = _initializers(rng)
 
     q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
     out: dict[str, np.ndarray] = {
@@ -478,6 +486,18 @@ def _encode(tensor: np.ndarray, qtype: gguf.GGMLQuantizationType) -> tuple[np.nd
 # ---------------------------------------------------------------------------------------------
 
 
+def _add_shape(w: gguf.GGUFWriter, cfg: TinyConfig | TinyEncoder) -> None:
+    """The hyper-parameters every tiny model writes: context, widths, layers, heads."""
+    w.add_context_length(cfg.n_ctx)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_block_count(cfg.n_layer)
+    w.add_feed_forward_length(cfg.n_ff)
+    w.add_head_count(cfg.n_head)
+    w.add_head_count_kv(cfg.n_head_kv)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+
+
 def write_tiny_gguf(
     path: str | Path,
     arch: str,
@@ -520,14 +540,7 @@ def write_tiny_gguf(
     name = arch_name or arch
     w = gguf.GGUFWriter(str(path), name)
     w.add_name(cfg.name)
-    w.add_context_length(cfg.n_ctx)
-    w.add_embedding_length(cfg.n_embd)
-    w.add_block_count(cfg.n_layer)
-    w.add_feed_forward_length(cfg.n_ff)
-    w.add_head_count(cfg.n_head)
-    w.add_head_count_kv(cfg.n_head_kv)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
+    _add_shape(w, cfg)
     w.add_rope_dimension_count(cfg.head_dim)
     w.add_rope_freq_base(cfg.rope_base)
     if cfg.rope_scaling:
@@ -681,14 +694,7 @@ def _encoder_tensors(arch: str, cfg: TinyEncoder, n_vocab: int, rng: np.random.G
     """float32 tensors in numpy order; LayerNorms with weight and bias (bert, nomic-bert), or the
     gemma3 layout with RMS norms (gemma-embedding)."""
 
-    def mat(n_out: int, n_in: int) -> np.ndarray:
-        return (rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(np.float32)
-
-    def norm(n: int) -> np.ndarray:
-        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
-
-    def bias(n: int) -> np.ndarray:
-        return (0.1 * rng.standard_normal(n)).astype(np.float32)
+    mat, norm, bias = _initializers(rng)
 
     E, F, q_dim, kv_dim = cfg.n_embd, cfg.n_ff, cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
     out: dict[str, np.ndarray] = {"token_embd.weight": mat(n_vocab, E)}
@@ -756,14 +762,7 @@ def write_tiny_encoder(
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(f"tiny-{arch}")
-    w.add_context_length(cfg.n_ctx)
-    w.add_embedding_length(cfg.n_embd)
-    w.add_block_count(cfg.n_layer)
-    w.add_feed_forward_length(cfg.n_ff)
-    w.add_head_count(cfg.n_head)
-    w.add_head_count_kv(cfg.n_head_kv)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
+    _add_shape(w, cfg)
     w.add_causal_attention(causal)
     w.add_pooling_type({"mean": gguf.PoolingType.MEAN, "cls": gguf.PoolingType.CLS,
                         "last": gguf.PoolingType.LAST}[pooling])

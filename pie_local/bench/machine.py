@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 T = TypeVar("T")
 

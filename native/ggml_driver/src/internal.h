@@ -498,6 +498,8 @@ int32_t pie_load_swa(pie_hparams *hp, const struct gguf_context *gguf, int64_t d
  * misshapen. */
 int32_t pie_bind_tensor(struct ggml_context *meta, const char *name, int64_t ne0, int64_t ne1, bool required,
                         struct ggml_tensor **out);
+int32_t pie_bind_attention(struct ggml_context *meta, int il, int64_t E, int64_t Q, int64_t K, int64_t V, int64_t O,
+                           bool qkv_bias, pie_layer *L);
 int32_t pie_load_weights(pie_model *model, const char *path, bool plan_only);
 void    pie_free_weights(pie_model *model);
 

@@ -427,6 +427,36 @@ static int32_t bind_gemma3n_layer(struct ggml_context *meta, const pie_hparams *
     return PIE_OK;
 }
 
+/* Layer il's attention projections: Q, K, V as one fused matrix (as llama.cpp, for every family)
+ * or three, their biases (required with qkv_bias), the output projection and its bias. */
+int32_t pie_bind_attention(struct ggml_context *meta, int il, int64_t E, int64_t Q, int64_t K, int64_t V, int64_t O,
+                           bool qkv_bias, pie_layer *L) {
+    char n[96];
+    int32_t st;
+#define BIND(field, suffix, ne0, ne1, req)                                        \
+    snprintf(n, sizeof(n), "blk.%d." suffix, il);                                 \
+    if ((st = bind(meta, n, ne0, ne1, req, &L->field)) != PIE_OK) return st;
+    BIND(wqkv, "attn_qkv.weight", E, Q + K + V, false)
+    if (L->wqkv) {
+        BIND(bqkv, "attn_qkv.bias", Q + K + V, 0, false)
+    } else {
+        BIND(wq, "attn_q.weight", E, Q, true)
+        BIND(wk, "attn_k.weight", E, K, true)
+        BIND(wv, "attn_v.weight", E, V, true)
+    }
+    if (!L->bqkv) {
+        BIND(bq, "attn_q.bias", Q, 0, qkv_bias)
+        BIND(bk, "attn_k.bias", K, 0, qkv_bias)
+        BIND(bv, "attn_v.bias", V, 0, qkv_bias)
+        /* a fused projection takes separate biases only all three together (llama.cpp's build_qkv) */
+        if (L->wqkv && !(L->bq && L->bk && L->bv)) L->bq = L->bk = L->bv = NULL;
+    }
+    BIND(wo, "attn_output.weight", O, E, true)
+    BIND(bo, "attn_output.bias", E, 0, false)
+#undef BIND
+    return PIE_OK;
+}
+
 static int32_t bind_layer(struct ggml_context *meta, const pie_hparams *hp, int il, pie_layer *L) {
     const int64_t E = hp->n_embd, Q = (int64_t)hp->n_head * hp->head_dim;
     const int64_t K = (int64_t)hp->n_head_kv * hp->head_dim, V = (int64_t)hp->n_head_kv * hp->head_dim_v;
@@ -441,25 +471,7 @@ static int32_t bind_layer(struct ggml_context *meta, const pie_hparams *hp, int 
     snprintf(n, sizeof(n), "blk.%d." suffix, il);                                 \
     if ((st = bind(meta, n, ne0, ne1, req, &L->field)) != PIE_OK) return st;
     if (pre) { BIND(attn_norm, "attn_norm.weight", E, 0, true) }
-    /* Q, K, V: one fused projection (as llama.cpp, for every family) or three */
-    BIND(wqkv, "attn_qkv.weight", E, Q + K + V, false)
-    if (L->wqkv) {
-        BIND(bqkv, "attn_qkv.bias", Q + K + V, 0, false)
-    } else {
-        BIND(wq, "attn_q.weight", E, Q, true)
-        BIND(wk, "attn_k.weight", E, K, true)
-        BIND(wv, "attn_v.weight", E, V, true)
-    }
-    if (!L->bqkv) {
-        const bool req = (needs & PIE_NEED_QKV_BIAS) != 0;
-        BIND(bq, "attn_q.bias", Q, 0, req)
-        BIND(bk, "attn_k.bias", K, 0, req)
-        BIND(bv, "attn_v.bias", V, 0, req)
-        /* a fused projection takes separate biases only all three together (llama.cpp's build_qkv) */
-        if (L->wqkv && !(L->bq && L->bk && L->bv)) L->bq = L->bk = L->bv = NULL;
-    }
-    BIND(wo, "attn_output.weight", O, E, true)
-    BIND(bo, "attn_output.bias", E, 0, false)
+    if ((st = pie_bind_attention(meta, il, E, Q, K, V, O, (needs & PIE_NEED_QKV_BIAS) != 0, L)) != PIE_OK) return st;
     BIND(q_norm, "attn_q_norm.weight", full ? Q : hp->head_dim, 0, qkn)
     BIND(k_norm, "attn_k_norm.weight", full ? K : hp->head_dim, 0, qkn)
     BIND(attn_post_norm, "post_attention_norm.weight", E, 0, post || oai)

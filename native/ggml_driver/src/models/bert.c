@@ -60,20 +60,8 @@ int32_t pie_bert_bind(struct ggml_context *meta, pie_hparams *hp, pie_weights *w
 #define BIND(field, suffix, ne0, ne1, req)                                           \
     snprintf(n, sizeof(n), "blk.%d." suffix, il);                                    \
     if ((st = pie_bind_tensor(meta, n, ne0, ne1, req, &L->field)) != PIE_OK) return st;
-        /* Q, K, V: fused (nomic) or three, with the biases the file has */
-        BIND(wqkv, "attn_qkv.weight", E, Q + K + V, false)
-        if (L->wqkv) {
-            BIND(bqkv, "attn_qkv.bias", Q + K + V, 0, false)
-        } else {
-            BIND(wq, "attn_q.weight", E, Q, true)
-            BIND(wk, "attn_k.weight", E, K, true)
-            BIND(wv, "attn_v.weight", E, V, true)
-            BIND(bq, "attn_q.bias", Q, 0, false)
-            BIND(bk, "attn_k.bias", K, 0, false)
-            BIND(bv, "attn_v.bias", V, 0, false)
-        }
-        BIND(wo, "attn_output.weight", O, E, true)
-        BIND(bo, "attn_output.bias", E, 0, false)
+        /* Q, K, V: fused (nomic) or three, with the biases the file has; the output projection */
+        if ((st = pie_bind_attention(meta, il, E, Q, K, V, O, false, L)) != PIE_OK) return st;
         BIND(attn_out_norm, "attn_output_norm.weight", E, 0, true)
         BIND(attn_out_norm_b, "attn_output_norm.bias", E, 0, true)
         if (nomic) { BIND(ffn_gate, "ffn_gate.weight", E, F, true) }
