@@ -26,13 +26,14 @@ KEY = "test-key"
 USER = [{"role": "user", "content": "Name a colour."}]
 ONE_TOKEN = {"model": MODEL, "messages": USER, "max_tokens": 1}
 # Starter embeddings against llama.cpp's mean pooling (Q4_K_M), both sides with repacked weights
-# (the server's default; llama.cpp's extra buffer types): measured max |diff| of the unit vectors
-# 6.0e-8 for inputs of 3 and 23 tokens: one float32 ulp near 1, the rounding of the returned unit
-# vector; the hidden states are llama.cpp's bit for bit. The tolerance allows 4 ulps. (Inputs of
-# 4..15 tokens differ by up to 5.6e-3: there llama.cpp's one-sequence batch takes the repacked
-# gemm for whole groups of 4 columns and the driver gemv, the price of batch invariance, see
-# pie_matmul; tests/test_driver_repack.py measures the same.)
-EMBED_TOL = 2.5e-7
+# (the server's default; llama.cpp's extra buffer types). With ggml's kernels on both sides the unit
+# vectors differed by 6.0e-8 (one float32 ulp near 1) for inputs of 3 and 23 tokens. The server's
+# defaults also multiply the q8_0/q5_0 matrices with the driver's own kernels (q8_kernels), which
+# sum the same integer dots in another float order; the 18 layers amplify that to a measured max
+# |diff| of 4.5e-3 (cosine similarity above 0.99998). 2e-2 leaves room for other inputs; a wrong
+# pooling, token or norm is off by more than 0.1. The exact comparison with ggml's kernels pinned:
+# tests/test_embeddings_real.py.
+EMBED_TOL = 2e-2
 
 
 @pytest.fixture(scope="module")
