@@ -65,9 +65,16 @@ def server_runs(record) -> list[dict]:
     return asyncio.run(fetch())
 
 
+def _default_sigint() -> None:
+    # a shell without job control starts background commands with SIGINT ignored, and children
+    # inherit that: the command under test gets Ctrl-C as a terminal user's foreground command does
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli_process(home: Path, *argv: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pie_local", *argv], env=package_env(PIE_LOCAL_HOME=str(home)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=home)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=home,
+                            preexec_fn=_default_sigint)
 
 
 def wait_for_run(record, inferlet: str, before: set[str], timeout: float = 30.0) -> dict:
