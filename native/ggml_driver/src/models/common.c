@@ -361,14 +361,18 @@ struct ggml_tensor *pie_attention(pie_graph *g, int il, struct ggml_tensor *q, s
     }
     struct ggml_tensor *mask = hp->is_swa[il] && g->mask_swa ? g->mask_swa : g->mask;
 
+    /* the dummy row of a padded query steers ggml's CPU kernel (PIE_SPLIT_KV_ROWS); other devices
+     * run the query alone */
+    const bool on_cpu = m->place.layer_dev[il] == m->place.n_dev - 1;
     pie_joiner joined = { .dim = 2 }; /* per-group results [head_dim_v, n_head, n_q] */
     for (int32_t i = 0; i < p->n_groups; i++) {
         const pie_plan_group *gr = &p->groups[i];
-        const int64_t rows = gr->n_q + gr->pad;
+        const bool pad = gr->pad && on_cpu;
+        const int64_t rows = gr->n_q + pad;
         struct ggml_tensor *qr = ggml_view_3d(ctx, q, hp->head_dim, hp->n_head, gr->n_q, q->nb[1], q->nb[2],
                                               q->nb[2] * (size_t)gr->q0);
         qr = ggml_permute(ctx, qr, 0, 2, 1, 3); /* [head_dim, n_q, n_head] */
-        if (gr->pad) qr = ggml_repeat_4d(ctx, qr, qr->ne[0], 2, qr->ne[2], 1); /* the lone query twice */
+        if (pad) qr = ggml_repeat_4d(ctx, qr, qr->ne[0], 2, qr->ne[2], 1); /* the lone query twice */
         struct ggml_tensor *mr = ggml_view_2d(ctx, mask, gr->n_kv, rows, sizeof(ggml_fp16_t) * (size_t)gr->n_kv,
                                               sizeof(ggml_fp16_t) * (size_t)gr->mask_off); /* [n_kv, rows] */
         struct ggml_tensor *out = ggml_flash_attn_ext(ctx, qr, group_kv(g, kp, gr, hp->head_dim),
@@ -376,7 +380,7 @@ struct ggml_tensor *pie_attention(pie_graph *g, int il, struct ggml_tensor *q, s
                                                       hp->attn_softcap);
         if (m->w.layers[il].attn_sinks) ggml_flash_attn_ext_add_sinks(out, m->w.layers[il].attn_sinks); /* gpt-oss */
         ggml_prec_set_acc(out, GGML_PREC_F32); /* out: [head_dim_v, n_head, rows] */
-        if (gr->pad) out = ggml_view_3d(ctx, out, out->ne[0], out->ne[1], 1, out->nb[1], out->nb[2], 0);
+        if (pad) out = ggml_view_3d(ctx, out, out->ne[0], out->ne[1], 1, out->nb[1], out->nb[2], 0);
         join_push(ctx, &joined, out);
     }
     return ggml_reshape_2d(ctx, join_finish(ctx, &joined), hp->head_dim_v * hp->n_head, nt);
