@@ -392,7 +392,6 @@ int32_t pie_plan_build(pie_model *m, const pie_batch *b) {
             p->write_rows[q->q0 + i] = (int64_t)pages[own / ps] * ps + own % ps;
         }
     }
-    p->n_req_runs = n_req_runs;
 
     /* attention groups (see pie_plan_group): consecutive decode-sized requests whose first runs
      * start at the same pool row and share at least a page */

@@ -288,7 +288,6 @@ typedef struct {
     int32_t n_outputs;       /* rows kept after the last layer (>= 1; a dummy row when none)   */
     bool    head;            /* run the LM head (the batch samples something)                  */
     int32_t n_runs;          /* entries of runs                                                */
-    int32_t n_req_runs;      /* entries of req_runs                                            */
     int32_t n_gather;        /* entries of gather_rows                                         */
     int64_t n_mask;          /* entries of mask (sum of n_q * n_kv)                            */
     bool    any_swa_mask;    /* a sliding window hides something in this batch                 */
