@@ -34,8 +34,8 @@ def vnni_cpu() -> bool:
 
 
 @pytest.fixture(scope="module", params=[
-    # q5_0 everywhere, an untied head, 3 blocks a row (the last 64-value piece half empty), 561
-    # rows (a tail of 1)
+    # q5_0 everywhere, an untied head, 3 blocks a row (an odd count), 561 rows (the last tile of
+    # 16 rows holds 1)
     dict(arch="llama", quant="q5_0", n_embd=96, head_dim=24),
     # q8_0 everywhere, a head tied to the token embedding (the starter model's head), 2 blocks a row
     dict(arch="gemma3", quant="q8_0", n_embd=64, tied=True),
@@ -100,7 +100,7 @@ def test_row_logits_do_not_depend_on_the_batch(q8_model: Path) -> None:
     others = [[i + 20, i + 40] for i in range(6)]
     with Driver(q8_model, DriverParams(n_threads=2, page_size=PAGE, n_pages=64, q8_kernels=True)) as drv:
         alone, _ = forward_rows(drv, [prompt])
-        for n in (1, 2, 5):  # 3 + 2n sampled rows: column groups of every width the kernel takes
+        for n in (1, 2, 5):  # 3 + 2n sampled rows: 5, 7, then a full group of 8 columns and 5 more
             mixed, _ = forward_rows(drv, others[:n] + [prompt])
             assert np.array_equal(mixed[-3:], alone), n
 

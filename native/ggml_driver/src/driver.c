@@ -199,7 +199,9 @@ static int32_t init_compute(pie_model *m) {
     pie_log(PIE_LOG_INFO, "compute on %s, %d of %d layers offloaded, %d CPU threads%s", m->backend_name,
             pl->n_gpu_layers > m->hp.n_layer ? m->hp.n_layer : pl->n_gpu_layers, m->hp.n_layer, threads,
             m->threads.adaptive ? " (auto: fewer while other processes load the CPUs)" : "");
-    return reserve_worst_case(m);
+    st = reserve_worst_case(m); /* builds a graph: prepares the q8 kernels' matrices */
+    if (st == PIE_OK) pie_q8_log_prepared(m);
+    return st;
 }
 
 typedef struct {

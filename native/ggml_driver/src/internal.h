@@ -27,6 +27,7 @@
 /* ------------------------------------------------------------------------------------------ */
 
 typedef struct pie_arch pie_arch;
+typedef struct pie_q8_store pie_q8_store; /* matmul_q8.c */
 
 typedef struct {
     const pie_arch *arch;
@@ -337,8 +338,9 @@ struct pie_model {
     struct ggml_context  *ctx_w;
     ggml_backend_buffer_t buf_repack; /* the CPU_REPACK weights (one of place.buf, not owned here), or NULL */
     int32_t n_repacked;               /* matrices stored there (loader.c)                        */
-    bool    q8_kernels;               /* q8_0 / q5_0 products on the CPU take matmul_q8.c's kernels
-                                         (params.q8_kernels and an AVX-512 VNNI CPU; loader.c)   */
+    pie_q8_store *q8;                 /* q8_0 / q5_0 products on the CPU take matmul_q8.c's kernels,
+                                         which keep their prepared matrices here (params.q8_kernels
+                                         and an AVX-512 VNNI CPU; loader.c), else NULL           */
     void   *map_addr;  /* mmap of the file when weights are used in place, else NULL          */
     size_t  map_size;
     int64_t n_params;
@@ -554,7 +556,10 @@ void pie_graph_finish(pie_graph *g, struct ggml_tensor *x);
 
 /* matmul_q8.c: q8_0 and q5_0 products on x86 CPUs with AVX-512 VNNI (params.q8_kernels) */
 bool pie_q8_kernels_cpu(void);
-bool pie_q8_kernel_takes(const pie_model *m, const struct ggml_tensor *w, const struct ggml_tensor *x);
+int32_t pie_q8_open(pie_model *m);
+void pie_q8_free(pie_model *m);
+void pie_q8_log_prepared(const pie_model *m); /* how many matrices, how much memory */
+/* w x through these kernels, or NULL when they do not take w (pie_matmul then uses ggml's) */
 struct ggml_tensor *pie_q8_matmul(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *x);
 
 /* models/moe.c: the feed-forward block (SwiGLU, or routed experts when the layer has a router);

@@ -884,9 +884,9 @@ static int32_t place_weights(pie_model *m, const struct gguf_context *g, FILE *f
     free(ts);
     free(dev);
     /* the q8_0 and q5_0 products the CPU runs take matmul_q8.c's kernels where it has AVX-512 VNNI */
-    m->q8_kernels = st == PIE_OK && m->params.q8_kernels &&
-                    ggml_backend_dev_type(m->place.dev[cpu]) == GGML_BACKEND_DEVICE_TYPE_CPU && pie_q8_kernels_cpu();
-    if (m->q8_kernels) pie_log(PIE_LOG_INFO, "q8_0 and q5_0 products: AVX-512 VNNI kernels (matmul_q8.c)");
+    if (st == PIE_OK && m->params.q8_kernels && ggml_backend_dev_type(m->place.dev[cpu]) == GGML_BACKEND_DEVICE_TYPE_CPU &&
+        pie_q8_kernels_cpu())
+        st = pie_q8_open(m);
     return st;
 }
 
@@ -994,6 +994,7 @@ done:
 
 /* The weights' buffers belong to the placement (pie_devices_close frees them first). */
 void pie_free_weights(pie_model *m) {
+    pie_q8_free(m);
     if (m->ctx_w) ggml_free(m->ctx_w);
     if (m->map_addr) munmap(m->map_addr, m->map_size);
     m->ctx_w = NULL;

@@ -3,12 +3,17 @@
  *
  * Why: ggml multiplies these types with llamafile's tinyBLAS from two columns on, which unpacks
  * each weight block again for every pair of columns and spends several scalar steps per block and
- * pair (two fp16 scales looked up and multiplied, a broadcast): 8 decode streams of the starter
- * model spent half their layers' time in its q5_0 products, and its q8_0 head (262,144 x 640, tied
- * to the token embedding) took more than half of a step. Here each 64-value piece of a weight row
- * is prepared once (two blocks unpacked to signed bytes side by side in one register, their
- * scales, their sums) and then multiplied with every column in one VNNI instruction, one convert
- * and two float operations.
+ * pair: 8 decode streams of the starter model spent half their layers' time in its q5_0 products,
+ * and its q8_0 head (262,144 x 640, tied to the token embedding) took more than half of a step.
+ *
+ * How: the first time a graph multiplies a matrix, its rows are copied in tiles of 16 (prepared
+ * once, kept for the model's life): for each 32-value block, the 16 rows' values as unsigned
+ * bytes (q + 128) interleaved four at a time, so one 512-bit register holds 4 values of each of
+ * the 16 rows, then the 16 rows' fp16 scales. One VNNI instruction then multiplies that register
+ * with 4 values of a column broadcast to every lane: 8 instructions per block and column give the
+ * 16 rows' integer dots, and one convert, one multiply and one fused add per block and column
+ * apply the two scales. The mapped file's pages of a prepared matrix are released (the copy is
+ * what the products read; get_rows of a tied embedding faults back the rows it reads).
  *
  * The values: the columns are quantized to q8_0 exactly as ggml-cpu's x86 code does (d = max/127
  * stored as fp16, q = round-half-even(x * 127/max)), every integer dot is exact, and only the
@@ -18,13 +23,16 @@
  *
  * A product is two custom ops: the columns quantized (once per input: Q, K and V share theirs,
  * as do gate and up), then the product, each split over the graph's threads. VNNI multiplies
- * unsigned by signed bytes, so a column is stored as q + 128 and each piece's dot is corrected by
- * -128 * (the sum of its weights).
+ * unsigned by signed bytes; the weights are stored as q + 128, so each block's dot starts from
+ * -128 * (the sum of the column's values in that block).
  */
 #include "internal.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define PIE_MATMUL_Q8 1
@@ -32,19 +40,34 @@
 #endif
 
 enum {
-    BLOCK = 32,                 /* values per block (q8_0 and q5_0 alike)                     */
-    PIECE = 64,                 /* values per piece: two blocks, one 512-bit register          */
-    TILE_ROWS = 4,              /* weight rows prepared together                              */
-    TILE_COLS = 4,              /* columns multiplied against them at once (16 accumulators)  */
-    MAX_PIECES = 64,            /* the widest row taken: 4096 values (48 KiB of prepared
-                                   pieces on a worker's stack)                                */
+    BLOCK = 32,                       /* values per block (q8_0 and q5_0 alike)               */
+    TILE = 16,                        /* weight rows per tile: one int32 lane each            */
+    TILE_BLOCK = TILE * BLOCK,        /* bytes of one block of a tile's values                */
+    GROUP = 8,                        /* columns multiplied against a tile at once            */
+    ALIGN = 64,
 };
 
-/* Bytes of one quantized column: PIECE unsigned bytes and 16 float scales per piece. */
-static int64_t column_bytes(int64_t n_in) {
-    const int64_t pieces = (n_in + PIECE - 1) / PIECE;
-    return pieces * (PIECE + 16 * (int64_t)sizeof(float));
-}
+/* One prepared matrix. */
+typedef struct {
+    const struct ggml_tensor *w; /* the weight it was prepared from                             */
+    uint8_t *tiles;              /* ceil(n_out / 16) tiles of tile_bytes; NULL: could not be
+                                    prepared (ggml's product is used)                         */
+} prepared;
+
+struct pie_q8_store {
+    prepared *mats;
+    int32_t n, cap;
+    size_t bytes; /* the tiles of every prepared matrix */
+};
+
+static size_t pad(size_t n) { return (n + ALIGN - 1) / ALIGN * ALIGN; }
+
+/* A tile: nb blocks of 16 x 32 values, then nb x 16 fp16 scales. */
+static size_t tile_bytes(int64_t nb) { return pad((size_t)nb * (TILE_BLOCK + TILE * sizeof(ggml_fp16_t))); }
+
+/* A quantized column: nb x 32 signed values, nb int32 starts (-128 x the block's sum), nb
+ * float scales. */
+static size_t column_bytes(int64_t nb) { return pad((size_t)nb * (BLOCK + sizeof(int32_t) + sizeof(float))); }
 
 bool pie_q8_kernels_cpu(void) {
 #ifdef PIE_MATMUL_Q8
@@ -55,63 +78,36 @@ bool pie_q8_kernels_cpu(void) {
 #endif
 }
 
-bool pie_q8_kernel_takes(const pie_model *m, const struct ggml_tensor *w, const struct ggml_tensor *x) {
-    return m->q8_kernels && (w->type == GGML_TYPE_Q8_0 || w->type == GGML_TYPE_Q5_0) && w->ne[0] % BLOCK == 0 &&
-           w->ne[0] <= MAX_PIECES * PIECE && w->ne[2] == 1 && w->ne[3] == 1 && ggml_is_contiguous(w) && w->buffer &&
-           w->buffer != m->buf_repack && ggml_backend_buffer_is_host(w->buffer) && x->type == GGML_TYPE_F32 &&
-           x->ne[2] == 1 && x->ne[3] == 1;
+int32_t pie_q8_open(pie_model *m) {
+    m->q8 = calloc(1, sizeof(*m->q8));
+    if (!m->q8) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate the q8 kernels' store");
+    pie_log(PIE_LOG_INFO, "q8_0 and q5_0 products: AVX-512 VNNI kernels (matmul_q8.c)");
+    return PIE_OK;
+}
+
+void pie_q8_free(pie_model *m) {
+    if (!m->q8) return;
+    for (int32_t i = 0; i < m->q8->n; i++) free(m->q8->mats[i].tiles);
+    free(m->q8->mats);
+    free(m->q8);
+    m->q8 = NULL;
+}
+
+void pie_q8_log_prepared(const pie_model *m) {
+    if (!m->q8) return;
+    int32_t n = 0;
+    for (int32_t i = 0; i < m->q8->n; i++) n += m->q8->mats[i].tiles != NULL;
+    pie_log(PIE_LOG_INFO, "q8 kernels: %d matrices prepared (%.1f MiB; their mapped pages released)", n,
+            m->q8->bytes / 1048576.0);
 }
 
 #ifdef PIE_MATMUL_Q8
 
-/* ------------------------------------------------------------------------------------------ */
-/* Quantizing the columns                                                                     */
-/* ------------------------------------------------------------------------------------------ */
-
-/* dst: I8 [column_bytes, n] <- src[0]: F32 [n_in, n] (rows contiguous). Per column: for each
- * piece, 64 bytes q + 128 (128 past n_in), then 16 floats: lanes 0-7 the first block's scale,
- * 8-15 the second's (0 past n_in). */
-static void quantize_columns(struct ggml_tensor *dst, int ith, int nth, void *userdata) {
-    (void)userdata;
-    const struct ggml_tensor *x = dst->src[0];
-    const int64_t n_in = x->ne[0], n = x->ne[1], pieces = (n_in + PIECE - 1) / PIECE;
-    for (int64_t c = ith; c < n; c += nth) {
-        const float *xc = (const float *)((const char *)x->data + c * x->nb[1]);
-        uint8_t *out = (uint8_t *)dst->data + c * dst->nb[1];
-        for (int64_t p = 0; p < pieces; p++) {
-            uint8_t *q = out + p * (PIECE + 16 * sizeof(float));
-            float scales[16];
-            for (int half = 0; half < 2; half++) {
-                const int64_t b0 = p * PIECE + half * BLOCK;
-                if (b0 >= n_in) {
-                    memset(q + half * BLOCK, 128, BLOCK);
-                    for (int l = 0; l < 8; l++) scales[half * 8 + l] = 0.0f;
-                    continue;
-                }
-                float amax = 0.0f;
-                for (int i = 0; i < BLOCK; i++) amax = fmaxf(amax, fabsf(xc[b0 + i]));
-                const float d = ggml_fp16_to_fp32(ggml_fp32_to_fp16(amax / 127.f));
-                const float id = amax != 0.0f ? 127.f / amax : 0.0f;
-                for (int i = 0; i < BLOCK; i++) q[half * BLOCK + i] = (uint8_t)((int)nearbyintf(xc[b0 + i] * id) + 128);
-                for (int l = 0; l < 8; l++) scales[half * 8 + l] = d;
-            }
-            memcpy(q + PIECE, scales, sizeof(scales));
-        }
-    }
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* The product                                                                                */
-/* ------------------------------------------------------------------------------------------ */
-
 #define Q8_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
 
-/* One weight row's pieces, ready for the columns. */
-typedef struct {
-    __m512i w;     /* the two blocks' values as signed bytes                                */
-    __m512i corr;  /* -128 * the sum of each 4 bytes of w (what q + 128 adds to the dot)      */
-    __m512  scale; /* lanes 0-7: the first block's scale, 8-15: the second's                 */
-} piece;
+/* ------------------------------------------------------------------------------------------ */
+/* Preparing a matrix                                                                         */
+/* ------------------------------------------------------------------------------------------ */
 
 /* One block's 32 values as signed bytes: q8_0 {fp16 d; int8 q[32]} as stored; q5_0 {fp16 d;
  * uint32 qh; uint8 qs[16]}: value j (j < 16) is the low nibble of qs[j], value j + 16 its high
@@ -127,84 +123,155 @@ Q8_TARGET static inline __m256i block_values(enum ggml_type type, const uint8_t 
     return _mm256_sub_epi8(_mm256_or_si256(low, fifth), _mm256_set1_epi8(16));
 }
 
-Q8_TARGET static void prepare_row(piece *out, enum ggml_type type, const uint8_t *row, int64_t n_in) {
-    const int64_t pieces = (n_in + PIECE - 1) / PIECE, blocks = n_in / BLOCK;
-    const size_t block_bytes = ggml_type_size(type);
-    const __m512i bias = _mm512_set1_epi8((char)128);
-    for (int64_t p = 0; p < pieces; p++) {
-        const uint8_t *b0 = row + 2 * p * block_bytes, *b1 = b0 + block_bytes;
-        const bool second = 2 * p + 1 < blocks;
-        uint16_t d0, d1 = 0;
-        memcpy(&d0, b0, 2);
-        if (second) memcpy(&d1, b1, 2);
-        out[p].w = _mm512_inserti64x4(_mm512_castsi256_si512(block_values(type, b0)),
-                                      second ? block_values(type, b1) : _mm256_setzero_si256(), 1);
-        out[p].corr = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, out[p].w));
-        out[p].scale = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm256_set1_ps(_cvtsh_ss(d0)))),
-                                                           _mm256_castps_pd(_mm256_set1_ps(_cvtsh_ss(d1))), 1));
-    }
-}
-
-/* out[c][r] for R prepared rows and C columns: every (row, column) pair sums its pieces in order
- * into its own 16 lanes, then adds the lanes; nothing depends on R, C or the other pairs. */
-Q8_TARGET static inline __attribute__((always_inline)) void
-multiply_tile(const piece *const *rows, int R, const uint8_t *const *cols, int C, int64_t pieces, float *const *out) {
-    __m512 acc[TILE_ROWS][TILE_COLS];
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
-    for (int64_t p = 0; p < pieces; p++) {
-        for (int c = 0; c < C; c++) {
-            const uint8_t *at = cols[c] + p * (PIECE + 16 * sizeof(float));
-            const __m512i xq = _mm512_loadu_si512((const void *)at);
-            const __m512 xs = _mm512_loadu_ps((const void *)(at + PIECE));
-            for (int r = 0; r < R; r++) {
-                const piece *w = &rows[r][p];
-                const __m512i dot = _mm512_dpbusd_epi32(w->corr, xq, w->w);
-                acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(w->scale, xs), acc[r][c]);
-            }
+/* rows (<= 16) weight rows -> one tile. Rows past the matrix stay zero (128, scale 0). */
+Q8_TARGET static void prepare_tile(uint8_t *tile, const struct ggml_tensor *w, int64_t r0, int rows, int64_t nb) {
+    const size_t block_bytes = ggml_type_size(w->type);
+    uint8_t *scales = tile + nb * TILE_BLOCK;
+    memset(tile, 128, (size_t)nb * TILE_BLOCK);
+    memset(scales, 0, (size_t)nb * TILE * sizeof(ggml_fp16_t));
+    for (int r = 0; r < rows; r++) {
+        const uint8_t *row = (const uint8_t *)w->data + (r0 + r) * w->nb[1];
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = row + b * block_bytes;
+            uint8_t v[BLOCK];
+            _mm256_storeu_si256((__m256i *)v, _mm256_xor_si256(block_values(w->type, blk), _mm256_set1_epi8((char)0x80)));
+            for (int j = 0; j < BLOCK / 4; j++) memcpy(tile + b * TILE_BLOCK + j * 64 + r * 4, v + 4 * j, 4);
+            memcpy(scales + (b * TILE + r) * sizeof(ggml_fp16_t), blk, sizeof(ggml_fp16_t)); /* d */
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) out[c][r] = _mm512_reduce_add_ps(acc[r][c]);
 }
 
-/* The tile sizes as constants, so the compiler keeps the accumulators in registers. */
-Q8_TARGET static void multiply(const piece *const *rows, int R, const uint8_t *const *cols, int C, int64_t pieces,
-                               float *const *out) {
-#define TILE(r, c) case (r) * 8 + (c): multiply_tile(rows, r, cols, c, pieces, out); return;
-    switch (R * 8 + C) {
-        TILE(4, 4) TILE(4, 3) TILE(4, 2) TILE(4, 1)
-        TILE(3, 4) TILE(3, 3) TILE(3, 2) TILE(3, 1)
-        TILE(2, 4) TILE(2, 3) TILE(2, 2) TILE(2, 1)
-        TILE(1, 4) TILE(1, 3) TILE(1, 2) TILE(1, 1)
+/* The pages of the mapped file inside [data, data + n) go back to the page cache: the products
+ * read the prepared copy now, and anything else reading the weight faults its pages back in. */
+static void release_mapped(const pie_model *m, const void *data, size_t n) {
+    const uintptr_t map = (uintptr_t)m->map_addr, at = (uintptr_t)data, page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    if (!m->map_addr || at < map || at + n > map + m->map_size) return;
+    const uintptr_t lo = (at + page - 1) / page * page, hi = (at + n) / page * page;
+    if (hi > lo) madvise((void *)lo, hi - lo, MADV_DONTNEED);
+}
+
+/* The prepared tiles of w, preparing them on first use; NULL when they could not be. */
+static const uint8_t *prepared_tiles(const pie_model *m, const struct ggml_tensor *w) {
+    pie_q8_store *s = m->q8;
+    for (int32_t i = 0; i < s->n; i++)
+        if (s->mats[i].w == w) return s->mats[i].tiles;
+    if (s->n == s->cap) {
+        const int32_t cap = s->cap ? 2 * s->cap : 64;
+        prepared *mats = realloc(s->mats, sizeof(*mats) * (size_t)cap);
+        if (!mats) return NULL;
+        s->mats = mats;
+        s->cap = cap;
     }
-#undef TILE
+    const int64_t nb = w->ne[0] / BLOCK, n_tiles = (w->ne[1] + TILE - 1) / TILE;
+    const size_t bytes = (size_t)n_tiles * tile_bytes(nb);
+    uint8_t *tiles = aligned_alloc(ALIGN, bytes);
+    if (tiles) {
+        for (int64_t t = 0; t < n_tiles; t++)
+            prepare_tile(tiles + t * tile_bytes(nb), w, t * TILE, (int)(w->ne[1] - t * TILE < TILE ? w->ne[1] - t * TILE : TILE), nb);
+        release_mapped(m, w->data, ggml_nbytes(w));
+        s->bytes += bytes;
+    } else {
+        pie_log(PIE_LOG_WARN, "no memory to prepare '%s' for the q8 kernels (%.1f MiB): ggml multiplies it", ggml_get_name(w),
+                bytes / 1048576.0);
+    }
+    s->mats[s->n++] = (prepared){ .w = w, .tiles = tiles };
+    return tiles;
 }
 
-/* dst: F32 [n_out, n] <- src[0]: the weight [n_in, n_out], src[1]: the quantized columns. Thread
- * ith takes its share of weight rows, TILE_ROWS at a time, and multiplies them with every column. */
-Q8_TARGET static void multiply_columns(struct ggml_tensor *dst, int ith, int nth, void *userdata) {
+/* ------------------------------------------------------------------------------------------ */
+/* Quantizing the columns                                                                     */
+/* ------------------------------------------------------------------------------------------ */
+
+/* dst: I8 [column_bytes, n] <- src[0]: F32 [n_in, n] (rows contiguous), in column_bytes' layout. */
+static void quantize_columns(struct ggml_tensor *dst, int ith, int nth, void *userdata) {
     (void)userdata;
-    const struct ggml_tensor *w = dst->src[0], *xq = dst->src[1];
-    const int64_t n_in = w->ne[0], n_out = w->ne[1], n = xq->ne[1], pieces = (n_in + PIECE - 1) / PIECE;
-    const int64_t per = (n_out + nth - 1) / nth, r0 = per * ith, r1 = r0 + per < n_out ? r0 + per : n_out;
-    piece prep[TILE_ROWS * MAX_PIECES];
-    for (int64_t r = r0; r < r1; r += TILE_ROWS) {
-        const int R = r1 - r < TILE_ROWS ? (int)(r1 - r) : TILE_ROWS;
-        const piece *rows[TILE_ROWS];
-        for (int i = 0; i < R; i++) {
-            prepare_row(prep + i * pieces, w->type, (const uint8_t *)w->data + (r + i) * w->nb[1], n_in);
-            rows[i] = prep + i * pieces;
-        }
-        for (int64_t c = 0; c < n; c += TILE_COLS) {
-            const int C = n - c < TILE_COLS ? (int)(n - c) : TILE_COLS;
-            const uint8_t *cols[TILE_COLS];
-            float *out[TILE_COLS];
-            for (int j = 0; j < C; j++) {
-                cols[j] = (const uint8_t *)xq->data + (c + j) * xq->nb[1];
-                out[j] = (float *)((char *)dst->data + (c + j) * dst->nb[1]) + r;
+    const struct ggml_tensor *x = dst->src[0];
+    const int64_t n_in = x->ne[0], n = x->ne[1], nb = n_in / BLOCK;
+    for (int64_t c = ith; c < n; c += nth) {
+        const float *xc = (const float *)((const char *)x->data + c * x->nb[1]);
+        int8_t *q = (int8_t *)dst->data + c * dst->nb[1];
+        int32_t *start = (int32_t *)(q + nb * BLOCK);
+        float *scale = (float *)(start + nb);
+        for (int64_t b = 0; b < nb; b++) {
+            const float *v = xc + b * BLOCK;
+            float amax = 0.0f;
+            for (int i = 0; i < BLOCK; i++) amax = fmaxf(amax, fabsf(v[i]));
+            const float id = amax != 0.0f ? 127.f / amax : 0.0f;
+            int32_t sum = 0;
+            for (int i = 0; i < BLOCK; i++) {
+                q[b * BLOCK + i] = (int8_t)nearbyintf(v[i] * id);
+                sum += q[b * BLOCK + i];
             }
-            multiply(rows, R, cols, C, pieces, out);
+            start[b] = -128 * sum;
+            scale[b] = ggml_fp16_to_fp32(ggml_fp32_to_fp16(amax / 127.f));
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* The product                                                                                */
+/* ------------------------------------------------------------------------------------------ */
+
+/* One tile's 16 rows times C columns: out[c][0..rows). Each column's lanes run the same
+ * instructions in the same order whatever C is. */
+Q8_TARGET static inline __attribute__((always_inline)) void
+multiply_group(const uint8_t *tile, int64_t nb, const int8_t *const *cols, int C, float *const *out, int rows) {
+    const uint8_t *scales = tile + nb * TILE_BLOCK;
+    __m512 acc[GROUP];
+    for (int c = 0; c < C; c++) acc[c] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const __m512 dw = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(scales + b * TILE * sizeof(ggml_fp16_t)))); /* 16 rows' d */
+        __m512i dot[GROUP];
+        for (int c = 0; c < C; c++) {
+            int32_t start;
+            memcpy(&start, cols[c] + nb * BLOCK + b * sizeof(int32_t), sizeof(start));
+            dot[c] = _mm512_set1_epi32(start);
+        }
+        const uint8_t *v = tile + b * TILE_BLOCK;
+        for (int j = 0; j < BLOCK / 4; j++) {
+            const __m512i wj = _mm512_load_si512((const void *)(v + j * 64)); /* values 4j..4j+3 of 16 rows */
+            for (int c = 0; c < C; c++) {
+                int32_t x4;
+                memcpy(&x4, cols[c] + b * BLOCK + 4 * j, sizeof(x4));
+                dot[c] = _mm512_dpbusd_epi32(dot[c], wj, _mm512_set1_epi32(x4));
+            }
+        }
+        for (int c = 0; c < C; c++) {
+            float dx;
+            memcpy(&dx, cols[c] + nb * (BLOCK + sizeof(int32_t)) + b * sizeof(float), sizeof(dx));
+            acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[c]), _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc[c]);
+        }
+    }
+    const __mmask16 keep = rows == TILE ? (__mmask16)0xFFFF : (__mmask16)((1u << rows) - 1);
+    for (int c = 0; c < C; c++) _mm512_mask_storeu_ps(out[c], keep, acc[c]);
+}
+
+/* The group size as a constant, so the compiler keeps dots and sums in registers. */
+Q8_TARGET static void multiply(const uint8_t *tile, int64_t nb, const int8_t *const *cols, int C, float *const *out, int rows) {
+#define GROUP_OF(c) case c: multiply_group(tile, nb, cols, c, out, rows); return;
+    switch (C) { GROUP_OF(1) GROUP_OF(2) GROUP_OF(3) GROUP_OF(4) GROUP_OF(5) GROUP_OF(6) GROUP_OF(7) GROUP_OF(8) }
+#undef GROUP_OF
+}
+
+/* dst: F32 [n_out, n] <- src[0]: the weight [n_in, n_out] (for its shape), src[1]: the quantized
+ * columns; userdata: the weight's tiles. Thread ith takes its share of tiles and multiplies each
+ * with every column, GROUP at a time. */
+Q8_TARGET static void multiply_columns(struct ggml_tensor *dst, int ith, int nth, void *userdata) {
+    const struct ggml_tensor *w = dst->src[0], *xq = dst->src[1];
+    const uint8_t *tiles = userdata;
+    const int64_t n_out = w->ne[1], nb = w->ne[0] / BLOCK, n = xq->ne[1], n_tiles = (n_out + TILE - 1) / TILE;
+    const int64_t per = (n_tiles + nth - 1) / nth, t0 = per * ith, t1 = t0 + per < n_tiles ? t0 + per : n_tiles;
+    for (int64_t t = t0; t < t1; t++) {
+        const int rows = n_out - t * TILE < TILE ? (int)(n_out - t * TILE) : TILE;
+        for (int64_t c = 0; c < n; c += GROUP) {
+            const int C = n - c < GROUP ? (int)(n - c) : GROUP;
+            const int8_t *cols[GROUP];
+            float *out[GROUP];
+            for (int j = 0; j < C; j++) {
+                cols[j] = (const int8_t *)xq->data + (c + j) * xq->nb[1];
+                out[j] = (float *)((char *)dst->data + (c + j) * dst->nb[1]) + t * TILE;
+            }
+            multiply(tiles + t * tile_bytes(nb), nb, cols, C, out, rows);
         }
     }
 }
@@ -213,25 +280,34 @@ Q8_TARGET static void multiply_columns(struct ggml_tensor *dst, int ith, int nth
 /* The graph                                                                                  */
 /* ------------------------------------------------------------------------------------------ */
 
-/* w: q8_0 or q5_0 [n_in, n_out], x: F32 [n_in, n] -> F32 [n_out, n] (pie_q8_kernel_takes holds).
- * The last input quantized is remembered, so products of the same input share its columns. */
+static bool takes(const pie_model *m, const struct ggml_tensor *w, const struct ggml_tensor *x) {
+    return m->q8 && (w->type == GGML_TYPE_Q8_0 || w->type == GGML_TYPE_Q5_0) && w->ne[0] % BLOCK == 0 && w->ne[2] == 1 &&
+           w->ne[3] == 1 && ggml_is_contiguous(w) && w->buffer && w->buffer != m->buf_repack &&
+           ggml_backend_buffer_is_host(w->buffer) && x->type == GGML_TYPE_F32 && x->ne[2] == 1 && x->ne[3] == 1;
+}
+
+/* w: [n_in, n_out], x: F32 [n_in, n] -> F32 [n_out, n], or NULL when these kernels do not take
+ * w. The last input quantized is remembered, so products of the same input share its columns. */
 struct ggml_tensor *pie_q8_matmul(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *x) {
+    const uint8_t *tiles = takes(g->model, w, x) ? prepared_tiles(g->model, w) : NULL;
+    if (!tiles) return NULL;
     struct ggml_context *ctx = g->ctx;
     if (x != g->q8_input) {
         struct ggml_tensor *src[1] = { x->nb[0] == sizeof(float) ? x : ggml_cont(ctx, x) };
         g->q8_input = x;
-        g->q8_columns = ggml_custom_4d(ctx, GGML_TYPE_I8, column_bytes(x->ne[0]), x->ne[1], 1, 1, src, 1,
+        g->q8_columns = ggml_custom_4d(ctx, GGML_TYPE_I8, (int64_t)column_bytes(x->ne[0] / BLOCK), x->ne[1], 1, 1, src, 1,
                                        quantize_columns, GGML_N_TASKS_MAX, NULL); /* [column_bytes, n] */
     }
     struct ggml_tensor *args[2] = { w, g->q8_columns };
     return ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], x->ne[1], 1, 1, args, 2, multiply_columns, GGML_N_TASKS_MAX,
-                          NULL); /* [n_out, n] */
+                          (void *)tiles); /* [n_out, n] */
 }
 
 #else
 
 struct ggml_tensor *pie_q8_matmul(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *x) {
-    return ggml_mul_mat(g->ctx, w, x);
+    (void)g; (void)w; (void)x;
+    return NULL;
 }
 
 #endif

@@ -130,7 +130,8 @@ int32_t pie_kernel_switch(enum ggml_type type, bool repacked) {
  *     alone), narrow spans in products of fewer columns than the switch (vec_dot, gemv), joined.
  */
 struct ggml_tensor *pie_matmul(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *x) {
-    if (pie_q8_kernel_takes(g->model, w, x)) return pie_q8_matmul(g, w, x); /* invariant by construction */
+    struct ggml_tensor *q8 = pie_q8_matmul(g, w, x); /* invariant by construction */
+    if (q8) return q8;
     struct ggml_context *ctx = g->ctx;
     const bool repacked = w->buffer && w->buffer == g->model->buf_repack;
     const int64_t k = pie_kernel_switch(w->type, repacked), n = x->ne[1];
