@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Annotated
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 server = MCPServer("pie-local-test-tools", log_level="WARNING")
 
@@ -19,8 +20,13 @@ class Point(BaseModel):
     y: int
 
 
+# bounded, as real tools' schemas often are: the constraint then ends each number within 7
+# characters (an unbounded integer lets a base model write digits until max_tokens)
+Small = Annotated[int, Field(ge=-999_999, le=999_999)]
+
+
 @server.tool()
-def add(a: int, b: int) -> int:
+def add(a: Small, b: Small) -> int:
     """Add two integers."""
     return a + b
 

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.real_driver
 
 PAGE = 16
 # device "cpu": the comparison with llama.cpp (weights on the CPU) assumes the same kernels
-PARAMS = DriverParams(n_threads=2, page_size=PAGE, n_pages=8, device="cpu", repack=False, q8_kernels=False)
+PARAMS = DriverParams(n_threads=2, page_size=PAGE, n_pages=8, device="cpu", repack=False, own_kernels=False)
 TOKENS = [1, 300, 301, 302, 303, 304, 305]
 OUTPUTS = [2, 6]
 

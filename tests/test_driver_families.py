@@ -36,7 +36,7 @@ TOKENS = [1] + np.random.default_rng(5).integers(3, 500, 33).tolist()  # 34: pas
 
 def one_request(path: Path, tokens: list[int], n_pages: int = 32, start: int = 0) -> np.ndarray:
     """Logits of every row of one request in one pass through the driver."""
-    with Driver(path, DriverParams(n_threads=2, page_size=PAGE, n_pages=n_pages, repack=False, q8_kernels=False)) as drv:
+    with Driver(path, DriverParams(n_threads=2, page_size=PAGE, n_pages=n_pages, repack=False, own_kernels=False)) as drv:
         positions = list(range(start, start + len(tokens)))
         req = Req(tokens, list(range(-(-len(tokens) // PAGE))), len(tokens), positions=positions,
                   outputs=list(range(len(tokens))))

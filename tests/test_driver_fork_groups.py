@@ -6,7 +6,9 @@ member's own rows, each member's mask hiding the others' (pie_plan_group in inte
 results must be exactly what each request gets alone, and what it gets with its KV in one run of
 consecutive pages; a lone decode query over a long KV (which ggml would split over the threads)
 is given a dummy second row so it takes the same kernel as a grouped one. These comparisons are
-exact: the kernel skips hidden rows without a trace.
+exact: the kernel skips hidden rows without a trace. Every test runs on both attention kernels:
+the driver's own (attention_cpu.c, reading the pool in place) and ggml's flash attention over
+the group's copied runs (own_kernels off).
 """
 
 from __future__ import annotations
@@ -50,10 +52,19 @@ class Forks:
         return self.drv.forward(build_batch(reqs, PAGE)).logits
 
 
+def params(own_kernels: bool, n_pages: int = 256, **kw) -> DriverParams:
+    return DriverParams(n_threads=2, page_size=PAGE, n_pages=n_pages, own_kernels=own_kernels, **kw)
+
+
+@pytest.fixture(params=[True, False], ids=["own-attention", "ggml-attention"])
+def own_kernels(request) -> bool:
+    return request.param
+
+
 def fork_runs(path: Path, prompt: list[int], own: list[list[int]], steps: list[list[list[int]]],
-              together: bool) -> list[np.ndarray]:
+              together: bool, own_kernels: bool) -> list[np.ndarray]:
     """Every fork's logits at every step, the forks in one batch per step or each alone."""
-    with Driver(path, DriverParams(n_threads=2, page_size=PAGE, n_pages=512, max_batch_tokens=1024)) as drv:
+    with Driver(path, params(own_kernels, n_pages=512, max_batch_tokens=1024)) as drv:
         forks = Forks(drv, prompt, own)
         out: list[list[np.ndarray]] = [[] for _ in own]
         for step in steps:
@@ -84,28 +95,28 @@ def tiny(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("interleave", [False, True], ids=["own-blocks", "interleaved"])
-def test_forks_together_equal_each_alone(tiny: Path, interleave: bool) -> None:
+def test_forks_together_equal_each_alone(tiny: Path, interleave: bool, own_kernels: bool) -> None:
     rng = np.random.default_rng(3)
     prompt = rng.integers(3, 500, 45).tolist()  # 5 full pages + a tail of 5
     own = own_pages(5, 100, 6, interleave)
     # decode steps, then a step where forks verify drafts of different lengths
     steps = [[[int(t)] for t in rng.integers(3, 500, 5)] for _ in range(4)]
     steps.append([rng.integers(3, 500, 3).tolist() for _ in range(5)])
-    together = fork_runs(tiny, prompt, own, steps, together=True)
-    alone = fork_runs(tiny, prompt, own, steps, together=False)
+    together = fork_runs(tiny, prompt, own, steps, together=True, own_kernels=own_kernels)
+    alone = fork_runs(tiny, prompt, own, steps, together=False, own_kernels=own_kernels)
     for f in range(5):
         assert np.array_equal(together[f], alone[f]), f
     assert not np.allclose(together[0], together[1])  # different tokens, different logits
 
 
-def test_forks_equal_the_same_sequence_in_consecutive_pages(tiny: Path) -> None:
+def test_forks_equal_the_same_sequence_in_consecutive_pages(tiny: Path, own_kernels: bool) -> None:
     rng = np.random.default_rng(4)
     prompt = rng.integers(3, 500, 45).tolist()
     steps = [[[int(t)] for t in rng.integers(3, 500, 4)] for _ in range(3)]
-    grouped = fork_runs(tiny, prompt, own_pages(4, 100, 5, True), steps, together=True)
+    grouped = fork_runs(tiny, prompt, own_pages(4, 100, 5, True), steps, together=True, own_kernels=own_kernels)
     for f in range(4):  # fork f's whole sequence, prompt included, alone in pages of its own
         toks = prompt + [s[f][0] for s in steps]
-        with Driver(tiny, DriverParams(n_threads=2, page_size=PAGE, n_pages=256)) as drv:
+        with Driver(tiny, params(own_kernels)) as drv:
             base = 150
             drv.forward(build_batch([Req(prompt, list(range(base, base + 6)), len(prompt))], PAGE))
             rows = []
@@ -116,21 +127,21 @@ def test_forks_equal_the_same_sequence_in_consecutive_pages(tiny: Path) -> None:
         assert np.array_equal(grouped[f], np.concatenate(rows)), f
 
 
-def test_group_boundaries_and_masks(tiny: Path) -> None:
+def test_group_boundaries_and_masks(tiny: Path, own_kernels: bool) -> None:
     """A request between two forks splits them into two groups; a fork with a custom mask and a
     fork whose first run is longer than the shared part (its own pages follow the prefix's) stay
     exact too."""
     rng = np.random.default_rng(5)
     prompt = rng.integers(3, 500, 40).tolist()  # 5 full pages, no tail
     own = [[5, 6, 7], [60, 61, 62], [70, 71, 72]]  # fork 0's pages follow the prompt's: one longer run
-    with Driver(tiny, DriverParams(n_threads=2, page_size=PAGE, n_pages=256)) as drv:
+    with Driver(tiny, params(own_kernels)) as drv:
         forks = Forks(drv, prompt, own)
         other = Req(rng.integers(3, 500, 4).tolist(), [200], 4, outputs=[3])
         toks = [[int(t)] for t in rng.integers(3, 500, 3)]
         mask = [0, 10, 5, 26]  # fork 2 hides prompt rows 10..14
         reqs = [forks.req(0, toks[0]), other, forks.req(1, toks[1]), forks.req(2, toks[2], mask=mask)]
         batch = forks.step(reqs)
-    with Driver(tiny, DriverParams(n_threads=2, page_size=PAGE, n_pages=256)) as drv:
+    with Driver(tiny, params(own_kernels)) as drv:
         forks = Forks(drv, prompt, own)
         alone = [forks.step([r]) for r in reqs]
     assert np.array_equal(batch[0], alone[0][0])
@@ -139,14 +150,14 @@ def test_group_boundaries_and_masks(tiny: Path) -> None:
     assert np.array_equal(batch[3], alone[3][0])
 
 
-def test_starter_forks_past_the_window_equal_each_alone(starter_gguf: Path) -> None:
+def test_starter_forks_past_the_window_equal_each_alone(starter_gguf: Path, own_kernels: bool) -> None:
     """The starter's sliding-window layers (512 rows) and a KV past the length from which ggml
     splits a lone query's KV over the threads: forks together, each alone, bit for bit."""
     rng = np.random.default_rng(6)
     prompt = rng.integers(10, 5000, 530).tolist()  # 66 full pages + a tail of 2
     own = own_pages(4, 120, 4, interleave=True)
     steps = [[[int(t)] for t in rng.integers(10, 5000, 4)] for _ in range(3)]
-    together = fork_runs(starter_gguf, prompt, own, steps, together=True)
-    alone = fork_runs(starter_gguf, prompt, own, steps, together=False)
+    together = fork_runs(starter_gguf, prompt, own, steps, together=True, own_kernels=own_kernels)
+    alone = fork_runs(starter_gguf, prompt, own, steps, together=False, own_kernels=own_kernels)
     for f in range(4):
         assert np.array_equal(together[f], alone[f]), f

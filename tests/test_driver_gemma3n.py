@@ -30,7 +30,7 @@ from pie_local.driver import Driver, DriverError, DriverParams
 pytestmark = [pytest.mark.real_driver]
 
 PAGE = 8
-PARAMS = DriverParams(n_threads=2, page_size=PAGE, n_pages=16, device="cpu")
+PARAMS = DriverParams(n_threads=2, page_size=PAGE, n_pages=16, device="cpu", own_kernels=False)  # ggml's, as llama.cpp
 TOL = EXACT  # measured 0: see the module docstring
 
 
@@ -92,7 +92,7 @@ def test_activations_equal_llama_cpp(path: Path) -> None:
     per-layer inputs, LAuReL, Q/K/V after their norms and RoPE, the shared layers' attention),
     equals llama.cpp's; reading them changes no result."""
     tokens, rows = prompt(12, seed=11), [10, 11]  # two sampled rows: see test_driver_activations.py
-    params = DriverParams(n_threads=2, page_size=PAGE, n_pages=16, device="cpu", repack=False)
+    params = DriverParams(n_threads=2, page_size=PAGE, n_pages=16, device="cpu", repack=False, own_kernels=False)
     with Driver(path, params) as drv:
         plain = drv.forward(build_batch([Req(tokens, [0, 1], 12, outputs=rows)], PAGE)).logits
         with drv.activations() as ours:
@@ -189,7 +189,8 @@ def test_shared_layers_on_a_worker_read_the_kv_here(path: Path) -> None:
     """Layers 19-24 on an RPC worker, 0-18 here: the worker holds layer 19's KV only, its sliding
     shared layers read layer 18's KV from this process, and the logits equal a local run's."""
     tokens = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]
-    params = {"n_threads": 1, "page_size": PAGE, "n_pages": 16, "repack": False}
+    # ggml's kernels on both sides: the worker runs ggml's, so the local run must too
+    params = {"n_threads": 1, "page_size": PAGE, "n_pages": 16, "repack": False, "own_kernels": False}
 
     def generate(drv: Driver) -> list[np.ndarray]:
         seq, feed, out = SeqState(range(16), PAGE), tokens, []

@@ -87,7 +87,7 @@ PAGE = 16
 
 @pytest.fixture(scope="module")
 def starter(starter_gguf):
-    params = DriverParams(n_threads=2, page_size=PAGE, n_pages=96, max_batch_tokens=512, repack=False, q8_kernels=False)
+    params = DriverParams(n_threads=2, page_size=PAGE, n_pages=96, max_batch_tokens=512, repack=False, own_kernels=False)
     with Driver(starter_gguf, params) as driver:
         yield driver
 
@@ -271,7 +271,7 @@ def test_tiny_model_logits_match(tmp_path_factory, record_property, arch: str, q
     rng = np.random.default_rng(zlib.crc32(f"{arch}-{quant}".encode()))
     with (
         LlamaRef(path, n_ctx=256, n_seq_max=2) as ref,
-        Driver(path, DriverParams(n_threads=2, page_size=page, n_pages=32, repack=False, q8_kernels=False)) as drv,
+        Driver(path, DriverParams(n_threads=2, page_size=page, n_pages=32, repack=False, own_kernels=False)) as drv,
     ):
         n_vocab = drv.info.n_vocab
         assert n_vocab == ref.n_vocab and drv.info.arch == arch
@@ -305,7 +305,8 @@ def test_tiny_model_logits_match(tmp_path_factory, record_property, arch: str, q
 @pytest.mark.parametrize("arch", ["qwen3", "gemma3", "gemma3n"])  # q8_0 KV needs head_dim % 32 == 0
 def test_tiny_q8_kv_and_hidden_states_match(tmp_path_factory, record_property, arch: str) -> None:
     """One 26-token request, its final hidden states and its logits with an f16 and a q8_0 KV
-    pool: exact (the same kernels on the same values, the KV quantized by the same code)."""
+    pool: exact (ggml's kernels on the same values, own_kernels off; the KV quantized by the same
+    code)."""
     path = tiny_gguf(tmp_path_factory, arch)
     page = 8
     tokens = [1] + np.random.default_rng(3).integers(3, 500, 25).tolist()
@@ -313,7 +314,7 @@ def test_tiny_q8_kv_and_hidden_states_match(tmp_path_factory, record_property, a
     with LlamaRef(path, n_ctx=256, embeddings=True) as ref:
         ref_logits = ref.logits(tokens)
         ref_hidden = ref.hidden(rows)
-    with Driver(path, DriverParams(n_threads=2, page_size=page, n_pages=8)) as drv:
+    with Driver(path, DriverParams(n_threads=2, page_size=page, n_pages=8, own_kernels=False)) as drv:
         res = drv.forward(build_batch([SeqState(range(8), page).req(tokens, outputs="all")], page, return_hidden=True))
     assert res.hidden.shape == ref_hidden.shape
     hidden_diff = float(np.abs(res.hidden - ref_hidden).max())
@@ -323,7 +324,7 @@ def test_tiny_q8_kv_and_hidden_states_match(tmp_path_factory, record_property, a
 
     with LlamaRef(path, n_ctx=256, kv_type="q8_0", flash_attn=True) as ref:
         ref_q8 = ref.logits(tokens)
-    with Driver(path, DriverParams(n_threads=2, page_size=page, n_pages=8, kv_type="q8_0")) as drv:
+    with Driver(path, DriverParams(n_threads=2, page_size=page, n_pages=8, kv_type="q8_0", own_kernels=False)) as drv:
         assert drv.info.kv_type == "q8_0"
         got = drv.forward(build_batch([SeqState(range(8), page).req(tokens, outputs="all")], page)).logits
     compare(record_property, f"tiny.{arch}.q8kv", got, ref_q8, EXACT)
@@ -345,7 +346,7 @@ def test_rope_scaling_matches_llama_cpp(tmp_path_factory, record_property) -> No
         path = tiny_gguf(tmp_path_factory, "qwen2", rope_scaling=scaling, rope_factor=4.0, rope_orig_ctx=128)
         with LlamaRef(path, n_ctx=512) as ref:
             want = ref.logits(tokens, start_pos=positions[0])
-        with Driver(path, DriverParams(n_threads=2, page_size=8, n_pages=8)) as drv:
+        with Driver(path, DriverParams(n_threads=2, page_size=8, n_pages=8, own_kernels=False)) as drv:
             req = Req(tokens, list(range(5)), len(tokens), positions=positions, outputs=list(range(len(tokens))))
             got[scaling] = drv.forward(build_batch([req], 8)).logits
         compare(record_property, f"tiny.rope_{scaling}", got[scaling], want, EXACT)

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.real_driver
 PAGE = 8
 # Compared exactly with llama.cpp's plain weights: repacked dense matrices (q4_k attention here)
 # multiply with other kernels (tests/test_driver_repack.py checks repacking against llama.cpp's own).
-PARAMS = DriverParams(n_threads=2, page_size=PAGE, n_pages=64, max_batch_tokens=256, repack=False, q8_kernels=False)
+PARAMS = DriverParams(n_threads=2, page_size=PAGE, n_pages=64, max_batch_tokens=256, repack=False, own_kernels=False)
 # Wide enough for k-quant experts (rows of whole 256-element blocks).
 WIDE = {"n_embd": 256, "n_ff": 512, "head_dim": 64, "n_ff_exp": 256}
 

@@ -51,9 +51,9 @@ def model(tmp_path: Path, arch: str, pooling: str = "mean", **kw: object) -> Pat
 
 
 def params(**kw: object) -> DriverParams:
-    # ggml's kernels on both sides: the driver's own q8_0/q5_0 kernels (q8_kernels, on by default)
+    # ggml's kernels on both sides: the driver's own kernels (own_kernels, on by default)
     # sum in another float order (tests/test_matmul_q8.py), which exact comparisons cannot take
-    return DriverParams(n_threads=2, page_size=8, n_pages=64, device="cpu", q8_kernels=False, **kw)
+    return DriverParams(n_threads=2, page_size=8, n_pages=64, device="cpu", own_kernels=False, **kw)
 
 
 def engine_for(path: Path, **kw: object) -> Engine:

@@ -45,7 +45,8 @@ def llama_cpp_embeddings(path: Path, pooling: str, texts: list[str]) -> tuple[np
 
 
 def engine_for(path: Path) -> Engine:
-    params = DriverParams(n_threads=2, page_size=8, n_pages=64, device="cpu")
+    # ggml's kernels, as llama.cpp runs them: the comparison is exact
+    params = DriverParams(n_threads=2, page_size=8, n_pages=64, device="cpu", own_kernels=False)
     driver = Driver(path, params)
     return Engine(driver=driver, config=EngineConfig(driver=params), tokenizer=Tokenizer.from_gguf(path),
                   chat_template=FakeChatTemplate())

@@ -48,7 +48,7 @@ def gemma(tmp_path_factory: pytest.TempPathFactory):
 def _params(**kw) -> DriverParams:
     # plain weights: a worker's layers multiply the file's layout (ggml's RPC server has no repacked
     # buffer type), so the local run compared bit for bit holds its weights the same way
-    return DriverParams(n_threads=1, page_size=PAGE, n_pages=16, repack=False, q8_kernels=False, **kw)
+    return DriverParams(n_threads=1, page_size=PAGE, n_pages=16, repack=False, own_kernels=False, **kw)
 
 
 def _generate(drv: Driver, prompt: list[int], steps: int) -> list[np.ndarray]:

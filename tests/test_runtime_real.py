@@ -37,7 +37,7 @@ async def test_greedy_generation_equals_llama_cpp(starter_gguf):
     n_new = 24
     # plain weights and ggml's kernels, as the reference: a 6-token prompt takes gemv on the repacked
     # q4_K matrices here and vec_dot there (repacked weights: test_driver_repack.py)
-    async with engine_for(starter_gguf, repack=False, q8_kernels=False) as engine:
+    async with engine_for(starter_gguf, repack=False, own_kernels=False) as engine:
         ctx = engine.context()
         ctx.fill(PROMPT)
         prompt_ids = ctx.token_ids

@@ -28,12 +28,12 @@ ONE_TOKEN = {"model": MODEL, "messages": USER, "max_tokens": 1}
 # Starter embeddings against llama.cpp's mean pooling (Q4_K_M), both sides with repacked weights
 # (the server's default; llama.cpp's extra buffer types). With ggml's kernels on both sides the unit
 # vectors differed by 6.0e-8 (one float32 ulp near 1) for inputs of 3 and 23 tokens. The server's
-# defaults also multiply the q8_0/q5_0 matrices with the driver's own kernels (q8_kernels), which
-# sum the same integer dots in another float order; the 18 layers amplify that to a measured max
-# |diff| of 4.5e-3 (cosine similarity above 0.99998). 2e-2 leaves room for other inputs; a wrong
-# pooling, token or norm is off by more than 0.1. The exact comparison with ggml's kernels pinned:
-# tests/test_embeddings_real.py.
-EMBED_TOL = 2e-2
+# defaults also run the driver's own kernels (own_kernels): q8_0/q5_0 products summing the same
+# integer dots in another float order (alone: measured max |diff| 4.5e-3) and attention summing V
+# in float32 where ggml sums in fp16 (with both: 1.1e-2); the 18 layers amplify that rounding.
+# 3e-2 leaves room for other inputs; a wrong pooling, token or norm is off by more than 0.1. The
+# exact comparison with ggml's kernels pinned: tests/test_embeddings_real.py.
+EMBED_TOL = 3e-2
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ one pass first (page the mapped weights in, size compute buffers).
 Each side at its best: llama.cpp through llama-cpp-python's low-level API with its extra buffer
 types (repacked weights) wherever machine.extra_bufts_safe() finds AMX absent or usable (ggml's
 AMX weight buffer crashes on CPUs that advertise AMX inside VMs that do not enable it), pie with
-its CPU_REPACK weights (DriverParams.repack) and its own q8_0/q5_0 kernels (q8_kernels); --plain
+its CPU_REPACK weights (DriverParams.repack) and its own kernels (own_kernels); --plain
 loads both with plain weights and ggml's kernels. llama.cpp's logs go to
 Python logging the way pie-local routes them; its side lives in baseline.py.
 
@@ -55,7 +55,7 @@ class PieSide:
         from pie_local.driver import Driver, DriverParams
 
         self.driver = Driver(path, DriverParams(n_threads=threads, page_size=page_size, n_pages=n_pages, repack=repack,
-                                                       q8_kernels=repack))
+                                                own_kernels=repack))
         self.n_repacked = self.driver.info.n_repacked
         self.page_size = page_size
         self.n_vocab = self.driver.info.n_vocab

@@ -47,7 +47,7 @@ class ModelParams(C.Structure):
         ("max_batch_kv", C.c_int32),
         ("use_mmap", C.c_int32),
         ("repack", C.c_int32),
-        ("q8_kernels", C.c_int32),
+        ("own_kernels", C.c_int32),
         ("n_gpu_layers", C.c_int32),
         ("rpc", C.c_char * 256),
         ("tensor_split", C.c_float * MAX_DEVICES),

@@ -52,7 +52,7 @@ def c_params(lib: C.CDLL, p: DriverParams) -> _ffi.ModelParams:
     cp.max_batch_kv = p.max_batch_kv
     cp.use_mmap = int(p.use_mmap)
     cp.repack = int(p.repack)
-    cp.q8_kernels = int(p.q8_kernels)
+    cp.own_kernels = int(p.own_kernels)
     cp.n_gpu_layers = p.n_gpu_layers
     cp.rpc = rpc
     for i, share in enumerate(p.tensor_split):

@@ -107,10 +107,12 @@ typedef struct {
     int32_t repack;           /* on the CPU, store the matrices ggml's CPU_REPACK kernels take
                                  interleaved for them (copied, not mapped); the load probes each
                                  weight and logs why repacking is on or off (default 1)       */
-    int32_t q8_kernels;       /* on x86 CPUs with AVX-512 VNNI, multiply q8_0 and q5_0 weights
-                                 with the driver's own kernels (every column alone, ggml's
-                                 integer dots summed in another float order) instead of ggml's:
-                                 much faster for batches (default 1)                          */
+    int32_t own_kernels;      /* on x86 CPUs with AVX-512, the driver's own CPU kernels instead
+                                 of ggml's: q8_0 and q5_0 products (with VNNI; ggml's integer
+                                 dots, summed in another float order) and attention over an f16
+                                 KV pool (read in place, summed in float32 where ggml sums V in
+                                 fp16). Batch-invariant and much faster for batches; 0 = ggml's
+                                 kernels everywhere, as llama.cpp runs them (default 1)        */
     int32_t n_gpu_layers;     /* layers on the offload devices (GPUs, RPC workers), counted from
                                  the last; n_layer + 1 puts the output head there too; 0 = all on
                                  the CPU; -1 = as many as fit in their free memory (default)    */

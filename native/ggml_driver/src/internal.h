@@ -27,7 +27,8 @@
 /* ------------------------------------------------------------------------------------------ */
 
 typedef struct pie_arch pie_arch;
-typedef struct pie_q8_store pie_q8_store; /* matmul_q8.c */
+typedef struct pie_q8_store pie_q8_store;     /* matmul_q8.c */
+typedef struct pie_attn_store pie_attn_store; /* attention_cpu.c */
 
 typedef struct {
     const pie_arch *arch;
@@ -338,8 +339,11 @@ struct pie_model {
     struct ggml_context  *ctx_w;
     ggml_backend_buffer_t buf_repack; /* the CPU_REPACK weights (one of place.buf, not owned here), or NULL */
     int32_t n_repacked;               /* matrices stored there (loader.c)                        */
+    pie_attn_store *attn_cpu;         /* attention on the CPU takes attention_cpu.c's kernel, its
+                                         scratch here (params.own_kernels and an AVX-512 CPU;
+                                         driver.c), else NULL                                     */
     pie_q8_store *q8;                 /* q8_0 / q5_0 products on the CPU take matmul_q8.c's kernels,
-                                         which keep their prepared matrices here (params.q8_kernels
+                                         which keep their prepared matrices here (params.own_kernels
                                          and an AVX-512 VNNI CPU; loader.c), else NULL           */
     void   *map_addr;  /* mmap of the file when weights are used in place, else NULL          */
     size_t  map_size;
@@ -554,13 +558,21 @@ struct ggml_tensor *pie_matmul_id(pie_graph *g, struct ggml_tensor *w, struct gg
 int32_t pie_kernel_switch_id(enum ggml_type type);
 void pie_graph_finish(pie_graph *g, struct ggml_tensor *x);
 
-/* matmul_q8.c: q8_0 and q5_0 products on x86 CPUs with AVX-512 VNNI (params.q8_kernels) */
+/* matmul_q8.c: q8_0 and q5_0 products on x86 CPUs with AVX-512 VNNI (params.own_kernels) */
 bool pie_q8_kernels_cpu(void);
 int32_t pie_q8_open(pie_model *m);
 void pie_q8_free(pie_model *m);
 void pie_q8_log_prepared(const pie_model *m); /* how many matrices, how much memory */
 /* w x through these kernels, or NULL when they do not take w (pie_matmul then uses ggml's) */
 struct ggml_tensor *pie_q8_matmul(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *x);
+
+/* attention_cpu.c: paged attention on x86 CPUs with AVX-512 (params.own_kernels) */
+bool pie_attn_cpu_supported(void);
+int32_t pie_attn_cpu_open(pie_model *m, int32_t n_threads, int64_t max_kv);
+void pie_attn_cpu_free(pie_model *m);
+/* [head_dim_v, n_head, n_tokens], or NULL when the kernel does not take the layer */
+struct ggml_tensor *pie_attn_cpu(pie_graph *g, int il, struct ggml_tensor *q, struct ggml_tensor *kp,
+                                 struct ggml_tensor *vp, float kq_scale);
 
 /* models/moe.c: the feed-forward block (SwiGLU, or routed experts when the layer has a router);
  * x: [n_embd, n] after the FFN norm -> [n_embd, n] */

@@ -884,7 +884,7 @@ static int32_t place_weights(pie_model *m, const struct gguf_context *g, FILE *f
     free(ts);
     free(dev);
     /* the q8_0 and q5_0 products the CPU runs take matmul_q8.c's kernels where it has AVX-512 VNNI */
-    if (st == PIE_OK && m->params.q8_kernels && ggml_backend_dev_type(m->place.dev[cpu]) == GGML_BACKEND_DEVICE_TYPE_CPU &&
+    if (st == PIE_OK && m->params.own_kernels && ggml_backend_dev_type(m->place.dev[cpu]) == GGML_BACKEND_DEVICE_TYPE_CPU &&
         pie_q8_kernels_cpu())
         st = pie_q8_open(m);
     return st;

@@ -360,6 +360,8 @@ struct ggml_tensor *pie_attention(pie_graph *g, int il, struct ggml_tensor *q, s
         kp = g->kv_k[hp->kv_layer[il]];
         vp = g->kv_v[hp->kv_layer[il]];
     }
+    struct ggml_tensor *own = pie_attn_cpu(g, il, q, kp, vp, kq_scale); /* [head_dim_v, n_head, nt] */
+    if (own) return ggml_reshape_2d(ctx, own, hp->head_dim_v * hp->n_head, nt);
     struct ggml_tensor *mask = hp->is_swa[il] && g->mask_swa ? g->mask_swa : g->mask;
 
     /* the dummy row of a padded query steers ggml's CPU kernel (PIE_SPLIT_KV_ROWS); other devices
