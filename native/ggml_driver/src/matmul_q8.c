@@ -42,7 +42,8 @@
 enum {
     BLOCK = 32,                       /* values per block (q8_0 and q5_0 alike)               */
     TILE = 16,                        /* weight rows per tile: one int32 lane each            */
-    TILE_BLOCK = TILE * BLOCK,        /* bytes of one block of a tile's values                */
+    Q8_BLOCK = TILE * BLOCK,          /* bytes of one block of a q8_0 tile's values: a byte each */
+    Q5_BLOCK = TILE * BLOCK / 2 + TILE * BLOCK / 8, /* q5_0: a nibble and a bit each          */
     GROUP = 8,                        /* columns multiplied against a tile at once            */
     ALIGN = 64,
 };
@@ -62,8 +63,15 @@ struct pie_q8_store {
 
 static size_t pad(size_t n) { return (n + ALIGN - 1) / ALIGN * ALIGN; }
 
-/* A tile: nb blocks of 16 x 32 values, then nb x 16 fp16 scales. */
-static size_t tile_bytes(int64_t nb) { return pad((size_t)nb * (TILE_BLOCK + TILE * sizeof(ggml_fp16_t))); }
+/* A tile: nb blocks of 16 rows' values (block_bytes each), then nb x 16 fp16 scales. A block's
+ * values form 8 registers, register j holding values 4j .. 4j+3 of each row (row r in bytes
+ * 4r .. 4r+3), each as q + 128. q8_0 stores the 8 registers as they are; q5_0, to read no more
+ * than its file does, stores q + 16 as a low nibble (registers j and j + 4 share bytes: j in the
+ * low half) and a fifth bit (64 bits per register, after the nibbles). */
+static size_t block_bytes(enum ggml_type type) { return type == GGML_TYPE_Q8_0 ? Q8_BLOCK : Q5_BLOCK; }
+static size_t tile_bytes(enum ggml_type type, int64_t nb) {
+    return pad((size_t)nb * (block_bytes(type) + TILE * sizeof(ggml_fp16_t)));
+}
 
 /* A quantized column: nb x 32 signed values, nb int32 starts (-128 x the block's sum), nb
  * float scales. */
@@ -123,19 +131,35 @@ Q8_TARGET static inline __m256i block_values(enum ggml_type type, const uint8_t 
     return _mm256_sub_epi8(_mm256_or_si256(low, fifth), _mm256_set1_epi8(16));
 }
 
-/* rows (<= 16) weight rows -> one tile. Rows past the matrix stay zero (128, scale 0). */
+/* rows (<= 16) weight rows -> one tile. Rows past the matrix stay zero (value 0, scale 0). */
 Q8_TARGET static void prepare_tile(uint8_t *tile, const struct ggml_tensor *w, int64_t r0, int rows, int64_t nb) {
-    const size_t block_bytes = ggml_type_size(w->type);
-    uint8_t *scales = tile + nb * TILE_BLOCK;
-    memset(tile, 128, (size_t)nb * TILE_BLOCK);
+    const size_t in_bytes = ggml_type_size(w->type), out_bytes = block_bytes(w->type);
+    const bool q8 = w->type == GGML_TYPE_Q8_0;
+    uint8_t *scales = tile + nb * out_bytes;
+    memset(tile, q8 ? 128 : 0x00, (size_t)nb * out_bytes);
+    if (!q8) /* the padding rows' q5_0 zero: q + 16 = 16, a fifth bit */
+        for (int64_t b = 0; b < nb; b++)
+            for (int i = rows * 4; i < 64; i++)
+                for (int j = 0; j < 8; j++) tile[b * out_bytes + 256 + j * 8 + i / 8] |= (uint8_t)(1u << (i % 8));
     memset(scales, 0, (size_t)nb * TILE * sizeof(ggml_fp16_t));
     for (int r = 0; r < rows; r++) {
         const uint8_t *row = (const uint8_t *)w->data + (r0 + r) * w->nb[1];
         for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *blk = row + b * block_bytes;
-            uint8_t v[BLOCK];
+            const uint8_t *blk = row + b * in_bytes;
+            uint8_t *out = tile + b * out_bytes;
+            uint8_t v[BLOCK]; /* q + 128 */
             _mm256_storeu_si256((__m256i *)v, _mm256_xor_si256(block_values(w->type, blk), _mm256_set1_epi8((char)0x80)));
-            for (int j = 0; j < BLOCK / 4; j++) memcpy(tile + b * TILE_BLOCK + j * 64 + r * 4, v + 4 * j, 4);
+            for (int j = 0; j < BLOCK / 4; j++)
+                for (int i = 0; i < 4; i++) {
+                    const int at = r * 4 + i; /* the value's byte in register j */
+                    if (q8) {
+                        out[j * 64 + at] = v[4 * j + i];
+                    } else {
+                        const uint8_t q16 = (uint8_t)(v[4 * j + i] - 112); /* q + 16: 0 .. 31 */
+                        out[(j % 4) * 64 + at] |= (uint8_t)((q16 & 0x0F) << (j < 4 ? 0 : 4));
+                        if (q16 & 0x10) out[256 + j * 8 + at / 8] |= (uint8_t)(1u << (at % 8));
+                    }
+                }
             memcpy(scales + (b * TILE + r) * sizeof(ggml_fp16_t), blk, sizeof(ggml_fp16_t)); /* d */
         }
     }
@@ -163,11 +187,11 @@ static const uint8_t *prepared_tiles(const pie_model *m, const struct ggml_tenso
         s->cap = cap;
     }
     const int64_t nb = w->ne[0] / BLOCK, n_tiles = (w->ne[1] + TILE - 1) / TILE;
-    const size_t bytes = (size_t)n_tiles * tile_bytes(nb);
+    const size_t bytes = (size_t)n_tiles * tile_bytes(w->type, nb);
     uint8_t *tiles = aligned_alloc(ALIGN, bytes);
     if (tiles) {
         for (int64_t t = 0; t < n_tiles; t++)
-            prepare_tile(tiles + t * tile_bytes(nb), w, t * TILE, (int)(w->ne[1] - t * TILE < TILE ? w->ne[1] - t * TILE : TILE), nb);
+            prepare_tile(tiles + t * tile_bytes(w->type, nb), w, t * TILE, (int)(w->ne[1] - t * TILE < TILE ? w->ne[1] - t * TILE : TILE), nb);
         release_mapped(m, w->data, ggml_nbytes(w));
         s->bytes += bytes;
     } else {
@@ -212,30 +236,49 @@ static void quantize_columns(struct ggml_tensor *dst, int ith, int nth, void *us
 /* The product                                                                                */
 /* ------------------------------------------------------------------------------------------ */
 
+/* Block b's 8 registers of values (q + 128). */
+Q8_TARGET static inline __attribute__((always_inline)) void
+block_registers(__m512i w[8], enum ggml_type type, const uint8_t *v) {
+    if (type == GGML_TYPE_Q8_0) {
+        for (int j = 0; j < 8; j++) w[j] = _mm512_load_si512((const void *)(v + j * 64));
+        return;
+    }
+    const __m512i low = _mm512_set1_epi8(0x0F), to128 = _mm512_set1_epi8(112), fifth = _mm512_set1_epi8(16);
+    for (int j = 0; j < 4; j++) {
+        const __m512i pair = _mm512_load_si512((const void *)(v + j * 64));
+        w[j] = _mm512_and_si512(pair, low);
+        w[j + 4] = _mm512_and_si512(_mm512_srli_epi16(pair, 4), low);
+    }
+    for (int j = 0; j < 8; j++) {
+        uint64_t bits;
+        memcpy(&bits, v + 256 + j * 8, sizeof(bits));
+        w[j] = _mm512_mask_add_epi8(_mm512_add_epi8(w[j], to128), _cvtu64_mask64(bits), _mm512_add_epi8(w[j], to128), fifth);
+    }
+}
+
 /* One tile's 16 rows times C columns: out[c][0..rows). Each column's lanes run the same
  * instructions in the same order whatever C is. */
 Q8_TARGET static inline __attribute__((always_inline)) void
-multiply_group(const uint8_t *tile, int64_t nb, const int8_t *const *cols, int C, float *const *out, int rows) {
-    const uint8_t *scales = tile + nb * TILE_BLOCK;
+multiply_group(enum ggml_type type, const uint8_t *tile, int64_t nb, const int8_t *const *cols, int C, float *const *out,
+               int rows) {
+    const uint8_t *scales = tile + nb * block_bytes(type);
     __m512 acc[GROUP];
     for (int c = 0; c < C; c++) acc[c] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const __m512 dw = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(scales + b * TILE * sizeof(ggml_fp16_t)))); /* 16 rows' d */
-        __m512i dot[GROUP];
+        __m512i w[8], dot[GROUP];
+        block_registers(w, type, tile + b * block_bytes(type));
         for (int c = 0; c < C; c++) {
             int32_t start;
             memcpy(&start, cols[c] + nb * BLOCK + b * sizeof(int32_t), sizeof(start));
             dot[c] = _mm512_set1_epi32(start);
         }
-        const uint8_t *v = tile + b * TILE_BLOCK;
-        for (int j = 0; j < BLOCK / 4; j++) {
-            const __m512i wj = _mm512_load_si512((const void *)(v + j * 64)); /* values 4j..4j+3 of 16 rows */
+        for (int j = 0; j < BLOCK / 4; j++) /* values 4j .. 4j+3 of 16 rows times those of each column */
             for (int c = 0; c < C; c++) {
                 int32_t x4;
                 memcpy(&x4, cols[c] + b * BLOCK + 4 * j, sizeof(x4));
-                dot[c] = _mm512_dpbusd_epi32(dot[c], wj, _mm512_set1_epi32(x4));
+                dot[c] = _mm512_dpbusd_epi32(dot[c], w[j], _mm512_set1_epi32(x4));
             }
-        }
         for (int c = 0; c < C; c++) {
             float dx;
             memcpy(&dx, cols[c] + nb * (BLOCK + sizeof(int32_t)) + b * sizeof(float), sizeof(dx));
@@ -246,10 +289,19 @@ multiply_group(const uint8_t *tile, int64_t nb, const int8_t *const *cols, int C
     for (int c = 0; c < C; c++) _mm512_mask_storeu_ps(out[c], keep, acc[c]);
 }
 
-/* The group size as a constant, so the compiler keeps dots and sums in registers. */
-Q8_TARGET static void multiply(const uint8_t *tile, int64_t nb, const int8_t *const *cols, int C, float *const *out, int rows) {
-#define GROUP_OF(c) case c: multiply_group(tile, nb, cols, c, out, rows); return;
-    switch (C) { GROUP_OF(1) GROUP_OF(2) GROUP_OF(3) GROUP_OF(4) GROUP_OF(5) GROUP_OF(6) GROUP_OF(7) GROUP_OF(8) }
+/* The type and group size as constants, so the compiler keeps dots and sums in registers. */
+Q8_TARGET static void multiply(enum ggml_type type, const uint8_t *tile, int64_t nb, const int8_t *const *cols, int C,
+                               float *const *out, int rows) {
+#define GROUP_OF(t, c) case c: multiply_group(t, tile, nb, cols, c, out, rows); return;
+    if (type == GGML_TYPE_Q8_0) {
+        switch (C) { GROUP_OF(GGML_TYPE_Q8_0, 1) GROUP_OF(GGML_TYPE_Q8_0, 2) GROUP_OF(GGML_TYPE_Q8_0, 3)
+                     GROUP_OF(GGML_TYPE_Q8_0, 4) GROUP_OF(GGML_TYPE_Q8_0, 5) GROUP_OF(GGML_TYPE_Q8_0, 6)
+                     GROUP_OF(GGML_TYPE_Q8_0, 7) GROUP_OF(GGML_TYPE_Q8_0, 8) }
+    } else {
+        switch (C) { GROUP_OF(GGML_TYPE_Q5_0, 1) GROUP_OF(GGML_TYPE_Q5_0, 2) GROUP_OF(GGML_TYPE_Q5_0, 3)
+                     GROUP_OF(GGML_TYPE_Q5_0, 4) GROUP_OF(GGML_TYPE_Q5_0, 5) GROUP_OF(GGML_TYPE_Q5_0, 6)
+                     GROUP_OF(GGML_TYPE_Q5_0, 7) GROUP_OF(GGML_TYPE_Q5_0, 8) }
+    }
 #undef GROUP_OF
 }
 
@@ -271,7 +323,7 @@ Q8_TARGET static void multiply_columns(struct ggml_tensor *dst, int ith, int nth
                 cols[j] = (const int8_t *)xq->data + (c + j) * xq->nb[1];
                 out[j] = (float *)((char *)dst->data + (c + j) * dst->nb[1]) + t * TILE;
             }
-            multiply(tiles + t * tile_bytes(nb), nb, cols, C, out, rows);
+            multiply(w->type, tiles + t * tile_bytes(w->type, nb), nb, cols, C, out, rows);
         }
     }
 }
