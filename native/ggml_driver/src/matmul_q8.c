@@ -236,6 +236,19 @@ static void quantize_columns(struct ggml_tensor *dst, int ith, int nth, void *us
 /* The product                                                                                */
 /* ------------------------------------------------------------------------------------------ */
 
+/* acc + the 16 lanes' 4-byte dots of w (unsigned) with the 4 signed bytes at x, broadcast by the
+ * instruction itself (compilers load the broadcast separately: twice the instructions). */
+Q8_TARGET static inline __m512i dpbusd_broadcast(__m512i acc, __m512i w, const int8_t *x) {
+#if defined(__GNUC__) && !defined(__clang__)
+    __asm__("vpdpbusd %[x]%{1to16%}, %[w], %[acc]" : [acc] "+v"(acc) : [w] "v"(w), [x] "m"(*(const int32_t *)x));
+    return acc;
+#else
+    int32_t x4;
+    memcpy(&x4, x, sizeof(x4));
+    return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(x4));
+#endif
+}
+
 /* Block b's 8 registers of values (q + 128). */
 Q8_TARGET static inline __attribute__((always_inline)) void
 block_registers(__m512i w[8], enum ggml_type type, const uint8_t *v) {
@@ -274,11 +287,7 @@ multiply_group(enum ggml_type type, const uint8_t *tile, int64_t nb, const int8_
             dot[c] = _mm512_set1_epi32(start);
         }
         for (int j = 0; j < BLOCK / 4; j++) /* values 4j .. 4j+3 of 16 rows times those of each column */
-            for (int c = 0; c < C; c++) {
-                int32_t x4;
-                memcpy(&x4, cols[c] + b * BLOCK + 4 * j, sizeof(x4));
-                dot[c] = _mm512_dpbusd_epi32(dot[c], w[j], _mm512_set1_epi32(x4));
-            }
+            for (int c = 0; c < C; c++) dot[c] = dpbusd_broadcast(dot[c], w[j], cols[c] + b * BLOCK + 4 * j);
         for (int c = 0; c < C; c++) {
             float dx;
             memcpy(&dx, cols[c] + nb * (BLOCK + sizeof(int32_t)) + b * sizeof(float), sizeof(dx));
