@@ -46,6 +46,9 @@ enum {
     Q5_BLOCK = TILE * BLOCK / 2 + TILE * BLOCK / 8, /* q5_0: a nibble and a bit each          */
     GROUP = 8,                        /* columns multiplied against a tile at once            */
     ALIGN = 64,
+    /* bytes ahead of the block being multiplied that are asked into L1 (about 1.5 tiles of a
+     * 640-wide matrix): the hardware prefetcher alone left 8 decode streams ~20% slower */
+    PREFETCH_AHEAD = 16384,
 };
 
 /* One prepared matrix. */
@@ -280,6 +283,8 @@ multiply_group(enum ggml_type type, const uint8_t *tile, int64_t nb, const int8_
     for (int64_t b = 0; b < nb; b++) {
         const __m512 dw = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(scales + b * TILE * sizeof(ggml_fp16_t)))); /* 16 rows' d */
         __m512i w[8], dot[GROUP];
+        for (size_t at = 0; at < block_bytes(type); at += 64) /* never faults, even past the end */
+            _mm_prefetch((const char *)(tile + b * block_bytes(type) + at + PREFETCH_AHEAD), _MM_HINT_T0);
         block_registers(w, type, tile + b * block_bytes(type));
         for (int c = 0; c < C; c++) {
             int32_t start;
