@@ -210,7 +210,7 @@ static const uint8_t *prepared_tiles(const pie_model *m, const struct ggml_tenso
 /* ------------------------------------------------------------------------------------------ */
 
 /* dst: I8 [column_bytes, n] <- src[0]: F32 [n_in, n] (rows contiguous), in column_bytes' layout. */
-static void quantize_columns(struct ggml_tensor *dst, int ith, int nth, void *userdata) {
+Q8_TARGET static void quantize_columns(struct ggml_tensor *dst, int ith, int nth, void *userdata) {
     (void)userdata;
     const struct ggml_tensor *x = dst->src[0];
     const int64_t n_in = x->ne[0], n = x->ne[1], nb = n_in / BLOCK;
@@ -219,17 +219,16 @@ static void quantize_columns(struct ggml_tensor *dst, int ith, int nth, void *us
         int8_t *q = (int8_t *)dst->data + c * dst->nb[1];
         int32_t *start = (int32_t *)(q + nb * BLOCK);
         float *scale = (float *)(start + nb);
-        for (int64_t b = 0; b < nb; b++) {
-            const float *v = xc + b * BLOCK;
-            float amax = 0.0f;
-            for (int i = 0; i < BLOCK; i++) amax = fmaxf(amax, fabsf(v[i]));
-            const float id = amax != 0.0f ? 127.f / amax : 0.0f;
-            int32_t sum = 0;
-            for (int i = 0; i < BLOCK; i++) {
-                q[b * BLOCK + i] = (int8_t)nearbyintf(v[i] * id);
-                sum += q[b * BLOCK + i];
-            }
-            start[b] = -128 * sum;
+        for (int64_t b = 0; b < nb; b++) { /* 32 values: two registers */
+            const __m512 lo = _mm512_loadu_ps(xc + b * BLOCK), hi = _mm512_loadu_ps(xc + b * BLOCK + 16);
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+            const __m512 id = _mm512_set1_ps(amax != 0.0f ? 127.f / amax : 0.0f);
+            const int rounding = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC; /* half to even, as ggml */
+            const __m512i qlo = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(lo, id), rounding));
+            const __m512i qhi = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(hi, id), rounding));
+            _mm_storeu_si128((__m128i *)(q + b * BLOCK), _mm512_cvtepi32_epi8(qlo));
+            _mm_storeu_si128((__m128i *)(q + b * BLOCK + 16), _mm512_cvtepi32_epi8(qhi));
+            start[b] = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
             scale[b] = ggml_fp16_to_fp32(ggml_fp32_to_fp16(amax / 127.f));
         }
     }
