@@ -165,6 +165,16 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, arch: str, quant: str = 
     return _tiny_files[key]
 
 
+def cpu_has(*flags: str) -> bool:
+    """Whether /proc/cpuinfo lists every flag (the driver's own kernels need AVX-512, the q8_0
+    ones VNNI too); False where it cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return all(f" {flag}" in text for flag in flags)
+
+
 def repacked_types() -> set[str] | None:
     """The weight types ggml's repack kernels take on this machine (ggml-cpu/repack.cpp,
     ggml_repack_get_optimal_repack_type): x86 with AVX2 q4_0, q4_K, iq4_nl and mxfp4, with

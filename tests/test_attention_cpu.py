@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from driver_helpers import Req, build_batch, tiny_gguf
+from driver_helpers import Req, build_batch, cpu_has, tiny_gguf
 from tiny_models import write_tiny_encoder
 
 from pie_local.driver import Driver, DriverParams
@@ -37,15 +37,11 @@ ATTN_TOL = 2e-3
 
 
 def avx512_cpu() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return all(f" {f}" in flags for f in ("avx512f", "avx512bw", "avx512vl", "f16c"))
+    return cpu_has("avx512f", "avx512bw", "avx512vl", "f16c")
 
 
 def vnni_cpu() -> bool:
-    return avx512_cpu() and " avx512_vnni" in Path("/proc/cpuinfo").read_text()
+    return avx512_cpu() and cpu_has("avx512_vnni")
 
 
 def params(own_kernels: bool, **kw) -> DriverParams:
@@ -64,7 +60,7 @@ def requests() -> list[Req]:
     """A prompt past the sliding window, a short one with a custom mask, and a one-token one."""
     masked = [3, 9, 27, 14, 5, 22]
     return [
-        Req(PROMPT, list(range(0, 5)), len(PROMPT), outputs=[len(PROMPT) - 1]),
+        Req(PROMPT, list(range(5)), len(PROMPT), outputs=[len(PROMPT) - 1]),
         # every row's row 3 hidden (BRLE over the 6 rows: 0 hidden, 3 seen, 1 hidden, 2 seen)
         Req(masked, [10], len(masked), masks=[[0, 3, 1, 2]] * len(masked), outputs=[len(masked) - 1]),
         Req([12], [20], 1, outputs=[0]),

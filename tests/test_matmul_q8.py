@@ -16,7 +16,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from driver_helpers import SeqState, build_batch, tiny_gguf
+from driver_helpers import SeqState, build_batch, cpu_has, tiny_gguf
 
 from pie_local.driver import Driver, DriverParams
 
@@ -26,11 +26,7 @@ PAGE = 8
 
 
 def vnni_cpu() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return all(f" {f}" in flags for f in ("avx512f", "avx512bw", "avx512_vnni", "f16c"))
+    return cpu_has("avx512f", "avx512bw", "avx512_vnni", "f16c")
 
 
 @pytest.fixture(scope="module", params=[
