@@ -199,9 +199,10 @@ static int32_t init_compute(pie_model *m) {
     pie_log(PIE_LOG_INFO, "compute on %s, %d of %d layers offloaded, %d CPU threads%s", m->backend_name,
             pl->n_gpu_layers > m->hp.n_layer ? m->hp.n_layer : pl->n_gpu_layers, m->hp.n_layer, threads,
             m->threads.adaptive ? " (auto: fewer while other processes load the CPUs)" : "");
-    const int cpu = pl->n_dev - 1;
-    if (m->params.own_kernels && ggml_backend_dev_type(pl->dev[cpu]) == GGML_BACKEND_DEVICE_TYPE_CPU &&
-        pie_attn_cpu_supported() && (st = pie_attn_cpu_open(m, m->threads.max, m->params.max_batch_kv)) != PIE_OK)
+    /* the driver's own kernels where the CPU backend runs and the CPU has their instructions */
+    const bool own = m->params.own_kernels && ggml_backend_dev_type(pl->dev[pl->n_dev - 1]) == GGML_BACKEND_DEVICE_TYPE_CPU;
+    if (own && pie_q8_supported() && (st = pie_q8_open(m)) != PIE_OK) return st;
+    if (own && pie_attn_cpu_supported() && (st = pie_attn_cpu_open(m, m->threads.max, m->params.max_batch_kv)) != PIE_OK)
         return st;
     st = reserve_worst_case(m); /* builds a graph: prepares the q8 kernels' matrices */
     if (st == PIE_OK) pie_q8_log_prepared(m);
@@ -265,6 +266,7 @@ void pie_model_free(pie_model *m) {
     if (pie_rpc_call(&m->place.rpc, run_free, m) != PIE_OK) return; /* lost a worker while freeing: leak */
     pie_kv_free(&m->kv);
     pie_attn_cpu_free(m);
+    pie_q8_free(m); /* before the weights: its matrices are named by their tensors */
     pie_free_weights(m);
     pie_plan_free(&m->plan);
     pie_sampler_scratch_free(m->sampler);

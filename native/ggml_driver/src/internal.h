@@ -344,7 +344,7 @@ struct pie_model {
                                          driver.c), else NULL                                     */
     pie_q8_store *q8;                 /* q8_0 / q5_0 products on the CPU take matmul_q8.c's kernels,
                                          which keep their prepared matrices here (params.own_kernels
-                                         and an AVX-512 VNNI CPU; loader.c), else NULL           */
+                                         and an AVX-512 VNNI CPU; driver.c), else NULL           */
     void   *map_addr;  /* mmap of the file when weights are used in place, else NULL          */
     size_t  map_size;
     int64_t n_params;
@@ -559,7 +559,7 @@ int32_t pie_kernel_switch_id(enum ggml_type type);
 void pie_graph_finish(pie_graph *g, struct ggml_tensor *x);
 
 /* matmul_q8.c: q8_0 and q5_0 products on x86 CPUs with AVX-512 VNNI (params.own_kernels) */
-bool pie_q8_kernels_cpu(void);
+bool pie_q8_supported(void);
 int32_t pie_q8_open(pie_model *m);
 void pie_q8_free(pie_model *m);
 void pie_q8_log_prepared(const pie_model *m); /* how many matrices, how much memory */

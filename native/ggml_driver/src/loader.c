@@ -883,10 +883,6 @@ static int32_t place_weights(pie_model *m, const struct gguf_context *g, FILE *f
     if (st == PIE_OK) st = read_tensors(m, g, f, path, ts, dev, n);
     free(ts);
     free(dev);
-    /* the q8_0 and q5_0 products the CPU runs take matmul_q8.c's kernels where it has AVX-512 VNNI */
-    if (st == PIE_OK && m->params.own_kernels && ggml_backend_dev_type(m->place.dev[cpu]) == GGML_BACKEND_DEVICE_TYPE_CPU &&
-        pie_q8_kernels_cpu())
-        st = pie_q8_open(m);
     return st;
 }
 
@@ -994,7 +990,6 @@ done:
 
 /* The weights' buffers belong to the placement (pie_devices_close frees them first). */
 void pie_free_weights(pie_model *m) {
-    pie_q8_free(m);
     if (m->ctx_w) ggml_free(m->ctx_w);
     if (m->map_addr) munmap(m->map_addr, m->map_size);
     m->ctx_w = NULL;

@@ -80,7 +80,7 @@ static size_t tile_bytes(enum ggml_type type, int64_t nb) {
  * float scales. */
 static size_t column_bytes(int64_t nb) { return pad((size_t)nb * (BLOCK + sizeof(int32_t) + sizeof(float))); }
 
-bool pie_q8_kernels_cpu(void) {
+bool pie_q8_supported(void) {
 #ifdef PIE_MATMUL_Q8
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("f16c");
