@@ -547,6 +547,7 @@ struct ggml_tensor *pie_rope(pie_graph *g, struct ggml_tensor *x, int il);
 void pie_qkv(pie_graph *g, const pie_layer *L, struct ggml_tensor *x, struct ggml_tensor **q,
              struct ggml_tensor **k, struct ggml_tensor **v);
 struct ggml_tensor *pie_ffn_swiglu(pie_graph *g, const pie_layer *L, struct ggml_tensor *x);
+struct ggml_tensor *pie_geglu(pie_graph *g, struct ggml_tensor *gate, struct ggml_tensor *up, struct ggml_tensor *x);
 struct ggml_tensor *pie_attn_temperature(pie_graph *g);
 struct ggml_tensor *pie_attention(pie_graph *g, int il, struct ggml_tensor *q, struct ggml_tensor *k,
                                   struct ggml_tensor *v, float kq_scale);
@@ -565,6 +566,8 @@ void pie_q8_free(pie_model *m);
 void pie_q8_log_prepared(const pie_model *m); /* how many matrices, how much memory */
 /* w x through these kernels, or NULL when they do not take w (pie_matmul then uses ggml's) */
 struct ggml_tensor *pie_q8_matmul(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *x);
+/* gelu(gate x) * up x in one op (gate, up [n_in, n_ff]; x F32 [n_in, n] -> [n_ff, n]), or NULL */
+struct ggml_tensor *pie_q8_geglu(pie_graph *g, struct ggml_tensor *gate, struct ggml_tensor *up, struct ggml_tensor *x);
 
 /* attention_cpu.c: paged attention on x86 CPUs with AVX-512 (params.own_kernels) */
 bool pie_attn_cpu_supported(void);

@@ -58,10 +58,22 @@ typedef struct {
                                     prepared (ggml's product is used)                         */
 } prepared;
 
+/* A gate and an up matrix multiplied together, their GEGLU applied in the same op. */
+typedef struct {
+    const struct ggml_tensor *gate, *up;
+    const uint8_t *gate_tiles, *up_tiles;
+    const ggml_fp16_t *gelu; /* the store's table */
+} geglu_pair;
+
 struct pie_q8_store {
     prepared *mats;
     int32_t n, cap;
     size_t bytes; /* the tiles of every prepared matrix */
+    geglu_pair *pairs;
+    int32_t n_pairs, cap_pairs;
+    /* GELU (tanh form) of every fp16 value, rounded to fp16, as ggml-cpu tabulates it; one entry
+     * more so a 4-byte gather at the last stays inside */
+    ggml_fp16_t gelu[65537];
 };
 
 static size_t pad(size_t n) { return (n + ALIGN - 1) / ALIGN * ALIGN; }
@@ -92,6 +104,13 @@ bool pie_q8_supported(void) {
 int32_t pie_q8_open(pie_model *m) {
     m->q8 = calloc(1, sizeof(*m->q8));
     if (!m->q8) return pie_set_error(PIE_ERR_OUT_OF_MEMORY, "cannot allocate the q8 kernels' store");
+    /* ggml-cpu's table, entry for entry: ggml builds for the host CPU with fused multiply-adds
+     * contracted, which turns its 1 + 0.044715 x^2 into one fma (the unfused form differs from
+     * its table in one entry of the 65,536) */
+    for (uint32_t i = 0; i < 65536; i++) {
+        const float x = ggml_fp16_to_fp32((ggml_fp16_t)i);
+        m->q8->gelu[i] = ggml_fp32_to_fp16(0.5f * x * (1.0f + tanhf(0.79788456080286535587989211986876f * x * fmaf(0.044715f * x, x, 1.0f))));
+    }
     pie_log(PIE_LOG_INFO, "q8_0 and q5_0 products: AVX-512 VNNI kernels (matmul_q8.c)");
     return PIE_OK;
 }
@@ -100,6 +119,7 @@ void pie_q8_free(pie_model *m) {
     if (!m->q8) return;
     for (int32_t i = 0; i < m->q8->n; i++) free(m->q8->mats[i].tiles);
     free(m->q8->mats);
+    free(m->q8->pairs);
     free(m->q8);
     m->q8 = NULL;
 }
@@ -341,6 +361,51 @@ Q8_TARGET static void multiply_columns(struct ggml_tensor *dst, int ith, int nth
     }
 }
 
+/* GEGLU of 16 rows of gate and up, as ggml-cpu computes it: gelu from the fp16 table at the
+ * fp16-rounded gate value, 0 at or below -10, the value itself at or above 10. */
+Q8_TARGET static inline __m512 geglu16(__m512 gate, __m512 up, const ggml_fp16_t *table) {
+    const __m256i h = _mm512_cvtps_ph(gate, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i at = _mm512_i32gather_epi32(_mm512_cvtepu16_epi32(h), (const void *)table, 2); /* low half: the entry */
+    __m512 y = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(at));
+    y = _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(gate, _mm512_set1_ps(10.0f), _CMP_GE_OQ), gate);
+    y = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(gate, _mm512_set1_ps(-10.0f), _CMP_GT_OQ) |
+                            _mm512_cmp_ps_mask(gate, gate, _CMP_UNORD_Q), y);
+    return _mm512_mul_ps(y, up);
+}
+
+/* dst: F32 [n_ff, n] <- src[0]: gate [n_in, n_ff], src[1]: up (same type and shape), src[2]: the
+ * quantized columns; userdata: their pair. One op instead of three: a thread multiplies its
+ * tiles of both matrices and applies GEGLU to them, so the activation is spread over the threads
+ * (ggml's splits it by tokens: one decode token left one thread doing all of it). */
+Q8_TARGET static void multiply_geglu(struct ggml_tensor *dst, int ith, int nth, void *userdata) {
+    const geglu_pair *p = userdata;
+    const struct ggml_tensor *w = dst->src[0], *xq = dst->src[2];
+    const int64_t n_out = w->ne[1], nb = w->ne[0] / BLOCK, n = xq->ne[1], n_tiles = (n_out + TILE - 1) / TILE;
+    const int64_t per = (n_tiles + nth - 1) / nth, t0 = per * ith, t1 = t0 + per < n_tiles ? t0 + per : n_tiles;
+    const size_t bytes = tile_bytes(w->type, nb);
+    float gate[GROUP][TILE], up[GROUP][TILE];
+    float *gate_out[GROUP], *up_out[GROUP];
+    for (int j = 0; j < GROUP; j++) {
+        gate_out[j] = gate[j];
+        up_out[j] = up[j];
+    }
+    for (int64_t t = t0; t < t1; t++) {
+        const int rows = n_out - t * TILE < TILE ? (int)(n_out - t * TILE) : TILE;
+        const __mmask16 keep = rows == TILE ? (__mmask16)0xFFFF : (__mmask16)((1u << rows) - 1);
+        for (int64_t c = 0; c < n; c += GROUP) {
+            const int C = n - c < GROUP ? (int)(n - c) : GROUP;
+            const int8_t *cols[GROUP];
+            for (int j = 0; j < C; j++) cols[j] = (const int8_t *)xq->data + (c + j) * xq->nb[1];
+            multiply(w->type, p->gate_tiles + t * bytes, nb, cols, C, gate_out, TILE);
+            multiply(w->type, p->up_tiles + t * bytes, nb, cols, C, up_out, TILE);
+            for (int j = 0; j < C; j++) {
+                float *out = (float *)((char *)dst->data + (c + j) * dst->nb[1]) + t * TILE;
+                _mm512_mask_storeu_ps(out, keep, geglu16(_mm512_loadu_ps(gate[j]), _mm512_loadu_ps(up[j]), p->gelu));
+            }
+        }
+    }
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* The graph                                                                                  */
 /* ------------------------------------------------------------------------------------------ */
@@ -353,25 +418,62 @@ static bool takes(const pie_model *m, const struct ggml_tensor *w, const struct 
 
 /* w: [n_in, n_out], x: F32 [n_in, n] -> F32 [n_out, n], or NULL when these kernels do not take
  * w. The last input quantized is remembered, so products of the same input share its columns. */
+/* x quantized: [column_bytes, n], built once per input. */
+static struct ggml_tensor *columns(pie_graph *g, struct ggml_tensor *x) {
+    if (x != g->q8_input) {
+        struct ggml_tensor *src[1] = { x->nb[0] == sizeof(float) ? x : ggml_cont(g->ctx, x) };
+        g->q8_input = x;
+        g->q8_columns = ggml_custom_4d(g->ctx, GGML_TYPE_I8, (int64_t)column_bytes(x->ne[0] / BLOCK), x->ne[1], 1, 1, src,
+                                       1, quantize_columns, GGML_N_TASKS_MAX, NULL); /* [column_bytes, n] */
+    }
+    return g->q8_columns;
+}
+
 struct ggml_tensor *pie_q8_matmul(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *x) {
     const uint8_t *tiles = takes(g->model, w, x) ? prepared_tiles(g->model, w) : NULL;
     if (!tiles) return NULL;
-    struct ggml_context *ctx = g->ctx;
-    if (x != g->q8_input) {
-        struct ggml_tensor *src[1] = { x->nb[0] == sizeof(float) ? x : ggml_cont(ctx, x) };
-        g->q8_input = x;
-        g->q8_columns = ggml_custom_4d(ctx, GGML_TYPE_I8, (int64_t)column_bytes(x->ne[0] / BLOCK), x->ne[1], 1, 1, src, 1,
-                                       quantize_columns, GGML_N_TASKS_MAX, NULL); /* [column_bytes, n] */
-    }
-    struct ggml_tensor *args[2] = { w, g->q8_columns };
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], x->ne[1], 1, 1, args, 2, multiply_columns, GGML_N_TASKS_MAX,
+    struct ggml_tensor *args[2] = { w, columns(g, x) };
+    return ggml_custom_4d(g->ctx, GGML_TYPE_F32, w->ne[1], x->ne[1], 1, 1, args, 2, multiply_columns, GGML_N_TASKS_MAX,
                           (void *)tiles); /* [n_out, n] */
+}
+
+/* The pair of gate and up, remembered for the model's life (the op's userdata); NULL when either
+ * cannot be prepared or no memory is left. */
+static const geglu_pair *pair_of(const pie_model *m, const struct ggml_tensor *gate, const struct ggml_tensor *up) {
+    pie_q8_store *s = m->q8;
+    for (int32_t i = 0; i < s->n_pairs; i++)
+        if (s->pairs[i].gate == gate && s->pairs[i].up == up) return &s->pairs[i];
+    const uint8_t *gate_tiles = prepared_tiles(m, gate), *up_tiles = gate_tiles ? prepared_tiles(m, up) : NULL;
+    if (!up_tiles) return NULL;
+    if (s->n_pairs == s->cap_pairs) { /* pairs are never moved once handed out: sized once, one per layer */
+        if (s->cap_pairs) return NULL;
+        s->pairs = calloc((size_t)m->hp.n_layer, sizeof(*s->pairs));
+        if (!s->pairs) return NULL;
+        s->cap_pairs = m->hp.n_layer;
+    }
+    s->pairs[s->n_pairs] = (geglu_pair){ .gate = gate, .up = up, .gate_tiles = gate_tiles, .up_tiles = up_tiles, .gelu = s->gelu };
+    return &s->pairs[s->n_pairs++];
+}
+
+struct ggml_tensor *pie_q8_geglu(pie_graph *g, struct ggml_tensor *gate, struct ggml_tensor *up, struct ggml_tensor *x) {
+    const pie_model *m = g->model;
+    if (!takes(m, gate, x) || !takes(m, up, x) || gate->type != up->type || !ggml_are_same_shape(gate, up)) return NULL;
+    const geglu_pair *p = pair_of(m, gate, up);
+    if (!p) return NULL;
+    struct ggml_tensor *args[3] = { gate, up, columns(g, x) };
+    return ggml_custom_4d(g->ctx, GGML_TYPE_F32, gate->ne[1], x->ne[1], 1, 1, args, 3, multiply_geglu, GGML_N_TASKS_MAX,
+                          (void *)p); /* [n_ff, n] */
 }
 
 #else
 
 struct ggml_tensor *pie_q8_matmul(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *x) {
     (void)g; (void)w; (void)x;
+    return NULL;
+}
+
+struct ggml_tensor *pie_q8_geglu(pie_graph *g, struct ggml_tensor *gate, struct ggml_tensor *up, struct ggml_tensor *x) {
+    (void)g; (void)gate; (void)up; (void)x;
     return NULL;
 }
 

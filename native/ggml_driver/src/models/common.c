@@ -220,6 +220,14 @@ struct ggml_tensor *pie_matmul_id(pie_graph *g, struct ggml_tensor *w, struct gg
     return join_finish(ctx, &j);
 }
 
+/* gelu(gate x) * up x: [n_ff, n]. One op where the driver's own kernels take both matrices
+ * (matmul_q8.c), ggml's two products and its GEGLU otherwise; the same values either way, up to
+ * the order of the products' float sums. */
+struct ggml_tensor *pie_geglu(pie_graph *g, struct ggml_tensor *gate, struct ggml_tensor *up, struct ggml_tensor *x) {
+    struct ggml_tensor *fused = pie_q8_geglu(g, gate, up, x);
+    return fused ? fused : ggml_geglu_split(g->ctx, pie_matmul(g, gate, x), pie_matmul(g, up, x));
+}
+
 struct ggml_tensor *pie_linear(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *b, struct ggml_tensor *x) {
     x = pie_matmul(g, w, x);
     return b ? ggml_add(g->ctx, x, b) : x;

@@ -95,7 +95,7 @@ void pie_build_gemma(pie_graph *g) {
         x = pie_name(ggml_add(ctx, x, cur), "sa_out", il);
 
         cur = pie_name(pie_norm(g, x, L->ffn_norm), "ffn_norm", il);
-        cur = ggml_geglu_split(ctx, pie_matmul(g, L->ffn_gate, cur), pie_matmul(g, L->ffn_up, cur)); /* [n_ff, n] */
+        cur = pie_name(pie_geglu(g, L->ffn_gate, L->ffn_up, cur), "ffn_geglu", il); /* [n_ff, n] */
         cur = pie_name(pie_matmul(g, L->ffn_down, cur), "ffn_out", il);
         cur = pie_name(pie_norm(g, cur, L->ffn_post_norm), "ffn_post_norm", il);
         x = pie_name(ggml_add(ctx, x, cur), "l_out", il);
