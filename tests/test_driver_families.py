@@ -8,7 +8,7 @@ test_driver_moe.py.)
 Tolerance against llama.cpp: zero, as in test_driver_logits.py's tiny models (one request per
 pass and passes of fewer than 8 rows or at least 16, so both engines pick the same kernels on the
 same values). Measured: every comparison here differs by exactly 0. The driver runs with repack
-off: with it on, q8_0 and q5_0 products take the driver's own kernels (test_matmul_q8.py), not ggml's.
+off: with it on, q8_0, q5_0, q4_K and q6_K products take the driver's own kernels (test_matmul_q8.py), not ggml's.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from driver_helpers import Req, SeqState, build_batch, repacked_types, tiny_gguf
+from driver_helpers import Req, SeqState, build_batch, cpu_has, repacked_types, tiny_gguf
 
 from pie_local.driver import Driver, DriverParams
 
@@ -33,6 +33,11 @@ WIDE = {"n_embd": 256, "n_ff": 512, "head_dim": 64}
 def repacked_here(quant: str) -> bool:
     types = repacked_types()
     return types is not None and quant.upper() in types
+
+
+def own_kernels_here() -> bool:
+    """Whether the driver's own matrix kernels run on this CPU (they need AVX-512 VNNI)."""
+    return cpu_has("avx512f", "avx512bw", "avx512_vnni", "f16c")
 
 
 @dataclass
@@ -120,15 +125,19 @@ def assert_invariant(driver: Driver, prompt_len: int, seed: int, neighbours: lis
 
 # Types ggml's CPU_REPACK kernels take on x86 (q2_k with AVX-512): with repack on (the default)
 # their products run gemv/gemm, which differ for q4_k and q2_k; they are checked off as well.
+# These cases run ggml's kernels (own_kernels off); the driver's own kernels (q8_0, q5_0, q4_k,
+# q6_k and attention, on AVX-512 CPUs) are checked as the third kind.
 REPACKABLE = ["q4_0", "q4_k", "iq4_nl", "q2_k"]
-CASES = [(q, True) for q in WEIGHT_TYPES] + [(q, False) for q in REPACKABLE]
+OWN = ["q8_0", "q5_0", "q4_k", "q6_k"]
+CASES = [(q, True, False) for q in WEIGHT_TYPES] + [(q, False, False) for q in REPACKABLE] + [(q, True, True) for q in OWN]
 
 
-@pytest.mark.parametrize(("quant", "repack"), CASES, ids=[f"{q}-{'repack' if r else 'plain'}" for q, r in CASES])
-def test_tiny_model_requests_do_not_depend_on_their_batch(tmp_path_factory, quant: str, repack: bool) -> None:
-    params = DriverParams(n_threads=2, page_size=PAGE, n_pages=160, max_batch_tokens=256, repack=repack)
+@pytest.mark.parametrize(("quant", "repack", "own"), CASES,
+                         ids=[f"{q}-{'own' if o else 'repack' if r else 'plain'}" for q, r, o in CASES])
+def test_tiny_model_requests_do_not_depend_on_their_batch(tmp_path_factory, quant: str, repack: bool, own: bool) -> None:
+    params = DriverParams(n_threads=2, page_size=PAGE, n_pages=160, max_batch_tokens=256, repack=repack, own_kernels=own)
     with Driver(tiny_gguf(tmp_path_factory, "llama", quant, **WIDE), params) as driver:
-        if not repack or quant not in REPACKABLE:
+        if not repack or quant not in REPACKABLE or (own and own_kernels_here()):  # own: q4_k is theirs
             assert driver.info.n_repacked == 0
         elif repacked_here(quant):
             assert driver.info.n_repacked == 7 * driver.info.n_layer  # every layer matrix (the head has 561 rows)

@@ -103,7 +103,8 @@ def ref_logits(path: Path, prompts: list[list[int]], got: list[np.ndarray], n_de
 def test_probe_repacks_the_supported_matrices(tmp_path_factory, caplog, quant: str) -> None:
     path = tiny_gguf(tmp_path_factory, "llama", quant, **WIDE)
     caplog.set_level(logging.INFO, logger="pie_local.driver")
-    with Driver(path, DriverParams(n_threads=2, page_size=PAGE, n_pages=8)) as on:
+    # ggml's kernels: the driver's own ones take q4_K and q6_K instead (test_own_kernels_keep_their_types)
+    with Driver(path, DriverParams(n_threads=2, page_size=PAGE, n_pages=8, own_kernels=False)) as on:
         n_on = on.info.n_repacked
     with Driver(path, DriverParams(n_threads=2, page_size=PAGE, n_pages=8, repack=False)) as off:
         assert off.info.n_repacked == 0
@@ -193,7 +194,7 @@ def test_starter_repacked_logits_match_llama_cpp(starter_gguf) -> None:
     on = driver_logits(starter_gguf, [wide, narrow], repack=True)
     want = ref_logits(starter_gguf, [wide, narrow], on)
     off = driver_logits(starter_gguf, [wide, narrow], repack=False, follow=on)
-    with Driver(starter_gguf, DriverParams(n_threads=2, page_size=PAGE, n_pages=8)) as drv:
+    with Driver(starter_gguf, DriverParams(n_threads=2, page_size=PAGE, n_pages=8, own_kernels=False)) as drv:
         if repacked_types() is not None:
             assert drv.info.n_repacked == expected_repacked(starter_gguf) == 27
     # the wide prompt alone in one pass and every decode step: the same kernels on both sides

@@ -1,7 +1,8 @@
-"""The driver's q8_0 and q5_0 products (native/ggml_driver/src/matmul_q8.c).
+"""The driver's q8_0, q5_0, q4_K and q6_K products (native/ggml_driver/src/matmul_q8.c).
 
 With DriverParams.own_kernels on (the default), on an x86 CPU with AVX-512 VNNI, the driver multiplies
-q8_0 and q5_0 weights with its own kernels instead of ggml's. They quantize the columns to q8_0 the way ggml-cpu
+q8_0, q5_0, q4_K and q6_K weights with its own kernels instead of ggml's (the k-quants with q8_K
+columns, as ggml does). They quantize the columns to q8_0 the way ggml-cpu
 does and sum exact integer block dots, so the head's logits must equal that arithmetic done in
 float64 up to float rounding, and the same products must stay within float-order distance of
 ggml's kernels (own_kernels off); every column is computed alone, so a row's logits must not depend on the
@@ -88,7 +89,7 @@ def test_head_equals_q8_arithmetic(q8_model: Path, caplog) -> None:
     scales, values = head_weight(q8_model)
     with Driver(q8_model, DriverParams(n_threads=2, page_size=PAGE, n_pages=64, own_kernels=True)) as drv:
         logits, hidden = forward_rows(drv, [[1, 5, 9, 13, 17, 21, 25], [2, 4, 6], [3]])
-    assert ("q8_0 and q5_0 products: AVX-512 VNNI kernels" in caplog.text) == vnni_cpu()
+    assert ("q8_0, q5_0, q4_K and q6_K products: AVX-512 VNNI kernels" in caplog.text) == vnni_cpu()
     want = q8_logits(hidden, scales, values)
     # Only the order of float additions differs (exact integer dots, the same scales): a few ulps
     # of the largest partial sums. Measured max 1.5e-5 on the starter model's logits up to ~73.
@@ -120,7 +121,7 @@ def test_switched_off_keeps_ggml_kernels(q8_model: Path, caplog) -> None:
     prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [10, 11]]
     with Driver(q8_model, DriverParams(n_threads=2, page_size=PAGE, n_pages=64, own_kernels=False)) as drv:
         logits, hidden = forward_rows(drv, prompts)
-    assert "q8_0 and q5_0 products" not in caplog.text
+    assert "q4_K and q6_K products" not in caplog.text
     assert np.abs(logits - q8_logits(hidden, scales, values)).max() <= 1e-5 * max(1.0, float(np.abs(logits).max()))
     # the same products on both kernels differ only in the order of their float sums (measured
     # 1.5e-7 of the largest value); later layers also see the attention kernel's other rounding
@@ -129,6 +130,39 @@ def test_switched_off_keeps_ggml_kernels(q8_model: Path, caplog) -> None:
     for name in ggml:
         tol = 1e-5 * max(1.0, float(np.abs(ggml[name]).max()))
         assert np.abs(own[name] - ggml[name]).max() <= tol, (name, float(np.abs(own[name] - ggml[name]).max()))
+
+
+
+@pytest.fixture(scope="module", params=["q4_k", "q6_k"])
+def k_model(request, tmp_path_factory) -> Path:
+    """Every matrix (the head too) in a k-quant: rows of whole 256-value super-blocks."""
+    return tiny_gguf(tmp_path_factory, "llama", request.param, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, head_dim=64)
+
+
+def test_k_quant_products_match_ggml(k_model: Path) -> None:
+    """q4_K and q6_K products: columns quantized to q8_K as ggml does, exact integer sub-block
+    dots, scales and mins applied as integers per super-block, so only the float order differs
+    from ggml's kernels (which the repack path multiplies in its own order again)."""
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [10, 11]]  # 11 columns: groups of 4, 4 and 3
+    ggml, own = first_projections(k_model, False, prompts), first_projections(k_model, True, prompts)
+    for name in ggml:
+        scale = max(1.0, float(np.abs(ggml[name]).max()))
+        err = float(np.abs(own[name] - ggml[name]).max())
+        assert err <= 1e-5 * scale, (name, err)
+
+
+def test_k_quant_rows_do_not_depend_on_the_batch(k_model: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="pie_local.driver")
+    prompt = [7, 3, 11]
+    others = [[i + 20, i + 40] for i in range(6)]
+    with Driver(k_model, DriverParams(n_threads=2, page_size=PAGE, n_pages=64, own_kernels=True)) as drv:
+        alone, _ = forward_rows(drv, [prompt])
+        for n in (1, 3, 6):  # 5, 9 and 15 sampled rows
+            mixed, _ = forward_rows(drv, others[:n] + [prompt])
+            assert np.array_equal(mixed[-3:], alone), n
+        # the driver's kernels multiply every matrix, so ggml's repack buffer keeps none of them
+        assert drv.info.n_repacked == 0 or not vnni_cpu()
+    assert ("q4_K and q6_K products: AVX-512 VNNI kernels" in caplog.text) == vnni_cpu()
 
 
 

@@ -36,7 +36,7 @@ class DriverParams:
     max_batch_kv: int = 0  # KV rows one pass may attend over, summed over requests; 0: page_size * n_pages
     use_mmap: bool = True
     repack: bool = True  # CPU: the matrices ggml's CPU_REPACK kernels take, stored for them (copied, not mapped)
-    own_kernels: bool = True  # AVX-512 CPU: the driver's q8_0/q5_0 products and attention instead of ggml's
+    own_kernels: bool = True  # AVX-512 CPU: the driver's q8_0/q5_0/q4_K/q6_K products and attention instead of ggml's
     # layers on the GPUs / RPC workers, counted from the last (n_layer + 1 adds the output head);
     # -1: as many as fit in their free memory; 0: CPU only
     n_gpu_layers: int = -1

@@ -108,8 +108,9 @@ typedef struct {
                                  interleaved for them (copied, not mapped); the load probes each
                                  weight and logs why repacking is on or off (default 1)       */
     int32_t own_kernels;      /* on x86 CPUs with AVX-512, the driver's own CPU kernels instead
-                                 of ggml's: q8_0 and q5_0 products (with VNNI; ggml's integer
-                                 dots, summed in another float order) and attention over an f16
+                                 of ggml's: q8_0, q5_0, q4_K and q6_K products (with VNNI;
+                                 ggml's integer dots, summed in another float order; those
+                                 matrices are then not repacked) and attention over an f16
                                  KV pool (read in place, summed in float32 where ggml sums V in
                                  fp16). Batch-invariant and much faster for batches; 0 = ggml's
                                  kernels everywhere, as llama.cpp runs them (default 1)        */

@@ -402,6 +402,8 @@ typedef struct {
     struct ggml_tensor *logits;     /* F32 [n_vocab, n_outputs] result, NULL without plan->head */
     struct ggml_tensor *q8_input;   /* the last input pie_q8_matmul quantized, and its columns */
     struct ggml_tensor *q8_columns;
+    struct ggml_tensor *q8k_input;  /* the same for k-quant weights (q8_K columns) */
+    struct ggml_tensor *q8k_columns;
     /* each KV-owning layer's pool tensors after this pass's write (pie_attention), read through
      * by the layers that share them (hp.kv_layer) */
     struct ggml_tensor *kv_k[PIE_MAX_LAYERS], *kv_v[PIE_MAX_LAYERS];
@@ -559,8 +561,9 @@ struct ggml_tensor *pie_matmul_id(pie_graph *g, struct ggml_tensor *w, struct gg
 int32_t pie_kernel_switch_id(enum ggml_type type);
 void pie_graph_finish(pie_graph *g, struct ggml_tensor *x);
 
-/* matmul_q8.c: q8_0 and q5_0 products on x86 CPUs with AVX-512 VNNI (params.own_kernels) */
+/* matmul_q8.c: q8_0, q5_0, q4_K and q6_K products on x86 CPUs with AVX-512 VNNI (params.own_kernels) */
 bool pie_q8_supported(void);
+bool pie_q8_takes_type(enum ggml_type type); /* the weight types these kernels multiply */
 int32_t pie_q8_open(pie_model *m);
 void pie_q8_free(pie_model *m);
 void pie_q8_log_prepared(const pie_model *m); /* how many matrices, how much memory */

@@ -792,18 +792,23 @@ static int32_t place_repacked(pie_model *m, const struct gguf_context *g, FILE *
     }
     if (w->output != w->tok_embd) mats[n++] = w->output;
 
-    /* keep the supported ones; size their buffer */
+    /* keep the supported ones, but not those the driver's own kernels multiply (they prepare
+     * their own copy from the file's layout); size their buffer */
     int kept = 0;
     size_t total = 0;
     const size_t align = ggml_backend_buft_get_alignment(buft);
     const int cpu = m->place.n_dev - 1;
+    const bool own = m->params.own_kernels && pie_q8_supported();
     for (int i = 0; i < n; i++) {
-        if (!mats[i] || pie_tensor_device(m, mats[i]) != cpu || !repack_supports(m, buft, mats[i])) continue;
+        if (!mats[i] || pie_tensor_device(m, mats[i]) != cpu || (own && pie_q8_takes_type(mats[i]->type)) ||
+            !repack_supports(m, buft, mats[i]))
+            continue;
         mats[kept++] = mats[i];
         total += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, mats[i]), align);
     }
     if (kept == 0) {
-        pie_log(PIE_LOG_INFO, "repack off: ggml's CPU_REPACK kernels take none of this model's matrices on this CPU");
+        pie_log(PIE_LOG_INFO, "repack off: ggml's CPU_REPACK kernels take none of this model's matrices on this CPU%s",
+                own ? " that the driver's own kernels do not" : "");
         free(mats);
         return PIE_OK;
     }
