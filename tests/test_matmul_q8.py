@@ -175,24 +175,34 @@ def gelu_table() -> np.ndarray:
     return y.astype(np.float16).astype(np.float32)
 
 
-def test_fused_geglu_equals_ggml_arithmetic(tmp_path_factory) -> None:
+@pytest.mark.parametrize(("arch", "layer"), [("gemma3", 0), ("gemma3n", 24)], ids=["gemma3", "gemma3n-dense-layer"])
+def test_fused_geglu_equals_ggml_arithmetic(tmp_path_factory, arch: str, layer: int) -> None:
     """Gemma's gate and up products and their GEGLU run as one op on the own kernels, spread over
     the threads by rows rather than by tokens (one decode token kept one thread busy with all of
     ggml's). Its result must be what ggml-cpu computes from the same input: both q8_0 products,
-    then gelu from an fp16 table at the gate rounded to fp16 (0 at or below -10), times up."""
-    path = tiny_gguf(tmp_path_factory, "gemma3", quant="q5_0", n_embd=64, n_ff=160)
+    then gelu from an fp16 table at the gate rounded to fp16 (0 at or below -10), times up. Gemma
+    3n's layers without a sparse gate take it too; its result is checked through the down
+    projection (that model names no GEGLU)."""
+    if arch == "gemma3":
+        path = tiny_gguf(tmp_path_factory, "gemma3", quant="q5_0", n_embd=64, n_ff=160)
+        names = [f"ffn_norm-{layer}", f"ffn_geglu-{layer}"]
+    else:
+        path = tiny_gguf(tmp_path_factory, "gemma3n", quant="q8_0")
+        names = [f"ffn_norm-{layer}", f"ffn_out-{layer}"]
     prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [12], [13, 14]]  # 14 tokens: a group of 8 columns and 6
     with Driver(path, DriverParams(n_threads=2, page_size=PAGE, n_pages=64, own_kernels=True)) as drv:
-        with drv.activations(["ffn_norm-0", "ffn_geglu-0"]) as acts:
+        with drv.activations(names) as acts:
             forward_rows(drv, prompts)
-        x, got = acts["ffn_norm-0"].copy(), acts["ffn_geglu-0"].copy()
-    gate = q8_logits(x, *weight_blocks(path, "blk.0.ffn_gate.weight")).astype(np.float32)
-    up = q8_logits(x, *weight_blocks(path, "blk.0.ffn_up.weight")).astype(np.float32)
+        x, got = acts[names[0]].copy(), acts[names[1]].copy()
+    gate = q8_logits(x, *weight_blocks(path, f"blk.{layer}.ffn_gate.weight")).astype(np.float32)
+    up = q8_logits(x, *weight_blocks(path, f"blk.{layer}.ffn_up.weight")).astype(np.float32)
     table = gelu_table()
     gelu = table[gate.astype(np.float16).view(np.uint16)]
     gelu = np.where(gate <= -10, 0, np.where(gate >= 10, gate, gelu))
     want = gelu * up
-    assert got.shape == want.shape == (14, 160)
+    if arch == "gemma3n":
+        want = q8_logits(want, *weight_blocks(path, f"blk.{layer}.ffn_down.weight")).astype(np.float32)
+    assert got.shape == want.shape
     scale = float(np.abs(want).max())
     close = np.abs(got - want) <= 1e-5 * np.abs(want) + 1e-6 * scale
     # The products' float order (~1e-7) and this table's float64 arithmetic can each move a value

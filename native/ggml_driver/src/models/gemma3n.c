@@ -288,10 +288,13 @@ static struct ggml_tensor *layer(pie_graph *g, struct ggml_tensor *s, struct ggm
 
     /* feed-forward: gelu(gate) * up, the gate sparsified first in the first layers */
     cur = pie_name(pie_norm(g, attn_laurel, L->ffn_norm), "ffn_norm", il);
-    struct ggml_tensor *up = pie_matmul(g, L->ffn_up, cur);                                      /* [n_ff, n] */
-    struct ggml_tensor *gate = pie_matmul(g, L->ffn_gate, cur);                                  /* [n_ff, n] */
-    if (hp->sparse_ffn[il]) gate = gaussian_topk(ctx, gate, hp->sparse_std[il]);
-    cur = ggml_mul(ctx, up, ggml_gelu(ctx, gate));
+    if (hp->sparse_ffn[il]) {
+        struct ggml_tensor *up = pie_matmul(g, L->ffn_up, cur);                                  /* [n_ff, n] */
+        struct ggml_tensor *gate = gaussian_topk(ctx, pie_matmul(g, L->ffn_gate, cur), hp->sparse_std[il]);
+        cur = ggml_mul(ctx, up, ggml_gelu(ctx, gate));
+    } else {
+        cur = pie_geglu(g, L->ffn_gate, L->ffn_up, cur); /* [n_ff, n]: the same gelu(gate) * up */
+    }
     cur = pie_name(pie_matmul(g, L->ffn_down, cur), "ffn_out", il);                             /* [n_embd, n] */
     cur = pie_name(pie_norm(g, cur, L->ffn_post_norm), "ffn_post_norm", il);
     cur = pie_name(ggml_add(ctx, cur, attn_laurel), "attn_ffw_laurel_gated", il);
