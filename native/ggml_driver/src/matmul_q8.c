@@ -98,7 +98,8 @@ static size_t block_bytes(enum ggml_type type) { return type == GGML_TYPE_Q8_0 ?
  *         16 fp16 dmin: value = d * scale * q - dmin * min;
  *   q6_K: two bit planes per register (the values' bits 4 and 5), 16 x 16 signed sub-block
  *         scales (16 values each), 16 fp16 d: value = d * scale * (q - 32).
- * Both as many bytes as the file's blocks, q6_K's padded to whole cache lines. */
+ * q4_K takes 3% more bytes than the file (its 6-bit scales and mins a byte each), q6_K 1% (whole
+ * cache lines). */
 static bool is_k(enum ggml_type type) { return type == GGML_TYPE_Q4_K || type == GGML_TYPE_Q6_K; }
 enum {
     QK = 256,                                       /* values per super-block                 */
