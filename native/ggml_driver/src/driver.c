@@ -173,6 +173,13 @@ static int32_t reserve_worst_case(pie_model *m) {
     return st;
 }
 
+/* The driver's own kernels run where the option asks for them and the CPU backend computes the
+ * graph (each kind then checks the CPU has its instructions). */
+bool pie_own_kernels(const pie_model *m) {
+    const pie_placement *pl = &m->place;
+    return m->params.own_kernels && ggml_backend_dev_type(pl->dev[pl->n_dev - 1]) == GGML_BACKEND_DEVICE_TYPE_CPU;
+}
+
 static int32_t init_compute(pie_model *m) {
     const int threads = cpu_threads(m->params.n_threads);
     int32_t st = reserve_graph(m, graph_nodes(m, 16, 16, 16));
@@ -199,8 +206,7 @@ static int32_t init_compute(pie_model *m) {
     pie_log(PIE_LOG_INFO, "compute on %s, %d of %d layers offloaded, %d CPU threads%s", m->backend_name,
             pl->n_gpu_layers > m->hp.n_layer ? m->hp.n_layer : pl->n_gpu_layers, m->hp.n_layer, threads,
             m->threads.adaptive ? " (auto: fewer while other processes load the CPUs)" : "");
-    /* the driver's own kernels where the CPU backend runs and the CPU has their instructions */
-    const bool own = m->params.own_kernels && ggml_backend_dev_type(pl->dev[pl->n_dev - 1]) == GGML_BACKEND_DEVICE_TYPE_CPU;
+    const bool own = pie_own_kernels(m);
     if (own && pie_q8_supported() && (st = pie_q8_open(m)) != PIE_OK) return st;
     if (own && pie_attn_cpu_supported() && (st = pie_attn_cpu_open(m, m->threads.max, m->params.max_batch_kv)) != PIE_OK)
         return st;

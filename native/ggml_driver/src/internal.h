@@ -561,6 +561,8 @@ struct ggml_tensor *pie_matmul_id(pie_graph *g, struct ggml_tensor *w, struct gg
 int32_t pie_kernel_switch_id(enum ggml_type type);
 void pie_graph_finish(pie_graph *g, struct ggml_tensor *x);
 
+bool pie_own_kernels(const pie_model *m); /* driver.c: params.own_kernels, and the CPU backend computes */
+
 /* matmul_q8.c: q8_0, q5_0, q4_K and q6_K products on x86 CPUs with AVX-512 VNNI (params.own_kernels) */
 bool pie_q8_supported(void);
 bool pie_q8_takes_type(enum ggml_type type); /* the weight types these kernels multiply */

@@ -798,7 +798,7 @@ static int32_t place_repacked(pie_model *m, const struct gguf_context *g, FILE *
     size_t total = 0;
     const size_t align = ggml_backend_buft_get_alignment(buft);
     const int cpu = m->place.n_dev - 1;
-    const bool own = m->params.own_kernels && pie_q8_supported();
+    const bool own = pie_own_kernels(m) && pie_q8_supported();
     for (int i = 0; i < n; i++) {
         if (!mats[i] || pie_tensor_device(m, mats[i]) != cpu || (own && pie_q8_takes_type(mats[i]->type)) ||
             !repack_supports(m, buft, mats[i]))

@@ -176,6 +176,9 @@ void pie_q8_log_prepared(const pie_model *m) {
 /* Preparing a matrix                                                                         */
 /* ------------------------------------------------------------------------------------------ */
 
+/* The rows of tile t of an n_out-row matrix: 16 but in the last. */
+static inline int tile_rows(int64_t n_out, int64_t t) { return n_out - t * TILE < TILE ? (int)(n_out - t * TILE) : TILE; }
+
 /* One block's 32 values as signed bytes: q8_0 {fp16 d; int8 q[32]} as stored; q5_0 {fp16 d;
  * uint32 qh; uint8 qs[16]}: value j (j < 16) is the low nibble of qs[j], value j + 16 its high
  * nibble, each with bit j (j + 16) of qh as its fifth bit, minus 16. */
@@ -313,7 +316,7 @@ static const uint8_t *prepared_tiles(const pie_model *m, const struct ggml_tenso
     uint8_t *tiles = aligned_alloc(ALIGN, bytes);
     if (tiles) {
         for (int64_t t = 0; t < n_tiles; t++) {
-            const int rows = (int)(w->ne[1] - t * TILE < TILE ? w->ne[1] - t * TILE : TILE);
+            const int rows = tile_rows(w->ne[1], t);
             if (is_k(w->type)) prepare_tile_k(tiles + t * tile_bytes(w->type, nb), w, t * TILE, rows, nb);
             else prepare_tile(tiles + t * tile_bytes(w->type, nb), w, t * TILE, rows, nb);
         }
@@ -401,6 +404,18 @@ Q8_TARGET static void quantize_columns_k(struct ggml_tensor *dst, int ith, int n
 /* The product                                                                                */
 /* ------------------------------------------------------------------------------------------ */
 
+/* The lanes a tile's rows fill. */
+Q8_TARGET static inline __mmask16 rows_mask(int rows) {
+    return rows == TILE ? (__mmask16)0xFFFF : (__mmask16)((1u << rows) - 1);
+}
+
+/* Thread ith's share of n_tiles tiles: [*t0, *t1). */
+static inline void thread_tiles(int64_t n_tiles, int ith, int nth, int64_t *t0, int64_t *t1) {
+    const int64_t per = (n_tiles + nth - 1) / nth;
+    *t0 = per * ith < n_tiles ? per * ith : n_tiles;
+    *t1 = *t0 + per < n_tiles ? *t0 + per : n_tiles;
+}
+
 /* acc + the 16 lanes' 4-byte dots of w (unsigned) with the 4 signed bytes at x, broadcast by the
  * instruction itself (compilers load the broadcast separately: twice the instructions). */
 Q8_TARGET static inline __m512i dpbusd_broadcast(__m512i acc, __m512i w, const int8_t *x) {
@@ -461,8 +476,7 @@ multiply_group(enum ggml_type type, const uint8_t *tile, int64_t nb, const int8_
             acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[c]), _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc[c]);
         }
     }
-    const __mmask16 keep = rows == TILE ? (__mmask16)0xFFFF : (__mmask16)((1u << rows) - 1);
-    for (int c = 0; c < C; c++) _mm512_mask_storeu_ps(out[c], keep, acc[c]);
+    for (int c = 0; c < C; c++) _mm512_mask_storeu_ps(out[c], rows_mask(rows), acc[c]);
 }
 
 /* The type and group size as constants, so the compiler keeps dots and sums in registers. */
@@ -551,8 +565,7 @@ multiply_group_k(enum ggml_type type, const uint8_t *tile, int64_t nk, const int
             if (q4) acc[c] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum[c]), _mm512_mul_ps(mw, dxv), acc[c]);
         }
     }
-    const __mmask16 keep = rows == TILE ? (__mmask16)0xFFFF : (__mmask16)((1u << rows) - 1);
-    for (int c = 0; c < C; c++) _mm512_mask_storeu_ps(out[c], keep, acc[c]);
+    for (int c = 0; c < C; c++) _mm512_mask_storeu_ps(out[c], rows_mask(rows), acc[c]);
 }
 
 /* Any tile type times C (<= GROUP) columns: the k-quants KGROUP at a time. */
@@ -583,9 +596,10 @@ Q8_TARGET static void multiply_columns(struct ggml_tensor *dst, int ith, int nth
     const struct ggml_tensor *w = dst->src[0], *xq = dst->src[1];
     const uint8_t *tiles = userdata;
     const int64_t n_out = w->ne[1], nb = blocks_of(w->type, w->ne[0]), n = xq->ne[1], n_tiles = (n_out + TILE - 1) / TILE;
-    const int64_t per = (n_tiles + nth - 1) / nth, t0 = per * ith, t1 = t0 + per < n_tiles ? t0 + per : n_tiles;
+    int64_t t0, t1;
+    thread_tiles(n_tiles, ith, nth, &t0, &t1);
     for (int64_t t = t0; t < t1; t++) {
-        const int rows = n_out - t * TILE < TILE ? (int)(n_out - t * TILE) : TILE;
+        const int rows = tile_rows(n_out, t);
         for (int64_t c = 0; c < n; c += GROUP) {
             const int C = n - c < GROUP ? (int)(n - c) : GROUP;
             const int8_t *cols[GROUP];
@@ -619,7 +633,6 @@ Q8_TARGET static void multiply_geglu(struct ggml_tensor *dst, int ith, int nth, 
     const geglu_pair *p = userdata;
     const struct ggml_tensor *w = dst->src[0], *xq = dst->src[2];
     const int64_t n_out = w->ne[1], nb = blocks_of(w->type, w->ne[0]), n = xq->ne[1], n_tiles = (n_out + TILE - 1) / TILE;
-    const int64_t per = (n_tiles + nth - 1) / nth, t0 = per * ith, t1 = t0 + per < n_tiles ? t0 + per : n_tiles;
     const size_t bytes = tile_bytes(w->type, nb);
     float gate[GROUP][TILE], up[GROUP][TILE];
     float *gate_out[GROUP], *up_out[GROUP];
@@ -627,9 +640,10 @@ Q8_TARGET static void multiply_geglu(struct ggml_tensor *dst, int ith, int nth, 
         gate_out[j] = gate[j];
         up_out[j] = up[j];
     }
+    int64_t t0, t1;
+    thread_tiles(n_tiles, ith, nth, &t0, &t1);
     for (int64_t t = t0; t < t1; t++) {
-        const int rows = n_out - t * TILE < TILE ? (int)(n_out - t * TILE) : TILE;
-        const __mmask16 keep = rows == TILE ? (__mmask16)0xFFFF : (__mmask16)((1u << rows) - 1);
+        const __mmask16 keep = rows_mask(tile_rows(n_out, t));
         for (int64_t c = 0; c < n; c += GROUP) {
             const int C = n - c < GROUP ? (int)(n - c) : GROUP;
             const int8_t *cols[GROUP];
@@ -654,8 +668,6 @@ static bool takes(const pie_model *m, const struct ggml_tensor *w, const struct 
            ggml_backend_buffer_is_host(w->buffer) && x->type == GGML_TYPE_F32 && x->ne[2] == 1 && x->ne[3] == 1;
 }
 
-/* w: [n_in, n_out], x: F32 [n_in, n] -> F32 [n_out, n], or NULL when these kernels do not take
- * w. The last input quantized is remembered, so products of the same input share its columns. */
 /* x quantized for w's type: [column_bytes(_k), n]; the last input of each kind is remembered,
  * so products of the same input (Q, K and V; gate and up) share its columns. */
 static struct ggml_tensor *columns(pie_graph *g, const struct ggml_tensor *w, struct ggml_tensor *x) {
@@ -671,6 +683,7 @@ static struct ggml_tensor *columns(pie_graph *g, const struct ggml_tensor *w, st
     return *cols;
 }
 
+/* w: [n_in, n_out], x: F32 [n_in, n] -> F32 [n_out, n], or NULL when these kernels do not take w. */
 struct ggml_tensor *pie_q8_matmul(pie_graph *g, struct ggml_tensor *w, struct ggml_tensor *x) {
     const uint8_t *tiles = takes(g->model, w, x) ? prepared_tiles(g->model, w) : NULL;
     if (!tiles) return NULL;
